@@ -1,0 +1,10 @@
+//! Talaria: the complete ChatGPT recipe in one Rust library and binary.
+//!
+//! Data flows one way: text -> [`tokenizer`] -> [`model`] -> [`checkpoint`] -> [`engine`].
+//! [`interop`] converts checkpoints to and from Hugging Face `transformers`.
+
+pub mod checkpoint;
+pub mod engine;
+pub mod interop;
+pub mod model;
+pub mod tokenizer;

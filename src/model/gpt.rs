@@ -1,0 +1,370 @@
+//! The GPT-2 decoder: pre-LayerNorm blocks, learned positions, GELU MLP (4x), tied embeddings and
+//! biases everywhere, with tensors named and shaped exactly as Hugging Face's `GPT2LMHeadModel`
+//! (its `Conv1D` layers store weights as `[in, out]`, so a layer is `x @ W + b`).
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result, bail, ensure};
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+use super::config::GptConfig;
+use super::kv_cache::KvCache;
+use super::ops;
+
+/// Standard deviation of GPT-2's weight initialisation.
+const INIT_STD: f64 = 0.02;
+
+/// Every parameter of a model: its Hugging Face name and shape, in a fixed order (embeddings,
+/// blocks, final LayerNorm). Init, load, save and export all go through this one list.
+pub fn parameter_shapes(cfg: &GptConfig) -> Vec<(String, Vec<usize>)> {
+    let c = cfg.n_embd;
+    let mut v = vec![
+        ("transformer.wte.weight".to_string(), vec![cfg.vocab_size, c]),
+        ("transformer.wpe.weight".to_string(), vec![cfg.n_positions, c]),
+    ];
+    for i in 0..cfg.n_layer {
+        let p = format!("transformer.h.{i}");
+        v.extend([
+            (format!("{p}.ln_1.weight"), vec![c]),
+            (format!("{p}.ln_1.bias"), vec![c]),
+            (format!("{p}.attn.c_attn.weight"), vec![c, 3 * c]),
+            (format!("{p}.attn.c_attn.bias"), vec![3 * c]),
+            (format!("{p}.attn.c_proj.weight"), vec![c, c]),
+            (format!("{p}.attn.c_proj.bias"), vec![c]),
+            (format!("{p}.ln_2.weight"), vec![c]),
+            (format!("{p}.ln_2.bias"), vec![c]),
+            (format!("{p}.mlp.c_fc.weight"), vec![c, 4 * c]),
+            (format!("{p}.mlp.c_fc.bias"), vec![4 * c]),
+            (format!("{p}.mlp.c_proj.weight"), vec![4 * c, c]),
+            (format!("{p}.mlp.c_proj.bias"), vec![c]),
+        ]);
+    }
+    v.push(("transformer.ln_f.weight".to_string(), vec![c]));
+    v.push(("transformer.ln_f.bias".to_string(), vec![c]));
+    v
+}
+
+/// GPT-2's initialisation, deterministic for a seed on every device: normal(0, 0.02) for
+/// matrices and embeddings, 0.02/sqrt(2 n_layer) for the projections into the residual stream,
+/// zero biases, unit LayerNorm gains.
+pub fn init_weights(cfg: &GptConfig, seed: u64, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+    cfg.validate()?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let resid_std = INIT_STD / (2.0 * cfg.n_layer as f64).sqrt();
+    let mut out = HashMap::new();
+    for (name, shape) in parameter_shapes(cfg) {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else if name.contains(".ln_") {
+            vec![1.0; n]
+        } else {
+            let std = if name.ends_with("c_proj.weight") {
+                resid_std
+            } else {
+                INIT_STD
+            };
+            let normal = Normal::new(0.0, std as f32).expect("positive std");
+            (0..n).map(|_| normal.sample(&mut rng)).collect()
+        };
+        let t = Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+struct Block {
+    ln1_w: Tensor,
+    ln1_b: Tensor,
+    attn_w: Tensor,
+    attn_b: Tensor,
+    attn_proj_w: Tensor,
+    attn_proj_b: Tensor,
+    ln2_w: Tensor,
+    ln2_b: Tensor,
+    fc_w: Tensor,
+    fc_b: Tensor,
+    fc_proj_w: Tensor,
+    fc_proj_b: Tensor,
+}
+
+/// A GPT-2 language model. Its tensors may be candle `Var`s (training updates them in place) or
+/// plain tensors loaded from a checkpoint.
+pub struct Gpt {
+    cfg: GptConfig,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f_w: Tensor,
+    ln_f_b: Tensor,
+}
+
+/// `x @ w + b` for `x` of any rank with `w` `[in, out]` (a Hugging Face `Conv1D`).
+fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (k, n) = w.dims2()?;
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, k))?.matmul(w)?.broadcast_add(b)?;
+    let mut out = dims;
+    *out.last_mut().expect("rank >= 1") = n;
+    y.reshape(out)
+}
+
+impl Gpt {
+    /// Builds a model from named tensors, checking that every parameter is present with the
+    /// right shape. Extra tensors that `transformers` writes (attention-mask buffers, a tied
+    /// `lm_head.weight`) are accepted; anything else is rejected by name.
+    pub fn from_weights(cfg: &GptConfig, weights: &HashMap<String, Tensor>) -> Result<Self> {
+        cfg.validate()?;
+        let expected = parameter_shapes(cfg);
+        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        for name in weights.keys() {
+            let ignorable =
+                name == "lm_head.weight" || name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias");
+            if !known.contains(name.as_str()) && !ignorable {
+                bail!("unexpected tensor {name:?}: not part of a GPT-2 model of this config");
+            }
+        }
+        let mut dtype = None;
+        let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = weights.get(name).with_context(|| format!("missing tensor {name:?}"))?;
+            ensure!(
+                t.dims() == shape,
+                "tensor {name:?} has shape {:?}, but the config wants {shape:?}",
+                t.dims()
+            );
+            let dt = *dtype.get_or_insert(t.dtype());
+            ensure!(
+                t.dtype() == dt,
+                "tensor {name:?} is {:?} while others are {dt:?}",
+                t.dtype()
+            );
+            Ok(t.clone())
+        };
+        let shapes: HashMap<&str, &[usize]> = expected.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+        let mut take = |name: String| -> Result<Tensor> { get(&name, shapes[name.as_str()]) };
+        let wte = take("transformer.wte.weight".into())?;
+        let wpe = take("transformer.wpe.weight".into())?;
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = format!("transformer.h.{i}");
+            blocks.push(Block {
+                ln1_w: take(format!("{p}.ln_1.weight"))?,
+                ln1_b: take(format!("{p}.ln_1.bias"))?,
+                attn_w: take(format!("{p}.attn.c_attn.weight"))?,
+                attn_b: take(format!("{p}.attn.c_attn.bias"))?,
+                attn_proj_w: take(format!("{p}.attn.c_proj.weight"))?,
+                attn_proj_b: take(format!("{p}.attn.c_proj.bias"))?,
+                ln2_w: take(format!("{p}.ln_2.weight"))?,
+                ln2_b: take(format!("{p}.ln_2.bias"))?,
+                fc_w: take(format!("{p}.mlp.c_fc.weight"))?,
+                fc_b: take(format!("{p}.mlp.c_fc.bias"))?,
+                fc_proj_w: take(format!("{p}.mlp.c_proj.weight"))?,
+                fc_proj_b: take(format!("{p}.mlp.c_proj.bias"))?,
+            });
+        }
+        let ln_f_w = take("transformer.ln_f.weight".into())?;
+        let ln_f_b = take("transformer.ln_f.bias".into())?;
+        if let Some(head) = weights.get("lm_head.weight") {
+            let diff = (head - &wte)
+                .and_then(|d| d.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>())
+                .context("lm_head.weight must have the shape of transformer.wte.weight")?;
+            ensure!(
+                diff == 0.0,
+                "lm_head.weight differs from transformer.wte.weight: untied heads are not supported"
+            );
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            wte,
+            wpe,
+            blocks,
+            ln_f_w,
+            ln_f_b,
+        })
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        self.wte.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.wte.dtype()
+    }
+
+    /// The parameters by name (the tensors themselves, sharing storage with the model).
+    pub fn weights(&self) -> HashMap<String, Tensor> {
+        let mut m = HashMap::new();
+        m.insert("transformer.wte.weight".into(), self.wte.clone());
+        m.insert("transformer.wpe.weight".into(), self.wpe.clone());
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = format!("transformer.h.{i}");
+            for (suffix, t) in [
+                ("ln_1.weight", &b.ln1_w),
+                ("ln_1.bias", &b.ln1_b),
+                ("attn.c_attn.weight", &b.attn_w),
+                ("attn.c_attn.bias", &b.attn_b),
+                ("attn.c_proj.weight", &b.attn_proj_w),
+                ("attn.c_proj.bias", &b.attn_proj_b),
+                ("ln_2.weight", &b.ln2_w),
+                ("ln_2.bias", &b.ln2_b),
+                ("mlp.c_fc.weight", &b.fc_w),
+                ("mlp.c_fc.bias", &b.fc_b),
+                ("mlp.c_proj.weight", &b.fc_proj_w),
+                ("mlp.c_proj.bias", &b.fc_proj_b),
+            ] {
+                m.insert(format!("{p}.{suffix}"), t.clone());
+            }
+        }
+        m.insert("transformer.ln_f.weight".into(), self.ln_f_w.clone());
+        m.insert("transformer.ln_f.bias".into(), self.ln_f_b.clone());
+        m
+    }
+
+    /// Checks token ids against the vocabulary and the sequence against the context, so that
+    /// bad input is an error naming the problem rather than an out-of-bounds panic.
+    pub fn check_input(&self, ids: &[u32], past: usize) -> Result<()> {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            bail!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.cfg.vocab_size
+            );
+        }
+        let total = past + ids.len();
+        if total > self.cfg.n_positions {
+            bail!(
+                "sequence of {total} tokens exceeds the model's context of {} tokens",
+                self.cfg.n_positions
+            );
+        }
+        Ok(())
+    }
+
+    /// Final hidden states `[B, T, C]` (after `ln_f`) for token ids `[B, T]` (u32). With a cache,
+    /// the tokens continue the cached sequence and their keys/values are appended to it.
+    pub fn forward_hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = ids.dims2().context("token ids must be a [batch, time] tensor")?;
+        ensure!(t > 0, "cannot run the model on an empty sequence");
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        ensure!(
+            past + t <= self.cfg.n_positions,
+            "sequence of {} tokens exceeds the model's context of {} tokens",
+            past + t,
+            self.cfg.n_positions
+        );
+        if let Some(c) = cache.as_ref() {
+            ensure!(
+                c.batch() == b,
+                "KV cache holds batch {} but the input has batch {b}",
+                c.batch()
+            );
+            ensure!(past + t <= c.capacity(), "KV cache capacity {} exceeded", c.capacity());
+        }
+        let pos = Tensor::arange(past as u32, (past + t) as u32, ids.device())?;
+        let tok = self
+            .wte
+            .embedding(&ids.flatten_all()?)?
+            .reshape((b, t, self.cfg.n_embd))?;
+        let mut x = tok.broadcast_add(&self.wpe.embedding(&pos)?)?;
+        let mask = if t > 1 {
+            Some(ops::causal_mask(t, past, x.dtype(), x.device())?)
+        } else {
+            None
+        };
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = self.block_forward(block, &x, mask.as_ref(), layer, cache.as_deref_mut())?;
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        Ok(ops::layer_norm(
+            &x,
+            &self.ln_f_w,
+            &self.ln_f_b,
+            self.cfg.layer_norm_epsilon,
+        )?)
+    }
+
+    fn block_forward(
+        &self,
+        bl: &Block,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        layer: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let (h, dh) = (self.cfg.n_head, self.cfg.head_dim());
+        let eps = self.cfg.layer_norm_epsilon;
+        let a = ops::layer_norm(x, &bl.ln1_w, &bl.ln1_b, eps)?;
+        let qkv = linear(&a, &bl.attn_w, &bl.attn_b)?;
+        let heads = |i: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(2, i * c, c)?
+                .reshape((b, t, h, dh))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let y = match cache {
+            Some(cache) => {
+                let (k_all, v_all) = cache.append(layer, &k, &v)?;
+                ops::attention(&q, &k_all, &v_all, mask)?
+            }
+            None => ops::attention(&q, &k, &v, mask)?,
+        };
+        let y = y.transpose(1, 2)?.reshape((b, t, c))?;
+        let x = (x + linear(&y, &bl.attn_proj_w, &bl.attn_proj_b)?)?;
+        let m = ops::layer_norm(&x, &bl.ln2_w, &bl.ln2_b, eps)?;
+        let m = ops::activation(&linear(&m, &bl.fc_w, &bl.fc_b)?, self.cfg.activation)?;
+        Ok((&x + linear(&m, &bl.fc_proj_w, &bl.fc_proj_b)?)?)
+    }
+
+    /// Logits `[B, T, V]` from hidden states `[B, T, C]` through the tied embedding matrix.
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (b, t, c) = hidden.dims3()?;
+        let logits = hidden.reshape((b * t, c))?.matmul(&self.wte.t()?)?;
+        Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
+    }
+
+    /// Logits `[B, T, V]` for token ids `[B, T]`.
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, cache)?;
+        self.lm_head(&hidden)
+    }
+
+    /// Mean next-token cross-entropy of `targets` `[B, T]` given `inputs` `[B, T]`, optionally
+    /// weighted per position by `weights` `[B, T]` (a loss mask).
+    pub fn lm_loss(&self, inputs: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+        let logits = self.forward(inputs, None)?;
+        let v = self.cfg.vocab_size;
+        let flat_w = weights.map(|w| w.flatten_all()).transpose()?;
+        Ok(ops::cross_entropy(
+            &logits.reshape(((), v))?,
+            &targets.flatten_all()?,
+            flat_w.as_ref(),
+        )?)
+    }
+
+    /// A fresh KV cache for `batch` sequences of up to `capacity` tokens (at most the context).
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        KvCache::new(
+            &self.cfg,
+            batch,
+            capacity.min(self.cfg.n_positions),
+            self.dtype(),
+            self.device(),
+        )
+    }
+}
+
+/// Last-position logits `[B, V]` of a `[B, T, V]` logits tensor.
+pub fn last_logits(logits: &Tensor) -> Result<Tensor> {
+    let t = logits.dim(1)?;
+    Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?)
+}

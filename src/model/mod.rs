@@ -1,0 +1,10 @@
+//! The GPT model: configuration and presets, the decoder itself, its KV cache and numeric ops.
+
+pub mod config;
+pub mod gpt;
+pub mod kv_cache;
+pub mod ops;
+
+pub use config::{Activation, GptConfig, PRESETS};
+pub use gpt::{Gpt, init_weights, last_logits, parameter_shapes};
+pub use kv_cache::KvCache;

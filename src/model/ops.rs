@@ -1,0 +1,126 @@
+//! The model's numeric building blocks, composed from candle ops that all have a backward pass.
+//!
+//! candle's fused `LayerNorm::forward`, `ops::softmax_last_dim` and `rms_norm` have no backward
+//! and silently drop gradients, so none of them is used here; every function in this file is
+//! safe on a training path (tests check that each parameter receives a gradient).
+
+use candle_core::{D, DType, Device, Result, Tensor};
+
+use super::config::Activation;
+
+/// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    xn.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// The MLP activation.
+pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
+    match act {
+        Activation::GeluTanh => x.gelu(),
+        Activation::GeluErf => x.gelu_erf(),
+    }
+}
+
+/// Numerically stable softmax over the last dimension, composed (so it has a backward).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// Additive causal mask for `t` new queries at absolute positions `past..past + t` attending to
+/// `past + t` keys: 0 where the key is visible, -inf where it lies in the future. Shape `[t, past + t]`.
+pub fn causal_mask(t: usize, past: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let total = past + t;
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(data, (t, total), device)?.to_dtype(dtype)
+}
+
+/// Scaled dot-product attention. `q`: `[B, H, Tq, Dh]`; `k`, `v`: `[B, H, Tk, Dh]`; `mask`:
+/// additive `[Tq, Tk]` or `None` when every key is visible (a single decode step).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let dh = q.dim(D::Minus1)?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    softmax_last_dim(&scores)?.matmul(v)
+}
+
+/// Mean cross-entropy of `logits` `[N, V]` against `targets` `[N]` (u32), optionally weighted per
+/// row by `weights` `[N]` (a loss mask: the mean is over the weight sum). Returns a scalar.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    match weights {
+        None => picked.mean_all()?.neg(),
+        Some(w) => {
+            let w = w.to_dtype(picked.dtype())?;
+            let total = w.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0);
+            ((picked * w)?.sum_all()? / total)?.neg()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_norm_normalises() {
+        let x = Tensor::new(&[[1f32, 2., 3., 4.], [-2., 0., 2., 8.]], &Device::Cpu).unwrap();
+        let w = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        let y = layer_norm(&x, &w, &b, 1e-5).unwrap();
+        let mean = y
+            .mean_keepdim(1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let var = y
+            .sqr()
+            .unwrap()
+            .mean_keepdim(1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (m, v) in mean.iter().zip(var) {
+            assert!(m.abs() < 1e-6 && (v - 1.0).abs() < 1e-3, "{m} {v}");
+        }
+    }
+
+    #[test]
+    fn causal_mask_hides_the_future() {
+        let m = causal_mask(2, 1, DType::F32, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(m[0], vec![0.0, 0.0, f32::NEG_INFINITY]);
+        assert_eq!(m[1], vec![0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn cross_entropy_matches_hand_computation() {
+        let logits = Tensor::new(&[[0f32, 1f32.ln()], [2f32.ln(), 0.0]], &Device::Cpu).unwrap();
+        let t = Tensor::new(&[1u32, 0], &Device::Cpu).unwrap();
+        // row 0: p(1) = 1/2; row 1: p(0) = 2/3
+        let want = -((0.5f32).ln() + (2.0f32 / 3.0).ln()) / 2.0;
+        let got = cross_entropy(&logits, &t, None).unwrap().to_scalar::<f32>().unwrap();
+        assert!((got - want).abs() < 1e-6);
+        let w = Tensor::new(&[0f32, 1.0], &Device::Cpu).unwrap();
+        let got = cross_entropy(&logits, &t, Some(&w))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((got + (2.0f32 / 3.0).ln()).abs() < 1e-6);
+    }
+}

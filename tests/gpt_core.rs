@@ -1,0 +1,501 @@
+//! The GPT core: parity with Hugging Face `transformers`, checkpoint round trips, gradients,
+//! the KV cache, and clear errors on bad input.
+//!
+//! The fixture in tests/fixtures/gpt2_tiny was written by tests/fixtures/make_gpt2_fixture.py.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde_json::Value;
+use talaria::checkpoint::{Checkpoint, CheckpointWriter, Meta};
+use talaria::engine::{self, GenerateOptions, Sampler, SamplingParams};
+use talaria::interop;
+use talaria::model::{Gpt, GptConfig, init_weights};
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2_tiny")
+}
+
+fn reference() -> Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2_tiny_reference.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn imported(dir: &Path) -> Checkpoint {
+    let out = dir.join("ckpt");
+    interop::import_hf(&fixture_dir(), &out).unwrap();
+    Checkpoint::load(&out, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn greedy(model: &Gpt, prompt: &[u32], n: usize) -> Vec<u32> {
+    let opts = GenerateOptions {
+        max_new_tokens: n,
+        stop_tokens: vec![],
+    };
+    let mut s = Sampler::new(SamplingParams::greedy(), 0).unwrap();
+    engine::generate(model, prompt, &opts, &mut s, |_| true).unwrap().tokens
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn imported_hf_model_matches_transformers_logits_and_greedy_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = imported(tmp.path());
+    let model = ck.model().unwrap();
+    assert_eq!(ck.meta.stage, "import");
+    for case in reference()["cases"].as_array().unwrap() {
+        let prompt = ids(&case["prompt_ids"]);
+        let want: Vec<Vec<f32>> = serde_json::from_value(case["logits"].clone()).unwrap();
+        let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let got = model
+            .forward(&input, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mut worst = 0f32;
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            worst = worst.max((g - w).abs());
+        }
+        assert!(worst < 1e-4, "max |logit - transformers| = {worst}");
+        assert_eq!(greedy(&model, &prompt, 24), ids(&case["greedy_ids"]));
+    }
+}
+
+#[test]
+fn cli_generate_ids_matches_transformers_greedy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    let bin = env!("CARGO_BIN_EXE_talaria");
+    let st = Command::new(bin)
+        .args(["import", "hf"])
+        .arg(fixture_dir())
+        .arg("--out")
+        .arg(&ckpt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let case = &reference()["cases"][0];
+    let prompt: Vec<String> = ids(&case["prompt_ids"]).iter().map(u32::to_string).collect();
+    let out = Command::new(bin)
+        .args(["generate"])
+        .arg(&ckpt)
+        .args([
+            "--prompt-ids",
+            &prompt.join(","),
+            "--max-new-tokens",
+            "24",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--ids",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Vec<u32> = String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(got, ids(&case["greedy_ids"]));
+}
+
+#[test]
+fn generation_stops_at_the_configured_end_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = imported(tmp.path());
+    let model = ck.model().unwrap();
+    let prompt = ids(&reference()["cases"][0]["prompt_ids"]);
+    // Make the first greedy token the end token: generation must stop before emitting it.
+    let first = greedy(&model, &prompt, 1)[0];
+    let opts = GenerateOptions {
+        max_new_tokens: 10,
+        stop_tokens: vec![first],
+    };
+    let mut s = Sampler::new(SamplingParams::greedy(), 0).unwrap();
+    let g = engine::generate(&model, &prompt, &opts, &mut s, |_| true).unwrap();
+    assert!(g.tokens.is_empty());
+    assert_eq!(g.finish, engine::FinishReason::Stop);
+}
+
+#[test]
+fn export_then_reimport_round_trips_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = imported(tmp.path());
+    let hf = tmp.path().join("hf");
+    interop::export_hf(&tmp.path().join("ckpt"), &hf).unwrap();
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "GPT2LMHeadModel");
+    interop::import_hf(&hf, &tmp.path().join("again")).unwrap();
+    let again = Checkpoint::load(&tmp.path().join("again"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(again.config, ck.config);
+    assert_eq!(again.weights.len(), ck.weights.len());
+    for (name, t) in &ck.weights {
+        assert_eq!(max_abs_diff(t, &again.weights[name]), 0.0, "{name}");
+    }
+}
+
+/// Runs tests/fixtures/check_hf_export.py, which loads an exported directory in `transformers`
+/// and compares logits, when Python has `transformers`; otherwise says why it is skipped.
+#[test]
+fn exported_model_loads_in_transformers_with_the_same_logits() {
+    let has_tf = Command::new("python3")
+        .args(["-c", "import torch, transformers"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !has_tf {
+        eprintln!("skipped: python3 with torch and transformers is not installed (pip install torch transformers)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    imported(tmp.path());
+    let hf = tmp.path().join("hf");
+    interop::export_hf(&tmp.path().join("ckpt"), &hf).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/check_hf_export.py");
+    let out = Command::new("python3").arg(script).arg(&hf).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A small random model whose tensors are candle `Var`s, as in training.
+fn trainable(cfg: &GptConfig, dtype: DType) -> (Gpt, HashMap<String, Var>) {
+    let w = init_weights(cfg, 7, dtype, &Device::Cpu).unwrap();
+    let vars: HashMap<String, Var> = w.into_iter().map(|(k, t)| (k, Var::from_tensor(&t).unwrap())).collect();
+    let tensors: HashMap<String, Tensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    (Gpt::from_weights(cfg, &tensors).unwrap(), vars)
+}
+
+fn batch(cfg: &GptConfig, b: usize, t: usize, seed: u32) -> (Tensor, Tensor) {
+    let n = b * (t + 1);
+    let data: Vec<u32> = (0..n as u32)
+        .map(|i| (i.wrapping_mul(2654435761) ^ seed).wrapping_mul(40503) % cfg.vocab_size as u32)
+        .collect();
+    let all = Tensor::from_vec(data, (b, t + 1), &Device::Cpu).unwrap();
+    (all.narrow(1, 0, t).unwrap(), all.narrow(1, 1, t).unwrap())
+}
+
+#[test]
+fn every_parameter_receives_a_gradient_from_the_lm_loss() {
+    let cfg = GptConfig::preset("test").unwrap();
+    let (model, vars) = trainable(&cfg, DType::F32);
+    let (x, y) = batch(&cfg, 2, 16, 1);
+    let loss = model.lm_loss(&x, &y, None).unwrap();
+    let grads = loss.backward().unwrap();
+    assert_eq!(vars.len(), talaria::model::parameter_shapes(&cfg).len());
+    for (name, v) in &vars {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name} received no gradient"));
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient norm {norm}");
+    }
+}
+
+#[test]
+fn loss_gradient_matches_finite_differences() {
+    // f64 so that central differences are accurate to ~1e-8.
+    let cfg = GptConfig {
+        n_positions: 8,
+        vocab_size: 40,
+        ..GptConfig::preset("test").unwrap()
+    };
+    let (model, vars) = trainable(&cfg, DType::F64);
+    let (x, y) = batch(&cfg, 2, 8, 3);
+    let w = Tensor::from_vec(
+        (0..16).map(|i| (i % 3) as f64).collect::<Vec<_>>(),
+        (2, 8),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let loss = |m: &Gpt| m.lm_loss(&x, &y, Some(&w)).unwrap().to_scalar::<f64>().unwrap();
+    let grads = model.lm_loss(&x, &y, Some(&w)).unwrap().backward().unwrap();
+    let h = 1e-5;
+    let mut checked = 0;
+    for name in [
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.h.0.ln_1.weight",
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.1.attn.c_proj.bias",
+        "transformer.h.1.mlp.c_fc.weight",
+        "transformer.h.1.mlp.c_proj.weight",
+        "transformer.ln_f.bias",
+    ] {
+        let var = &vars[name];
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for idx in [0, orig.len() / 3, orig.len() - 1] {
+            let mut p = orig.clone();
+            p[idx] += h;
+            var.set(&Tensor::from_vec(p.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let up = loss(&model);
+            p[idx] -= 2.0 * h;
+            var.set(&Tensor::from_vec(p, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let down = loss(&model);
+            var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let fd = (up - down) / (2.0 * h);
+            let err = (fd - g[idx]).abs() / (fd.abs() + g[idx].abs()).max(1e-6);
+            assert!(
+                err < 1e-4,
+                "{name}[{idx}]: finite difference {fd} vs autograd {}",
+                g[idx]
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 24);
+}
+
+#[test]
+fn kv_cache_gives_the_same_logits_and_tokens_as_recomputation() {
+    let cfg = GptConfig::preset("test").unwrap();
+    let w = init_weights(&cfg, 11, DType::F32, &Device::Cpu).unwrap();
+    let model = Gpt::from_weights(&cfg, &w).unwrap();
+    // Logits: a prompt fed in three chunks through the cache equals one uncached pass.
+    let seq: Vec<u32> = (0..20).map(|i| (i * 37 % cfg.vocab_size) as u32).collect();
+    let full = model
+        .forward(
+            &Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
+            None,
+        )
+        .unwrap();
+    let mut cache = model.new_cache(1, 64).unwrap();
+    let mut parts = vec![];
+    for (s, e) in [(0, 7), (7, 8), (8, 20)] {
+        let chunk = Tensor::new(&seq[s..e], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        parts.push(model.forward(&chunk, Some(&mut cache)).unwrap());
+    }
+    let cached = Tensor::cat(&parts, 1).unwrap();
+    assert!(max_abs_diff(&full, &cached) < 1e-4);
+    // Tokens: greedy and seeded sampling agree with full recomputation.
+    let opts = GenerateOptions {
+        max_new_tokens: 30,
+        stop_tokens: vec![],
+    };
+    for params in [
+        SamplingParams::greedy(),
+        SamplingParams {
+            temperature: 1.0,
+            top_k: Some(20),
+            top_p: Some(0.9),
+        },
+    ] {
+        let mut a = Sampler::new(params.clone(), 5).unwrap();
+        let mut b = Sampler::new(params, 5).unwrap();
+        let cached = engine::generate(&model, &seq[..5], &opts, &mut a, |_| true).unwrap();
+        let plain = engine::generate_uncached(&model, &seq[..5], &opts, &mut b).unwrap();
+        assert_eq!(cached.tokens, plain.tokens);
+        assert_eq!(cached.tokens.len(), 30);
+    }
+}
+
+#[test]
+fn generation_stops_when_the_context_is_full() {
+    let cfg = GptConfig::preset("test").unwrap();
+    let model = Gpt::from_weights(&cfg, &init_weights(&cfg, 1, DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 1000,
+        stop_tokens: vec![],
+    };
+    let mut s = Sampler::new(SamplingParams::greedy(), 0).unwrap();
+    let g = engine::generate(&model, &[1, 2, 3], &opts, &mut s, |_| true).unwrap();
+    assert_eq!(g.finish, engine::FinishReason::Context);
+    assert_eq!(g.tokens.len() + 3, cfg.n_positions);
+}
+
+fn err_of<T>(r: anyhow::Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+fn copy_fixture(to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture_dir().join(f), to.join(f)).unwrap();
+    }
+}
+
+#[test]
+fn bad_checkpoints_give_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+
+    let missing = tmp.path().join("missing");
+    copy_fixture(&missing);
+    std::fs::remove_file(missing.join("model.safetensors")).unwrap();
+    assert!(err_of(interop::import_hf(&missing, &out)).contains("no model.safetensors"));
+
+    let truncated = tmp.path().join("truncated");
+    copy_fixture(&truncated);
+    let bytes = std::fs::read(truncated.join("model.safetensors")).unwrap();
+    std::fs::write(truncated.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let e = err_of(interop::import_hf(&truncated, &out));
+    assert!(
+        e.contains("not a valid safetensors file") && e.contains("model.safetensors"),
+        "{e}"
+    );
+
+    let act = tmp.path().join("act");
+    copy_fixture(&act);
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(act.join("config.json")).unwrap()).unwrap();
+    cfg["activation_function"] = "quick_gelu".into();
+    std::fs::write(act.join("config.json"), cfg.to_string()).unwrap();
+    let e = err_of(interop::import_hf(&act, &out));
+    assert!(
+        e.contains("unsupported activation_function \"quick_gelu\"") && e.contains("config.json"),
+        "{e}"
+    );
+
+    let heads = tmp.path().join("heads");
+    copy_fixture(&heads);
+    cfg["activation_function"] = "gelu_new".into();
+    cfg["n_head"] = 5.into();
+    std::fs::write(heads.join("config.json"), cfg.to_string()).unwrap();
+    assert!(err_of(interop::import_hf(&heads, &out)).contains("n_embd (24) must be divisible by n_head (5)"));
+
+    let shape = tmp.path().join("shape");
+    copy_fixture(&shape);
+    cfg["n_head"] = 3.into();
+    cfg["n_positions"] = 64.into();
+    std::fs::write(shape.join("config.json"), cfg.to_string()).unwrap();
+    let e = err_of(interop::import_hf(&shape, &out));
+    assert!(e.contains("transformer.wpe.weight") && e.contains("[48, 24]"), "{e}");
+
+    assert!(!out.exists(), "no checkpoint may be written from bad input");
+    assert!(err_of(Checkpoint::load(&tmp.path().join("nowhere"), DType::F32, &Device::Cpu)).contains("does not exist"));
+}
+
+#[test]
+fn prompts_beyond_the_context_or_vocabulary_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = imported(tmp.path()).model().unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 4,
+        stop_tokens: vec![],
+    };
+    let mut s = Sampler::new(SamplingParams::greedy(), 0).unwrap();
+    let long = vec![1u32; 49];
+    let e = err_of(engine::generate(&model, &long, &opts, &mut s, |_| true));
+    assert!(e.contains("49 tokens exceeds the model's context of 48"), "{e}");
+    let e = err_of(engine::generate(&model, &[1, 96], &opts, &mut s, |_| true));
+    assert!(e.contains("token id 96 is outside the vocabulary"), "{e}");
+    assert!(err_of(engine::generate(&model, &[], &opts, &mut s, |_| true)).contains("prompt is empty"));
+    let out = Command::new(env!("CARGO_BIN_EXE_talaria"))
+        .args(["generate", "/definitely/not/here", "--prompt-ids", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
+
+#[test]
+fn checkpoints_are_replaced_atomically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = GptConfig::preset("test").unwrap();
+    let w = init_weights(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+    let dir = tmp.path().join("ck");
+    let meta = Meta {
+        stage: "pretrain".into(),
+        step: 5,
+        ..Meta::default()
+    };
+    let writer = CheckpointWriter {
+        config: &cfg,
+        weights: &w,
+        tokenizer_json: None,
+        meta: &meta,
+        optimizer: None,
+    };
+    writer.save(&dir).unwrap();
+    // A failing writer leaves the previous checkpoint untouched and no temporary litter.
+    let e = talaria::checkpoint::write_dir_atomically(&dir, |_| anyhow::bail!("disk full"));
+    assert!(e.is_err());
+    let back = Checkpoint::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(back.meta.step, 5);
+    let meta2 = Meta {
+        step: 9,
+        ..meta.clone()
+    };
+    CheckpointWriter { meta: &meta2, ..writer }.save(&dir).unwrap();
+    assert_eq!(Checkpoint::load(&dir, DType::F32, &Device::Cpu).unwrap().meta.step, 9);
+    let names: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("ck")]);
+}
+
+/// GPT-2 small's shapes with the real GPT-2 tokenizer: runs tests/fixtures/check_gpt2_parity.py,
+/// which compares `talaria generate` greedy tokens with `transformers`, when Python has
+/// `transformers` and ../shared/data is present; otherwise says why it is skipped.
+#[test]
+fn gpt2_shaped_checkpoint_generates_the_same_greedy_tokens_as_transformers() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if !root.join("../shared/data/tokenizer/gpt2_vocab.json").exists() {
+        eprintln!("skipped: ../shared/data/tokenizer is absent");
+        return;
+    }
+    let has_tf = Command::new("python3")
+        .args(["-c", "import torch, transformers, tokenizers"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !has_tf {
+        eprintln!("skipped: python3 with torch, transformers and tokenizers is not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new("python3")
+        .arg(root.join("tests/fixtures/check_gpt2_parity.py"))
+        .arg(env!("CARGO_BIN_EXE_talaria"))
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
