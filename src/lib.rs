@@ -4,7 +4,9 @@
 //! [`interop`] converts checkpoints to and from Hugging Face `transformers`.
 
 pub mod checkpoint;
+pub mod data;
 pub mod engine;
 pub mod interop;
 pub mod model;
 pub mod tokenizer;
+pub mod train;

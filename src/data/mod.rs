@@ -1,0 +1,3 @@
+//! Data: token shards and their loader.
+
+pub mod shards;
