@@ -26,6 +26,18 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const META_FILE: &str = "talaria.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// A training run directory keeps its latest, resumable checkpoint here.
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+
+/// The checkpoint a path names: the path itself, or the `checkpoint/` inside a run directory.
+pub fn resolve(path: &Path) -> PathBuf {
+    let inner = path.join(CHECKPOINT_DIR);
+    if !path.join(CONFIG_FILE).exists() && inner.join(CONFIG_FILE).exists() {
+        inner
+    } else {
+        path.to_path_buf()
+    }
+}
 
 /// `talaria.json`: where a checkpoint came from and how to resume from it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -60,9 +72,10 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Loads a checkpoint directory, converting weights to `dtype`. Missing or corrupt files are
-    /// errors naming the file.
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    /// Loads a checkpoint directory (or a run directory's `checkpoint/`), converting weights to
+    /// `dtype`. Missing or corrupt files are errors naming the file.
+    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let dir = &resolve(path);
         if !dir.is_dir() {
             bail!("checkpoint {} does not exist or is not a directory", dir.display());
         }

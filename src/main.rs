@@ -11,6 +11,9 @@ use talaria::checkpoint::Checkpoint;
 use talaria::engine::{self, GenerateOptions, Sampler, SamplingParams, TextStream};
 use talaria::interop;
 use talaria::tokenizer::Tokenizer;
+use talaria::train::AdamWConfig;
+use talaria::train::pretrain::{self, PretrainConfig};
+use talaria::train::trainer::{TrainConfig, TrainOutcome};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -36,6 +39,8 @@ enum Command {
     Export(ExportCmd),
     /// Generate a continuation of a prompt.
     Generate(GenerateArgs),
+    /// Pretrain a GPT by next-token prediction on token shards.
+    Pretrain(PretrainArgs),
 }
 
 #[derive(Subcommand)]
@@ -106,6 +111,119 @@ struct GenerateArgs {
     sampling: SamplingArgs,
 }
 
+/// Optimizer, schedule and checkpointing flags shared by every training stage.
+#[derive(Args)]
+struct TrainArgs {
+    /// Run directory (checkpoint/, metrics.jsonl, plots).
+    #[arg(long)]
+    out: PathBuf,
+    /// Optimizer steps.
+    #[arg(long, required_unless_present = "time_budget")]
+    steps: Option<u64>,
+    /// Train for this long instead (e.g. 90s, 10m, 1h); the schedule is fitted to the budget.
+    #[arg(long, value_parser = parse_duration)]
+    time_budget: Option<std::time::Duration>,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Final learning rate of the cosine decay (default: lr / 10).
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 20)]
+    warmup: u64,
+    /// Decoupled weight decay, on matrices and embeddings only.
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    /// Clip the global gradient norm to this value (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    #[arg(long, default_value_t = 100)]
+    eval_every: u64,
+    #[arg(long, default_value_t = 500)]
+    save_every: u64,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Continue the run in --out from its checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Stop with a checkpoint after this step (continue later with --resume).
+    #[arg(long)]
+    stop_at: Option<u64>,
+}
+
+impl TrainArgs {
+    fn config(&self) -> TrainConfig {
+        TrainConfig {
+            out: self.out.clone(),
+            steps: self.steps,
+            time_budget: self.time_budget,
+            lr: self.lr,
+            min_lr: self.min_lr.unwrap_or(self.lr / 10.0),
+            warmup: self.warmup,
+            adamw: AdamWConfig {
+                weight_decay: self.weight_decay,
+                ..AdamWConfig::default()
+            },
+            grad_clip: (self.grad_clip > 0.0).then_some(self.grad_clip),
+            grad_accum: self.grad_accum,
+            eval_every: self.eval_every,
+            save_every: self.save_every,
+            seed: self.seed,
+            resume: self.resume,
+            stop_at: self.stop_at,
+            progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        }
+    }
+}
+
+/// Parses `90s`, `10m`, `1h` or plain seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (try 90s, 10m or 1h)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (use s, m or h)")),
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("duration must be positive, got {s:?}"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+#[derive(Args)]
+struct PretrainArgs {
+    /// A directory written by `talaria data prepare`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Model preset: test, tiny, cpu, bench, gpt1, gpt2, gpt2-medium, gpt2-large, gpt2-xl.
+    #[arg(long, default_value = "tiny")]
+    model: String,
+    /// Tokenizer (default: DATA/tokenizer.json).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Start from this checkpoint instead of a fresh model.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Sequence length (default: the model's context).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Validation batches per evaluation.
+    #[arg(long, default_value_t = 20)]
+    val_batches: usize,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -144,7 +262,45 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Generate(a) => generate(a),
+        Command::Pretrain(a) => {
+            let cfg = PretrainConfig {
+                data: a.data,
+                model: a.model,
+                tokenizer: a.tokenizer,
+                init: a.init,
+                batch_size: a.batch_size,
+                seq_len: a.seq_len,
+                val_batches: a.val_batches,
+                samples: 2,
+                train: a.train.config(),
+            };
+            let out = pretrain::pretrain(&cfg)?;
+            print_outcome("pretrain", &out);
+            Ok(())
+        }
     }
+}
+
+fn print_outcome(stage: &str, o: &TrainOutcome) {
+    let evals: Vec<String> = o.last_eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+    println!(
+        "{stage}: {} steps, {} tokens, {:.1}s, final loss {:.4}{}{} -> {}",
+        o.steps,
+        o.tokens,
+        o.wall_s,
+        o.last_loss,
+        if evals.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", evals.join(", "))
+        },
+        if o.interrupted {
+            " (stopped early; resume with --resume)"
+        } else {
+            ""
+        },
+        o.checkpoint.display()
+    );
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {

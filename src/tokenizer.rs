@@ -35,3 +35,38 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 }
+
+impl Tokenizer {
+    /// The number of text bytes each token id stands for (0 for special tokens), so losses can
+    /// be reported in bits per byte, independent of the tokenizer. Byte-level BPE maps every
+    /// byte to one character of its vocabulary strings, so a token's length in characters is
+    /// its length in bytes.
+    pub fn token_byte_lengths(&self) -> Vec<u32> {
+        let mut lengths = vec![0u32; self.inner.get_vocab_size(true)];
+        let specials: std::collections::HashSet<u32> = self
+            .inner
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| *id)
+            .collect();
+        for (tok, id) in self.inner.get_vocab(true) {
+            if let Some(slot) = lengths.get_mut(id as usize)
+                && !specials.contains(&id)
+            {
+                *slot = tok.chars().count() as u32;
+            }
+        }
+        lengths
+    }
+}
+
+/// End of text: separates documents and ends generation for base models.
+pub const EOT: &str = "<|endoftext|>";
+
+impl Tokenizer {
+    /// The id of a special token, if the vocabulary has it.
+    pub fn special_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}

@@ -1,7 +1,11 @@
-//! Training: parameters, the optimizer and learning-rate schedule, shared by every stage.
+//! Training: parameters, the optimizer and learning-rate schedule, the shared loop, metrics, and
+//! the stages that run on it.
 
+pub mod metrics;
 pub mod optim;
 pub mod params;
+pub mod pretrain;
+pub mod trainer;
 
 pub use optim::{AdamW, AdamWConfig, LrSchedule, global_norm};
 pub use params::ParamSet;
