@@ -385,3 +385,103 @@ mod tests {
         }
     }
 }
+
+/// A chat answer: its text and why generation ended.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+    /// Prompt tokens after any trimming of old turns.
+    pub prompt_tokens: usize,
+    /// Old exchanges dropped so the prompt fits the context.
+    pub dropped_turns: usize,
+}
+
+/// Everything needed to answer chat messages with a model.
+pub struct Chatbot {
+    pub model: Gpt,
+    pub tokenizer: crate::tokenizer::Tokenizer,
+    pub template: crate::chat::ChatTemplate,
+}
+
+impl Chatbot {
+    /// Loads a chat model from a checkpoint (which must carry a tokenizer with the chat tokens).
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let ck = crate::checkpoint::Checkpoint::load(path, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+        let json = ck.tokenizer_json.as_deref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} has no tokenizer.json: chat needs a model trained with Talaria's tokenizer",
+                path.display()
+            )
+        })?;
+        let tokenizer = crate::tokenizer::Tokenizer::from_json(json)?;
+        let template = crate::chat::ChatTemplate::new(&tokenizer)?;
+        Ok(Self {
+            model: ck.model()?,
+            tokenizer,
+            template,
+        })
+    }
+
+    /// The prompt for `messages`, dropping the oldest exchanges (never the system message or
+    /// the last user message) until the prompt leaves room for `reserve` new tokens.
+    pub fn prompt_for(&self, messages: &[crate::chat::Message], reserve: usize) -> Result<(Vec<u32>, usize)> {
+        use crate::chat::Role;
+        let ctx = self.model.config().n_positions;
+        let sys = usize::from(messages.first().is_some_and(|m| m.role == Role::System));
+        let mut dropped = 0;
+        let mut msgs = messages.to_vec();
+        loop {
+            let ids = self.template.render_prompt(&self.tokenizer, &msgs)?;
+            if ids.len() + reserve.max(1) <= ctx {
+                return Ok((ids, dropped));
+            }
+            if msgs.len() - sys <= 1 {
+                bail!(
+                    "the message is too long: {} tokens, and the model's context is {ctx} tokens",
+                    ids.len()
+                );
+            }
+            msgs.drain(sys..sys + 2);
+            dropped += 1;
+        }
+    }
+
+    /// Answers the conversation (which ends with a user message), streaming text pieces to
+    /// `on_text` (which returns `false` to stop).
+    pub fn answer(
+        &self,
+        messages: &[crate::chat::Message],
+        params: &SamplingParams,
+        seed: u64,
+        max_new_tokens: usize,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Answer> {
+        let (prompt, dropped_turns) = self.prompt_for(messages, max_new_tokens.min(64))?;
+        let opts = GenerateOptions {
+            max_new_tokens,
+            stop_tokens: self.template.stop_tokens(&self.tokenizer),
+        };
+        let mut sampler = Sampler::new(params.clone(), seed)?;
+        let mut stream = TextStream::new(&self.tokenizer);
+        let mut err = None;
+        let g = generate(&self.model, &prompt, &opts, &mut sampler, |id| match stream.push(id) {
+            Ok(piece) => piece.is_empty() || on_text(&piece),
+            Err(e) => {
+                err = Some(e);
+                false
+            }
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        Ok(Answer {
+            text: self.tokenizer.decode(&g.tokens)?,
+            tokens: g.tokens,
+            finish: g.finish,
+            prompt_tokens: prompt.len(),
+            dropped_turns,
+        })
+    }
+}

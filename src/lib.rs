@@ -3,10 +3,12 @@
 //! Data flows one way: text -> [`tokenizer`] -> [`model`] -> [`checkpoint`] -> [`engine`].
 //! [`interop`] converts checkpoints to and from Hugging Face `transformers`.
 
+pub mod chat;
 pub mod checkpoint;
 pub mod data;
 pub mod engine;
 pub mod interop;
 pub mod model;
+pub mod terminal;
 pub mod tokenizer;
 pub mod train;

@@ -8,11 +8,13 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
 use talaria::checkpoint::Checkpoint;
-use talaria::engine::{self, GenerateOptions, Sampler, SamplingParams, TextStream};
+use talaria::engine::{self, Chatbot, GenerateOptions, Sampler, SamplingParams, TextStream};
 use talaria::interop;
+use talaria::terminal::{self, ChatOptions};
 use talaria::tokenizer::Tokenizer;
 use talaria::train::AdamWConfig;
 use talaria::train::pretrain::{self, PretrainConfig};
+use talaria::train::sft::{self, SftConfig};
 use talaria::train::trainer::{TrainConfig, TrainOutcome};
 
 #[global_allocator]
@@ -41,6 +43,10 @@ enum Command {
     Generate(GenerateArgs),
     /// Pretrain a GPT by next-token prediction on token shards.
     Pretrain(PretrainArgs),
+    /// Supervised fine-tuning on demonstrations (conversations).
+    Sft(SftArgs),
+    /// Chat with a model in the terminal (or answer once with --prompt).
+    Chat(ChatArgs),
 }
 
 #[derive(Subcommand)]
@@ -224,6 +230,51 @@ struct PretrainArgs {
     train: TrainArgs,
 }
 
+#[derive(Args)]
+struct SftArgs {
+    /// The pretrained checkpoint (or run directory).
+    #[arg(long)]
+    init: PathBuf,
+    /// Demonstration files: OpenAI messages, Alpaca, self-instruct or OpenAssistant JSONL (.gz ok).
+    #[arg(long, num_args = 1.., required = true)]
+    data: Vec<PathBuf>,
+    /// Held-out demonstrations (default: --val-fraction of --data).
+    #[arg(long, num_args = 1..)]
+    val_data: Vec<PathBuf>,
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Packed row length (default: the model's context).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    /// Chat checkpoint (or run directory).
+    ckpt: PathBuf,
+    /// Answer this message once and exit.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// System message.
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f64,
+    #[arg(long, default_value_t = 50)]
+    top_k: usize,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -262,6 +313,20 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Generate(a) => generate(a),
+        Command::Sft(a) => {
+            let cfg = SftConfig {
+                init: a.init,
+                data: a.data,
+                val_data: a.val_data,
+                val_fraction: a.val_fraction,
+                batch_size: a.batch_size,
+                seq_len: a.seq_len,
+                train: a.train.config(),
+            };
+            print_outcome("sft", &sft::sft(&cfg)?);
+            Ok(())
+        }
+        Command::Chat(a) => chat(a),
         Command::Pretrain(a) => {
             let cfg = PretrainConfig {
                 data: a.data,
@@ -301,6 +366,26 @@ fn print_outcome(stage: &str, o: &TrainOutcome) {
         },
         o.checkpoint.display()
     );
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    let bot = Chatbot::load(&a.ckpt)?;
+    let opts = ChatOptions {
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: (a.top_k > 0).then_some(a.top_k),
+            top_p: a.top_p,
+        },
+        seed: a.seed,
+        max_new_tokens: a.max_new_tokens,
+        system: a.system,
+        interactive: a.prompt.is_none() && std::io::IsTerminal::is_terminal(&std::io::stdin()),
+    };
+    let mut out = std::io::stdout().lock();
+    match a.prompt {
+        Some(p) => terminal::run(&bot, opts, &mut std::io::Cursor::new(format!("{p}\n")), &mut out),
+        None => terminal::run(&bot, opts, &mut std::io::stdin().lock(), &mut out),
+    }
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {

@@ -63,6 +63,16 @@ impl Tokenizer {
 
 /// End of text: separates documents and ends generation for base models.
 pub const EOT: &str = "<|endoftext|>";
+/// Start of a conversation.
+pub const BOS: &str = "<|bos|>";
+/// Opens a system message.
+pub const SYSTEM: &str = "<|system|>";
+/// Opens a user message.
+pub const USER: &str = "<|user|>";
+/// Opens an assistant message.
+pub const ASSISTANT: &str = "<|assistant|>";
+/// Closes any message.
+pub const END: &str = "<|end|>";
 
 impl Tokenizer {
     /// The id of a special token, if the vocabulary has it.

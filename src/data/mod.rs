@@ -1,3 +1,4 @@
-//! Data: token shards and their loader.
+//! Data: token shards and their loader, demonstration readers.
 
+pub mod conversations;
 pub mod shards;

@@ -5,6 +5,7 @@ pub mod metrics;
 pub mod optim;
 pub mod params;
 pub mod pretrain;
+pub mod sft;
 pub mod trainer;
 
 pub use optim::{AdamW, AdamWConfig, LrSchedule, global_norm};

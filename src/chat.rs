@@ -1,0 +1,184 @@
+//! THE chat template: the only code that turns a conversation into token ids (with the loss
+//! mask used in training) and the only code that renders a prompt for generation. SFT, reward
+//! modelling, RLHF, evaluation, the engine and the server all call it, so training and inference
+//! can never disagree about the format.
+//!
+//! ```text
+//! <|bos|> <|system|> text <|end|> <|user|> text <|end|> <|assistant|> text <|end|> <|user|> ...
+//! ```
+//!
+//! Message text is tokenized on its own with special-token strings treated as plain text, so a
+//! user who types `<|end|>` cannot end a turn. The loss mask covers the assistant's tokens and its
+//! `<|end|>` only.
+
+use anyhow::{Context, Result, bail, ensure};
+use serde::{Deserialize, Serialize};
+
+use crate::tokenizer::{self, Tokenizer};
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    /// Parses a role name, naming the accepted ones in the error.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "system" => Ok(Self::System),
+            "user" => Ok(Self::User),
+            "assistant" => Ok(Self::Assistant),
+            other => bail!("unknown role {other:?} (expected \"system\", \"user\" or \"assistant\")"),
+        }
+    }
+}
+
+/// One message of a conversation (the OpenAI shape).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// Checks the shape of a conversation: an optional system message first, then user and
+/// assistant turns alternating, starting with the user.
+pub fn validate(messages: &[Message]) -> Result<()> {
+    let body = match messages.first() {
+        Some(m) if m.role == Role::System => &messages[1..],
+        _ => messages,
+    };
+    ensure!(!body.is_empty(), "the conversation has no user message");
+    for (i, m) in body.iter().enumerate() {
+        let want = if i % 2 == 0 { Role::User } else { Role::Assistant };
+        ensure!(
+            m.role == want,
+            "message {} has role {:?} where {:?} was expected (roles alternate user/assistant after an optional system message)",
+            i + messages.len() - body.len() + 1,
+            m.role,
+            want
+        );
+    }
+    Ok(())
+}
+
+/// A rendered conversation: token ids and, for each, whether training predicts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub ids: Vec<u32>,
+    /// `true` where the token is an assistant token or an assistant's closing `<|end|>`.
+    pub mask: Vec<bool>,
+}
+
+/// The special-token ids of the chat format, looked up once from a tokenizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChatTemplate {
+    pub bos: u32,
+    pub system: u32,
+    pub user: u32,
+    pub assistant: u32,
+    pub end: u32,
+}
+
+impl ChatTemplate {
+    /// The template for a tokenizer; an error if it lacks a chat token (e.g. GPT-2's).
+    pub fn new(tok: &Tokenizer) -> Result<Self> {
+        let id = |t: &str| {
+            tok.special_id(t).with_context(|| {
+                format!("the tokenizer has no {t} token: chat needs a tokenizer trained by `talaria tokenizer train`, which reserves the chat tokens")
+            })
+        };
+        Ok(Self {
+            bos: id(tokenizer::BOS)?,
+            system: id(tokenizer::SYSTEM)?,
+            user: id(tokenizer::USER)?,
+            assistant: id(tokenizer::ASSISTANT)?,
+            end: id(tokenizer::END)?,
+        })
+    }
+
+    fn opener(&self, role: Role) -> u32 {
+        match role {
+            Role::System => self.system,
+            Role::User => self.user,
+            Role::Assistant => self.assistant,
+        }
+    }
+
+    /// Renders a whole conversation for training, with its loss mask.
+    pub fn render(&self, tok: &Tokenizer, messages: &[Message]) -> Result<Rendered> {
+        validate(messages)?;
+        let mut ids = vec![self.bos];
+        let mut mask = vec![false];
+        for m in messages {
+            let trained = m.role == Role::Assistant;
+            ids.push(self.opener(m.role));
+            mask.push(false);
+            let text = tok.encode(&m.content)?;
+            mask.extend(std::iter::repeat_n(trained, text.len()));
+            ids.extend(text);
+            ids.push(self.end);
+            mask.push(trained);
+        }
+        Ok(Rendered { ids, mask })
+    }
+
+    /// Renders the history so far (ending with a user message) followed by the assistant
+    /// opener: the prompt from which the model writes its answer, up to `<|end|>`.
+    pub fn render_prompt(&self, tok: &Tokenizer, messages: &[Message]) -> Result<Vec<u32>> {
+        validate(messages)?;
+        ensure!(
+            messages.last().is_some_and(|m| m.role == Role::User),
+            "a prompt for an answer must end with a user message"
+        );
+        let mut ids = self.render(tok, messages)?.ids;
+        ids.push(self.assistant);
+        Ok(ids)
+    }
+
+    /// Tokens that end an assistant answer.
+    pub fn stop_tokens(&self, tok: &Tokenizer) -> Vec<u32> {
+        let mut v = vec![self.end];
+        v.extend(tok.special_id(tokenizer::EOT));
+        v
+    }
+
+    /// Renders `messages` for training, keeping the longest prefix that fits in `max_tokens`
+    /// and ends after an assistant turn. `None` when even the first exchange does not fit.
+    /// Returns the number of messages kept too, so callers can count truncations.
+    pub fn render_truncated(
+        &self,
+        tok: &Tokenizer,
+        messages: &[Message],
+        max_tokens: usize,
+    ) -> Result<Option<(Rendered, usize)>> {
+        let full = self.render(tok, messages)?;
+        if full.ids.len() <= max_tokens {
+            return Ok(Some((full, messages.len())));
+        }
+        let mut keep = messages.len();
+        while keep > 0 {
+            keep -= 1;
+            if keep == 0 || messages[keep - 1].role != Role::Assistant {
+                continue;
+            }
+            let r = self.render(tok, &messages[..keep])?;
+            if r.ids.len() <= max_tokens {
+                return Ok(Some((r, keep)));
+            }
+        }
+        Ok(None)
+    }
+}
