@@ -30,7 +30,7 @@ impl Objective for FixedBatches {
     fn stage(&self) -> &'static str {
         "pretrain"
     }
-    fn loss(&mut self, model: &Gpt) -> Result<(Tensor, usize)> {
+    fn loss(&mut self, model: &Gpt, _params: &ParamSet) -> Result<(Tensor, usize)> {
         let b = &self.batches[self.next];
         self.next += 1;
         let t = b[0].len() - 1;
@@ -40,7 +40,7 @@ impl Objective for FixedBatches {
         let y = Tensor::from_vec(ys, (b.len(), t), &Device::Cpu)?;
         Ok((model.lm_loss(&x, &y, None)?, b.len() * t))
     }
-    fn evaluate(&mut self, _model: &Gpt) -> Result<EvalReport> {
+    fn evaluate(&mut self, _model: &Gpt, _params: &ParamSet) -> Result<EvalReport> {
         Ok(EvalReport::default())
     }
     fn state(&self) -> Value {

@@ -1,4 +1,6 @@
-//! Data: token shards and their loader, demonstration readers.
+//! Data: token shards and their loader, demonstration and preference readers.
 
 pub mod conversations;
+pub mod preferences;
+pub mod prompts;
 pub mod shards;

@@ -115,7 +115,8 @@ fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 impl Gpt {
     /// Builds a model from named tensors, checking that every parameter is present with the
     /// right shape. Extra tensors that `transformers` writes (attention-mask buffers, a tied
-    /// `lm_head.weight`) are accepted; anything else is rejected by name.
+    /// `lm_head.weight`, a reward model's `score.weight` head) are accepted; anything else is
+    /// rejected by name.
     pub fn from_weights(cfg: &GptConfig, weights: &HashMap<String, Tensor>) -> Result<Self> {
         cfg.validate()?;
         let expected = parameter_shapes(cfg);

@@ -5,6 +5,8 @@ pub mod metrics;
 pub mod optim;
 pub mod params;
 pub mod pretrain;
+pub mod reward;
+pub mod rl;
 pub mod sft;
 pub mod trainer;
 

@@ -1,5 +1,6 @@
 //! The trainable parameters of a model: candle `Var`s in the fixed order of
-//! [`parameter_shapes`], from which the model is built and to which gradients are matched.
+//! [`parameter_shapes`], from which the model is built and to which gradients are matched,
+//! followed by any head a stage adds (a reward or value head, `score.weight`).
 
 use std::collections::HashMap;
 
@@ -12,24 +13,37 @@ use crate::model::{Gpt, GptConfig, parameter_shapes};
 pub struct ParamSet {
     config: GptConfig,
     vars: Vec<(String, Var)>,
+    /// How many of `vars` belong to the GPT itself (the rest are heads).
+    n_gpt: usize,
 }
 
 impl ParamSet {
-    /// Copies `weights` into fresh variables (the originals are left untouched).
-    pub fn from_weights(config: &GptConfig, weights: &HashMap<String, Tensor>) -> Result<Self> {
+    /// Copies `weights` into fresh variables (the originals are left untouched). Tensors named in
+    /// `heads` are trained too but are not part of the GPT.
+    pub fn with_heads(config: &GptConfig, weights: &HashMap<String, Tensor>, heads: &[&str]) -> Result<Self> {
+        let gpt_only: HashMap<String, Tensor> = weights
+            .iter()
+            .filter(|(k, _)| !heads.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         // Validates names and shapes before anything is allocated.
-        Gpt::from_weights(config, weights)?;
-        let vars = parameter_shapes(config)
+        Gpt::from_weights(config, &gpt_only)?;
+        let mut names: Vec<String> = parameter_shapes(config).into_iter().map(|(n, _)| n).collect();
+        let n_gpt = names.len();
+        names.extend(heads.iter().map(|h| h.to_string()));
+        let vars = names
             .into_iter()
-            .map(|(name, _)| {
-                let t = weights[&name].copy()?;
+            .map(|name| {
+                let t = weights.get(&name).with_context(|| format!("missing tensor {name:?}"))?.copy()?;
                 Ok((name, Var::from_tensor(&t)?))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            config: config.clone(),
-            vars,
-        })
+        Ok(Self { config: config.clone(), vars, n_gpt })
+    }
+
+    /// The GPT's parameters only.
+    pub fn from_weights(config: &GptConfig, weights: &HashMap<String, Tensor>) -> Result<Self> {
+        Self::with_heads(config, weights, &[])
     }
 
     pub fn config(&self) -> &GptConfig {
@@ -40,17 +54,26 @@ impl ParamSet {
         &self.vars
     }
 
-    /// The model over these variables: optimizer updates are visible to it at once.
-    pub fn model(&self) -> Result<Gpt> {
-        Gpt::from_weights(&self.config, &self.weights())
+    /// A parameter's tensor by name (sharing storage with the variable).
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_tensor())
     }
 
-    /// The variables' tensors by name (sharing storage).
+    /// The names of the heads, in order.
+    pub fn head_names(&self) -> Vec<&str> {
+        self.vars[self.n_gpt..].iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// The model over these variables: optimizer updates are visible to it at once.
+    pub fn model(&self) -> Result<Gpt> {
+        let gpt: HashMap<String, Tensor> =
+            self.vars[..self.n_gpt].iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        Gpt::from_weights(&self.config, &gpt)
+    }
+
+    /// All variables' tensors (GPT and heads) by name (sharing storage).
     pub fn weights(&self) -> HashMap<String, Tensor> {
-        self.vars
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect()
+        self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
     }
 
     /// The gradient of every parameter, in order. A parameter without a gradient is an error:
@@ -59,10 +82,7 @@ impl ParamSet {
         self.vars
             .iter()
             .map(|(name, v)| {
-                store
-                    .get(v.as_tensor())
-                    .cloned()
-                    .with_context(|| format!("parameter {name} received no gradient"))
+                store.get(v.as_tensor()).cloned().with_context(|| format!("parameter {name} received no gradient"))
             })
             .collect()
     }

@@ -60,13 +60,13 @@ impl Objective for Pretrain {
         "pretrain"
     }
 
-    fn loss(&mut self, model: &Gpt) -> Result<(Tensor, usize)> {
+    fn loss(&mut self, model: &Gpt, _params: &ParamSet) -> Result<(Tensor, usize)> {
         let (x, y) = self.train.next_batch(self.batch, &self.device)?;
         let n = x.elem_count();
         Ok((model.lm_loss(&x, &y, None)?, n))
     }
 
-    fn evaluate(&mut self, model: &Gpt) -> Result<EvalReport> {
+    fn evaluate(&mut self, model: &Gpt, _params: &ParamSet) -> Result<EvalReport> {
         let windows = (self.val_batches * self.batch).min(self.val.num_windows());
         let (mut nats, mut count, mut bytes) = (0f64, 0usize, 0u64);
         for chunk in (0..windows).collect::<Vec<_>>().chunks(self.batch) {

@@ -235,7 +235,7 @@ impl Objective for Sft {
         "sft"
     }
 
-    fn loss(&mut self, model: &Gpt) -> Result<(Tensor, usize)> {
+    fn loss(&mut self, model: &Gpt, _params: &ParamSet) -> Result<(Tensor, usize)> {
         // Enough upcoming examples to fill the batch; the cursor then moves past those used.
         let mut peek = self.cursor.clone();
         let (need, mut tokens, mut upcoming) = (self.batch * (self.t + 1), 0, vec![]);
@@ -252,7 +252,7 @@ impl Objective for Sft {
         Ok((model.lm_loss(&x, &y, Some(&w))?, n))
     }
 
-    fn evaluate(&mut self, model: &Gpt) -> Result<EvalReport> {
+    fn evaluate(&mut self, model: &Gpt, _params: &ParamSet) -> Result<EvalReport> {
         let mut values = vec![];
         if !self.data.val.is_empty() {
             values.push((

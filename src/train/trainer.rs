@@ -102,9 +102,10 @@ pub trait Objective {
     /// `pretrain`, `sft`, `reward`, ...: the `stage` of metrics and checkpoints.
     fn stage(&self) -> &'static str;
     /// The loss of the next micro-batch (a scalar to backpropagate) and the tokens it covers.
-    fn loss(&mut self, model: &Gpt) -> Result<(Tensor, usize)>;
+    /// `params` holds the model's variables and any heads the stage trains.
+    fn loss(&mut self, model: &Gpt, params: &ParamSet) -> Result<(Tensor, usize)>;
     /// Held-out evaluation.
-    fn evaluate(&mut self, model: &Gpt) -> Result<EvalReport>;
+    fn evaluate(&mut self, model: &Gpt, params: &ParamSet) -> Result<EvalReport>;
     /// The data position and anything else needed to resume exactly.
     fn state(&self) -> Value;
     fn restore(&mut self, state: &Value) -> Result<()>;
@@ -178,7 +179,7 @@ pub fn train(cfg: &TrainConfig, init: Init, objective: &mut dyn Objective) -> Re
         let opt = Checkpoint::load_optimizer(&ckpt_dir, &device)?
             .with_context(|| format!("--resume: {} has no optimizer state", ckpt_dir.display()))?;
         (
-            ParamSet::from_weights(&ck.config, &ck.weights)?,
+            ParamSet::with_heads(&ck.config, &ck.weights, &init.params.head_names())?,
             ck.tokenizer_json,
             ck.meta.parent,
             ck.meta.step,
@@ -280,7 +281,7 @@ pub fn train(cfg: &TrainConfig, init: Init, objective: &mut dyn Objective) -> Re
         let mut loss_sum = 0.0;
         let mut step_tokens = 0;
         for _ in 0..cfg.grad_accum {
-            let (loss, n) = objective.loss(&model)?;
+            let (loss, n) = objective.loss(&model, &params)?;
             let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             ensure!(
                 l.is_finite(),
@@ -337,7 +338,7 @@ pub fn train(cfg: &TrainConfig, init: Init, objective: &mut dyn Objective) -> Re
 
         let done = total.is_some_and(|t| step >= t);
         if step % cfg.eval_every == 0 || done {
-            let report = objective.evaluate(&model)?;
+            let report = objective.evaluate(&model, &params)?;
             let line: Vec<String> = report.values.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
             pb.suspend(|| {
                 eprintln!("{stage} step {step}: loss {last_loss:.4} | {}", line.join(" | "));

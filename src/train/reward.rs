@@ -1,0 +1,356 @@
+//! The reward model: the SFT model's backbone with a scalar head read at the last token of the
+//! answer (its closing `<|end|>`), trained on human rankings with -log sigmoid(r_chosen -
+//! r_rejected), every pair of one prompt's answers in the same batch (InstructGPT).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, ensure};
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_distr::{Distribution, Normal};
+use serde_json::{Value, json};
+
+use crate::chat::{ChatTemplate, Message, Role};
+use crate::checkpoint::Checkpoint;
+use crate::data::preferences::{PreferenceGroup, read_preferences};
+use crate::model::Gpt;
+use crate::tokenizer::Tokenizer;
+use crate::train::ParamSet;
+use crate::train::trainer::{self, EvalReport, Init, Objective, TrainConfig, TrainOutcome};
+
+/// The scalar head, `[1, n_embd]`, named as in `transformers`' `GPT2ForSequenceClassification`.
+pub const SCORE_HEAD: &str = "score.weight";
+
+/// Token ids of `prompt` followed by the assistant's `answer` (ending with `<|end|>`).
+pub fn render_answer(tok: &Tokenizer, template: &ChatTemplate, prompt: &[Message], answer: &str) -> Result<Vec<u32>> {
+    let mut msgs = prompt.to_vec();
+    msgs.push(Message::new(Role::Assistant, answer));
+    Ok(template.render(tok, &msgs)?.ids)
+}
+
+/// Scores `[N]` of sequences of different lengths: the head applied to the final hidden state
+/// of each sequence's own last token (never a padding position).
+pub fn sequence_scores(gpt: &Gpt, head: &Tensor, seqs: &[Vec<u32>], pad: u32) -> Result<Tensor> {
+    ensure!(!seqs.is_empty() && seqs.iter().all(|s| !s.is_empty()), "cannot score empty sequences");
+    let t = seqs.iter().map(Vec::len).max().expect("non-empty");
+    let mut ids = Vec::with_capacity(seqs.len() * t);
+    let mut last = Vec::with_capacity(seqs.len());
+    for (n, s) in seqs.iter().enumerate() {
+        ids.extend_from_slice(s);
+        ids.extend(std::iter::repeat_n(pad, t - s.len()));
+        last.push((n * t + s.len() - 1) as u32);
+    }
+    let device = gpt.device();
+    let x = Tensor::from_vec(ids, (seqs.len(), t), device)?;
+    let hidden = gpt.forward_hidden(&x, None)?;
+    let c = hidden.dim(2)?;
+    let picked = hidden.reshape((seqs.len() * t, c))?.index_select(&Tensor::new(last, device)?, 0)?;
+    Ok(picked.matmul(&head.t()?)?.squeeze(1)?)
+}
+
+/// A trained reward model, for scoring answers in RLHF and evaluation.
+pub struct RewardModel {
+    pub gpt: Gpt,
+    pub head: Tensor,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    /// The tokenizer's JSON, to check that a policy shares it.
+    pub tokenizer_json: String,
+}
+
+impl RewardModel {
+    pub fn load(path: &Path) -> Result<Self> {
+        let ck = Checkpoint::load(path, DType::F32, &Device::Cpu)?;
+        let head = ck
+            .weights
+            .get(SCORE_HEAD)
+            .cloned()
+            .with_context(|| format!("{} is not a reward model (no {SCORE_HEAD})", path.display()))?;
+        let json = ck.tokenizer_json.clone().with_context(|| format!("{} has no tokenizer.json", path.display()))?;
+        let tokenizer = Tokenizer::from_json(&json)?;
+        let template = ChatTemplate::new(&tokenizer)?;
+        Ok(Self { gpt: ck.model()?, head, tokenizer, template, tokenizer_json: json })
+    }
+
+    /// Padding id for batching (any id works: padding positions are never read).
+    pub fn pad(&self) -> u32 {
+        self.template.end
+    }
+
+    /// Scores of answers to prompts, in batches of `batch`.
+    pub fn score(&self, items: &[(&[Message], &str)], batch: usize) -> Result<Vec<f32>> {
+        let ctx = self.gpt.config().n_positions;
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(batch.max(1)) {
+            let seqs = chunk
+                .iter()
+                .map(|(p, a)| {
+                    let mut s = render_answer(&self.tokenizer, &self.template, p, a)?;
+                    // Over-long answers are scored on their last `ctx` tokens.
+                    if s.len() > ctx {
+                        s.drain(..s.len() - ctx);
+                    }
+                    Ok(s)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let scores = sequence_scores(&self.gpt, &self.head, &seqs, self.pad())?;
+            out.extend(scores.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    }
+}
+
+/// `talaria reward` settings.
+#[derive(Debug, Clone)]
+pub struct RewardConfig {
+    /// The SFT checkpoint the reward model starts from.
+    pub init: PathBuf,
+    pub data: Vec<PathBuf>,
+    /// Held-out preferences; when empty, `val_fraction` of the prompts of `data` are held out.
+    pub val_data: Vec<PathBuf>,
+    pub val_fraction: f64,
+    /// Answers (sequences) per micro-batch; whole prompt groups are never split.
+    pub batch_size: usize,
+    pub train: TrainConfig,
+}
+
+/// One prompt's answers, rendered.
+#[derive(Debug, Clone)]
+struct Group {
+    seqs: Vec<Vec<u32>>,
+    /// Answer lengths in tokens, for the length-bias alarm.
+    answer_lens: Vec<usize>,
+    pairs: Vec<(usize, usize)>,
+}
+
+/// Held-out metrics of a reward model on preference groups.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RewardMetrics {
+    pub accuracy: f64,
+    pub margin: f64,
+    /// Pearson correlation of reward with answer length: near 1 means length bias.
+    pub length_corr: f64,
+    pub pairs: usize,
+}
+
+fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    if x.len() < 2 {
+        return 0.0;
+    }
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let cov: f64 = x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let vx: f64 = x.iter().map(|a| (a - mx).powi(2)).sum();
+    let vy: f64 = y.iter().map(|b| (b - my).powi(2)).sum();
+    if vx == 0.0 || vy == 0.0 { 0.0 } else { cov / (vx * vy).sqrt() }
+}
+
+fn evaluate_groups(gpt: &Gpt, head: &Tensor, groups: &[Group], pad: u32, batch: usize) -> Result<RewardMetrics> {
+    let (mut correct, mut margin, mut pairs) = (0usize, 0f64, 0usize);
+    let (mut rewards, mut lengths) = (vec![], vec![]);
+    for g in groups {
+        let mut scores = vec![];
+        for chunk in g.seqs.chunks(batch.max(2)) {
+            scores.extend(sequence_scores(gpt, head, chunk, pad)?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        }
+        for &(c, r) in &g.pairs {
+            correct += usize::from(scores[c] > scores[r]);
+            margin += scores[c] - scores[r];
+            pairs += 1;
+        }
+        rewards.extend(&scores);
+        lengths.extend(g.answer_lens.iter().map(|&l| l as f64));
+    }
+    Ok(RewardMetrics {
+        accuracy: correct as f64 / pairs.max(1) as f64,
+        margin: margin / pairs.max(1) as f64,
+        length_corr: pearson(&rewards, &lengths),
+        pairs,
+    })
+}
+
+/// `-log sigmoid(x)` computed stably as `relu(-x) + log(1 + exp(-|x|))`.
+pub fn neg_log_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.neg()?.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+}
+
+struct RewardObjective {
+    train: Vec<Group>,
+    val: Vec<Group>,
+    order: Vec<u32>,
+    epoch: u64,
+    index: usize,
+    seed: u64,
+    batch: usize,
+    pad: u32,
+}
+
+impl RewardObjective {
+    fn shuffle(&mut self) {
+        self.order = (0..self.train.len() as u32).collect();
+        self.order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(self.seed.wrapping_add(self.epoch)));
+    }
+
+    fn next_group(&mut self) -> usize {
+        if self.index >= self.order.len() {
+            self.epoch += 1;
+            self.index = 0;
+            self.shuffle();
+        }
+        self.index += 1;
+        self.order[self.index - 1] as usize
+    }
+}
+
+impl Objective for RewardObjective {
+    fn stage(&self) -> &'static str {
+        "reward"
+    }
+
+    fn loss(&mut self, model: &Gpt, params: &ParamSet) -> Result<(Tensor, usize)> {
+        let head = params.get(SCORE_HEAD).context("reward head missing")?;
+        let (mut seqs, mut chosen, mut rejected) = (vec![], vec![], vec![]);
+        while seqs.len() < self.batch {
+            let gi = self.next_group();
+            let g = &self.train[gi];
+            let base = seqs.len() as u32;
+            seqs.extend(g.seqs.iter().cloned());
+            for &(c, r) in &g.pairs {
+                chosen.push(base + c as u32);
+                rejected.push(base + r as u32);
+            }
+        }
+        let scores = sequence_scores(model, head, &seqs, self.pad)?;
+        let dev = scores.device();
+        let diff = (scores.index_select(&Tensor::new(chosen, dev)?, 0)?
+            - scores.index_select(&Tensor::new(rejected, dev)?, 0)?)?;
+        let tokens = seqs.iter().map(Vec::len).sum();
+        Ok((neg_log_sigmoid(&diff)?.mean_all()?, tokens))
+    }
+
+    fn evaluate(&mut self, model: &Gpt, params: &ParamSet) -> Result<EvalReport> {
+        let head = params.get(SCORE_HEAD).context("reward head missing")?;
+        let m = evaluate_groups(model, head, &self.val, self.pad, self.batch)?;
+        Ok(EvalReport {
+            values: vec![("accuracy", m.accuracy), ("margin", m.margin), ("length_corr", m.length_corr)],
+            samples: vec![],
+        })
+    }
+
+    fn state(&self) -> Value {
+        json!({"epoch": self.epoch, "index": self.index})
+    }
+
+    fn restore(&mut self, state: &Value) -> Result<()> {
+        self.epoch = state["epoch"].as_u64().context("reward state lacks epoch")?;
+        self.index = state["index"].as_u64().context("reward state lacks index")? as usize;
+        self.shuffle();
+        ensure!(self.index <= self.order.len(), "saved position is beyond the data (different data?)");
+        Ok(())
+    }
+}
+
+/// Preference data rendered for one tokenizer and context, with counts of what was left out.
+pub struct RenderedPreferences {
+    groups: Vec<Group>,
+    pub skipped: usize,
+    pub too_long: usize,
+}
+
+fn render_groups(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    groups: &[PreferenceGroup],
+    ctx: usize,
+) -> Result<RenderedPreferences> {
+    let mut out = RenderedPreferences { groups: vec![], skipped: 0, too_long: 0 };
+    for g in groups {
+        let prompt_len = template.render(tok, &g.prompt)?.ids.len();
+        let seqs = g.ranked.iter().map(|a| render_answer(tok, template, &g.prompt, a)).collect::<Result<Vec<_>>>()?;
+        if seqs.iter().any(|s| s.len() > ctx) {
+            out.too_long += 1;
+            continue;
+        }
+        let answer_lens = seqs.iter().map(|s| s.len() - prompt_len).collect();
+        let pairs = g.pairs();
+        out.groups.push(Group { seqs, answer_lens, pairs });
+    }
+    Ok(out)
+}
+
+/// Reads preference files: the groups and how many records were skipped.
+pub fn load_preferences(paths: &[PathBuf]) -> Result<(Vec<PreferenceGroup>, usize)> {
+    let mut groups = vec![];
+    let mut skipped = 0;
+    for p in paths {
+        let prefs = read_preferences(p)?;
+        skipped += prefs.skipped.len();
+        groups.extend(prefs.groups);
+    }
+    Ok((groups, skipped))
+}
+
+/// Scores a reward model on held-out preference files.
+pub fn evaluate_reward_model(rm: &RewardModel, paths: &[PathBuf], batch: usize) -> Result<RewardMetrics> {
+    let ctx = rm.gpt.config().n_positions;
+    let (groups, _) = load_preferences(paths)?;
+    let r = render_groups(&rm.tokenizer, &rm.template, &groups, ctx)?;
+    evaluate_groups(&rm.gpt, &rm.head, &r.groups, rm.pad(), batch)
+}
+
+/// Trains a reward model; it ends up in `train.out/checkpoint` with its `score.weight` head.
+pub fn train_reward_model(cfg: &RewardConfig) -> Result<TrainOutcome> {
+    ensure!(cfg.batch_size >= 2, "--batch-size must be at least 2 (a pair)");
+    let ck = Checkpoint::load(&cfg.init, DType::F32, &Device::Cpu)?;
+    let tok_json = ck.tokenizer_json.clone().with_context(|| format!("{} has no tokenizer.json", cfg.init.display()))?;
+    let tok = Tokenizer::from_json(&tok_json)?;
+    let template = ChatTemplate::new(&tok)?;
+    let ctx = ck.config.n_positions;
+    let (mut train, mut skipped) = load_preferences(&cfg.data)?;
+    ensure!(!train.is_empty(), "no usable preference groups in the reward data");
+    let val = if cfg.val_data.is_empty() {
+        ensure!((0.0..1.0).contains(&cfg.val_fraction), "--val-fraction must be in [0, 1)");
+        train.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.train.seed));
+        let n = ((train.len() as f64 * cfg.val_fraction).round() as usize).min(train.len() - 1);
+        train.split_off(train.len() - n)
+    } else {
+        let (v, s) = load_preferences(&cfg.val_data)?;
+        skipped += s;
+        v
+    };
+    let train = render_groups(&tok, &template, &train, ctx)?;
+    let val = render_groups(&tok, &template, &val, ctx)?;
+    eprintln!(
+        "reward: {} training and {} held-out prompts ({} pairs); {} records skipped (empty or identical answers), {} prompts longer than the context left out",
+        train.groups.len(),
+        val.groups.len(),
+        train.groups.iter().map(|g| g.pairs.len()).sum::<usize>(),
+        skipped,
+        train.too_long + val.too_long
+    );
+    ensure!(!train.groups.is_empty(), "every preference group is longer than the context");
+
+    let mut weights: HashMap<String, Tensor> =
+        ck.weights.iter().filter(|(k, _)| k.as_str() != SCORE_HEAD).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let c = ck.config.n_embd;
+    let normal = Normal::new(0.0f32, 1.0 / (c as f32 + 1.0).sqrt()).expect("positive std");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.train.seed);
+    let head: Vec<f32> = (0..c).map(|_| normal.sample(&mut rng)).collect();
+    weights.insert(SCORE_HEAD.into(), Tensor::from_vec(head, (1, c), &Device::Cpu)?);
+    let params = ParamSet::with_heads(&ck.config, &weights, &[SCORE_HEAD])?;
+    let mut objective = RewardObjective {
+        train: train.groups,
+        val: val.groups,
+        order: vec![],
+        epoch: 0,
+        index: 0,
+        seed: cfg.train.seed,
+        batch: cfg.batch_size,
+        pad: template.end,
+    };
+    objective.shuffle();
+    let init = Init { params, tokenizer_json: Some(tok_json), parent: Some(cfg.init.display().to_string()) };
+    trainer::train(&cfg.train, init, &mut objective)
+}
