@@ -1,3 +1,4 @@
-//! Data: token shards and their loader.
+//! Data: token shards and their loader; the built-in default world.
 
 pub mod shards;
+pub mod synth;
