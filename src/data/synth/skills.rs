@@ -169,12 +169,14 @@ impl Ctx {
             Skill::Reverse | Skill::Spell | Skill::Capitals => Item::Word(rng.pick(&self.word_buckets[bucket.index()])),
             Skill::Fact => Item::Fact(rng.pick(&self.fact_buckets[bucket.index()])),
             Skill::Compare => loop {
-                let a = rng.range(10, 1000);
-                // Half the time the two numbers share their leading digit, which makes comparing harder.
-                let b = if rng.chance(0.5) && a >= 100 {
-                    a / 100 * 100 + rng.range(0, 100)
+                // Both numbers have the same number of digits (so length gives nothing away), and half the
+                // time the same leading digit.
+                let (lo, hi) = if rng.chance(0.25) { (10, 100) } else { (100, 1000) };
+                let a = rng.range(lo, hi);
+                let b = if rng.chance(0.5) {
+                    a / lo * lo + rng.range(0, lo)
                 } else {
-                    rng.range(10, 1000)
+                    rng.range(lo, hi)
                 };
                 if a != b && self.number_bucket(&format!("c{}-{}", a.min(b), a.max(b))) == bucket {
                     break Item::Compare(a, b);
