@@ -188,15 +188,15 @@ pub fn demonstration(task: &Task, second: &Task, ctx: &Ctx, rng: &mut Rng) -> Ve
     msgs
 }
 
-/// A preference pair: the labeller's correct, concise answer against one realistic worse answer. About half
-/// the rejected answers are near-miss wrong answers, the rest are stylistic failures.
+/// A preference pair: the labeller's correct, concise answer against one realistic worse answer: 40% concise
+/// near-miss wrong answers (only correctness tells them apart), the rest stylistic failures.
 pub fn pair(task: &Task, ctx: &Ctx, rng: &mut Rng) -> PrefPair {
     let rejected_kind = match rng.below(100) {
-        0..45 => Kind::Wrong,
-        45..58 => Kind::Padded,
-        58..68 => Kind::Rude,
-        68..74 => Kind::PaddedWrong,
-        74..87 => Kind::Evasive,
+        0..40 => Kind::Wrong,
+        40..54 => Kind::Padded,
+        54..65 => Kind::Rude,
+        65..71 => Kind::PaddedWrong,
+        71..86 => Kind::Evasive,
         _ => Kind::Repeating,
     };
     PrefPair {
