@@ -7,6 +7,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod data;
 pub mod engine;
+pub mod eval;
 pub mod interop;
 pub mod model;
 pub mod terminal;

@@ -8,6 +8,7 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
 use talaria::checkpoint::Checkpoint;
+use talaria::data::synth::{self, SynthConfig};
 use talaria::engine::{self, Chatbot, GenerateOptions, Sampler, SamplingParams, TextStream};
 use talaria::interop;
 use talaria::terminal::{self, ChatOptions};
@@ -41,12 +42,29 @@ enum Command {
     Export(ExportCmd),
     /// Generate a continuation of a prompt.
     Generate(GenerateArgs),
+    /// Make training data.
+    #[command(subcommand)]
+    Data(DataCmd),
     /// Pretrain a GPT by next-token prediction on token shards.
     Pretrain(PretrainArgs),
     /// Supervised fine-tuning on demonstrations (conversations).
     Sft(SftArgs),
     /// Chat with a model in the terminal (or answer once with --prompt).
     Chat(ChatArgs),
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Write the built-in default world: pretraining text, demonstrations, preferences, RL and eval prompts.
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Size relative to the default (1.0: ~3 MB of text, ~7k demonstrations, ~5k preference pairs).
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+        scale: f64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -341,6 +359,24 @@ fn run(cli: Cli) -> Result<()> {
             };
             let out = pretrain::pretrain(&cfg)?;
             print_outcome("pretrain", &out);
+            Ok(())
+        }
+        Command::Data(DataCmd::Synth { out, seed, scale }) => {
+            let start = std::time::Instant::now();
+            let s = synth::generate(&SynthConfig {
+                out: out.clone(),
+                seed,
+                scale,
+            })?;
+            for (name, f) in &s.files {
+                println!("{name:>22}  {:>7} records  {:>10} bytes", f.records, f.bytes);
+            }
+            println!(
+                "default world (seed {seed}, scale {scale}, {} skills) -> {} in {:.2}s",
+                s.skills.len(),
+                out.display(),
+                start.elapsed().as_secs_f64()
+            );
             Ok(())
         }
     }

@@ -1,0 +1,3 @@
+//! Evaluation: the true verifier of the default world's tasks.
+
+pub mod verify;
