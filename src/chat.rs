@@ -9,7 +9,7 @@
 //!
 //! Message text is tokenized on its own with special-token strings treated as plain text, so a
 //! user who types `<|end|>` cannot end a turn. The loss mask covers the assistant's tokens and its
-//! `<|end|>` only.
+//! `<|end|>` only (assistant messages with OpenAI's `"weight": 0` stay in the context untrained).
 
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
@@ -42,14 +42,20 @@ impl Role {
 pub struct Message {
     pub role: Role,
     pub content: String,
+    /// OpenAI's fine-tuning `weight`: an assistant message with weight 0 stays in the context
+    /// but is not trained on (e.g. the wrong first answer of a correction dialogue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u8>,
 }
 
 impl Message {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self {
-            role,
-            content: content.into(),
-        }
+        Self { role, content: content.into(), weight: None }
+    }
+
+    /// Whether SFT trains on this message.
+    pub fn trained(&self) -> bool {
+        self.role == Role::Assistant && self.weight != Some(0)
     }
 }
 
@@ -123,7 +129,7 @@ impl ChatTemplate {
         let mut ids = vec![self.bos];
         let mut mask = vec![false];
         for m in messages {
-            let trained = m.role == Role::Assistant;
+            let trained = m.trained();
             ids.push(self.opener(m.role));
             mask.push(false);
             let text = tok.encode(&m.content)?;

@@ -15,6 +15,9 @@ use talaria::terminal::{self, ChatOptions};
 use talaria::tokenizer::Tokenizer;
 use talaria::train::AdamWConfig;
 use talaria::train::pretrain::{self, PretrainConfig};
+use talaria::train::dpo::{self, DpoConfig};
+use talaria::train::ppo::{self, PpoConfig, RewardSpec};
+use talaria::train::reward::{self, RewardConfig};
 use talaria::train::sft::{self, SftConfig};
 use talaria::train::trainer::{TrainConfig, TrainOutcome};
 
@@ -51,6 +54,12 @@ enum Command {
     Sft(SftArgs),
     /// Chat with a model in the terminal (or answer once with --prompt).
     Chat(ChatArgs),
+    /// Train a reward model on preference pairs or rankings.
+    Reward(RewardArgs),
+    /// RLHF: optimise the SFT model against a reward with PPO and a KL penalty.
+    Ppo(PpoArgs),
+    /// Direct preference optimisation of the SFT model on preference pairs.
+    Dpo(DpoArgs),
 }
 
 #[derive(Subcommand)]
@@ -293,6 +302,123 @@ struct ChatArgs {
     seed: u64,
 }
 
+#[derive(Args)]
+struct RewardArgs {
+    /// The SFT checkpoint (or run directory) the reward model starts from.
+    #[arg(long)]
+    init: PathBuf,
+    /// Preference files: {prompt, chosen, rejected}, {prompt, ranked}, HH-RLHF or OpenAssistant JSONL.
+    #[arg(long, num_args = 1.., required = true)]
+    data: Vec<PathBuf>,
+    /// Held-out preferences (default: --val-fraction of --data).
+    #[arg(long, num_args = 1..)]
+    val_data: Vec<PathBuf>,
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    /// Answers per micro-batch (a prompt's answers are never split).
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Args)]
+struct DpoArgs {
+    /// The SFT checkpoint: starting policy and frozen reference.
+    #[arg(long)]
+    policy: PathBuf,
+    #[arg(long, num_args = 1.., required = true)]
+    data: Vec<PathBuf>,
+    #[arg(long, num_args = 1..)]
+    val_data: Vec<PathBuf>,
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    /// Preference pairs per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Args)]
+struct PpoArgs {
+    /// The SFT checkpoint: actor and frozen reference.
+    #[arg(long)]
+    policy: PathBuf,
+    /// A reward-model checkpoint, or `verifier` for the default world's rule-based reward.
+    #[arg(long)]
+    reward: String,
+    /// Prompts (JSONL: {"messages": [...]}, {"prompt": "..."} or a JSON string per line).
+    #[arg(long)]
+    prompts: PathBuf,
+    /// Held-out prompts with reference answers, scored greedily by the verifier at each evaluation.
+    #[arg(long)]
+    eval_prompts: Option<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 100)]
+    steps: u64,
+    #[arg(long, default_value_t = 16)]
+    prompts_per_step: usize,
+    #[arg(long, default_value_t = 2)]
+    samples_per_prompt: usize,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1e-5)]
+    lr: f64,
+    #[arg(long, default_value_t = 5e-5)]
+    critic_lr: f64,
+    #[arg(long, default_value_t = 5)]
+    warmup: u64,
+    #[arg(long, default_value_t = 2)]
+    ppo_epochs: usize,
+    /// Sequences per PPO minibatch.
+    #[arg(long, default_value_t = 16)]
+    minibatch: usize,
+    #[arg(long, default_value_t = 0.2)]
+    clip: f64,
+    #[arg(long, default_value_t = 0.2)]
+    value_clip: f64,
+    #[arg(long, default_value_t = 1.0)]
+    gamma: f64,
+    #[arg(long, default_value_t = 0.95)]
+    lambda: f64,
+    /// Per-token KL penalty coefficient (initial value with --kl-target).
+    #[arg(long, default_value_t = 0.02)]
+    kl_coef: f64,
+    /// Adapt the KL coefficient toward this KL per answer.
+    #[arg(long)]
+    kl_target: Option<f64>,
+    #[arg(long, default_value_t = 10000.0)]
+    kl_horizon: f64,
+    #[arg(long, default_value_t = 5.0)]
+    reward_clip: f64,
+    /// Reward (normalised units) for an answer that never ends.
+    #[arg(long, default_value_t = -2.0, allow_negative_numbers = true)]
+    no_end_penalty: f64,
+    /// PPO-ptx: mix the LM loss on this pretraining data directory into the actor's loss.
+    #[arg(long)]
+    ptx_data: Option<PathBuf>,
+    #[arg(long, default_value_t = 0.1)]
+    ptx_coef: f64,
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[arg(long, default_value_t = 10)]
+    eval_every: u64,
+    #[arg(long, default_value_t = 50)]
+    save_every: u64,
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    stop_at: Option<u64>,
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -345,6 +471,80 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Chat(a) => chat(a),
+        Command::Reward(a) => {
+            let cfg = RewardConfig {
+                init: a.init,
+                data: a.data,
+                val_data: a.val_data,
+                val_fraction: a.val_fraction,
+                batch_size: a.batch_size,
+                train: a.train.config(),
+            };
+            print_outcome("reward", &reward::train_reward_model(&cfg)?);
+            Ok(())
+        }
+        Command::Dpo(a) => {
+            let cfg = DpoConfig {
+                policy: a.policy,
+                data: a.data,
+                val_data: a.val_data,
+                val_fraction: a.val_fraction,
+                beta: a.beta,
+                batch_size: a.batch_size,
+                train: a.train.config(),
+            };
+            print_outcome("dpo", &dpo::dpo(&cfg)?);
+            Ok(())
+        }
+        Command::Ppo(a) => {
+            let reward = if a.reward == "verifier" { RewardSpec::Verifier } else { RewardSpec::Model(a.reward.into()) };
+            let cfg = PpoConfig {
+                policy: a.policy,
+                reward,
+                prompts: a.prompts,
+                eval_prompts: a.eval_prompts,
+                out: a.out,
+                steps: a.steps,
+                prompts_per_step: a.prompts_per_step,
+                samples_per_prompt: a.samples_per_prompt,
+                max_new_tokens: a.max_new_tokens,
+                temperature: a.temperature,
+                lr: a.lr,
+                critic_lr: a.critic_lr,
+                warmup: a.warmup,
+                ppo_epochs: a.ppo_epochs,
+                minibatch: a.minibatch,
+                clip: a.clip,
+                value_clip: a.value_clip,
+                gamma: a.gamma,
+                lambda: a.lambda,
+                kl_coef: a.kl_coef,
+                kl_target: a.kl_target,
+                kl_horizon: a.kl_horizon,
+                reward_clip: a.reward_clip,
+                no_end_penalty: a.no_end_penalty,
+                ptx_data: a.ptx_data,
+                ptx_coef: a.ptx_coef,
+                grad_clip: a.grad_clip,
+                seed: a.seed,
+                eval_every: a.eval_every,
+                save_every: a.save_every,
+                resume: a.resume,
+                stop_at: a.stop_at,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let o = ppo::ppo(&cfg)?;
+            let last: Vec<String> = o.last.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+            println!(
+                "ppo: {} steps, {:.1}s, {}{} -> {}",
+                o.steps,
+                o.wall_s,
+                last.join(", "),
+                if o.interrupted { " (stopped early; resume with --resume)" } else { "" },
+                o.checkpoint.display()
+            );
+            Ok(())
+        }
         Command::Pretrain(a) => {
             let cfg = PretrainConfig {
                 data: a.data,

@@ -1,9 +1,13 @@
 //! Training: parameters, the optimizer and learning-rate schedule, the shared loop, metrics, and
 //! the stages that run on it.
 
+pub mod answers;
+pub mod dpo;
 pub mod metrics;
 pub mod optim;
+pub mod order;
 pub mod params;
+pub mod ppo;
 pub mod pretrain;
 pub mod reward;
 pub mod rl;

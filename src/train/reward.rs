@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_distr::{Distribution, Normal};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::chat::{ChatTemplate, Message, Role};
 use crate::checkpoint::Checkpoint;
@@ -18,6 +18,7 @@ use crate::data::preferences::{PreferenceGroup, read_preferences};
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
 use crate::train::ParamSet;
+use crate::train::order::EpochOrder;
 use crate::train::trainer::{self, EvalReport, Init, Objective, TrainConfig, TrainOutcome};
 
 /// The scalar head, `[1, n_embd]`, named as in `transformers`' `GPT2ForSequenceClassification`.
@@ -179,29 +180,9 @@ pub fn neg_log_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
 struct RewardObjective {
     train: Vec<Group>,
     val: Vec<Group>,
-    order: Vec<u32>,
-    epoch: u64,
-    index: usize,
-    seed: u64,
+    order: EpochOrder,
     batch: usize,
     pad: u32,
-}
-
-impl RewardObjective {
-    fn shuffle(&mut self) {
-        self.order = (0..self.train.len() as u32).collect();
-        self.order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(self.seed.wrapping_add(self.epoch)));
-    }
-
-    fn next_group(&mut self) -> usize {
-        if self.index >= self.order.len() {
-            self.epoch += 1;
-            self.index = 0;
-            self.shuffle();
-        }
-        self.index += 1;
-        self.order[self.index - 1] as usize
-    }
 }
 
 impl Objective for RewardObjective {
@@ -213,7 +194,7 @@ impl Objective for RewardObjective {
         let head = params.get(SCORE_HEAD).context("reward head missing")?;
         let (mut seqs, mut chosen, mut rejected) = (vec![], vec![], vec![]);
         while seqs.len() < self.batch {
-            let gi = self.next_group();
+            let gi = self.order.next();
             let g = &self.train[gi];
             let base = seqs.len() as u32;
             seqs.extend(g.seqs.iter().cloned());
@@ -240,23 +221,18 @@ impl Objective for RewardObjective {
     }
 
     fn state(&self) -> Value {
-        json!({"epoch": self.epoch, "index": self.index})
+        self.order.state()
     }
 
     fn restore(&mut self, state: &Value) -> Result<()> {
-        self.epoch = state["epoch"].as_u64().context("reward state lacks epoch")?;
-        self.index = state["index"].as_u64().context("reward state lacks index")? as usize;
-        self.shuffle();
-        ensure!(self.index <= self.order.len(), "saved position is beyond the data (different data?)");
-        Ok(())
+        self.order.restore(state)
     }
 }
 
-/// Preference data rendered for one tokenizer and context, with counts of what was left out.
-pub struct RenderedPreferences {
+/// Preference groups rendered for one tokenizer and context, and how many did not fit.
+struct RenderedPreferences {
     groups: Vec<Group>,
-    pub skipped: usize,
-    pub too_long: usize,
+    too_long: usize,
 }
 
 fn render_groups(
@@ -265,7 +241,7 @@ fn render_groups(
     groups: &[PreferenceGroup],
     ctx: usize,
 ) -> Result<RenderedPreferences> {
-    let mut out = RenderedPreferences { groups: vec![], skipped: 0, too_long: 0 };
+    let mut out = RenderedPreferences { groups: vec![], too_long: 0 };
     for g in groups {
         let prompt_len = template.render(tok, &g.prompt)?.ids.len();
         let seqs = g.ranked.iter().map(|a| render_answer(tok, template, &g.prompt, a)).collect::<Result<Vec<_>>>()?;
@@ -341,16 +317,12 @@ pub fn train_reward_model(cfg: &RewardConfig) -> Result<TrainOutcome> {
     weights.insert(SCORE_HEAD.into(), Tensor::from_vec(head, (1, c), &Device::Cpu)?);
     let params = ParamSet::with_heads(&ck.config, &weights, &[SCORE_HEAD])?;
     let mut objective = RewardObjective {
+        order: EpochOrder::new(cfg.train.seed, train.groups.len(), 0, 0),
         train: train.groups,
         val: val.groups,
-        order: vec![],
-        epoch: 0,
-        index: 0,
-        seed: cfg.train.seed,
         batch: cfg.batch_size,
         pad: template.end,
     };
-    objective.shuffle();
     let init = Init { params, tokenizer_json: Some(tok_json), parent: Some(cfg.init.display().to_string()) };
     trainer::train(&cfg.train, init, &mut objective)
 }

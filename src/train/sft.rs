@@ -7,7 +7,7 @@ use anyhow::{Context, Result, ensure};
 use candle_core::{D, DType, Device, Tensor};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::chat::{ChatTemplate, Message, Role};
 use crate::checkpoint::Checkpoint;
@@ -16,6 +16,7 @@ use crate::engine::{self, GenerateOptions, Sampler, SamplingParams};
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
 use crate::train::ParamSet;
+use crate::train::order::EpochOrder;
 use crate::train::trainer::{self, EvalReport, Init, Objective, TrainConfig, TrainOutcome};
 
 /// `talaria sft` settings.
@@ -187,40 +188,9 @@ pub fn masked_loss(model: &Gpt, examples: &[Example], batch: usize, t: usize, pa
     Ok(nats / count.max(1.0))
 }
 
-/// Position in the seeded, per-epoch shuffled order of the training examples.
-#[derive(Clone)]
-struct Cursor {
-    epoch: u64,
-    index: usize,
-    order: Vec<u32>,
-    seed: u64,
-}
-
-impl Cursor {
-    fn new(seed: u64, epoch: u64, index: usize, n: usize) -> Self {
-        let mut order: Vec<u32> = (0..n as u32).collect();
-        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(epoch)));
-        Self {
-            epoch,
-            index,
-            order,
-            seed,
-        }
-    }
-
-    /// The next example index, moving to a freshly shuffled epoch at the end of one.
-    fn next(&mut self) -> usize {
-        if self.index >= self.order.len() {
-            *self = Self::new(self.seed, self.epoch + 1, 0, self.order.len());
-        }
-        self.index += 1;
-        self.order[self.index - 1] as usize
-    }
-}
-
 struct Sft {
     data: SftData,
-    cursor: Cursor,
+    cursor: EpochOrder,
     val_prompts: Vec<Vec<Message>>,
     batch: usize,
     t: usize,
@@ -281,18 +251,11 @@ impl Objective for Sft {
     }
 
     fn state(&self) -> Value {
-        json!({"epoch": self.cursor.epoch, "index": self.cursor.index})
+        self.cursor.state()
     }
 
     fn restore(&mut self, state: &Value) -> Result<()> {
-        let epoch = state["epoch"].as_u64().context("SFT state lacks epoch")?;
-        let index = state["index"].as_u64().context("SFT state lacks index")? as usize;
-        ensure!(
-            index <= self.data.train.len(),
-            "saved SFT position is beyond the data (different data?)"
-        );
-        self.cursor = Cursor::new(self.cursor.seed, epoch, index, self.data.train.len());
-        Ok(())
+        self.cursor.restore(state)
     }
 }
 
@@ -340,7 +303,7 @@ pub fn sft(cfg: &SftConfig) -> Result<TrainOutcome> {
     let pad = tokenizer.special_id(crate::tokenizer::EOT).unwrap_or(template.end);
     let mut config = ck.config.clone();
     config.eos_token_id = Some(template.end);
-    let cursor = Cursor::new(cfg.train.seed, 0, 0, data.train.len());
+    let cursor = EpochOrder::new(cfg.train.seed, data.train.len(), 0, 0);
     let val_prompts = data.val_prompts.clone();
     let mut objective = Sft {
         data,

@@ -133,7 +133,8 @@ pub struct Init {
     pub parent: Option<String>,
 }
 
-fn interrupt_flag() -> Arc<AtomicBool> {
+/// Set by Ctrl-C; every training loop checks it between steps and saves before exiting.
+pub(crate) fn interrupt_flag() -> Arc<AtomicBool> {
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
     FLAG.get_or_init(|| {
         let f = Arc::new(AtomicBool::new(false));

@@ -1,0 +1,180 @@
+//! Direct preference optimisation (Rafailov et al. 2023): the policy learns from preference
+//! pairs directly, with the frozen SFT model as reference and no reward model or sampling.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, ensure};
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde_json::Value;
+
+use crate::chat::ChatTemplate;
+use crate::checkpoint::Checkpoint;
+use crate::model::Gpt;
+use crate::tokenizer::Tokenizer;
+use crate::train::ParamSet;
+use crate::train::answers::{answer_logprobs, batch};
+use crate::train::order::EpochOrder;
+use crate::train::reward::{load_preferences, render_answer};
+use crate::train::rl::dpo_loss;
+use crate::train::trainer::{self, EvalReport, Init, Objective, TrainConfig, TrainOutcome};
+
+/// `talaria dpo` settings.
+#[derive(Debug, Clone)]
+pub struct DpoConfig {
+    /// The SFT checkpoint: the starting policy and the frozen reference.
+    pub policy: PathBuf,
+    pub data: Vec<PathBuf>,
+    /// Held-out preferences; when empty, `val_fraction` of the prompts of `data` are held out.
+    pub val_data: Vec<PathBuf>,
+    pub val_fraction: f64,
+    pub beta: f64,
+    /// Preference pairs per micro-batch.
+    pub batch_size: usize,
+    pub train: TrainConfig,
+}
+
+/// A rendered (prompt + chosen, prompt + rejected) pair.
+struct Pair {
+    chosen: Vec<u32>,
+    rejected: Vec<u32>,
+    prompt_len: usize,
+}
+
+struct Dpo {
+    reference: Gpt,
+    train: Vec<Pair>,
+    val: Vec<Pair>,
+    order: EpochOrder,
+    beta: f64,
+    batch: usize,
+    pad: u32,
+}
+
+impl Dpo {
+    /// Summed answer log-likelihoods `[2N]` (chosen first, then rejected) under `model`.
+    fn answer_ll(&self, model: &Gpt, pairs: &[&Pair]) -> Result<Tensor> {
+        let seqs: Vec<(&[u32], usize)> = pairs
+            .iter()
+            .map(|p| (p.chosen.as_slice(), p.prompt_len))
+            .chain(pairs.iter().map(|p| (p.rejected.as_slice(), p.prompt_len)))
+            .collect();
+        let b = batch(&seqs, self.pad, model.device())?;
+        let (lp, _) = answer_logprobs(model, &b, 1.0)?;
+        Ok((lp * &b.mask)?.sum(1)?)
+    }
+
+    fn loss_on(&self, model: &Gpt, pairs: &[&Pair]) -> Result<(Tensor, Tensor)> {
+        let n = pairs.len();
+        let pi = self.answer_ll(model, pairs)?;
+        let rf = self.answer_ll(&self.reference, pairs)?.detach();
+        dpo_loss(&pi.narrow(0, 0, n)?, &pi.narrow(0, n, n)?, &rf.narrow(0, 0, n)?, &rf.narrow(0, n, n)?, self.beta)
+    }
+}
+
+impl Objective for Dpo {
+    fn stage(&self) -> &'static str {
+        "dpo"
+    }
+
+    fn loss(&mut self, model: &Gpt, _params: &ParamSet) -> Result<(Tensor, usize)> {
+        let idx: Vec<usize> = (0..self.batch).map(|_| self.order.next()).collect();
+        let pairs: Vec<&Pair> = idx.iter().map(|&i| &self.train[i]).collect();
+        let tokens = pairs.iter().map(|p| p.chosen.len() + p.rejected.len()).sum();
+        Ok((self.loss_on(model, &pairs)?.0, tokens))
+    }
+
+    fn evaluate(&mut self, model: &Gpt, _params: &ParamSet) -> Result<EvalReport> {
+        let (mut loss, mut correct, mut margin, mut n) = (0.0, 0usize, 0.0, 0usize);
+        for chunk in self.val.chunks(self.batch) {
+            let pairs: Vec<&Pair> = chunk.iter().collect();
+            let (l, m) = self.loss_on(model, &pairs)?;
+            let m = m.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()? * pairs.len() as f64;
+            correct += m.iter().filter(|&&x| x > 0.0).count();
+            margin += m.iter().sum::<f64>();
+            n += pairs.len();
+        }
+        let n = n.max(1) as f64;
+        Ok(EvalReport {
+            values: vec![("val_loss", loss / n), ("accuracy", correct as f64 / n), ("margin", margin / n)],
+            samples: vec![],
+        })
+    }
+
+    fn state(&self) -> Value {
+        self.order.state()
+    }
+
+    fn restore(&mut self, state: &Value) -> Result<()> {
+        self.order.restore(state)
+    }
+}
+
+fn render_pairs(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    groups: &[crate::data::preferences::PreferenceGroup],
+    ctx: usize,
+) -> Result<(Vec<Pair>, usize)> {
+    let (mut out, mut too_long) = (vec![], 0);
+    for g in groups {
+        let prompt_len = template.render_prompt(tok, &g.prompt)?.len();
+        for (c, r) in g.pairs() {
+            let chosen = render_answer(tok, template, &g.prompt, &g.ranked[c])?;
+            let rejected = render_answer(tok, template, &g.prompt, &g.ranked[r])?;
+            if chosen.len() > ctx || rejected.len() > ctx {
+                too_long += 1;
+                continue;
+            }
+            out.push(Pair { chosen, rejected, prompt_len });
+        }
+    }
+    Ok((out, too_long))
+}
+
+/// Runs DPO; the policy ends up in `train.out/checkpoint`.
+pub fn dpo(cfg: &DpoConfig) -> Result<TrainOutcome> {
+    ensure!(cfg.beta > 0.0 && cfg.beta.is_finite(), "--beta must be positive, got {}", cfg.beta);
+    ensure!(cfg.batch_size >= 1, "--batch-size must be at least 1");
+    let ck = Checkpoint::load(&cfg.policy, DType::F32, &Device::Cpu)?;
+    let tok_json = ck.tokenizer_json.clone().with_context(|| format!("{} has no tokenizer.json", cfg.policy.display()))?;
+    let tok = Tokenizer::from_json(&tok_json)?;
+    let template = ChatTemplate::new(&tok)?;
+    let ctx = ck.config.n_positions;
+    let (mut train, skipped) = load_preferences(&cfg.data)?;
+    ensure!(!train.is_empty(), "no usable preference pairs in the DPO data");
+    let val = if cfg.val_data.is_empty() {
+        ensure!((0.0..1.0).contains(&cfg.val_fraction), "--val-fraction must be in [0, 1)");
+        train.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.train.seed));
+        let n = ((train.len() as f64 * cfg.val_fraction).round() as usize).min(train.len() - 1);
+        train.split_off(train.len() - n)
+    } else {
+        load_preferences(&cfg.val_data)?.0
+    };
+    let (train, long_t) = render_pairs(&tok, &template, &train, ctx)?;
+    let (val, long_v) = render_pairs(&tok, &template, &val, ctx)?;
+    eprintln!(
+        "dpo: {} training and {} held-out pairs; {skipped} records skipped (empty or identical answers), {} pairs longer than the context left out",
+        train.len(),
+        val.len(),
+        long_t + long_v
+    );
+    ensure!(!train.is_empty(), "every preference pair is longer than the context");
+    let mut objective = Dpo {
+        reference: ck.model()?,
+        order: EpochOrder::new(cfg.train.seed, train.len(), 0, 0),
+        train,
+        val,
+        beta: cfg.beta,
+        batch: cfg.batch_size,
+        pad: template.end,
+    };
+    let init = Init {
+        params: ParamSet::from_weights(&ck.config, &ck.weights)?,
+        tokenizer_json: Some(tok_json),
+        parent: Some(cfg.policy.display().to_string()),
+    };
+    trainer::train(&cfg.train, init, &mut objective)
+}
