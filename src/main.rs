@@ -1,6 +1,6 @@
 //! The `talaria` command line: argument parsing only; every stage lives in the library.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -8,9 +8,12 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
 use talaria::checkpoint::Checkpoint;
+use talaria::data::download::{self, DownloadConfig};
+use talaria::data::prepare::{self, PrepareConfig};
+use talaria::data::readers::{ReadOptions, ReadStats};
 use talaria::engine::{self, GenerateOptions, Sampler, SamplingParams, TextStream};
 use talaria::interop;
-use talaria::tokenizer::Tokenizer;
+use talaria::tokenizer::{self, Tokenizer, TrainConfig};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -36,6 +39,131 @@ enum Command {
     Export(ExportCmd),
     /// Generate a continuation of a prompt.
     Generate(GenerateArgs),
+    /// Train, import, run and measure byte-level BPE tokenizers.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCmd),
+    /// Turn corpora into token shards, or fetch datasets from the Hugging Face Hub.
+    #[command(subcommand)]
+    Data(DataCmd),
+}
+
+#[derive(Args)]
+struct ReadArgs {
+    /// Line that separates documents in .txt files ("" = blank lines, i.e. paragraphs).
+    #[arg(long, default_value = tokenizer::EOT)]
+    separator: String,
+    /// JSON field holding the text in .jsonl / .jsonl.gz files.
+    #[arg(long, default_value = "text")]
+    field: String,
+    /// Column holding the text in .parquet files.
+    #[arg(long, default_value = "text")]
+    column: String,
+    /// Skip bad records (invalid UTF-8, not JSON, missing field, null) and count them, instead of failing.
+    #[arg(long)]
+    skip_bad: bool,
+}
+
+impl ReadArgs {
+    fn options(&self) -> ReadOptions {
+        ReadOptions {
+            separator: self.separator.clone(),
+            field: self.field.clone(),
+            column: self.column.clone(),
+            skip_bad: self.skip_bad,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum TokenizerCmd {
+    /// Train a byte-level BPE (special tokens at ids 0-5, digits split one by one).
+    Train {
+        /// Corpus files: .txt, .txt.gz, .jsonl, .jsonl.gz, .parquet.
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<PathBuf>,
+        /// Vocabulary size, special and byte tokens included.
+        #[arg(long)]
+        vocab_size: usize,
+        /// Pairs seen fewer times are never merged.
+        #[arg(long, default_value_t = 2)]
+        min_frequency: u64,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Build GPT-2's tokenizer from vocab.json and merges.txt.
+    ImportGpt2 {
+        #[arg(long)]
+        vocab: PathBuf,
+        #[arg(long)]
+        merges: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Encode text (--text, or all of standard input).
+    Encode {
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        text: Option<String>,
+        /// Print one line of space-separated ids instead of one `id<TAB>vocab entry<TAB>"text"` line per token.
+        #[arg(long)]
+        ids: bool,
+    },
+    /// Decode ids (--ids, or standard input; separated by spaces, commas or newlines) to text.
+    Decode {
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        ids: Option<String>,
+    },
+    /// Measure encoding throughput on the lines of text files.
+    Bench {
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<PathBuf>,
+        /// Runs of each kind; the best is reported.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Tokenize corpus files into train/val token shards plus meta.json.
+    Prepare {
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<PathBuf>,
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Share of documents held out for validation.
+        #[arg(long, default_value_t = 0.1)]
+        val_fraction: f64,
+        /// Seed of the train/val split.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Most tokens per shard file.
+        #[arg(long, default_value_t = prepare::DEFAULT_SHARD_TOKENS)]
+        shard_tokens: usize,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Download a dataset's data files from the Hugging Face Hub (needs internet).
+    Download {
+        /// Dataset id, e.g. roneneldan/TinyStories.
+        dataset: String,
+        /// Only the files of this split.
+        #[arg(long)]
+        split: Option<String>,
+        #[arg(long, default_value = "data/hub")]
+        out: PathBuf,
+        #[arg(long, default_value = "main")]
+        revision: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -144,7 +272,216 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Generate(a) => generate(a),
+        Command::Tokenizer(c) => tokenizer_cmd(c),
+        Command::Data(c) => data_cmd(c),
     }
+}
+
+fn tokenizer_cmd(c: TokenizerCmd) -> Result<()> {
+    match c {
+        TokenizerCmd::Train {
+            input,
+            vocab_size,
+            min_frequency,
+            out,
+            read,
+        } => {
+            let cfg = TrainConfig {
+                vocab_size,
+                min_frequency,
+                show_progress: true,
+            };
+            let (tok, s) = tokenizer::train_from_files(&input, &read.options(), &cfg)?;
+            tok.save(&out)?;
+            println!(
+                "trained on {} documents, {:.2} MB in {:.1}s: vocab {} (asked {vocab_size}), {:.2} bytes/token on the training text{} -> {}",
+                s.train.documents,
+                s.train.bytes as f64 / 1e6,
+                s.train.seconds,
+                s.train.vocab_size,
+                s.bytes_per_token(),
+                skipped_note(&s.read),
+                out.display()
+            );
+            Ok(())
+        }
+        TokenizerCmd::ImportGpt2 { vocab, merges, out } => {
+            let tok = tokenizer::import_gpt2(&vocab, &merges)?;
+            tok.save(&out)?;
+            println!(
+                "imported GPT-2 tokenizer: vocab {}, {} = {} -> {}",
+                tok.vocab_size(),
+                tokenizer::EOT,
+                tok.eot_id()?,
+                out.display()
+            );
+            Ok(())
+        }
+        TokenizerCmd::Encode { tokenizer, text, ids } => {
+            let tok = Tokenizer::from_file(&tokenizer)?;
+            let text = match text {
+                Some(t) => t,
+                None => read_stdin()?,
+            };
+            let toks = tok.encode(&text)?;
+            let mut out = std::io::stdout().lock();
+            if ids {
+                let s: Vec<String> = toks.iter().map(u32::to_string).collect();
+                writeln!(out, "{}", s.join(" "))?;
+            } else {
+                for &id in &toks {
+                    let token = tok.id_to_token(id).unwrap_or_default();
+                    writeln!(out, "{id}\t{token}\t{:?}", tok.decode(&[id])?)?;
+                }
+            }
+            eprintln!(
+                "{} tokens, {} bytes, {:.2} bytes/token",
+                toks.len(),
+                text.len(),
+                text.len() as f64 / toks.len().max(1) as f64
+            );
+            Ok(())
+        }
+        TokenizerCmd::Decode { tokenizer, ids } => {
+            let tok = Tokenizer::from_file(&tokenizer)?;
+            let text = match ids {
+                Some(t) => t,
+                None => read_stdin()?,
+            };
+            let ids = text
+                .split(|c: char| c.is_whitespace() || c == ',')
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse::<u32>().with_context(|| format!("{s:?} is not a token id")))
+                .collect::<Result<Vec<_>>>()?;
+            let mut out = std::io::stdout().lock();
+            write!(out, "{}", tok.decode(&ids)?)?;
+            out.flush()?;
+            Ok(())
+        }
+        TokenizerCmd::Bench {
+            tokenizer,
+            input,
+            repeats,
+        } => {
+            let tok = Tokenizer::from_file(&tokenizer)?;
+            let mut text = String::new();
+            for p in &input {
+                text.push_str(
+                    &std::fs::read_to_string(p).with_context(|| format!("reading {} (UTF-8 text)", p.display()))?,
+                );
+            }
+            let lines: Vec<&str> = text.split_inclusive('\n').collect();
+            let b = tokenizer::bench_encode(&tok, &lines, repeats)?;
+            println!(
+                "{} lines, {:.2} MB, {} tokens ({:.2} bytes/token): encode_batch {:.2} MB/s ({} threads), encode one by one {:.2} MB/s (1 thread); best of {repeats}",
+                lines.len(),
+                b.bytes as f64 / 1e6,
+                b.tokens,
+                b.bytes as f64 / b.tokens.max(1) as f64,
+                b.batch_mb_per_s,
+                rayon::current_num_threads(),
+                b.serial_mb_per_s
+            );
+            Ok(())
+        }
+    }
+}
+
+fn data_cmd(c: DataCmd) -> Result<()> {
+    match c {
+        DataCmd::Prepare {
+            input,
+            tokenizer,
+            out,
+            val_fraction,
+            seed,
+            shard_tokens,
+            read,
+        } => {
+            let cfg = PrepareConfig {
+                val_fraction,
+                seed,
+                read: read.options(),
+                shard_tokens,
+                show_progress: true,
+                ..PrepareConfig::new(input, tokenizer, out.clone())
+            };
+            let s = prepare::prepare(&cfg)?;
+            let m = &s.meta;
+            let bytes = m.splits.train.bytes + m.splits.val.bytes;
+            let tokens = m.splits.train.tokens + m.splits.val.tokens;
+            for (name, st) in [("train", &m.splits.train), ("val", &m.splits.val)] {
+                println!(
+                    "{name:5}: {} documents, {} tokens, {:.2} MB in {} shard(s)",
+                    st.documents,
+                    st.tokens,
+                    st.bytes as f64 / 1e6,
+                    st.shards
+                );
+            }
+            println!(
+                "prepared {:.2} MB -> {tokens} tokens in {:.1}s ({:.2} MB/s, {:.2} bytes/token){}{} -> {}",
+                bytes as f64 / 1e6,
+                s.seconds,
+                bytes as f64 / 1e6 / s.seconds.max(1e-9),
+                bytes as f64 / tokens.max(1) as f64,
+                if m.split_single_document {
+                    "; the single document was cut into a train head and a val tail"
+                } else {
+                    ""
+                },
+                skipped_note(&ReadStats {
+                    skipped_bad: m.skipped_bad,
+                    skipped_empty: m.skipped_empty,
+                    ..Default::default()
+                }),
+                out.display()
+            );
+            Ok(())
+        }
+        DataCmd::Download {
+            dataset,
+            split,
+            out,
+            revision,
+        } => {
+            let s = download::download(&DownloadConfig {
+                dataset,
+                split,
+                out,
+                revision,
+                endpoint: None,
+            })?;
+            for f in &s.files {
+                println!("{}", f.display());
+            }
+            println!("downloaded {} files, {:.2} MB", s.files.len(), s.bytes as f64 / 1e6);
+            Ok(())
+        }
+    }
+}
+
+fn skipped_note(r: &ReadStats) -> String {
+    let mut parts = Vec::new();
+    if r.skipped_bad > 0 {
+        parts.push(format!("{} bad records skipped", r.skipped_bad));
+    }
+    if r.skipped_empty > 0 {
+        parts.push(format!("{} empty documents skipped", r.skipped_empty));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
+}
+
+fn read_stdin() -> Result<String> {
+    let mut s = String::new();
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .context("reading standard input (UTF-8 text)")?;
+    Ok(s)
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {

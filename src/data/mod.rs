@@ -1,3 +1,7 @@
-//! Data: token shards and their loader.
+//! Data: corpus readers, `data prepare` (text -> token shards), `data download` (Hub datasets),
+//! token shards and their loader.
 
+pub mod download;
+pub mod prepare;
+pub mod readers;
 pub mod shards;
