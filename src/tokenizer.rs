@@ -1,9 +1,48 @@
-//! Tokenizers: a thin owner of a Hugging Face `tokenizers` byte-level BPE, loaded from the
-//! `tokenizer.json` a checkpoint carries.
+//! Tokenizers: byte-level BPE on top of Hugging Face `tokenizers`: training with Talaria's special
+//! tokens reserved and digits split one by one, GPT-2 import, and safe encoding of user text.
+//!
+//! A trained vocabulary is laid out as: ids 0..=5 the [`SPECIAL_TOKENS`], then the 256 byte tokens,
+//! then the merges in the order they were learned. The files are ordinary `tokenizer.json`, so
+//! Python `tokenizers`/`transformers` load them too.
 
-use anyhow::{Result, anyhow};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::data::readers::{ReadOptions, ReadStats, for_each_document};
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BPE, BpeTrainer};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{
+    AddedToken, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, PreTokenizerWrapper, Trainer,
+};
+
+/// End of text: separates documents in pretraining data.
+pub const EOT: &str = "<|endoftext|>";
+/// Beginning of a conversation.
+pub const BOS: &str = "<|bos|>";
+/// Starts the system message of a conversation.
+pub const SYSTEM: &str = "<|system|>";
+/// Starts a user turn.
+pub const USER: &str = "<|user|>";
+/// Starts an assistant turn.
+pub const ASSISTANT: &str = "<|assistant|>";
+/// Ends a turn.
+pub const END: &str = "<|end|>";
+/// All special tokens, in the order of their ids in a trained tokenizer (0..=5).
+pub const SPECIAL_TOKENS: [&str; 6] = [EOT, BOS, SYSTEM, USER, ASSISTANT, END];
+
+/// Number of byte tokens every byte-level vocabulary starts from.
+pub const BYTE_TOKENS: usize = 256;
 
 /// A loaded tokenizer.
+///
+/// [`Tokenizer::encode`] treats its input as plain text: a special-token string typed by a user
+/// (say `<|end|>`) is encoded as ordinary bytes, never as the special id. Special ids are only ever
+/// inserted by code, through [`Tokenizer::special_id`].
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
 }
@@ -12,28 +51,389 @@ impl Tokenizer {
     /// Parses the contents of a `tokenizer.json`.
     pub fn from_json(json: &str) -> Result<Self> {
         let inner: tokenizers::Tokenizer = json.parse().map_err(|e| anyhow!("invalid tokenizer.json: {e}"))?;
-        Ok(Self { inner })
+        Ok(Self::wrap(inner))
     }
 
-    /// Token ids of `text`, without added special tokens.
+    /// Reads a `tokenizer.json` file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let json = std::fs::read_to_string(path).with_context(|| format!("reading tokenizer {}", path.display()))?;
+        Self::from_json(&json).with_context(|| format!("loading tokenizer {}", path.display()))
+    }
+
+    fn wrap(mut inner: tokenizers::Tokenizer) -> Self {
+        // Added tokens marked special are not matched inside the text given to `encode`: user text
+        // that spells a special token must not become that token. (The flag is not serialized.)
+        inner.set_encode_special_tokens(true);
+        Self { inner }
+    }
+
+    /// The `tokenizer.json` text of this tokenizer.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| anyhow!("serializing the tokenizer: {e}"))
+    }
+
+    /// Writes `tokenizer.json` to `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.to_json()?).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Token ids of plain `text`; special-token strings in it are encoded as ordinary text.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
-            .encode(text, false)
+            .encode_fast(text, false)
             .map_err(|e| anyhow!("encoding failed: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
+    /// [`Tokenizer::encode`] of many texts, in parallel on all cores.
+    pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let encs = self
+            .inner
+            .encode_batch_fast(texts.to_vec(), false)
+            .map_err(|e| anyhow!("encoding failed: {e}"))?;
+        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
     /// The text of `ids` (special tokens included, so decoding is lossless).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let size = self.vocab_size();
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= size) {
+            bail!("token id {bad} is outside the vocabulary (size {size})");
+        }
         self.inner
             .decode(ids, false)
             .map_err(|e| anyhow!("decoding failed: {e}"))
     }
 
+    /// Number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The id of a special token such as [`EOT`], if this tokenizer has it.
+    pub fn special_id(&self, tok: &str) -> Option<u32> {
+        self.inner.token_to_id(tok)
+    }
+
+    /// The id of [`EOT`]; an error for a tokenizer without one.
+    pub fn eot_id(&self) -> Result<u32> {
+        self.special_id(EOT)
+            .ok_or_else(|| anyhow!("the tokenizer has no end-of-text token {EOT}"))
+    }
+
+    /// The vocabulary entry of `id` (byte-level form, e.g. `Ġthe`).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+}
+
+/// The pre-tokenizer of trained tokenizers: each digit on its own, then GPT-2's byte-level split.
+fn talaria_pre_tokenizer() -> PreTokenizerWrapper {
+    PreTokenizerWrapper::Sequence(Sequence::new(vec![
+        Digits::new(true).into(),
+        ByteLevel::new(false, true, true).into(),
+    ]))
+}
+
+/// Settings of BPE training.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// Final vocabulary size, special and byte tokens included.
+    pub vocab_size: usize,
+    /// Pairs seen fewer times than this are never merged.
+    pub min_frequency: u64,
+    /// Progress bars for the merge phase.
+    pub show_progress: bool,
+}
+
+/// What training saw and produced.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub documents: u64,
+    pub bytes: u64,
+    pub vocab_size: usize,
+    pub seconds: f64,
+}
+
+/// Fails when `vocab_size` cannot hold the special and byte tokens.
+pub fn check_vocab_size(vocab_size: usize) -> Result<()> {
+    let min = SPECIAL_TOKENS.len() + BYTE_TOKENS;
+    ensure!(
+        vocab_size >= min,
+        "vocab size {vocab_size} is too small: a byte-level BPE needs at least {min} ids ({} special tokens + {BYTE_TOKENS} byte tokens)",
+        SPECIAL_TOKENS.len()
+    );
+    Ok(())
+}
+
+/// Trains a byte-level BPE on a stream of documents; only word counts are kept in memory, and
+/// pre-tokenization runs in parallel on all cores.
+pub fn train_bpe<I>(cfg: &TrainConfig, docs: I) -> Result<(Tokenizer, TrainSummary)>
+where
+    I: Iterator<Item = String> + Send,
+{
+    check_vocab_size(cfg.vocab_size)?;
+    let start = Instant::now();
+    let mut trainer = BpeTrainer::builder()
+        .vocab_size(cfg.vocab_size)
+        .min_frequency(cfg.min_frequency)
+        .show_progress(cfg.show_progress)
+        .special_tokens(SPECIAL_TOKENS.iter().map(|s| AddedToken::from(*s, true)).collect())
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let pre = talaria_pre_tokenizer();
+    let (mut documents, mut bytes) = (0u64, 0u64);
+    let counted = docs.inspect(|d| {
+        documents += 1;
+        bytes += d.len() as u64;
+    });
+    trainer
+        .feed(counted, |d| pre_tokenize(&pre, d).map_err(Into::into))
+        .map_err(|e| anyhow!("counting words: {e}"))?;
+    ensure!(bytes > 0, "no training text: every input was empty");
+    let mut model = BPE::default();
+    let special = trainer
+        .train(&mut model)
+        .map_err(|e| anyhow!("BPE training failed: {e}"))?;
+    let mut inner = tokenizers::Tokenizer::new(model);
+    inner.with_pre_tokenizer(Some(talaria_pre_tokenizer()));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    inner.add_special_tokens(&special);
+    let tok = Tokenizer::wrap(inner);
+    for (i, s) in SPECIAL_TOKENS.iter().enumerate() {
+        ensure!(
+            tok.special_id(s) == Some(i as u32),
+            "internal error: special token {s} did not get id {i}"
+        );
+    }
+    let summary = TrainSummary {
+        documents,
+        bytes,
+        vocab_size: tok.vocab_size(),
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    Ok((tok, summary))
+}
+
+/// [`train_bpe`] on corpus files, then one more pass to measure the compression it achieves.
+#[derive(Debug, Clone)]
+pub struct FilesTrainSummary {
+    pub train: TrainSummary,
+    pub read: ReadStats,
+    /// Tokens of the training documents under the trained tokenizer.
+    pub tokens: u64,
+}
+
+impl FilesTrainSummary {
+    /// UTF-8 bytes per token on the training text.
+    pub fn bytes_per_token(&self) -> f64 {
+        self.train.bytes as f64 / self.tokens.max(1) as f64
+    }
+}
+
+/// The reader's error when the consumer of its documents has gone.
+#[derive(Debug)]
+struct ConsumerStopped;
+
+impl std::fmt::Display for ConsumerStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the consumer of the documents stopped early")
+    }
+}
+
+impl std::error::Error for ConsumerStopped {}
+
+/// Reads documents from `paths` on a separate thread, so reading overlaps pre-tokenization.
+fn stream_documents(
+    paths: &[PathBuf],
+    read: &ReadOptions,
+    progress: &indicatif::ProgressBar,
+    consume: impl FnOnce(std::sync::mpsc::IntoIter<String>) -> Result<()>,
+) -> Result<ReadStats> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<String>(1024);
+    std::thread::scope(|s| {
+        let reader = s.spawn(move || -> Result<ReadStats> {
+            let mut total = ReadStats::default();
+            for p in paths {
+                progress.set_message(p.display().to_string());
+                let stats = for_each_document(p, read, &mut |d| {
+                    progress.inc(d.len() as u64);
+                    tx.send(d).map_err(|_| anyhow::Error::new(ConsumerStopped))
+                })?;
+                total.add(&stats);
+            }
+            Ok(total)
+        });
+        let consumed = consume(rx.into_iter());
+        let read = reader.join().map_err(|_| anyhow!("the reader thread panicked"))?;
+        // A reader error explains a consumer that saw too little, so it comes first, unless the
+        // reader only failed because the consumer had stopped.
+        match (read, consumed) {
+            (Err(r), _) if !r.is::<ConsumerStopped>() => Err(r),
+            (_, Err(c)) => Err(c),
+            (r, Ok(())) => r,
+        }
+    })
+}
+
+/// Trains a tokenizer on the documents of corpus files, with progress bars when `cfg.show_progress`.
+pub fn train_from_files(
+    paths: &[PathBuf],
+    read: &ReadOptions,
+    cfg: &TrainConfig,
+) -> Result<(Tokenizer, FilesTrainSummary)> {
+    check_vocab_size(cfg.vocab_size)?;
+    ensure!(!paths.is_empty(), "no input files");
+    let spinner = |what: &str| {
+        if !cfg.show_progress {
+            return indicatif::ProgressBar::hidden();
+        }
+        let pb = indicatif::ProgressBar::no_length().with_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix:10} [{elapsed_precise}] {bytes} ({bytes_per_sec}) {wide_msg}",
+            )
+            .expect("valid template"),
+        );
+        pb.set_prefix(what.to_string());
+        pb
+    };
+    let mut trained = None;
+    let pb = spinner("reading");
+    let read_stats = stream_documents(paths, read, &pb, |docs| {
+        trained = Some(train_bpe(cfg, docs)?);
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    let (tok, train) = trained.ok_or_else(|| anyhow!("training did not run"))?;
+    let pb = spinner("measuring");
+    let mut tokens = 0u64;
+    stream_documents(paths, read, &pb, |mut docs| {
+        let mut batch = Vec::with_capacity(1024);
+        loop {
+            batch.clear();
+            batch.extend(docs.by_ref().take(1024));
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+            tokens += tok.encode_batch(&refs)?.iter().map(|v| v.len() as u64).sum::<u64>();
+        }
+    })?;
+    pb.finish_and_clear();
+    Ok((
+        tok,
+        FilesTrainSummary {
+            train,
+            read: read_stats,
+            tokens,
+        },
+    ))
+}
+
+fn pre_tokenize(pre: &PreTokenizerWrapper, text: &str) -> Result<Vec<String>> {
+    let mut p = PreTokenizedString::from(text);
+    pre.pre_tokenize(&mut p)
+        .map_err(|e| anyhow!("pre-tokenization failed: {e}"))?;
+    Ok(p.get_splits(OffsetReferential::Original, OffsetType::Byte)
+        .into_iter()
+        .map(|(s, _, _)| s.to_owned())
+        .collect())
+}
+
+/// Builds GPT-2's tokenizer from OpenAI/Hugging Face `vocab.json` and `merges.txt` (with or
+/// without the `#version` first line), with `<|endoftext|>` as its special token.
+pub fn import_gpt2(vocab_path: &Path, merges_path: &Path) -> Result<Tokenizer> {
+    let vtext = std::fs::read_to_string(vocab_path).with_context(|| format!("reading {}", vocab_path.display()))?;
+    let vocab: HashMap<String, u32> = serde_json::from_str(&vtext).with_context(|| {
+        format!(
+            "{}: not a GPT-2 vocab.json (a JSON object of token -> id)",
+            vocab_path.display()
+        )
+    })?;
+    ensure!(
+        vocab.contains_key(EOT),
+        "{} has no {EOT} entry (GPT-2's end-of-text token)",
+        vocab_path.display()
+    );
+    let mtext = std::fs::read_to_string(merges_path).with_context(|| format!("reading {}", merges_path.display()))?;
+    let mut merges = Vec::new();
+    for (i, line) in mtext.lines().enumerate() {
+        if (i == 0 && line.starts_with("#version")) || line.is_empty() {
+            continue;
+        }
+        let parts: Vec<&str> = line.split(' ').collect();
+        let where_ = || format!("{}:{}", merges_path.display(), i + 1);
+        ensure!(
+            parts.len() == 2,
+            "{}: a merge is two tokens separated by one space, got {line:?}",
+            where_()
+        );
+        let merged = format!("{}{}", parts[0], parts[1]);
+        for t in [parts[0], parts[1], merged.as_str()] {
+            ensure!(
+                vocab.contains_key(t),
+                "{}: token {t:?} is not in {}",
+                where_(),
+                vocab_path.display()
+            );
+        }
+        merges.push((parts[0].to_string(), parts[1].to_string()));
+    }
+    ensure!(!merges.is_empty(), "{}: no merges", merges_path.display());
+    let model = BPE::builder()
+        .vocab_and_merges(vocab.into_iter().collect::<ahash::AHashMap<_, _>>(), merges)
+        .build()
+        .map_err(|e| anyhow!("building the BPE model: {e}"))?;
+    let mut inner = tokenizers::Tokenizer::new(model);
+    inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    inner.add_special_tokens(&[AddedToken::from(EOT, true)]);
+    Ok(Tokenizer::wrap(inner))
+}
+
+/// Encoding speed of one run over a set of texts.
+#[derive(Debug, Clone)]
+pub struct EncodeBench {
+    pub bytes: u64,
+    pub tokens: u64,
+    /// Best of the repeats, [`Tokenizer::encode_batch`] on all cores.
+    pub batch_mb_per_s: f64,
+    /// Best of the repeats, [`Tokenizer::encode`] one text after another on one thread.
+    pub serial_mb_per_s: f64,
+}
+
+/// Times encoding `texts` `repeats` times each way and keeps the best run.
+pub fn bench_encode(tok: &Tokenizer, texts: &[&str], repeats: usize) -> Result<EncodeBench> {
+    ensure!(repeats > 0, "repeats must be positive");
+    let bytes: u64 = texts.iter().map(|t| t.len() as u64).sum();
+    ensure!(bytes > 0, "nothing to encode");
+    let mb = bytes as f64 / 1e6;
+    let (mut batch, mut serial, mut tokens) = (0f64, 0f64, 0u64);
+    for _ in 0..repeats {
+        let t = Instant::now();
+        let out = tok.encode_batch(texts)?;
+        batch = batch.max(mb / t.elapsed().as_secs_f64());
+        tokens = out.iter().map(|v| v.len() as u64).sum();
+        let t = Instant::now();
+        let mut n = 0u64;
+        for s in texts {
+            n += tok.encode(s)?.len() as u64;
+        }
+        serial = serial.max(mb / t.elapsed().as_secs_f64());
+        ensure!(
+            n == tokens,
+            "serial and batch encodings differ ({n} vs {tokens} tokens)"
+        );
+    }
+    Ok(EncodeBench {
+        bytes,
+        tokens,
+        batch_mb_per_s: batch,
+        serial_mb_per_s: serial,
+    })
 }
 
 impl Tokenizer {
@@ -58,25 +458,5 @@ impl Tokenizer {
             }
         }
         lengths
-    }
-}
-
-/// End of text: separates documents and ends generation for base models.
-pub const EOT: &str = "<|endoftext|>";
-/// Start of a conversation.
-pub const BOS: &str = "<|bos|>";
-/// Opens a system message.
-pub const SYSTEM: &str = "<|system|>";
-/// Opens a user message.
-pub const USER: &str = "<|user|>";
-/// Opens an assistant message.
-pub const ASSISTANT: &str = "<|assistant|>";
-/// Closes any message.
-pub const END: &str = "<|end|>";
-
-impl Tokenizer {
-    /// The id of a special token, if the vocabulary has it.
-    pub fn special_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
     }
 }
