@@ -10,6 +10,7 @@ pub mod engine;
 pub mod eval;
 pub mod interop;
 pub mod model;
+pub mod speedrun;
 pub mod terminal;
 pub mod tokenizer;
 pub mod train;

@@ -1,0 +1,215 @@
+//! The report card: `report.md` with a row per stage (base, SFT, RLHF) and PNG plots of the
+//! training curves, written from a run's `eval.json` and the stages' `metrics.jsonl`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::train::metrics::{METRICS_FILE, read_metrics};
+
+/// How one model did on the held-out evaluation.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StageEval {
+    /// `base`, `sft`, `ppo`, `dpo`...
+    pub name: String,
+    pub macro_accuracy: f64,
+    pub per_skill: BTreeMap<String, f64>,
+    /// Mean reward-model score of its answers.
+    pub reward: Option<f64>,
+    /// KL to the SFT model per answer (from RLHF training).
+    pub kl_to_sft: Option<f64>,
+    /// Win-rate against the SFT model, judged by the reward model and by the verifier.
+    pub win_vs_sft_rm: Option<f64>,
+    pub win_vs_sft_verifier: Option<f64>,
+    pub wall_s: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+}
+
+/// Everything `talaria eval` measured on a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EvalSummary {
+    pub stages: Vec<StageEval>,
+    pub val_loss: Option<f64>,
+    pub val_bpb: Option<f64>,
+    pub reward_accuracy: Option<f64>,
+    pub reward_margin: Option<f64>,
+    pub reward_length_corr: Option<f64>,
+    /// Extra benchmark results (MMLU, GSM8K...) by name.
+    pub benchmarks: BTreeMap<String, f64>,
+    pub eval_prompts: usize,
+    pub notes: Vec<String>,
+}
+
+const FONT_PATHS: [&str; 3] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/Library/Fonts/Arial.ttf",
+];
+
+/// Registers a system font for plot labels once; `false` when none is found.
+fn font_ready() -> bool {
+    static READY: OnceLock<bool> = OnceLock::new();
+    *READY.get_or_init(|| {
+        FONT_PATHS.iter().any(|p| {
+            std::fs::read(p).ok().is_some_and(|bytes| {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok()
+            })
+        })
+    })
+}
+
+/// Draws one or more `(x, y)` series as a line chart PNG. Returns `false` (and draws nothing)
+/// when no font is available for the labels.
+pub fn line_plot(path: &Path, title: &str, x_label: &str, series: &[(&str, Vec<(f64, f64)>)]) -> Result<bool> {
+    if !font_ready() {
+        return Ok(false);
+    }
+    let points: Vec<&(f64, f64)> = series.iter().flat_map(|(_, s)| s.iter()).filter(|(_, y)| y.is_finite()).collect();
+    if points.is_empty() {
+        return Ok(false);
+    }
+    let (x0, x1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), (x, _)| (a.min(*x), b.max(*x)));
+    let (y0, y1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), (_, y)| (a.min(*y), b.max(*y)));
+    let pad = ((y1 - y0) * 0.05).max(1e-6);
+    let root = BitMapBackend::new(path, (720, 420)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
+        .map_err(|e| err(&e))?;
+    chart.configure_mesh().x_desc(x_label).label_style(("sans-serif", 14)).draw().map_err(|e| err(&e))?;
+    let colours = [BLUE, RED, GREEN, MAGENTA, CYAN];
+    for (i, (name, s)) in series.iter().enumerate() {
+        let c = colours[i % colours.len()];
+        chart
+            .draw_series(LineSeries::new(s.iter().copied().filter(|(_, y)| y.is_finite()), c.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(true)
+}
+
+/// `(step, value)` of one metric of a stage's metrics file.
+pub fn series(metrics: &Path, stage: &str, key: &str) -> Result<Vec<(f64, f64)>> {
+    if !metrics.exists() {
+        return Ok(vec![]);
+    }
+    Ok(read_metrics(metrics, Some(stage))?
+        .iter()
+        .filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?)))
+        .collect())
+}
+
+fn pct(x: Option<f64>) -> String {
+    x.map_or("–".into(), |v| format!("{:.1}%", v * 100.0))
+}
+
+fn num(x: Option<f64>, digits: usize) -> String {
+    x.map_or("–".into(), |v| format!("{v:.digits$}"))
+}
+
+/// Writes `report.md` and its plots into `run` from `run/eval.json` and the stage directories
+/// (`pretrain/`, `sft/`, `reward/`, `ppo/`), returning the report's path.
+pub fn write_report(run: &Path) -> Result<PathBuf> {
+    let eval_path = run.join("eval.json");
+    let eval: EvalSummary = serde_json::from_str(
+        &std::fs::read_to_string(&eval_path).with_context(|| format!("reading {} (run `talaria eval` first)", eval_path.display()))?,
+    )
+    .with_context(|| format!("{}: not an evaluation summary", eval_path.display()))?;
+    let m = |stage: &str| run.join(stage).join(METRICS_FILE);
+    let mut plots = vec![];
+    let mut plot = |file: &str, title: &str, s: Vec<(&str, Vec<(f64, f64)>)>| -> Result<()> {
+        if line_plot(&run.join(file), title, "step", &s)? {
+            plots.push((title.to_string(), file.to_string()));
+        }
+        Ok(())
+    };
+    plot(
+        "pretrain_loss.png",
+        "Pretraining loss",
+        vec![("train", series(&m("pretrain"), "pretrain", "loss")?), ("validation", series(&m("pretrain"), "pretrain", "val_loss")?)],
+    )?;
+    plot(
+        "sft_loss.png",
+        "SFT loss (assistant tokens)",
+        vec![("train", series(&m("sft"), "sft", "loss")?), ("validation", series(&m("sft"), "sft", "val_loss")?)],
+    )?;
+    plot("reward_accuracy.png", "Reward model held-out pairwise accuracy", vec![("accuracy", series(&m("reward"), "reward", "accuracy")?)])?;
+    plot("ppo_reward.png", "PPO mean reward", vec![("reward", series(&m("ppo"), "ppo", "reward")?)])?;
+    plot("ppo_kl.png", "PPO KL to the SFT model (per answer)", vec![("kl", series(&m("ppo"), "ppo", "kl")?)])?;
+
+    let mut md = String::new();
+    writeln!(md, "# Talaria run report\n")?;
+    writeln!(md, "Run directory: `{}`. Held-out evaluation prompts: {}.\n", run.display(), eval.eval_prompts)?;
+    writeln!(md, "## Stages\n")?;
+    let skills: Vec<&String> = eval.stages.iter().flat_map(|s| s.per_skill.keys()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let mut header = "| stage | accuracy (macro) |".to_string();
+    let mut rule = "| --- | --- |".to_string();
+    for s in &skills {
+        header.push_str(&format!(" {s} |"));
+        rule.push_str(" --- |");
+    }
+    header.push_str(" reward | KL to SFT | win vs SFT (RM) | win vs SFT (verifier) | wall time | tokens/s |");
+    rule.push_str(" --- | --- | --- | --- | --- | --- |");
+    writeln!(md, "{header}\n{rule}")?;
+    for s in &eval.stages {
+        let mut row = format!("| {} | {} |", s.name, pct(Some(s.macro_accuracy)));
+        for k in &skills {
+            row.push_str(&format!(" {} |", pct(s.per_skill.get(*k).copied())));
+        }
+        row.push_str(&format!(
+            " {} | {} | {} | {} | {} | {} |",
+            num(s.reward, 3),
+            num(s.kl_to_sft, 3),
+            pct(s.win_vs_sft_rm),
+            pct(s.win_vs_sft_verifier),
+            s.wall_s.map_or("–".into(), |w| format!("{w:.0}s")),
+            num(s.tokens_per_s, 0)
+        ));
+        writeln!(md, "{row}")?;
+    }
+    writeln!(md, "\nAccuracy is exact match by the default world's verifier with greedy decoding; the base model is prompted few-shot in plain text, the others through the chat template.\n")?;
+    writeln!(md, "## Other measurements\n")?;
+    writeln!(md, "| measurement | value |\n| --- | --- |")?;
+    writeln!(md, "| pretraining validation loss | {} |", num(eval.val_loss, 4))?;
+    writeln!(md, "| pretraining validation bits per byte | {} |", num(eval.val_bpb, 4))?;
+    writeln!(md, "| reward model held-out pairwise accuracy | {} |", pct(eval.reward_accuracy))?;
+    writeln!(md, "| reward model mean margin | {} |", num(eval.reward_margin, 3))?;
+    writeln!(md, "| reward/answer-length correlation (length-bias alarm) | {} |", num(eval.reward_length_corr, 3))?;
+    for (k, v) in &eval.benchmarks {
+        writeln!(md, "| {k} | {} |", pct(Some(*v)))?;
+    }
+    if !plots.is_empty() {
+        writeln!(md, "\n## Curves\n")?;
+        for (title, file) in &plots {
+            writeln!(md, "![{title}]({file})\n")?;
+        }
+    } else {
+        writeln!(md, "\n(no plots: no TTF font was found for the labels; looked in {})", FONT_PATHS.join(", "))?;
+    }
+    for n in &eval.notes {
+        writeln!(md, "- {n}")?;
+    }
+    let out = run.join("report.md");
+    std::fs::write(&out, md).with_context(|| format!("writing {}", out.display()))?;
+    Ok(out)
+}

@@ -1,0 +1,150 @@
+//! Task accuracy: exact match per skill on held-out prompts (greedy decoding), for chat models
+//! (through the chat template) and for base models (few-shot prompted in plain text), plus the
+//! win-rate of one chat model against another as judged by a reward model and by the verifier.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+
+use crate::chat::ChatTemplate;
+use crate::data::prompts::PromptRecord;
+use crate::data::synth;
+use crate::engine::{self, FinishReason, GenerateOptions, Sampler, SamplingParams};
+use crate::eval::verify;
+use crate::model::Gpt;
+use crate::tokenizer::Tokenizer;
+use crate::train::reward::RewardModel;
+
+/// Correct and total answers of one skill.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub correct: usize,
+    pub total: usize,
+}
+
+impl Tally {
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.total.max(1) as f64
+    }
+}
+
+/// Per-skill tallies and the answers given, in prompt order.
+#[derive(Debug, Clone, Default)]
+pub struct SkillReport {
+    pub by_skill: BTreeMap<String, Tally>,
+    pub answers: Vec<String>,
+}
+
+impl SkillReport {
+    /// The mean of the per-skill accuracies.
+    pub fn macro_accuracy(&self) -> f64 {
+        if self.by_skill.is_empty() {
+            return 0.0;
+        }
+        self.by_skill.values().map(Tally::accuracy).sum::<f64>() / self.by_skill.len() as f64
+    }
+
+    fn record(&mut self, p: &PromptRecord, answer: String) {
+        if let (Some(want), Some(skill)) = (&p.answer, &p.skill) {
+            let t = self.by_skill.entry(skill.clone()).or_default();
+            t.total += 1;
+            t.correct += usize::from(verify::is_correct(want, skill, &answer));
+        }
+        self.answers.push(answer);
+    }
+}
+
+/// A chat model's greedy answer to a prompt; an answer that never ends is returned as is (and
+/// the verifier will normally reject it).
+pub fn chat_answer(model: &Gpt, tok: &Tokenizer, template: &ChatTemplate, p: &PromptRecord, max_new: usize) -> Result<(String, bool)> {
+    let ids = template.render_prompt(tok, &p.messages)?;
+    let opts = GenerateOptions { max_new_tokens: max_new, stop_tokens: template.stop_tokens(tok) };
+    let mut s = Sampler::new(SamplingParams::greedy(), 0)?;
+    let g = engine::generate(model, &ids, &opts, &mut s, |_| true)?;
+    Ok((tok.decode(&g.tokens)?, g.finish == FinishReason::Stop))
+}
+
+/// Exact-match accuracy of a chat model, per skill.
+pub fn chat_accuracy(model: &Gpt, tok: &Tokenizer, template: &ChatTemplate, prompts: &[PromptRecord], max_new: usize) -> Result<SkillReport> {
+    let mut r = SkillReport::default();
+    for p in prompts {
+        let (answer, ended) = chat_answer(model, tok, template, p, max_new)?;
+        r.record(p, if ended { answer } else { format!("{answer} [no end]") });
+    }
+    Ok(r)
+}
+
+/// Exact-match accuracy of a base (pretrained-only) model, prompted with `shots` solved
+/// examples of the same skill in the plain `Q: ...\nA: ...` form; the answer is the text up to
+/// the first newline.
+pub fn few_shot_accuracy(model: &Gpt, tok: &Tokenizer, prompts: &[PromptRecord], shots: usize, seed: u64, max_new: usize) -> Result<SkillReport> {
+    let mut r = SkillReport::default();
+    let mut prefixes: BTreeMap<String, String> = BTreeMap::new();
+    let eot: Vec<u32> = tok.special_id(crate::tokenizer::EOT).into_iter().collect();
+    for p in prompts {
+        let Some(skill) = &p.skill else { continue };
+        if !prefixes.contains_key(skill) {
+            prefixes.insert(skill.clone(), synth::few_shot_prefix(seed, skill, shots)?);
+        }
+        let question = &p.messages[p.messages.len() - 1].content;
+        let mut ids = tok.encode(&synth::few_shot_prompt(&prefixes[skill], question))?;
+        let ctx = model.config().n_positions;
+        if ids.len() + max_new > ctx {
+            ids.drain(..ids.len() + max_new - ctx);
+        }
+        let opts = GenerateOptions { max_new_tokens: max_new, stop_tokens: eot.clone() };
+        let mut s = Sampler::new(SamplingParams::greedy(), 0)?;
+        let mut text = crate::engine::TextStream::new(tok);
+        let mut so_far = String::new();
+        engine::generate(model, &ids, &opts, &mut s, |id| {
+            so_far.push_str(&text.push(id).unwrap_or_default());
+            !so_far.contains('\n')
+        })?;
+        let answer = so_far.split('\n').next().unwrap_or("").trim().to_string();
+        r.record(p, answer);
+    }
+    Ok(r)
+}
+
+/// How often model A's answers beat model B's.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct WinRate {
+    /// Wins of A by reward-model score (ties count half).
+    pub by_reward_model: Option<f64>,
+    /// Wins of A by the verifier: A right and B wrong is a win, both right or both wrong a tie.
+    pub by_verifier: Option<f64>,
+    /// Mean reward-model score of A's and B's answers.
+    pub reward_a: Option<f64>,
+    pub reward_b: Option<f64>,
+}
+
+/// Compares two sets of answers to the same prompts.
+pub fn win_rate(prompts: &[PromptRecord], a: &[String], b: &[String], rm: Option<&RewardModel>) -> Result<WinRate> {
+    let mut out = WinRate::default();
+    let n = prompts.len().min(a.len()).min(b.len());
+    if n == 0 {
+        return Ok(out);
+    }
+    if let Some(rm) = rm {
+        let items_a: Vec<(&[crate::chat::Message], &str)> = prompts[..n].iter().zip(a).map(|(p, x)| (p.messages.as_slice(), x.as_str())).collect();
+        let items_b: Vec<(&[crate::chat::Message], &str)> = prompts[..n].iter().zip(b).map(|(p, x)| (p.messages.as_slice(), x.as_str())).collect();
+        let (sa, sb) = (rm.score(&items_a, 16)?, rm.score(&items_b, 16)?);
+        let wins: f64 = sa.iter().zip(&sb).map(|(x, y)| if x > y { 1.0 } else if x == y { 0.5 } else { 0.0 }).sum();
+        out.by_reward_model = Some(wins / n as f64);
+        out.reward_a = Some(sa.iter().map(|&x| x as f64).sum::<f64>() / n as f64);
+        out.reward_b = Some(sb.iter().map(|&x| x as f64).sum::<f64>() / n as f64);
+    }
+    let judged: Vec<f64> = prompts[..n]
+        .iter()
+        .zip(a.iter().zip(b))
+        .filter_map(|(p, (x, y))| {
+            let (want, skill) = (p.answer.as_ref()?, p.skill.as_ref()?);
+            let (ca, cb) = (verify::is_correct(want, skill, x), verify::is_correct(want, skill, y));
+            Some(if ca == cb { 0.5 } else if ca { 1.0 } else { 0.0 })
+        })
+        .collect();
+    if !judged.is_empty() {
+        out.by_verifier = Some(judged.iter().sum::<f64>() / judged.len() as f64);
+    }
+    Ok(out)
+}

@@ -1,0 +1,392 @@
+//! `talaria speedrun`: the whole recipe end to end on the built-in default world — synth →
+//! tokenizer → data prepare → pretrain → SFT → reward model → PPO → eval → report — one line per
+//! stage. A finished stage is reused when its inputs and settings are unchanged (its key, a hash
+//! of both, is stored beside it), and an interrupted training stage resumes from its checkpoint.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::chat::ChatTemplate;
+use crate::checkpoint::Checkpoint;
+use crate::data::prepare::{self, PrepareConfig};
+use crate::data::prompts::read_prompts;
+use crate::data::readers::ReadOptions;
+use crate::data::synth::{self, SynthConfig};
+use crate::eval::report::{EvalSummary, StageEval, write_report};
+use crate::eval::tasks::{SkillReport, chat_accuracy, few_shot_accuracy, win_rate};
+use crate::tokenizer::{self, Tokenizer};
+use crate::train::metrics::{METRICS_FILE, read_metrics};
+use crate::train::ppo::{self, PpoConfig, RewardSpec};
+use crate::train::pretrain::{self, PretrainConfig};
+use crate::train::reward::{self, RewardConfig, RewardModel, evaluate_reward_model};
+use crate::train::sft::{self, SftConfig};
+use crate::train::trainer::TrainConfig;
+use crate::train::AdamWConfig;
+
+/// The sizes and budgets of one speedrun.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpeedrunPreset {
+    pub name: &'static str,
+    pub synth_scale: f64,
+    pub vocab_size: usize,
+    pub model: &'static str,
+    pub seq_len: usize,
+    pub pretrain_steps: u64,
+    pub pretrain_batch: usize,
+    pub pretrain_lr: f64,
+    pub sft_steps: u64,
+    pub sft_batch: usize,
+    pub sft_lr: f64,
+    pub reward_steps: u64,
+    pub reward_batch: usize,
+    pub reward_lr: f64,
+    pub ppo_steps: u64,
+    pub ppo_prompts: usize,
+    pub ppo_samples: usize,
+    pub ppo_lr: f64,
+    pub max_new_tokens: usize,
+}
+
+/// `cpu`: the README's main job, sized for 20 minutes on two laptop cores. `tiny`: a
+/// three-minute smoke test of every stage.
+pub fn preset(name: &str) -> Result<SpeedrunPreset> {
+    match name {
+        "cpu" => Ok(SpeedrunPreset {
+            name: "cpu",
+            synth_scale: 1.0,
+            vocab_size: 1024,
+            model: "cpu",
+            seq_len: 128,
+            pretrain_steps: 1400,
+            pretrain_batch: 16,
+            pretrain_lr: 3e-3,
+            sft_steps: 500,
+            sft_batch: 16,
+            sft_lr: 1e-3,
+            reward_steps: 250,
+            reward_batch: 16,
+            reward_lr: 5e-4,
+            ppo_steps: 40,
+            ppo_prompts: 16,
+            ppo_samples: 4,
+            ppo_lr: 2e-5,
+            max_new_tokens: 16,
+        }),
+        "tiny" => Ok(SpeedrunPreset {
+            name: "tiny",
+            synth_scale: 0.05,
+            vocab_size: 512,
+            model: "tiny",
+            seq_len: 64,
+            pretrain_steps: 120,
+            pretrain_batch: 8,
+            pretrain_lr: 3e-3,
+            sft_steps: 60,
+            sft_batch: 8,
+            sft_lr: 1e-3,
+            reward_steps: 30,
+            reward_batch: 8,
+            reward_lr: 5e-4,
+            ppo_steps: 3,
+            ppo_prompts: 4,
+            ppo_samples: 2,
+            ppo_lr: 2e-5,
+            max_new_tokens: 12,
+        }),
+        other => bail!("unknown speedrun preset {other:?}; choose cpu or tiny"),
+    }
+}
+
+/// `talaria speedrun` settings.
+#[derive(Debug, Clone)]
+pub struct SpeedrunConfig {
+    pub preset: SpeedrunPreset,
+    pub out: PathBuf,
+    pub seed: u64,
+    pub progress: bool,
+}
+
+/// What a speedrun produced.
+#[derive(Debug, Clone)]
+pub struct SpeedrunOutcome {
+    pub report: PathBuf,
+    pub chat_checkpoint: PathBuf,
+    pub eval: EvalSummary,
+    pub wall_s: f64,
+}
+
+fn key_of(parts: &Value) -> String {
+    let digest = Sha256::digest(parts.to_string().as_bytes());
+    digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
+}
+
+const DONE_FILE: &str = "stage.json";
+const KEY_FILE: &str = ".stage-key";
+
+/// Runs a stage unless a finished one with the same key exists. A partial run with the same
+/// key is resumed (`f` gets `resume = true`); a stale one is removed first.
+fn stage(
+    n: usize,
+    name: &str,
+    dir: &Path,
+    key: &str,
+    f: impl FnOnce(bool) -> Result<Value>,
+) -> Result<(Value, f64)> {
+    let done = dir.join(DONE_FILE);
+    if let Ok(text) = std::fs::read_to_string(&done)
+        && let Ok(v) = serde_json::from_str::<Value>(&text)
+        && v["key"] == key
+    {
+        println!("[{n}/9] {name:<9} reused ({})", dir.display());
+        return Ok((v["summary"].clone(), v["wall_s"].as_f64().unwrap_or(0.0)));
+    }
+    let pending = std::fs::read_to_string(dir.join(KEY_FILE)).ok();
+    let resume = pending.as_deref() == Some(key) && dir.join("checkpoint").join("config.json").exists();
+    if !resume && dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing the stale {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(KEY_FILE), key)?;
+    let start = Instant::now();
+    let summary = f(resume).with_context(|| format!("speedrun stage {name}"))?;
+    let wall = start.elapsed().as_secs_f64();
+    std::fs::write(&done, serde_json::to_string_pretty(&json!({"key": key, "wall_s": wall, "summary": summary}))?)?;
+    println!("[{n}/9] {name:<9} done in {wall:.0}s{}", if resume { " (resumed)" } else { "" });
+    Ok((summary, wall))
+}
+
+fn train_cfg(out: &Path, steps: u64, lr: f64, seed: u64, resume: bool, progress: bool) -> TrainConfig {
+    TrainConfig {
+        out: out.to_path_buf(),
+        steps: Some(steps),
+        time_budget: None,
+        lr,
+        min_lr: lr / 10.0,
+        warmup: (steps / 20).clamp(1, 50),
+        adamw: AdamWConfig::default(),
+        grad_clip: Some(1.0),
+        grad_accum: 1,
+        eval_every: (steps / 4).max(1),
+        save_every: (steps / 4).max(1),
+        seed,
+        resume,
+        stop_at: None,
+        progress,
+    }
+}
+
+fn last_metric(run: &Path, stage: &str, key: &str) -> Option<f64> {
+    read_metrics(&run.join(METRICS_FILE), Some(stage)).ok()?.iter().rev().find_map(|r| r[key].as_f64())
+}
+
+fn tokens_per_s(run: &Path, stage: &str, wall: f64) -> Option<f64> {
+    let tokens = read_metrics(&run.join(METRICS_FILE), Some(stage)).ok()?.iter().rev().find_map(|r| r["tokens"].as_f64())?;
+    (wall > 0.0).then(|| tokens / wall)
+}
+
+fn stage_eval(name: &str, r: &SkillReport) -> StageEval {
+    StageEval {
+        name: name.into(),
+        macro_accuracy: r.macro_accuracy(),
+        per_skill: r.by_skill.iter().map(|(k, t)| (k.clone(), t.accuracy())).collect(),
+        ..StageEval::default()
+    }
+}
+
+/// Evaluates a run's base, SFT and RLHF models on held-out prompts and writes `eval.json`.
+pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize) -> Result<EvalSummary> {
+    let device = Device::Cpu;
+    let prompts = read_prompts(&world.join("eval_prompts.jsonl"))?;
+    let base = Checkpoint::load(&run.join("pretrain"), DType::F32, &device)?;
+    let tok = Tokenizer::from_json(base.tokenizer_json.as_deref().context("the base model has no tokenizer")?)?;
+    let template = ChatTemplate::new(&tok)?;
+    let rm_dir = run.join("reward");
+    let rm = if rm_dir.join("checkpoint").exists() { Some(RewardModel::load(&rm_dir)?) } else { None };
+    let mut summary = EvalSummary { eval_prompts: prompts.len(), ..EvalSummary::default() };
+    summary.val_loss = last_metric(&run.join("pretrain"), "pretrain", "val_loss");
+    summary.val_bpb = last_metric(&run.join("pretrain"), "pretrain", "val_bpb");
+
+    let base_report = few_shot_accuracy(&base.model()?, &tok, &prompts, 3, seed, max_new)?;
+    let sft_model = Checkpoint::load(&run.join("sft"), DType::F32, &device)?.model()?;
+    let sft_report = chat_accuracy(&sft_model, &tok, &template, &prompts, max_new)?;
+    let mut stages = vec![("base", "pretrain", base_report), ("sft", "sft", sft_report.clone())];
+    for (name, dir) in [("ppo", "ppo"), ("dpo", "dpo")] {
+        if run.join(dir).join("checkpoint").exists() {
+            let m = Checkpoint::load(&run.join(dir), DType::F32, &device)?.model()?;
+            stages.push((name, dir, chat_accuracy(&m, &tok, &template, &prompts, max_new)?));
+        }
+    }
+    for (name, dir, report) in &stages {
+        let mut e = stage_eval(name, report);
+        let w = win_rate(&prompts, &report.answers, &sft_report.answers, rm.as_ref())?;
+        e.reward = w.reward_a;
+        if *name != "sft" {
+            e.win_vs_sft_rm = w.by_reward_model;
+            e.win_vs_sft_verifier = w.by_verifier;
+        }
+        if *name == "ppo" {
+            e.kl_to_sft = last_metric(&run.join(dir), "ppo", "kl");
+        }
+        let done: Option<Value> = std::fs::read_to_string(run.join(dir).join(DONE_FILE)).ok().and_then(|t| serde_json::from_str(&t).ok());
+        e.wall_s = done.as_ref().and_then(|d| d["wall_s"].as_f64());
+        e.tokens_per_s = e.wall_s.and_then(|w| tokens_per_s(&run.join(dir), if *name == "base" { "pretrain" } else { name }, w));
+        summary.stages.push(e);
+    }
+    if let Some(rm) = &rm {
+        let m = evaluate_reward_model(rm, &[world.join("prefs_val.jsonl")], 16)?;
+        summary.reward_accuracy = Some(m.accuracy);
+        summary.reward_margin = Some(m.margin);
+        summary.reward_length_corr = Some(m.length_corr);
+    }
+    std::fs::write(run.join("eval.json"), serde_json::to_string_pretty(&summary)?)?;
+    Ok(summary)
+}
+
+/// Runs the whole recipe.
+pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
+    let p = &cfg.preset;
+    let out = &cfg.out;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let started = Instant::now();
+    let seed = cfg.seed;
+    let world = out.join("world");
+    let k_world = key_of(&json!(["synth", seed, p.synth_scale, env!("CARGO_PKG_VERSION")]));
+    stage(1, "synth", &world, &k_world, |_| {
+        let s = synth::generate(&SynthConfig { out: world.clone(), seed, scale: p.synth_scale })?;
+        Ok(json!({"files": s.files.len(), "skills": s.skills.len()}))
+    })?;
+
+    let tok_dir = out.join("tokenizer");
+    let k_tok = key_of(&json!(["tokenizer", k_world, p.vocab_size]));
+    stage(2, "tokenizer", &tok_dir, &k_tok, |_| {
+        let tcfg = tokenizer::TrainConfig { vocab_size: p.vocab_size, min_frequency: 2, show_progress: false };
+        let (tok, s) = tokenizer::train_from_files(&[world.join("pretrain.txt")], &ReadOptions::default(), &tcfg)?;
+        tok.save(&tok_dir.join("tokenizer.json"))?;
+        Ok(json!({"vocab_size": s.train.vocab_size, "bytes_per_token": s.bytes_per_token()}))
+    })?;
+
+    let data = out.join("data");
+    let k_data = key_of(&json!(["data", k_tok]));
+    stage(3, "data", &data, &k_data, |_| {
+        let mut pc = PrepareConfig::new(vec![world.join("pretrain.txt")], tok_dir.join("tokenizer.json"), data.clone());
+        pc.seed = seed;
+        pc.show_progress = false;
+        let s = prepare::prepare(&pc)?;
+        Ok(json!({"train_tokens": s.meta.splits.train.tokens, "val_tokens": s.meta.splits.val.tokens}))
+    })?;
+
+    let pre = out.join("pretrain");
+    let k_pre = key_of(&json!(["pretrain", k_data, p.model, p.seq_len, p.pretrain_steps, p.pretrain_batch, p.pretrain_lr, seed]));
+    stage(4, "pretrain", &pre, &k_pre, |resume| {
+        let o = pretrain::pretrain(&PretrainConfig {
+            data: data.clone(),
+            model: p.model.into(),
+            tokenizer: None,
+            init: None,
+            batch_size: p.pretrain_batch,
+            seq_len: Some(p.seq_len),
+            val_batches: 8,
+            samples: 1,
+            train: train_cfg(&pre, p.pretrain_steps, p.pretrain_lr, seed, resume, cfg.progress),
+        })?;
+        Ok(json!({"steps": o.steps, "last_eval": o.last_eval}))
+    })?;
+
+    let sft_dir = out.join("sft");
+    let k_sft = key_of(&json!(["sft", k_pre, p.sft_steps, p.sft_batch, p.sft_lr]));
+    stage(5, "sft", &sft_dir, &k_sft, |resume| {
+        let o = sft::sft(&SftConfig {
+            init: pre.clone(),
+            data: vec![world.join("sft_train.jsonl")],
+            val_data: vec![world.join("sft_val.jsonl")],
+            val_fraction: 0.0,
+            batch_size: p.sft_batch,
+            seq_len: Some(p.seq_len),
+            train: train_cfg(&sft_dir, p.sft_steps, p.sft_lr, seed, resume, cfg.progress),
+        })?;
+        Ok(json!({"steps": o.steps, "last_eval": o.last_eval}))
+    })?;
+
+    let rm_dir = out.join("reward");
+    let k_rm = key_of(&json!(["reward", k_sft, p.reward_steps, p.reward_batch, p.reward_lr]));
+    stage(6, "reward", &rm_dir, &k_rm, |resume| {
+        let o = reward::train_reward_model(&RewardConfig {
+            init: sft_dir.clone(),
+            data: vec![world.join("prefs_train.jsonl"), world.join("rankings_train.jsonl")],
+            val_data: vec![world.join("prefs_val.jsonl")],
+            val_fraction: 0.0,
+            batch_size: p.reward_batch,
+            train: train_cfg(&rm_dir, p.reward_steps, p.reward_lr, seed, resume, cfg.progress),
+        })?;
+        Ok(json!({"steps": o.steps, "last_eval": o.last_eval}))
+    })?;
+
+    let ppo_dir = out.join("ppo");
+    let k_ppo = key_of(&json!(["ppo", k_sft, k_rm, p.ppo_steps, p.ppo_prompts, p.ppo_samples, p.ppo_lr, p.max_new_tokens]));
+    stage(7, "ppo", &ppo_dir, &k_ppo, |resume| {
+        let o = ppo::ppo(&PpoConfig {
+            policy: sft_dir.clone(),
+            reward: RewardSpec::Model(rm_dir.clone()),
+            prompts: world.join("rl_prompts.jsonl"),
+            eval_prompts: None,
+            out: ppo_dir.clone(),
+            steps: p.ppo_steps,
+            prompts_per_step: p.ppo_prompts,
+            samples_per_prompt: p.ppo_samples,
+            max_new_tokens: p.max_new_tokens,
+            temperature: 1.0,
+            lr: p.ppo_lr,
+            critic_lr: p.ppo_lr * 5.0,
+            warmup: (p.ppo_steps / 10).max(1),
+            ppo_epochs: 2,
+            minibatch: 16,
+            clip: 0.2,
+            value_clip: 0.2,
+            gamma: 1.0,
+            lambda: 0.95,
+            kl_coef: 0.02,
+            kl_target: None,
+            kl_horizon: 10_000.0,
+            reward_clip: 5.0,
+            no_end_penalty: -2.0,
+            ptx_data: None,
+            ptx_coef: 0.0,
+            grad_clip: 1.0,
+            seed,
+            eval_every: p.ppo_steps.max(1),
+            save_every: (p.ppo_steps / 4).max(1),
+            resume,
+            stop_at: None,
+            progress: cfg.progress,
+        })?;
+        Ok(json!({"steps": o.steps, "last": o.last}))
+    })?;
+
+    let eval_start = Instant::now();
+    let eval = evaluate_run(out, &world, seed, p.max_new_tokens)?;
+    println!("[8/9] eval      done in {:.0}s", eval_start.elapsed().as_secs_f64());
+    let report = write_report(out)?;
+    println!("[9/9] report    {}", report.display());
+    let wall = started.elapsed();
+    print_summary(&eval, wall);
+    Ok(SpeedrunOutcome { report, chat_checkpoint: ppo_dir, eval, wall_s: wall.as_secs_f64() })
+}
+
+fn print_summary(eval: &EvalSummary, wall: Duration) {
+    let by_name: BTreeMap<&str, &StageEval> = eval.stages.iter().map(|s| (s.name.as_str(), s)).collect();
+    let acc = |n: &str| by_name.get(n).map_or("–".to_string(), |s| format!("{:.1}%", s.macro_accuracy * 100.0));
+    println!(
+        "held-out accuracy: base {} -> sft {} -> ppo {}; reward model accuracy {}; total {:.1} min",
+        acc("base"),
+        acc("sft"),
+        acc("ppo"),
+        eval.reward_accuracy.map_or("–".into(), |a| format!("{:.1}%", a * 100.0)),
+        wall.as_secs_f64() / 60.0
+    );
+}
