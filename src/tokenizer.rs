@@ -35,6 +35,9 @@ pub const END: &str = "<|end|>";
 /// All special tokens, in the order of their ids in a trained tokenizer (0..=5).
 pub const SPECIAL_TOKENS: [&str; 6] = [EOT, BOS, SYSTEM, USER, ASSISTANT, END];
 
+/// Fewest texts one thread takes at a time in [`Tokenizer::encode_batch`].
+pub const BATCH_MIN_RUN: usize = 64;
+
 /// Number of byte tokens every byte-level vocabulary starts from.
 pub const BYTE_TOKENS: usize = 256;
 
@@ -88,13 +91,16 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// [`Tokenizer::encode`] of many texts, in parallel on all cores.
+    /// [`Tokenizer::encode`] of many texts, in parallel on all cores. Texts are handed to threads
+    /// in runs of at least [`BATCH_MIN_RUN`], so that short texts (lines) do not drown in
+    /// scheduling overhead.
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
-        let encs = self
-            .inner
-            .encode_batch_fast(texts.to_vec(), false)
-            .map_err(|e| anyhow!("encoding failed: {e}"))?;
-        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
+        use rayon::prelude::*;
+        texts
+            .par_iter()
+            .with_min_len(BATCH_MIN_RUN)
+            .map(|t| self.encode(t))
+            .collect()
     }
 
     /// The text of `ids` (special tokens included, so decoding is lossless).
@@ -170,10 +176,11 @@ pub fn check_vocab_size(vocab_size: usize) -> Result<()> {
 }
 
 /// Trains a byte-level BPE on a stream of documents; only word counts are kept in memory, and
-/// pre-tokenization runs in parallel on all cores.
+/// pre-tokenization runs in parallel on all cores. An `Err` in the stream (a reader's) stops
+/// training before the merge phase and is returned.
 pub fn train_bpe<I>(cfg: &TrainConfig, docs: I) -> Result<(Tokenizer, TrainSummary)>
 where
-    I: Iterator<Item = String> + Send,
+    I: Iterator<Item = Result<String>> + Send,
 {
     check_vocab_size(cfg.vocab_size)?;
     let start = Instant::now();
@@ -186,13 +193,17 @@ where
         .build();
     let pre = talaria_pre_tokenizer();
     let (mut documents, mut bytes) = (0u64, 0u64);
-    let counted = docs.inspect(|d| {
+    let mut failed = None;
+    let counted = docs.map_while(|d| d.map_err(|e| failed = Some(e)).ok()).inspect(|d| {
         documents += 1;
         bytes += d.len() as u64;
     });
     trainer
         .feed(counted, |d| pre_tokenize(&pre, d).map_err(Into::into))
         .map_err(|e| anyhow!("counting words: {e}"))?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
     ensure!(bytes > 0, "no training text: every input was empty");
     let mut model = BPE::default();
     let special = trainer
@@ -246,14 +257,15 @@ impl std::fmt::Display for ConsumerStopped {
 
 impl std::error::Error for ConsumerStopped {}
 
-/// Reads documents from `paths` on a separate thread, so reading overlaps pre-tokenization.
+/// Reads documents from `paths` on a separate thread, so reading overlaps the consumer's work.
+/// A read error is passed to the consumer as the stream's last item, so it can stop at once.
 fn stream_documents(
     paths: &[PathBuf],
     read: &ReadOptions,
     progress: &indicatif::ProgressBar,
-    consume: impl FnOnce(std::sync::mpsc::IntoIter<String>) -> Result<()>,
+    consume: impl FnOnce(std::sync::mpsc::IntoIter<Result<String>>) -> Result<()>,
 ) -> Result<ReadStats> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<String>(1024);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<String>>(1024);
     std::thread::scope(|s| {
         let reader = s.spawn(move || -> Result<ReadStats> {
             let mut total = ReadStats::default();
@@ -261,21 +273,24 @@ fn stream_documents(
                 progress.set_message(p.display().to_string());
                 let stats = for_each_document(p, read, &mut |d| {
                     progress.inc(d.len() as u64);
-                    tx.send(d).map_err(|_| anyhow::Error::new(ConsumerStopped))
-                })?;
-                total.add(&stats);
+                    tx.send(Ok(d)).map_err(|_| anyhow::Error::new(ConsumerStopped))
+                });
+                match stats {
+                    Ok(stats) => total.add(&stats),
+                    Err(e) if e.is::<ConsumerStopped>() => return Err(e),
+                    Err(e) => {
+                        tx.send(Err(e)).map_err(|_| anyhow::Error::new(ConsumerStopped))?;
+                        return Ok(total);
+                    }
+                }
             }
             Ok(total)
         });
         let consumed = consume(rx.into_iter());
         let read = reader.join().map_err(|_| anyhow!("the reader thread panicked"))?;
-        // A reader error explains a consumer that saw too little, so it comes first, unless the
-        // reader only failed because the consumer had stopped.
-        match (read, consumed) {
-            (Err(r), _) if !r.is::<ConsumerStopped>() => Err(r),
-            (_, Err(c)) => Err(c),
-            (r, Ok(())) => r,
-        }
+        // The consumer's error (which includes any read error) explains a reader that stopped.
+        consumed?;
+        read
     })
 }
 
@@ -311,10 +326,8 @@ pub fn train_from_files(
     let pb = spinner("measuring");
     let mut tokens = 0u64;
     stream_documents(paths, read, &pb, |mut docs| {
-        let mut batch = Vec::with_capacity(1024);
         loop {
-            batch.clear();
-            batch.extend(docs.by_ref().take(1024));
+            let batch = docs.by_ref().take(1024).collect::<Result<Vec<String>>>()?;
             if batch.is_empty() {
                 return Ok(());
             }

@@ -46,7 +46,7 @@ fn trained_tokenizer(dir: &Path, docs: &[String]) -> PathBuf {
         min_frequency: 2,
         show_progress: false,
     };
-    let (tok, _) = tokenizer::train_bpe(&cfg, docs.iter().cloned()).unwrap();
+    let (tok, _) = tokenizer::train_bpe(&cfg, docs.iter().cloned().map(Ok)).unwrap();
     let p = dir.join("tok.json");
     tok.save(&p).unwrap();
     p
