@@ -451,6 +451,7 @@ fn data_cmd(c: DataCmd) -> Result<()> {
                 out,
                 revision,
                 endpoint: None,
+                cache_dir: None,
             })?;
             for f in &s.files {
                 println!("{}", f.display());
