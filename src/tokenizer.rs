@@ -35,6 +35,48 @@ pub const END: &str = "<|end|>";
 /// All special tokens, in the order of their ids in a trained tokenizer (0..=5).
 pub const SPECIAL_TOKENS: [&str; 6] = [EOT, BOS, SYSTEM, USER, ASSISTANT, END];
 
+/// Size of the pieces a long text is cut into by [`Tokenizer::encode`].
+pub const PARALLEL_PIECE_BYTES: usize = 1 << 18;
+
+/// Whether cutting a text at [`safe_cuts`] and encoding the pieces separately gives exactly the
+/// ids of the whole text: true for GPT-2's byte-level pre-tokenizer (regex split, no prefix
+/// space), alone or after a digit split, with no normalizer and no non-special added tokens. Its
+/// pattern never lets a pre-token cross a line break that has a visible character on each side.
+fn is_cuttable(inner: &tokenizers::Tokenizer) -> bool {
+    let byte_level =
+        |p: &PreTokenizerWrapper| matches!(p, PreTokenizerWrapper::ByteLevel(b) if b.use_regex && !b.add_prefix_space);
+    let pre_ok = match inner.get_pre_tokenizer() {
+        Some(p @ PreTokenizerWrapper::ByteLevel(_)) => byte_level(p),
+        Some(PreTokenizerWrapper::Sequence(seq)) => match seq.as_ref() {
+            [PreTokenizerWrapper::Digits(_), last] => byte_level(last),
+            _ => false,
+        },
+        _ => false,
+    };
+    pre_ok && inner.get_normalizer().is_none() && inner.get_added_tokens_decoder().values().all(|t| t.special)
+}
+
+/// Byte positions `0 = c0 < c1 < ... < cn = text.len()` cutting `text` into pieces of about
+/// `piece` bytes, each cut just after a `\n` that has a visible ASCII character on both sides.
+pub fn safe_cuts(text: &str, piece: usize) -> Vec<usize> {
+    let b = text.as_bytes();
+    let mut cuts = vec![0];
+    let mut from = piece.max(1);
+    while from < b.len() {
+        let found = (from..b.len().saturating_sub(1))
+            .find(|&i| b[i] == b'\n' && b[i - 1].is_ascii_graphic() && b[i + 1].is_ascii_graphic());
+        match found {
+            Some(i) => {
+                cuts.push(i + 1);
+                from = i + 1 + piece.max(1);
+            }
+            None => break,
+        }
+    }
+    cuts.push(b.len());
+    cuts
+}
+
 /// Fewest texts one thread takes at a time in [`Tokenizer::encode_batch`].
 pub const BATCH_MIN_RUN: usize = 64;
 
@@ -48,6 +90,8 @@ pub const BYTE_TOKENS: usize = 256;
 /// inserted by code, through [`Tokenizer::special_id`].
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Whether long texts may be cut at line breaks and encoded in parallel ([`is_cuttable`]).
+    cuttable: bool,
 }
 
 impl Tokenizer {
@@ -67,7 +111,8 @@ impl Tokenizer {
         // Added tokens marked special are not matched inside the text given to `encode`: user text
         // that spells a special token must not become that token. (The flag is not serialized.)
         inner.set_encode_special_tokens(true);
-        Self { inner }
+        let cuttable = is_cuttable(&inner);
+        Self { inner, cuttable }
     }
 
     /// The `tokenizer.json` text of this tokenizer.
@@ -82,8 +127,26 @@ impl Tokenizer {
         std::fs::write(path, self.to_json()?).with_context(|| format!("writing {}", path.display()))
     }
 
-    /// Token ids of plain `text`; special-token strings in it are encoded as ordinary text.
+    /// Token ids of plain `text`; special-token strings in it are encoded as ordinary text. Texts
+    /// longer than [`PARALLEL_PIECE_BYTES`] are encoded in pieces on all cores where the
+    /// tokenizer allows it (byte-level BPE: pieces end at safe line breaks, see [`safe_cuts`]).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        if self.cuttable && text.len() > 2 * PARALLEL_PIECE_BYTES {
+            let cuts = safe_cuts(text, PARALLEL_PIECE_BYTES);
+            if cuts.len() > 2 {
+                use rayon::prelude::*;
+                let pieces = cuts
+                    .par_windows(2)
+                    .map(|w| self.encode_whole(&text[w[0]..w[1]]))
+                    .collect::<Result<Vec<_>>>()?;
+                return Ok(pieces.concat());
+            }
+        }
+        self.encode_whole(text)
+    }
+
+    /// Token ids of `text` in one call of the underlying tokenizer.
+    fn encode_whole(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode_fast(text, false)

@@ -423,3 +423,48 @@ fn cli_trains_encodes_and_decodes_exactly() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("\"x\" is not a token id"));
 }
+
+/// The tokenizer without Talaria's wrapper, whose `encode` is one call on the whole text.
+fn raw(tok: &Tokenizer) -> tokenizers::Tokenizer {
+    let mut raw: tokenizers::Tokenizer = tok.to_json().unwrap().parse().unwrap();
+    raw.set_encode_special_tokens(true);
+    raw
+}
+
+fn whole(raw: &tokenizers::Tokenizer, text: &str) -> Vec<u32> {
+    raw.encode(text, false).unwrap().get_ids().to_vec()
+}
+
+#[test]
+fn cutting_at_safe_line_breaks_never_changes_the_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut toks = vec![train_small(tmp.path(), 500)];
+    if let Some(data) = shared() {
+        toks.push(gpt2(&data));
+    }
+    // Line breaks next to every kind of neighbour: spaces, tabs, digits, letters, punctuation,
+    // apostrophes, other line breaks, CJK and emoji.
+    let pieces = [
+        "\n", "\n\n", " \n", "\n ", "\t", "5", "67", "a", "Bc", "'s", "'", ".", "!?", "你好", "🙂", " x", "  ", "\r\n",
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let text: String = (0..20_000).map(|_| pieces[rng.random_range(0..pieces.len())]).collect();
+    let cuts = tokenizer::safe_cuts(&text, 1);
+    assert!(cuts.len() > 100, "the rule allows cuts in this text: {}", cuts.len());
+    for tok in &toks {
+        let raw = raw(tok);
+        let want = whole(&raw, &text);
+        let pieced: Vec<u32> = cuts.windows(2).flat_map(|w| whole(&raw, &text[w[0]..w[1]])).collect();
+        assert_eq!(pieced, want, "encoding piece by piece differs from the whole text");
+        assert_eq!(tok.decode(&want).unwrap(), text);
+    }
+    // A long text takes the parallel path and gives the same ids as one call.
+    let long: String = (0..300_000)
+        .map(|_| pieces[rng.random_range(0..pieces.len())])
+        .collect::<String>();
+    assert!(long.len() > 2 * tokenizer::PARALLEL_PIECE_BYTES);
+    assert!(tokenizer::safe_cuts(&long, tokenizer::PARALLEL_PIECE_BYTES).len() > 2);
+    for tok in &toks {
+        assert_eq!(tok.encode(&long).unwrap(), whole(&raw(tok), &long));
+    }
+}
