@@ -546,3 +546,39 @@ fn download_fetches_the_files_of_a_split_and_prepare_reads_them() {
     let p = prepare::prepare(&PrepareConfig::new(vec![got], tok_path, tmp.path().join("prepared"))).unwrap();
     assert_eq!(p.meta.splits.train.documents + p.meta.splits.val.documents, 20);
 }
+
+#[test]
+fn txt_documents_follow_the_separator_rules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let read = |bytes: &str, sep: &str| {
+        let p = tmp.path().join("t.txt");
+        std::fs::write(&p, bytes).unwrap();
+        let opts = ReadOptions {
+            separator: sep.into(),
+            ..ReadOptions::default()
+        };
+        readers::read_all(&[p.as_path()], &opts).unwrap()
+    };
+    // The line break before a separator line belongs to it; CRLF files and padded separators work;
+    // blank text after the last separator is the end of the file, not a document.
+    let (d, s) = read("one\r\ntwo\r\n <|endoftext|> \r\nthree\n\n<|endoftext|>\n\n", EOT);
+    assert_eq!(d, vec!["one\r\ntwo", "three\n"]);
+    assert_eq!((s.documents, s.skipped_empty), (2, 0));
+    // An empty document between two separators is counted, not passed on.
+    let (d, s) = read("a\n###\n###\nb", "###");
+    assert_eq!(d, vec!["a", "b"]);
+    assert_eq!(s.skipped_empty, 1);
+    // An empty separator means paragraphs.
+    let (d, _) = read("para one\nstill one\n\npara two\n   \npara three\n", "");
+    assert_eq!(d, vec!["para one\nstill one", "para two", "para three"]);
+    // Without any separator line the whole file is one document.
+    let (d, _) = read("no\nseparators\nhere\n", EOT);
+    assert_eq!(d, vec!["no\nseparators\nhere"]);
+    // Gzipped text reads the same.
+    let gz = tmp.path().join("t.txt.gz");
+    let mut e = flate2::write::GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::default());
+    e.write_all(b"x\n<|endoftext|>\ny\n").unwrap();
+    e.finish().unwrap();
+    let (d, _) = readers::read_all(&[gz.as_path()], &ReadOptions::default()).unwrap();
+    assert_eq!(d, vec!["x", "y"]);
+}
