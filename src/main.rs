@@ -364,17 +364,10 @@ fn tokenizer_cmd(c: TokenizerCmd) -> Result<()> {
             repeats,
         } => {
             let tok = Tokenizer::from_file(&tokenizer)?;
-            let mut text = String::new();
-            for p in &input {
-                text.push_str(
-                    &std::fs::read_to_string(p).with_context(|| format!("reading {} (UTF-8 text)", p.display()))?,
-                );
-            }
-            let lines: Vec<&str> = text.split_inclusive('\n').collect();
-            let b = tokenizer::bench_encode(&tok, &lines, repeats)?;
+            let b = tokenizer::bench_encode_lines(&tok, &input, repeats)?;
             println!(
                 "{} lines, {:.2} MB, {} tokens ({:.2} bytes/token): encode_batch {:.2} MB/s ({} threads), encode one by one {:.2} MB/s (1 thread); best of {repeats}",
-                lines.len(),
+                b.texts,
                 b.bytes as f64 / 1e6,
                 b.tokens,
                 b.bytes as f64 / b.tokens.max(1) as f64,

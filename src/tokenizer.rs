@@ -470,6 +470,7 @@ pub fn import_gpt2(vocab_path: &Path, merges_path: &Path) -> Result<Tokenizer> {
 /// Encoding speed of one run over a set of texts.
 #[derive(Debug, Clone)]
 pub struct EncodeBench {
+    pub texts: usize,
     pub bytes: u64,
     pub tokens: u64,
     /// Best of the repeats, [`Tokenizer::encode_batch`] on all cores.
@@ -502,9 +503,20 @@ pub fn bench_encode(tok: &Tokenizer, texts: &[&str], repeats: usize) -> Result<E
         );
     }
     Ok(EncodeBench {
+        texts: texts.len(),
         bytes,
         tokens,
         batch_mb_per_s: batch,
         serial_mb_per_s: serial,
     })
+}
+
+/// [`bench_encode`] on the lines of UTF-8 text files, each line with its line break.
+pub fn bench_encode_lines(tok: &Tokenizer, paths: &[PathBuf], repeats: usize) -> Result<EncodeBench> {
+    let mut text = String::new();
+    for p in paths {
+        text.push_str(&std::fs::read_to_string(p).with_context(|| format!("reading {} (UTF-8 text)", p.display()))?);
+    }
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    bench_encode(tok, &lines, repeats)
 }

@@ -409,6 +409,27 @@ fn cli_trains_encodes_and_decodes_exactly() {
     assert!(dec.status.success());
     assert_eq!(String::from_utf8(dec.stdout).unwrap(), text);
 
+    let (tok_arg, corpus_arg) = (tok_path.to_str().unwrap(), corpus.to_str().unwrap());
+    let bench = talaria(
+        &[
+            "tokenizer",
+            "bench",
+            "--tokenizer",
+            tok_arg,
+            "--input",
+            corpus_arg,
+            "--repeats",
+            "1",
+        ],
+        b"",
+    );
+    let bench = String::from_utf8_lossy(&bench.stdout);
+    let lines = std::fs::read_to_string(&corpus).unwrap().lines().count();
+    assert!(
+        bench.starts_with(&format!("{lines} lines,")) && bench.contains("MB/s"),
+        "{bench}"
+    );
+
     let bad = talaria(
         &[
             "tokenizer",
