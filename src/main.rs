@@ -1,6 +1,6 @@
 //! The `talaria` command line: argument parsing only; every stage lives in the library.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -289,7 +289,7 @@ fn tokenizer_cmd(c: TokenizerCmd) -> Result<()> {
             let cfg = TrainConfig {
                 vocab_size,
                 min_frequency,
-                show_progress: true,
+                show_progress: std::io::stderr().is_terminal(),
             };
             let (tok, s) = tokenizer::train_from_files(&input, &read.options(), &cfg)?;
             tok.save(&out)?;
@@ -396,7 +396,7 @@ fn data_cmd(c: DataCmd) -> Result<()> {
                 seed,
                 read: read.options(),
                 shard_tokens,
-                show_progress: true,
+                show_progress: std::io::stderr().is_terminal(),
                 ..PrepareConfig::new(input, tokenizer, out.clone())
             };
             let s = prepare::prepare(&cfg)?;
