@@ -1,6 +1,6 @@
 //! The `talaria` command line: argument parsing only; every stage lives in the library.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -741,7 +741,7 @@ fn tokenizer_cmd(c: TokenizerCmd) -> Result<()> {
             let cfg = TokenizerTrainConfig {
                 vocab_size,
                 min_frequency,
-                show_progress: true,
+                show_progress: std::io::stderr().is_terminal(),
             };
             let (tok, s) = tokenizer::train_from_files(&input, &read.options(), &cfg)?;
             tok.save(&out)?;
@@ -816,17 +816,10 @@ fn tokenizer_cmd(c: TokenizerCmd) -> Result<()> {
             repeats,
         } => {
             let tok = Tokenizer::from_file(&tokenizer)?;
-            let mut text = String::new();
-            for p in &input {
-                text.push_str(
-                    &std::fs::read_to_string(p).with_context(|| format!("reading {} (UTF-8 text)", p.display()))?,
-                );
-            }
-            let lines: Vec<&str> = text.split_inclusive('\n').collect();
-            let b = tokenizer::bench_encode(&tok, &lines, repeats)?;
+            let b = tokenizer::bench_encode_lines(&tok, &input, repeats)?;
             println!(
                 "{} lines, {:.2} MB, {} tokens ({:.2} bytes/token): encode_batch {:.2} MB/s ({} threads), encode one by one {:.2} MB/s (1 thread); best of {repeats}",
-                lines.len(),
+                b.texts,
                 b.bytes as f64 / 1e6,
                 b.tokens,
                 b.bytes as f64 / b.tokens.max(1) as f64,
@@ -869,7 +862,7 @@ fn data_cmd(c: DataCmd) -> Result<()> {
                 seed,
                 read: read.options(),
                 shard_tokens,
-                show_progress: true,
+                show_progress: std::io::stderr().is_terminal(),
                 ..PrepareConfig::new(input, tokenizer, out.clone())
             };
             let s = prepare::prepare(&cfg)?;
@@ -917,6 +910,7 @@ fn data_cmd(c: DataCmd) -> Result<()> {
                 out,
                 revision,
                 endpoint: None,
+                cache_dir: None,
             })?;
             for f in &s.files {
                 println!("{}", f.display());

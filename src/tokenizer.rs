@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::data::readers::{ReadOptions, ReadStats, for_each_document};
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BPE, BpeTrainer};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -35,6 +35,51 @@ pub const END: &str = "<|end|>";
 /// All special tokens, in the order of their ids in a trained tokenizer (0..=5).
 pub const SPECIAL_TOKENS: [&str; 6] = [EOT, BOS, SYSTEM, USER, ASSISTANT, END];
 
+/// Size of the pieces a long text is cut into by [`Tokenizer::encode`].
+pub const PARALLEL_PIECE_BYTES: usize = 1 << 18;
+
+/// Whether cutting a text at [`safe_cuts`] and encoding the pieces separately gives exactly the
+/// ids of the whole text: true for GPT-2's byte-level pre-tokenizer (regex split, no prefix
+/// space), alone or after a digit split, with no normalizer and no non-special added tokens. Its
+/// pattern never lets a pre-token cross a line break that has a visible character on each side.
+fn is_cuttable(inner: &tokenizers::Tokenizer) -> bool {
+    let byte_level =
+        |p: &PreTokenizerWrapper| matches!(p, PreTokenizerWrapper::ByteLevel(b) if b.use_regex && !b.add_prefix_space);
+    let pre_ok = match inner.get_pre_tokenizer() {
+        Some(p @ PreTokenizerWrapper::ByteLevel(_)) => byte_level(p),
+        Some(PreTokenizerWrapper::Sequence(seq)) => match seq.as_ref() {
+            [PreTokenizerWrapper::Digits(_), last] => byte_level(last),
+            _ => false,
+        },
+        _ => false,
+    };
+    pre_ok && inner.get_normalizer().is_none() && inner.get_added_tokens_decoder().values().all(|t| t.special)
+}
+
+/// Byte positions `0 = c0 < c1 < ... < cn = text.len()` cutting `text` into pieces of about
+/// `piece` bytes, each cut just after a `\n` that has a visible ASCII character on both sides.
+pub fn safe_cuts(text: &str, piece: usize) -> Vec<usize> {
+    let b = text.as_bytes();
+    let mut cuts = vec![0];
+    let mut from = piece.max(1);
+    while from < b.len() {
+        let found = (from..b.len().saturating_sub(1))
+            .find(|&i| b[i] == b'\n' && b[i - 1].is_ascii_graphic() && b[i + 1].is_ascii_graphic());
+        match found {
+            Some(i) => {
+                cuts.push(i + 1);
+                from = i + 1 + piece.max(1);
+            }
+            None => break,
+        }
+    }
+    cuts.push(b.len());
+    cuts
+}
+
+/// Fewest texts one thread takes at a time in [`Tokenizer::encode_batch`].
+pub const BATCH_MIN_RUN: usize = 64;
+
 /// Number of byte tokens every byte-level vocabulary starts from.
 pub const BYTE_TOKENS: usize = 256;
 
@@ -45,6 +90,8 @@ pub const BYTE_TOKENS: usize = 256;
 /// inserted by code, through [`Tokenizer::special_id`].
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Whether long texts may be cut at line breaks and encoded in parallel ([`is_cuttable`]).
+    cuttable: bool,
 }
 
 impl Tokenizer {
@@ -64,7 +111,8 @@ impl Tokenizer {
         // Added tokens marked special are not matched inside the text given to `encode`: user text
         // that spells a special token must not become that token. (The flag is not serialized.)
         inner.set_encode_special_tokens(true);
-        Self { inner }
+        let cuttable = is_cuttable(&inner);
+        Self { inner, cuttable }
     }
 
     /// The `tokenizer.json` text of this tokenizer.
@@ -79,8 +127,26 @@ impl Tokenizer {
         std::fs::write(path, self.to_json()?).with_context(|| format!("writing {}", path.display()))
     }
 
-    /// Token ids of plain `text`; special-token strings in it are encoded as ordinary text.
+    /// Token ids of plain `text`; special-token strings in it are encoded as ordinary text. Texts
+    /// longer than [`PARALLEL_PIECE_BYTES`] are encoded in pieces on all cores where the
+    /// tokenizer allows it (byte-level BPE: pieces end at safe line breaks, see [`safe_cuts`]).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        if self.cuttable && text.len() > 2 * PARALLEL_PIECE_BYTES {
+            let cuts = safe_cuts(text, PARALLEL_PIECE_BYTES);
+            if cuts.len() > 2 {
+                use rayon::prelude::*;
+                let pieces = cuts
+                    .par_windows(2)
+                    .map(|w| self.encode_whole(&text[w[0]..w[1]]))
+                    .collect::<Result<Vec<_>>>()?;
+                return Ok(pieces.concat());
+            }
+        }
+        self.encode_whole(text)
+    }
+
+    /// Token ids of `text` in one call of the underlying tokenizer.
+    fn encode_whole(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode_fast(text, false)
@@ -88,21 +154,21 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// [`Tokenizer::encode`] of many texts, in parallel on all cores.
+    /// [`Tokenizer::encode`] of many texts, in parallel on all cores. Texts are handed to threads
+    /// in runs of at least [`BATCH_MIN_RUN`], so that short texts (lines) do not drown in
+    /// scheduling overhead.
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
-        let encs = self
-            .inner
-            .encode_batch_fast(texts.to_vec(), false)
-            .map_err(|e| anyhow!("encoding failed: {e}"))?;
-        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
+        use rayon::prelude::*;
+        texts
+            .par_iter()
+            .with_min_len(BATCH_MIN_RUN)
+            .map(|t| self.encode(t))
+            .collect()
     }
 
-    /// The text of `ids` (special tokens included, so decoding is lossless).
+    /// The text of `ids` (special tokens included, so decoding is lossless). Ids the tokenizer does
+    /// not know (a model's padded vocabulary) decode to nothing, as in `tokenizers`.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        let size = self.vocab_size();
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= size) {
-            bail!("token id {bad} is outside the vocabulary (size {size})");
-        }
         self.inner
             .decode(ids, false)
             .map_err(|e| anyhow!("decoding failed: {e}"))
@@ -170,10 +236,11 @@ pub fn check_vocab_size(vocab_size: usize) -> Result<()> {
 }
 
 /// Trains a byte-level BPE on a stream of documents; only word counts are kept in memory, and
-/// pre-tokenization runs in parallel on all cores.
+/// pre-tokenization runs in parallel on all cores. An `Err` in the stream (a reader's) stops
+/// training before the merge phase and is returned.
 pub fn train_bpe<I>(cfg: &TrainConfig, docs: I) -> Result<(Tokenizer, TrainSummary)>
 where
-    I: Iterator<Item = String> + Send,
+    I: Iterator<Item = Result<String>> + Send,
 {
     check_vocab_size(cfg.vocab_size)?;
     let start = Instant::now();
@@ -186,13 +253,17 @@ where
         .build();
     let pre = talaria_pre_tokenizer();
     let (mut documents, mut bytes) = (0u64, 0u64);
-    let counted = docs.inspect(|d| {
+    let mut failed = None;
+    let counted = docs.map_while(|d| d.map_err(|e| failed = Some(e)).ok()).inspect(|d| {
         documents += 1;
         bytes += d.len() as u64;
     });
     trainer
         .feed(counted, |d| pre_tokenize(&pre, d).map_err(Into::into))
         .map_err(|e| anyhow!("counting words: {e}"))?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
     ensure!(bytes > 0, "no training text: every input was empty");
     let mut model = BPE::default();
     let special = trainer
@@ -246,14 +317,15 @@ impl std::fmt::Display for ConsumerStopped {
 
 impl std::error::Error for ConsumerStopped {}
 
-/// Reads documents from `paths` on a separate thread, so reading overlaps pre-tokenization.
+/// Reads documents from `paths` on a separate thread, so reading overlaps the consumer's work.
+/// A read error is passed to the consumer as the stream's last item, so it can stop at once.
 fn stream_documents(
     paths: &[PathBuf],
     read: &ReadOptions,
     progress: &indicatif::ProgressBar,
-    consume: impl FnOnce(std::sync::mpsc::IntoIter<String>) -> Result<()>,
+    consume: impl FnOnce(std::sync::mpsc::IntoIter<Result<String>>) -> Result<()>,
 ) -> Result<ReadStats> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<String>(1024);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<String>>(1024);
     std::thread::scope(|s| {
         let reader = s.spawn(move || -> Result<ReadStats> {
             let mut total = ReadStats::default();
@@ -261,21 +333,24 @@ fn stream_documents(
                 progress.set_message(p.display().to_string());
                 let stats = for_each_document(p, read, &mut |d| {
                     progress.inc(d.len() as u64);
-                    tx.send(d).map_err(|_| anyhow::Error::new(ConsumerStopped))
-                })?;
-                total.add(&stats);
+                    tx.send(Ok(d)).map_err(|_| anyhow::Error::new(ConsumerStopped))
+                });
+                match stats {
+                    Ok(stats) => total.add(&stats),
+                    Err(e) if e.is::<ConsumerStopped>() => return Err(e),
+                    Err(e) => {
+                        tx.send(Err(e)).map_err(|_| anyhow::Error::new(ConsumerStopped))?;
+                        return Ok(total);
+                    }
+                }
             }
             Ok(total)
         });
         let consumed = consume(rx.into_iter());
         let read = reader.join().map_err(|_| anyhow!("the reader thread panicked"))?;
-        // A reader error explains a consumer that saw too little, so it comes first, unless the
-        // reader only failed because the consumer had stopped.
-        match (read, consumed) {
-            (Err(r), _) if !r.is::<ConsumerStopped>() => Err(r),
-            (_, Err(c)) => Err(c),
-            (r, Ok(())) => r,
-        }
+        // The consumer's error (which includes any read error) explains a reader that stopped.
+        consumed?;
+        read
     })
 }
 
@@ -311,10 +386,8 @@ pub fn train_from_files(
     let pb = spinner("measuring");
     let mut tokens = 0u64;
     stream_documents(paths, read, &pb, |mut docs| {
-        let mut batch = Vec::with_capacity(1024);
         loop {
-            batch.clear();
-            batch.extend(docs.by_ref().take(1024));
+            let batch = docs.by_ref().take(1024).collect::<Result<Vec<String>>>()?;
             if batch.is_empty() {
                 return Ok(());
             }
@@ -397,6 +470,7 @@ pub fn import_gpt2(vocab_path: &Path, merges_path: &Path) -> Result<Tokenizer> {
 /// Encoding speed of one run over a set of texts.
 #[derive(Debug, Clone)]
 pub struct EncodeBench {
+    pub texts: usize,
     pub bytes: u64,
     pub tokens: u64,
     /// Best of the repeats, [`Tokenizer::encode_batch`] on all cores.
@@ -429,11 +503,22 @@ pub fn bench_encode(tok: &Tokenizer, texts: &[&str], repeats: usize) -> Result<E
         );
     }
     Ok(EncodeBench {
+        texts: texts.len(),
         bytes,
         tokens,
         batch_mb_per_s: batch,
         serial_mb_per_s: serial,
     })
+}
+
+/// [`bench_encode`] on the lines of UTF-8 text files, each line with its line break.
+pub fn bench_encode_lines(tok: &Tokenizer, paths: &[PathBuf], repeats: usize) -> Result<EncodeBench> {
+    let mut text = String::new();
+    for p in paths {
+        text.push_str(&std::fs::read_to_string(p).with_context(|| format!("reading {} (UTF-8 text)", p.display()))?);
+    }
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    bench_encode(tok, &lines, repeats)
 }
 
 impl Tokenizer {

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
+use talaria::data::download::{self, DownloadConfig};
 use talaria::data::prepare::{self, PrepareConfig, read_meta};
 use talaria::data::readers::{self, ReadOptions};
 use talaria::data::shards::{Shard, Split, TokenLoader, shard_paths};
@@ -46,7 +48,7 @@ fn trained_tokenizer(dir: &Path, docs: &[String]) -> PathBuf {
         min_frequency: 2,
         show_progress: false,
     };
-    let (tok, _) = tokenizer::train_bpe(&cfg, docs.iter().cloned()).unwrap();
+    let (tok, _) = tokenizer::train_bpe(&cfg, docs.iter().cloned().map(Ok)).unwrap();
     let p = dir.join("tok.json");
     tok.save(&p).unwrap();
     p
@@ -436,4 +438,147 @@ fn download_fails_fast_and_clearly_when_the_hub_is_unreachable() {
         "{err}"
     );
     assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+/// A minimal stand-in for the Hub on 127.0.0.1: the repository listing and `resolve` downloads
+/// with the headers `hf-hub` checks (etag, commit, content range). Serves at most 50 requests.
+fn fake_hub(files: Vec<(&'static str, Vec<u8>)>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(50) {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            reader.read_line(&mut request).unwrap();
+            let mut range_start = None;
+            loop {
+                let mut h = String::new();
+                reader.read_line(&mut h).unwrap();
+                if h.trim().is_empty() {
+                    break;
+                }
+                if let Some(r) = h.to_lowercase().strip_prefix("range: bytes=") {
+                    range_start = r.trim().split('-').next().and_then(|n| n.parse::<usize>().ok());
+                }
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
+            let (status, headers, body) = if path.starts_with("/api/datasets/") {
+                let siblings: Vec<_> = files.iter().map(|(n, _)| serde_json::json!({"rfilename": n})).collect();
+                let body = serde_json::json!({"siblings": siblings, "sha": "0123abcd"}).to_string();
+                (
+                    "200 OK",
+                    "Content-Type: application/json\r\n".to_string(),
+                    body.into_bytes(),
+                )
+            } else if let Some((_, data)) = files
+                .iter()
+                .find(|(n, _)| path.ends_with(&format!("/resolve/main/{n}")))
+            {
+                let start = range_start.unwrap_or(0).min(data.len());
+                let body = data[start..].to_vec();
+                let headers = format!(
+                    "ETag: \"etag-{}\"\r\nX-Repo-Commit: 0123abcd\r\nContent-Range: bytes {start}-{}/{}\r\n",
+                    data.len(),
+                    data.len().saturating_sub(1),
+                    data.len()
+                );
+                ("206 Partial Content", headers, body)
+            } else {
+                ("404 Not Found", String::new(), b"not found".to_vec())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    url
+}
+
+#[test]
+fn download_fetches_the_files_of_a_split_and_prepare_reads_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let docs: Vec<String> = (0..30).map(doc).collect();
+    let body = |ds: &[String]| -> Vec<u8> {
+        ds.iter()
+            .map(|d| serde_json::json!({"text": d}).to_string() + "\n")
+            .collect::<String>()
+            .into_bytes()
+    };
+    let train = body(&docs[..20]);
+    let url = fake_hub(vec![
+        ("README.md", b"# card".to_vec()),
+        ("data/train-00000-of-00001.jsonl", train.clone()),
+        ("data/validation-00000-of-00001.jsonl", body(&docs[20..])),
+    ]);
+    let out = tmp.path().join("hub");
+    let s = download::download(&DownloadConfig {
+        dataset: "someone/stories".into(),
+        split: Some("train".into()),
+        out: out.clone(),
+        revision: "main".into(),
+        endpoint: Some(url.clone()),
+        cache_dir: Some(tmp.path().join("cache")),
+    })
+    .unwrap();
+    let got = out.join("data/train-00000-of-00001.jsonl");
+    assert_eq!(s.files, vec![got.clone()]);
+    assert_eq!(std::fs::read(&got).unwrap(), train);
+    assert_eq!(s.bytes, train.len() as u64);
+
+    let e = err_of(download::download(&DownloadConfig {
+        dataset: "someone/stories".into(),
+        split: Some("test".into()),
+        out,
+        revision: "main".into(),
+        endpoint: Some(url),
+        cache_dir: Some(tmp.path().join("cache")),
+    }));
+    assert!(
+        e.contains("no data files for split \"test\"") && e.contains("validation-00000"),
+        "{e}"
+    );
+
+    let tok_path = trained_tokenizer(tmp.path(), &docs);
+    let p = prepare::prepare(&PrepareConfig::new(vec![got], tok_path, tmp.path().join("prepared"))).unwrap();
+    assert_eq!(p.meta.splits.train.documents + p.meta.splits.val.documents, 20);
+}
+
+#[test]
+fn txt_documents_follow_the_separator_rules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let read = |bytes: &str, sep: &str| {
+        let p = tmp.path().join("t.txt");
+        std::fs::write(&p, bytes).unwrap();
+        let opts = ReadOptions {
+            separator: sep.into(),
+            ..ReadOptions::default()
+        };
+        readers::read_all(&[p.as_path()], &opts).unwrap()
+    };
+    // The line break before a separator line belongs to it; CRLF files and padded separators work;
+    // blank text after the last separator is the end of the file, not a document.
+    let (d, s) = read("one\r\ntwo\r\n <|endoftext|> \r\nthree\n\n<|endoftext|>\n\n", EOT);
+    assert_eq!(d, vec!["one\r\ntwo", "three\n"]);
+    assert_eq!((s.documents, s.skipped_empty), (2, 0));
+    // An empty document between two separators is counted, not passed on.
+    let (d, s) = read("a\n###\n###\nb", "###");
+    assert_eq!(d, vec!["a", "b"]);
+    assert_eq!(s.skipped_empty, 1);
+    // An empty separator means paragraphs.
+    let (d, _) = read("para one\nstill one\n\npara two\n   \npara three\n", "");
+    assert_eq!(d, vec!["para one\nstill one", "para two", "para three"]);
+    // Without any separator line the whole file is one document.
+    let (d, _) = read("no\nseparators\nhere\n", EOT);
+    assert_eq!(d, vec!["no\nseparators\nhere"]);
+    // Gzipped text reads the same.
+    let gz = tmp.path().join("t.txt.gz");
+    let mut e = flate2::write::GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::default());
+    e.write_all(b"x\n<|endoftext|>\ny\n").unwrap();
+    e.finish().unwrap();
+    let (d, _) = readers::read_all(&[gz.as_path()], &ReadOptions::default()).unwrap();
+    assert_eq!(d, vec!["x", "y"]);
 }

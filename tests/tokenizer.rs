@@ -293,7 +293,11 @@ fn json_round_trip_and_file_loading() {
     assert!(err_of(Tokenizer::from_file(&tmp.path().join("missing.json"))).contains("missing.json"));
     std::fs::write(tmp.path().join("bad.json"), "{ not json").unwrap();
     assert!(err_of(Tokenizer::from_file(&tmp.path().join("bad.json"))).contains("invalid tokenizer.json"));
-    assert!(err_of(tok.decode(&[400])).contains("outside the vocabulary"));
+    assert_eq!(
+        tok.decode(&[400]).unwrap(),
+        "",
+        "ids past the vocabulary decode to nothing"
+    );
 }
 
 #[test]
@@ -405,6 +409,27 @@ fn cli_trains_encodes_and_decodes_exactly() {
     assert!(dec.status.success());
     assert_eq!(String::from_utf8(dec.stdout).unwrap(), text);
 
+    let (tok_arg, corpus_arg) = (tok_path.to_str().unwrap(), corpus.to_str().unwrap());
+    let bench = talaria(
+        &[
+            "tokenizer",
+            "bench",
+            "--tokenizer",
+            tok_arg,
+            "--input",
+            corpus_arg,
+            "--repeats",
+            "1",
+        ],
+        b"",
+    );
+    let bench = String::from_utf8_lossy(&bench.stdout);
+    let lines = std::fs::read_to_string(&corpus).unwrap().lines().count();
+    assert!(
+        bench.starts_with(&format!("{lines} lines,")) && bench.contains("MB/s"),
+        "{bench}"
+    );
+
     let bad = talaria(
         &[
             "tokenizer",
@@ -418,4 +443,49 @@ fn cli_trains_encodes_and_decodes_exactly() {
     );
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("\"x\" is not a token id"));
+}
+
+/// The tokenizer without Talaria's wrapper, whose `encode` is one call on the whole text.
+fn raw(tok: &Tokenizer) -> tokenizers::Tokenizer {
+    let mut raw: tokenizers::Tokenizer = tok.to_json().unwrap().parse().unwrap();
+    raw.set_encode_special_tokens(true);
+    raw
+}
+
+fn whole(raw: &tokenizers::Tokenizer, text: &str) -> Vec<u32> {
+    raw.encode(text, false).unwrap().get_ids().to_vec()
+}
+
+#[test]
+fn cutting_at_safe_line_breaks_never_changes_the_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut toks = vec![train_small(tmp.path(), 500)];
+    if let Some(data) = shared() {
+        toks.push(gpt2(&data));
+    }
+    // Line breaks next to every kind of neighbour: spaces, tabs, digits, letters, punctuation,
+    // apostrophes, other line breaks, CJK and emoji.
+    let pieces = [
+        "\n", "\n\n", " \n", "\n ", "\t", "5", "67", "a", "Bc", "'s", "'", ".", "!?", "你好", "🙂", " x", "  ", "\r\n",
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let text: String = (0..20_000).map(|_| pieces[rng.random_range(0..pieces.len())]).collect();
+    let cuts = tokenizer::safe_cuts(&text, 1);
+    assert!(cuts.len() > 100, "the rule allows cuts in this text: {}", cuts.len());
+    for tok in &toks {
+        let raw = raw(tok);
+        let want = whole(&raw, &text);
+        let pieced: Vec<u32> = cuts.windows(2).flat_map(|w| whole(&raw, &text[w[0]..w[1]])).collect();
+        assert_eq!(pieced, want, "encoding piece by piece differs from the whole text");
+        assert_eq!(tok.decode(&want).unwrap(), text);
+    }
+    // A long text takes the parallel path and gives the same ids as one call.
+    let long: String = (0..300_000)
+        .map(|_| pieces[rng.random_range(0..pieces.len())])
+        .collect::<String>();
+    assert!(long.len() > 2 * tokenizer::PARALLEL_PIECE_BYTES);
+    assert!(tokenizer::safe_cuts(&long, tokenizer::PARALLEL_PIECE_BYTES).len() > 2);
+    for tok in &toks {
+        assert_eq!(tok.encode(&long).unwrap(), whole(&raw(tok), &long));
+    }
 }

@@ -14,7 +14,7 @@ use hf_hub::{Repo, RepoType};
 
 /// The Hub's address when `HF_ENDPOINT` is not set.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
-/// How long the reachability probe waits for a connection.
+/// How long the reachability probe waits for name resolution and for a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// File endings that `data prepare` reads.
 const DATA_SUFFIXES: [&str; 5] = [".parquet", ".jsonl", ".jsonl.gz", ".txt", ".txt.gz"];
@@ -30,6 +30,8 @@ pub struct DownloadConfig {
     pub revision: String,
     /// Hub address; `None` reads `HF_ENDPOINT`.
     pub endpoint: Option<String>,
+    /// Download cache; `None` is the Hugging Face default (`HF_HOME`, else `~/.cache/huggingface`).
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// What [`download`] fetched.
@@ -43,7 +45,7 @@ pub struct DownloadSummary {
 pub fn endpoint(cfg: &DownloadConfig) -> String {
     cfg.endpoint
         .clone()
-        .or_else(|| std::env::var("HF_ENDPOINT").ok())
+        .or_else(|| std::env::var("HF_ENDPOINT").ok().filter(|e| !e.trim().is_empty()))
         .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
         .trim_end_matches('/')
         .to_string()
@@ -75,10 +77,17 @@ pub fn check_reachable(endpoint: &str) -> Result<()> {
     } else {
         format!("{authority}:{default_port}")
     };
-    let addrs: Vec<_> = host_port
-        .to_socket_addrs()
-        .map_err(|e| offline(format!("cannot resolve {host_port}: {e}")))?
-        .collect();
+    // Name resolution has no timeout of its own, so it runs on a thread that is given up on.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = host_port.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(target.to_socket_addrs().map(|a| a.collect::<Vec<_>>()));
+    });
+    let addrs = match rx.recv_timeout(CONNECT_TIMEOUT) {
+        Ok(Ok(addrs)) => addrs,
+        Ok(Err(e)) => return Err(offline(format!("cannot resolve {host_port}: {e}"))),
+        Err(_) => return Err(offline(format!("resolving {host_port} timed out"))),
+    };
     let mut last = String::from("no address");
     for a in addrs {
         match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
@@ -109,7 +118,11 @@ pub fn download(cfg: &DownloadConfig) -> Result<DownloadSummary> {
     );
     let endpoint = endpoint(cfg);
     check_reachable(&endpoint)?;
-    let api = ApiBuilder::from_env()
+    let mut builder = ApiBuilder::from_env();
+    if let Some(dir) = &cfg.cache_dir {
+        builder = builder.with_cache_dir(dir.clone());
+    }
+    let api = builder
         .with_endpoint(endpoint.clone())
         .with_progress(true)
         .with_retries(1)
@@ -169,6 +182,19 @@ fn safe_join(dir: &Path, rel: &str) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_probe_accepts_a_listening_endpoint() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        check_reachable(&format!("http://127.0.0.1:{port}/")).unwrap();
+        drop(listener);
+        let e = check_reachable(&format!("http://127.0.0.1:{port}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("offline: cannot reach the Hugging Face Hub"), "{e}");
+        assert!(check_reachable("ftp://example.org").is_err());
+    }
 
     #[test]
     fn split_matching_picks_data_files_of_the_split() {

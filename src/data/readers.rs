@@ -2,8 +2,9 @@
 //!
 //! - `.txt` / `.txt.gz`: documents are separated by a line equal to the separator (default
 //!   `<|endoftext|>`; surrounding whitespace ignored; an empty separator means blank lines, i.e.
-//!   paragraphs). The line break just before a separator line belongs to the separator. A file
-//!   without any separator line is one document: boundaries that are not marked are not guessed.
+//!   paragraphs). The line break just before a separator line belongs to the separator, and blank
+//!   text after the last separator is the end of the file, not a document. A file without any
+//!   separator line is one document: boundaries that are not marked are not guessed.
 //! - `.jsonl` / `.jsonl.gz`: one JSON object per line, the text in a string field (default `text`);
 //!   a line that is a bare JSON string is taken as the text; blank lines are ignored.
 //! - `.parquet`: the text in a string column (default `text`).
