@@ -14,6 +14,7 @@ use talaria::data::prepare::{self, PrepareConfig};
 use talaria::data::readers::{ReadOptions, ReadStats};
 use talaria::engine::{self, Chatbot, GenerateOptions, Sampler, SamplingParams, TextStream};
 use talaria::interop;
+use talaria::speedrun;
 use talaria::terminal::{self, ChatOptions};
 use talaria::tokenizer::{self, Tokenizer, TrainConfig as TokenizerTrainConfig};
 use talaria::train::AdamWConfig;
@@ -66,6 +67,14 @@ enum Command {
     Ppo(PpoArgs),
     /// Direct preference optimisation of the SFT model on preference pairs.
     Dpo(DpoArgs),
+    /// Run the whole recipe end to end on the built-in default world.
+    Speedrun(SpeedrunArgs),
+    /// Evaluate a checkpoint or a speedrun directory.
+    Eval(EvalArgs),
+    /// Write report.md and plots for a run directory evaluated by `talaria eval`.
+    Report {
+        run: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -540,6 +549,55 @@ struct PpoArgs {
     stop_at: Option<u64>,
 }
 
+#[derive(Args)]
+struct SpeedrunArgs {
+    /// cpu (about 20 minutes on two cores) or tiny (a few minutes, a smoke test).
+    #[arg(long, default_value = "cpu")]
+    preset: String,
+    #[arg(long, default_value = "runs/speedrun")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A speedrun directory (evaluates base, SFT, PPO/DPO and the reward model, writes eval.json),
+    /// or a single checkpoint with --prompts / --mmlu / --gsm8k.
+    target: PathBuf,
+    /// Held-out prompts with reference answers (default-world format) for a single chat checkpoint.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Few-shot prompt a base model in plain text instead of the chat template.
+    #[arg(long)]
+    few_shot: bool,
+    /// MMLU-format multiple-choice file (e.g. ../shared/data/eval/mmlu_test.jsonl).
+    #[arg(long)]
+    mmlu: Option<PathBuf>,
+    /// Few-shot examples for MMLU (MMLU-format dev file).
+    #[arg(long)]
+    mmlu_dev: Option<PathBuf>,
+    /// GSM8K-format maths file.
+    #[arg(long)]
+    gsm8k: Option<PathBuf>,
+    /// Few-shot examples for GSM8K.
+    #[arg(long)]
+    gsm8k_train: Option<PathBuf>,
+    /// Evaluate at most this many items of each benchmark file.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// A reward model: also report its pairwise accuracy on --prefs.
+    #[arg(long)]
+    reward: Option<PathBuf>,
+    /// Preference file for --reward.
+    #[arg(long)]
+    prefs: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -592,6 +650,23 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Chat(a) => chat(a),
+        Command::Speedrun(a) => {
+            let cfg = speedrun::SpeedrunConfig {
+                preset: speedrun::preset(&a.preset)?,
+                out: a.out,
+                seed: a.seed,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let o = speedrun::speedrun(&cfg)?;
+            println!("report: {}", o.report.display());
+            println!("chat with the result: talaria chat {}", o.chat_checkpoint.display());
+            Ok(())
+        }
+        Command::Eval(a) => eval_cmd(a),
+        Command::Report { run } => {
+            println!("{}", talaria::eval::report::write_report(&run)?.display());
+            Ok(())
+        }
         Command::Reward(a) => {
             let cfg = RewardConfig {
                 init: a.init,
@@ -707,6 +782,58 @@ fn print_outcome(stage: &str, o: &TrainOutcome) {
         },
         o.checkpoint.display()
     );
+}
+
+fn eval_cmd(a: EvalArgs) -> Result<()> {
+    use talaria::eval::{benchmarks, tasks};
+    if a.target.join("world").join("eval_prompts.jsonl").exists() && a.prompts.is_none() {
+        let e = speedrun::evaluate_run(&a.target, &a.target.join("world"), a.seed, a.max_new_tokens)?;
+        for s in &e.stages {
+            println!("{:<5} accuracy {:.1}%", s.name, s.macro_accuracy * 100.0);
+        }
+        println!("wrote {}", a.target.join("eval.json").display());
+        return Ok(());
+    }
+    let ck = Checkpoint::load(&a.target, DType::F32, &Device::Cpu)?;
+    let model = ck.model()?;
+    let tok = Tokenizer::from_json(ck.tokenizer_json.as_deref().context("the checkpoint has no tokenizer.json")?)?;
+    if let Some(p) = &a.prompts {
+        let prompts = talaria::data::prompts::read_prompts(p)?;
+        let r = if a.few_shot {
+            tasks::few_shot_accuracy(&model, &tok, &prompts, 3, a.seed, a.max_new_tokens)?
+        } else {
+            let template = talaria::chat::ChatTemplate::new(&tok)?;
+            tasks::chat_accuracy(&model, &tok, &template, &prompts, a.max_new_tokens)?
+        };
+        for (skill, t) in &r.by_skill {
+            println!("{skill:<14} {:>5.1}%  ({}/{})", t.accuracy() * 100.0, t.correct, t.total);
+        }
+        println!("macro accuracy {:.1}%", r.macro_accuracy() * 100.0);
+    }
+    if let Some(p) = &a.mmlu {
+        let test = benchmarks::read_mmlu(p, a.limit)?;
+        let dev = a.mmlu_dev.as_deref().map(|d| benchmarks::read_mmlu(d, None)).transpose()?.unwrap_or_default();
+        let acc = benchmarks::mmlu_accuracy(&model, &tok, &test, &dev, 5)?;
+        println!("MMLU-format accuracy on {} questions: {:.1}% (chance 25%)", test.len(), acc * 100.0);
+    }
+    if let Some(p) = &a.gsm8k {
+        let test = benchmarks::read_gsm8k(p, a.limit)?;
+        let train = a.gsm8k_train.as_deref().map(|d| benchmarks::read_gsm8k(d, Some(8))).transpose()?.unwrap_or_default();
+        let acc = benchmarks::gsm8k_accuracy(&model, &tok, &test, &train, 2, a.max_new_tokens)?;
+        println!("GSM8K-format exact match on {} problems: {:.1}%", test.len(), acc * 100.0);
+    }
+    if let (Some(r), Some(p)) = (&a.reward, &a.prefs) {
+        let rm = talaria::train::reward::RewardModel::load(r)?;
+        let m = talaria::train::reward::evaluate_reward_model(&rm, std::slice::from_ref(p), 16)?;
+        println!(
+            "reward model: pairwise accuracy {:.1}% on {} pairs, mean margin {:.3}, reward/length correlation {:.3}",
+            m.accuracy * 100.0,
+            m.pairs,
+            m.margin,
+            m.length_corr
+        );
+    }
+    Ok(())
 }
 
 fn chat(a: ChatArgs) -> Result<()> {

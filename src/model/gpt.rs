@@ -122,8 +122,10 @@ impl Gpt {
         let expected = parameter_shapes(cfg);
         let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
         for name in weights.keys() {
-            let ignorable =
-                name == "lm_head.weight" || name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias");
+            let ignorable = name == "lm_head.weight"
+                || name == "score.weight"
+                || name.ends_with(".attn.bias")
+                || name.ends_with(".attn.masked_bias");
             if !known.contains(name.as_str()) && !ignorable {
                 bail!("unexpected tensor {name:?}: not part of a GPT-2 model of this config");
             }
