@@ -50,7 +50,11 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self { role, content: content.into(), weight: None }
+        Self {
+            role,
+            content: content.into(),
+            weight: None,
+        }
     }
 
     /// Whether SFT trains on this message.

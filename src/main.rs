@@ -8,19 +8,19 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
 use talaria::checkpoint::Checkpoint;
-use talaria::data::synth::{self, SynthConfig};
 use talaria::data::download::{self, DownloadConfig};
 use talaria::data::prepare::{self, PrepareConfig};
 use talaria::data::readers::{ReadOptions, ReadStats};
+use talaria::data::synth::{self, SynthConfig};
 use talaria::engine::{self, Chatbot, GenerateOptions, Sampler, SamplingParams, TextStream};
 use talaria::interop;
 use talaria::speedrun;
 use talaria::terminal::{self, ChatOptions};
 use talaria::tokenizer::{self, Tokenizer, TrainConfig as TokenizerTrainConfig};
 use talaria::train::AdamWConfig;
-use talaria::train::pretrain::{self, PretrainConfig};
 use talaria::train::dpo::{self, DpoConfig};
 use talaria::train::ppo::{self, PpoConfig, RewardSpec};
+use talaria::train::pretrain::{self, PretrainConfig};
 use talaria::train::reward::{self, RewardConfig};
 use talaria::train::sft::{self, SftConfig};
 use talaria::train::trainer::{TrainConfig, TrainOutcome};
@@ -72,9 +72,7 @@ enum Command {
     /// Evaluate a checkpoint or a speedrun directory.
     Eval(EvalArgs),
     /// Write report.md and plots for a run directory evaluated by `talaria eval`.
-    Report {
-        run: PathBuf,
-    },
+    Report { run: PathBuf },
 }
 
 #[derive(Args)]
@@ -693,7 +691,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Ppo(a) => {
-            let reward = if a.reward == "verifier" { RewardSpec::Verifier } else { RewardSpec::Model(a.reward.into()) };
+            let reward = if a.reward == "verifier" {
+                RewardSpec::Verifier
+            } else {
+                RewardSpec::Model(a.reward.into())
+            };
             let cfg = PpoConfig {
                 policy: a.policy,
                 reward,
@@ -736,7 +738,11 @@ fn run(cli: Cli) -> Result<()> {
                 o.steps,
                 o.wall_s,
                 last.join(", "),
-                if o.interrupted { " (stopped early; resume with --resume)" } else { "" },
+                if o.interrupted {
+                    " (stopped early; resume with --resume)"
+                } else {
+                    ""
+                },
                 o.checkpoint.display()
             );
             Ok(())
@@ -796,7 +802,11 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     }
     let ck = Checkpoint::load(&a.target, DType::F32, &Device::Cpu)?;
     let model = ck.model()?;
-    let tok = Tokenizer::from_json(ck.tokenizer_json.as_deref().context("the checkpoint has no tokenizer.json")?)?;
+    let tok = Tokenizer::from_json(
+        ck.tokenizer_json
+            .as_deref()
+            .context("the checkpoint has no tokenizer.json")?,
+    )?;
     if let Some(p) = &a.prompts {
         let prompts = talaria::data::prompts::read_prompts(p)?;
         let r = if a.few_shot {
@@ -806,21 +816,44 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
             tasks::chat_accuracy(&model, &tok, &template, &prompts, a.max_new_tokens)?
         };
         for (skill, t) in &r.by_skill {
-            println!("{skill:<14} {:>5.1}%  ({}/{})", t.accuracy() * 100.0, t.correct, t.total);
+            println!(
+                "{skill:<14} {:>5.1}%  ({}/{})",
+                t.accuracy() * 100.0,
+                t.correct,
+                t.total
+            );
         }
         println!("macro accuracy {:.1}%", r.macro_accuracy() * 100.0);
     }
     if let Some(p) = &a.mmlu {
         let test = benchmarks::read_mmlu(p, a.limit)?;
-        let dev = a.mmlu_dev.as_deref().map(|d| benchmarks::read_mmlu(d, None)).transpose()?.unwrap_or_default();
+        let dev = a
+            .mmlu_dev
+            .as_deref()
+            .map(|d| benchmarks::read_mmlu(d, None))
+            .transpose()?
+            .unwrap_or_default();
         let acc = benchmarks::mmlu_accuracy(&model, &tok, &test, &dev, 5)?;
-        println!("MMLU-format accuracy on {} questions: {:.1}% (chance 25%)", test.len(), acc * 100.0);
+        println!(
+            "MMLU-format accuracy on {} questions: {:.1}% (chance 25%)",
+            test.len(),
+            acc * 100.0
+        );
     }
     if let Some(p) = &a.gsm8k {
         let test = benchmarks::read_gsm8k(p, a.limit)?;
-        let train = a.gsm8k_train.as_deref().map(|d| benchmarks::read_gsm8k(d, Some(8))).transpose()?.unwrap_or_default();
+        let train = a
+            .gsm8k_train
+            .as_deref()
+            .map(|d| benchmarks::read_gsm8k(d, Some(8)))
+            .transpose()?
+            .unwrap_or_default();
         let acc = benchmarks::gsm8k_accuracy(&model, &tok, &test, &train, 2, a.max_new_tokens)?;
-        println!("GSM8K-format exact match on {} problems: {:.1}%", test.len(), acc * 100.0);
+        println!(
+            "GSM8K-format exact match on {} problems: {:.1}%",
+            test.len(),
+            acc * 100.0
+        );
     }
     if let (Some(r), Some(p)) = (&a.reward, &a.prefs) {
         let rm = talaria::train::reward::RewardModel::load(r)?;
@@ -963,7 +996,11 @@ fn data_cmd(c: DataCmd) -> Result<()> {
     match c {
         DataCmd::Synth { out, seed, scale } => {
             let start = std::time::Instant::now();
-            let s = synth::generate(&SynthConfig { out: out.clone(), seed, scale })?;
+            let s = synth::generate(&SynthConfig {
+                out: out.clone(),
+                seed,
+                scale,
+            })?;
             for (name, f) in &s.files {
                 println!("{name:>22}  {:>7} records  {:>10} bytes", f.records, f.bytes);
             }

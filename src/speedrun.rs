@@ -21,13 +21,13 @@ use crate::data::synth::{self, SynthConfig};
 use crate::eval::report::{EvalSummary, StageEval, write_report};
 use crate::eval::tasks::{SkillReport, chat_accuracy, few_shot_accuracy, win_rate};
 use crate::tokenizer::{self, Tokenizer};
+use crate::train::AdamWConfig;
 use crate::train::metrics::{METRICS_FILE, read_metrics};
 use crate::train::ppo::{self, PpoConfig, RewardSpec};
 use crate::train::pretrain::{self, PretrainConfig};
 use crate::train::reward::{self, RewardConfig, RewardModel, evaluate_reward_model};
 use crate::train::sft::{self, SftConfig};
 use crate::train::trainer::TrainConfig;
-use crate::train::AdamWConfig;
 
 /// The sizes and budgets of one speedrun.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -63,16 +63,16 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             vocab_size: 1024,
             model: "cpu",
             seq_len: 128,
-            pretrain_steps: 1400,
+            pretrain_steps: 600,
             pretrain_batch: 16,
             pretrain_lr: 3e-3,
-            sft_steps: 500,
+            sft_steps: 250,
             sft_batch: 16,
             sft_lr: 1e-3,
-            reward_steps: 250,
+            reward_steps: 150,
             reward_batch: 16,
             reward_lr: 5e-4,
-            ppo_steps: 40,
+            ppo_steps: 30,
             ppo_prompts: 16,
             ppo_samples: 4,
             ppo_lr: 2e-5,
@@ -131,13 +131,7 @@ const KEY_FILE: &str = ".stage-key";
 
 /// Runs a stage unless a finished one with the same key exists. A partial run with the same
 /// key is resumed (`f` gets `resume = true`); a stale one is removed first.
-fn stage(
-    n: usize,
-    name: &str,
-    dir: &Path,
-    key: &str,
-    f: impl FnOnce(bool) -> Result<Value>,
-) -> Result<(Value, f64)> {
+fn stage(n: usize, name: &str, dir: &Path, key: &str, f: impl FnOnce(bool) -> Result<Value>) -> Result<(Value, f64)> {
     let done = dir.join(DONE_FILE);
     if let Ok(text) = std::fs::read_to_string(&done)
         && let Ok(v) = serde_json::from_str::<Value>(&text)
@@ -156,8 +150,14 @@ fn stage(
     let start = Instant::now();
     let summary = f(resume).with_context(|| format!("speedrun stage {name}"))?;
     let wall = start.elapsed().as_secs_f64();
-    std::fs::write(&done, serde_json::to_string_pretty(&json!({"key": key, "wall_s": wall, "summary": summary}))?)?;
-    println!("[{n}/9] {name:<9} done in {wall:.0}s{}", if resume { " (resumed)" } else { "" });
+    std::fs::write(
+        &done,
+        serde_json::to_string_pretty(&json!({"key": key, "wall_s": wall, "summary": summary}))?,
+    )?;
+    println!(
+        "[{n}/9] {name:<9} done in {wall:.0}s{}",
+        if resume { " (resumed)" } else { "" }
+    );
     Ok((summary, wall))
 }
 
@@ -182,11 +182,19 @@ fn train_cfg(out: &Path, steps: u64, lr: f64, seed: u64, resume: bool, progress:
 }
 
 fn last_metric(run: &Path, stage: &str, key: &str) -> Option<f64> {
-    read_metrics(&run.join(METRICS_FILE), Some(stage)).ok()?.iter().rev().find_map(|r| r[key].as_f64())
+    read_metrics(&run.join(METRICS_FILE), Some(stage))
+        .ok()?
+        .iter()
+        .rev()
+        .find_map(|r| r[key].as_f64())
 }
 
 fn tokens_per_s(run: &Path, stage: &str, wall: f64) -> Option<f64> {
-    let tokens = read_metrics(&run.join(METRICS_FILE), Some(stage)).ok()?.iter().rev().find_map(|r| r["tokens"].as_f64())?;
+    let tokens = read_metrics(&run.join(METRICS_FILE), Some(stage))
+        .ok()?
+        .iter()
+        .rev()
+        .find_map(|r| r["tokens"].as_f64())?;
     (wall > 0.0).then(|| tokens / wall)
 }
 
@@ -204,11 +212,22 @@ pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize) -> Resu
     let device = Device::Cpu;
     let prompts = read_prompts(&world.join("eval_prompts.jsonl"))?;
     let base = Checkpoint::load(&run.join("pretrain"), DType::F32, &device)?;
-    let tok = Tokenizer::from_json(base.tokenizer_json.as_deref().context("the base model has no tokenizer")?)?;
+    let tok = Tokenizer::from_json(
+        base.tokenizer_json
+            .as_deref()
+            .context("the base model has no tokenizer")?,
+    )?;
     let template = ChatTemplate::new(&tok)?;
     let rm_dir = run.join("reward");
-    let rm = if rm_dir.join("checkpoint").exists() { Some(RewardModel::load(&rm_dir)?) } else { None };
-    let mut summary = EvalSummary { eval_prompts: prompts.len(), ..EvalSummary::default() };
+    let rm = if rm_dir.join("checkpoint").exists() {
+        Some(RewardModel::load(&rm_dir)?)
+    } else {
+        None
+    };
+    let mut summary = EvalSummary {
+        eval_prompts: prompts.len(),
+        ..EvalSummary::default()
+    };
     summary.val_loss = last_metric(&run.join("pretrain"), "pretrain", "val_loss");
     summary.val_bpb = last_metric(&run.join("pretrain"), "pretrain", "val_bpb");
 
@@ -233,9 +252,13 @@ pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize) -> Resu
         if *name == "ppo" {
             e.kl_to_sft = last_metric(&run.join(dir), "ppo", "kl");
         }
-        let done: Option<Value> = std::fs::read_to_string(run.join(dir).join(DONE_FILE)).ok().and_then(|t| serde_json::from_str(&t).ok());
+        let done: Option<Value> = std::fs::read_to_string(run.join(dir).join(DONE_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
         e.wall_s = done.as_ref().and_then(|d| d["wall_s"].as_f64());
-        e.tokens_per_s = e.wall_s.and_then(|w| tokens_per_s(&run.join(dir), if *name == "base" { "pretrain" } else { name }, w));
+        e.tokens_per_s = e
+            .wall_s
+            .and_then(|w| tokens_per_s(&run.join(dir), if *name == "base" { "pretrain" } else { name }, w));
         summary.stages.push(e);
     }
     if let Some(rm) = &rm {
@@ -258,14 +281,22 @@ pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
     let world = out.join("world");
     let k_world = key_of(&json!(["synth", seed, p.synth_scale, env!("CARGO_PKG_VERSION")]));
     stage(1, "synth", &world, &k_world, |_| {
-        let s = synth::generate(&SynthConfig { out: world.clone(), seed, scale: p.synth_scale })?;
+        let s = synth::generate(&SynthConfig {
+            out: world.clone(),
+            seed,
+            scale: p.synth_scale,
+        })?;
         Ok(json!({"files": s.files.len(), "skills": s.skills.len()}))
     })?;
 
     let tok_dir = out.join("tokenizer");
     let k_tok = key_of(&json!(["tokenizer", k_world, p.vocab_size]));
     stage(2, "tokenizer", &tok_dir, &k_tok, |_| {
-        let tcfg = tokenizer::TrainConfig { vocab_size: p.vocab_size, min_frequency: 2, show_progress: false };
+        let tcfg = tokenizer::TrainConfig {
+            vocab_size: p.vocab_size,
+            min_frequency: 2,
+            show_progress: false,
+        };
         let (tok, s) = tokenizer::train_from_files(&[world.join("pretrain.txt")], &ReadOptions::default(), &tcfg)?;
         tok.save(&tok_dir.join("tokenizer.json"))?;
         Ok(json!({"vocab_size": s.train.vocab_size, "bytes_per_token": s.bytes_per_token()}))
@@ -274,7 +305,11 @@ pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
     let data = out.join("data");
     let k_data = key_of(&json!(["data", k_tok]));
     stage(3, "data", &data, &k_data, |_| {
-        let mut pc = PrepareConfig::new(vec![world.join("pretrain.txt")], tok_dir.join("tokenizer.json"), data.clone());
+        let mut pc = PrepareConfig::new(
+            vec![world.join("pretrain.txt")],
+            tok_dir.join("tokenizer.json"),
+            data.clone(),
+        );
         pc.seed = seed;
         pc.show_progress = false;
         let s = prepare::prepare(&pc)?;
@@ -282,7 +317,16 @@ pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
     })?;
 
     let pre = out.join("pretrain");
-    let k_pre = key_of(&json!(["pretrain", k_data, p.model, p.seq_len, p.pretrain_steps, p.pretrain_batch, p.pretrain_lr, seed]));
+    let k_pre = key_of(&json!([
+        "pretrain",
+        k_data,
+        p.model,
+        p.seq_len,
+        p.pretrain_steps,
+        p.pretrain_batch,
+        p.pretrain_lr,
+        seed
+    ]));
     stage(4, "pretrain", &pre, &k_pre, |resume| {
         let o = pretrain::pretrain(&PretrainConfig {
             data: data.clone(),
@@ -328,7 +372,16 @@ pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
     })?;
 
     let ppo_dir = out.join("ppo");
-    let k_ppo = key_of(&json!(["ppo", k_sft, k_rm, p.ppo_steps, p.ppo_prompts, p.ppo_samples, p.ppo_lr, p.max_new_tokens]));
+    let k_ppo = key_of(&json!([
+        "ppo",
+        k_sft,
+        k_rm,
+        p.ppo_steps,
+        p.ppo_prompts,
+        p.ppo_samples,
+        p.ppo_lr,
+        p.max_new_tokens
+    ]));
     stage(7, "ppo", &ppo_dir, &k_ppo, |resume| {
         let o = ppo::ppo(&PpoConfig {
             policy: sft_dir.clone(),
@@ -375,18 +428,28 @@ pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
     println!("[9/9] report    {}", report.display());
     let wall = started.elapsed();
     print_summary(&eval, wall);
-    Ok(SpeedrunOutcome { report, chat_checkpoint: ppo_dir, eval, wall_s: wall.as_secs_f64() })
+    Ok(SpeedrunOutcome {
+        report,
+        chat_checkpoint: ppo_dir,
+        eval,
+        wall_s: wall.as_secs_f64(),
+    })
 }
 
 fn print_summary(eval: &EvalSummary, wall: Duration) {
     let by_name: BTreeMap<&str, &StageEval> = eval.stages.iter().map(|s| (s.name.as_str(), s)).collect();
-    let acc = |n: &str| by_name.get(n).map_or("–".to_string(), |s| format!("{:.1}%", s.macro_accuracy * 100.0));
+    let acc = |n: &str| {
+        by_name
+            .get(n)
+            .map_or("–".to_string(), |s| format!("{:.1}%", s.macro_accuracy * 100.0))
+    };
     println!(
         "held-out accuracy: base {} -> sft {} -> ppo {}; reward model accuracy {}; total {:.1} min",
         acc("base"),
         acc("sft"),
         acc("ppo"),
-        eval.reward_accuracy.map_or("–".into(), |a| format!("{:.1}%", a * 100.0)),
+        eval.reward_accuracy
+            .map_or("–".into(), |a| format!("{:.1}%", a * 100.0)),
         wall.as_secs_f64() / 60.0
     );
 }

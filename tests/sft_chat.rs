@@ -59,7 +59,7 @@ fn train_tokenizer(text: &[String]) -> Tokenizer {
         min_frequency: 2,
         show_progress: false,
     };
-    tokenizer::train_bpe(&cfg, text.to_vec().into_iter()).unwrap().0
+    tokenizer::train_bpe(&cfg, text.to_vec().into_iter().map(Ok)).unwrap().0
 }
 
 fn corpus() -> Vec<String> {

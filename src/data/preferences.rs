@@ -39,7 +39,10 @@ fn prompt_of(v: &Value) -> Result<Vec<Message>> {
         Value::String(s) => Ok(vec![Message::new(Role::User, s.clone())]),
         Value::Array(_) => {
             let m = parse_messages(v)?;
-            ensure!(m.last().is_some_and(|m| m.role == Role::User), "\"prompt\" must end with a user message");
+            ensure!(
+                m.last().is_some_and(|m| m.role == Role::User),
+                "\"prompt\" must end with a user message"
+            );
             Ok(m)
         }
         _ => bail!("\"prompt\" must be a string or a list of messages"),
@@ -71,7 +74,10 @@ pub fn parse_hh_transcript(text: &str) -> Result<Vec<Message>> {
     for m in &mut msgs {
         m.content = m.content.trim().to_string();
     }
-    ensure!(!msgs.is_empty(), "not an HH-RLHF transcript (no \"Human:\" / \"Assistant:\" turns)");
+    ensure!(
+        !msgs.is_empty(),
+        "not an HH-RLHF transcript (no \"Human:\" / \"Assistant:\" turns)"
+    );
     Ok(msgs)
 }
 
@@ -88,7 +94,12 @@ fn oasst_groups(node: &Value, history: &mut Vec<Message>, out: &mut Vec<Preferen
     };
     let text = node["text"].as_str().context("OpenAssistant message without text")?;
     history.push(Message::new(role, text));
-    let replies: Vec<&Value> = node["replies"].as_array().into_iter().flatten().filter(|r| usable(r)).collect();
+    let replies: Vec<&Value> = node["replies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| usable(r))
+        .collect();
     if role == Role::User {
         let mut ranked: Vec<(u64, &str)> = replies
             .iter()
@@ -97,7 +108,10 @@ fn oasst_groups(node: &Value, history: &mut Vec<Message>, out: &mut Vec<Preferen
             .collect();
         ranked.sort_by_key(|(rank, _)| *rank);
         if ranked.len() >= 2 && crate::chat::validate(history).is_ok() {
-            out.push(PreferenceGroup { prompt: history.clone(), ranked: ranked.iter().map(|(_, t)| t.to_string()).collect() });
+            out.push(PreferenceGroup {
+                prompt: history.clone(),
+                ranked: ranked.iter().map(|(_, t)| t.to_string()).collect(),
+            });
         }
     }
     for r in replies {
@@ -120,39 +134,61 @@ pub fn read_preferences(path: &Path) -> Result<Preferences> {
                 .as_array()
                 .context("\"ranked\" must be a list of answers")?
                 .iter()
-                .map(|a| a.as_str().map(str::to_string).context("\"ranked\" answers must be strings"))
+                .map(|a| {
+                    a.as_str()
+                        .map(str::to_string)
+                        .context("\"ranked\" answers must be strings")
+                })
                 .collect::<Result<_>>()?;
             ensure!(ranked.len() >= 2, "\"ranked\" needs at least two answers");
             groups.push(PreferenceGroup { prompt, ranked });
         } else if let (Some(c), Some(r)) = (v.get("chosen"), v.get("rejected")) {
-            let (c, r) = (c.as_str().context("\"chosen\" must be a string")?, r.as_str().context("\"rejected\" must be a string")?);
+            let (c, r) = (
+                c.as_str().context("\"chosen\" must be a string")?,
+                r.as_str().context("\"rejected\" must be a string")?,
+            );
             match v.get("prompt") {
-                Some(p) => groups.push(PreferenceGroup { prompt: prompt_of(p)?, ranked: vec![c.into(), r.into()] }),
+                Some(p) => groups.push(PreferenceGroup {
+                    prompt: prompt_of(p)?,
+                    ranked: vec![c.into(), r.into()],
+                }),
                 None => {
                     // HH-RLHF: two whole transcripts sharing everything but the last answer.
                     let (mut cm, mut rm) = (parse_hh_transcript(c)?, parse_hh_transcript(r)?);
-                    let (Some(ca), Some(ra)) = (cm.pop(), rm.pop()) else { bail!("empty transcript") };
+                    let (Some(ca), Some(ra)) = (cm.pop(), rm.pop()) else {
+                        bail!("empty transcript")
+                    };
                     if ca.role != Role::Assistant || ra.role != Role::Assistant || cm != rm {
-                        out.skipped.push((line, "HH-RLHF pair whose transcripts differ before the last answer".into()));
+                        out.skipped.push((
+                            line,
+                            "HH-RLHF pair whose transcripts differ before the last answer".into(),
+                        ));
                         return Ok(());
                     }
                     if let Err(e) = crate::chat::validate(&cm) {
-                        out.skipped.push((line, format!("HH-RLHF transcript with unusual turns: {e}")));
+                        out.skipped
+                            .push((line, format!("HH-RLHF transcript with unusual turns: {e}")));
                         return Ok(());
                     }
-                    groups.push(PreferenceGroup { prompt: cm, ranked: vec![ca.content, ra.content] });
+                    groups.push(PreferenceGroup {
+                        prompt: cm,
+                        ranked: vec![ca.content, ra.content],
+                    });
                 }
             }
         } else if v.get("message_tree_id").is_some() || v.get("prompt").is_some_and(|p| p.get("replies").is_some()) {
             oasst_groups(&v["prompt"], &mut vec![], &mut groups)?;
         } else {
-            bail!("unrecognised record: expected {{prompt, chosen, rejected}}, {{prompt, ranked}}, an HH-RLHF {{chosen, rejected}} transcript pair or an OpenAssistant tree");
+            bail!(
+                "unrecognised record: expected {{prompt, chosen, rejected}}, {{prompt, ranked}}, an HH-RLHF {{chosen, rejected}} transcript pair or an OpenAssistant tree"
+            );
         }
         for g in groups {
             if g.ranked.iter().any(|a| a.trim().is_empty()) {
                 out.skipped.push((line, "an empty answer".into()));
             } else if (1..g.ranked.len()).any(|i| g.ranked[..i].contains(&g.ranked[i])) {
-                out.skipped.push((line, "identical answers ranked against each other".into()));
+                out.skipped
+                    .push((line, "identical answers ranked against each other".into()));
             } else {
                 out.groups.push(g);
             }

@@ -39,12 +39,19 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptRecord>> {
             },
             _ => bail!("expected {{\"messages\": [...]}}, {{\"prompt\": ...}} or a JSON string"),
         };
-        ensure!(messages.last().is_some_and(|m| m.role == Role::User), "a prompt must end with a user message");
+        ensure!(
+            messages.last().is_some_and(|m| m.role == Role::User),
+            "a prompt must end with a user message"
+        );
         ensure!(
             messages.last().is_some_and(|m| !m.content.trim().is_empty()),
             "the prompt's last message is empty"
         );
-        out.push(PromptRecord { messages, answer: text(&v, "answer")?, skill: text(&v, "skill")? });
+        out.push(PromptRecord {
+            messages,
+            answer: text(&v, "answer")?,
+            skill: text(&v, "skill")?,
+        });
         Ok(())
     })?;
     ensure!(!out.is_empty(), "{}: no prompts", path.display());

@@ -29,7 +29,11 @@ pub fn read_mmlu(path: &Path, limit: Option<usize>) -> Result<Vec<McQuestion>> {
         if limit.is_some_and(|l| out.len() >= l) {
             return Ok(());
         }
-        let s = |k: &str| v[k].as_str().map(str::to_string).with_context(|| format!("missing string field {k:?}"));
+        let s = |k: &str| {
+            v[k].as_str()
+                .map(str::to_string)
+                .with_context(|| format!("missing string field {k:?}"))
+        };
         let choices: Vec<String> = v["choices"]
             .as_array()
             .context("missing \"choices\" list")?
@@ -39,7 +43,12 @@ pub fn read_mmlu(path: &Path, limit: Option<usize>) -> Result<Vec<McQuestion>> {
         ensure!(choices.len() == 4, "expected 4 choices, got {}", choices.len());
         let answer = v["answer"].as_u64().context("\"answer\" must be an index 0-3")? as usize;
         ensure!(answer < 4, "\"answer\" must be an index 0-3, got {answer}");
-        out.push(McQuestion { subject: s("subject")?, question: s("question")?, choices, answer });
+        out.push(McQuestion {
+            subject: s("subject")?,
+            question: s("question")?,
+            choices,
+            answer,
+        });
         Ok(())
     })?;
     Ok(out)
@@ -68,7 +77,13 @@ fn fit(mut ids: Vec<u32>, max: usize) -> Vec<u32> {
 }
 
 /// Few-shot multiple-choice accuracy: the answer is the letter with the highest next-token logit.
-pub fn mmlu_accuracy(model: &Gpt, tok: &Tokenizer, test: &[McQuestion], dev: &[McQuestion], shots: usize) -> Result<f64> {
+pub fn mmlu_accuracy(
+    model: &Gpt,
+    tok: &Tokenizer,
+    test: &[McQuestion],
+    dev: &[McQuestion],
+    shots: usize,
+) -> Result<f64> {
     let letter_ids: Vec<u32> = LETTERS
         .iter()
         .map(|l| tok.encode(&format!(" {l}")).map(|ids| ids[0]))
@@ -76,15 +91,23 @@ pub fn mmlu_accuracy(model: &Gpt, tok: &Tokenizer, test: &[McQuestion], dev: &[M
     let ctx = model.config().n_positions;
     let mut correct = 0;
     for q in test {
-        let mut prompt = format!("The following are multiple choice questions (with answers) about {}.\n\n", q.subject.replace('_', " "));
+        let mut prompt = format!(
+            "The following are multiple choice questions (with answers) about {}.\n\n",
+            q.subject.replace('_', " ")
+        );
         for d in dev.iter().filter(|d| d.subject == q.subject).take(shots) {
             prompt.push_str(&format_mc(d, true));
         }
         prompt.push_str(&format_mc(q, false));
         let ids = fit(tok.encode(&prompt)?, ctx);
         let logits = model.forward(&Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?, None)?;
-        let row = last_logits(&logits)?.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let best = (0..4).max_by(|&a, &b| row[letter_ids[a] as usize].total_cmp(&row[letter_ids[b] as usize])).expect("4 choices");
+        let row = last_logits(&logits)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        let best = (0..4)
+            .max_by(|&a, &b| row[letter_ids[a] as usize].total_cmp(&row[letter_ids[b] as usize]))
+            .expect("4 choices");
         correct += usize::from(best == q.answer);
     }
     Ok(correct as f64 / test.len().max(1) as f64)
@@ -102,7 +125,10 @@ pub struct MathProblem {
 pub fn final_answer(solution: &str) -> Option<String> {
     let after = solution.rsplit("####").next()?;
     let cleaned: String = after.trim().chars().filter(|c| *c != ',' && *c != '$').collect();
-    let num: String = cleaned.chars().take_while(|c| c.is_ascii_digit() || *c == '-' || *c == '.').collect();
+    let num: String = cleaned
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '-' || *c == '.')
+        .collect();
     (!num.is_empty()).then_some(num)
 }
 
@@ -112,17 +138,34 @@ pub fn read_gsm8k(path: &Path, limit: Option<usize>) -> Result<Vec<MathProblem>>
         if limit.is_some_and(|l| out.len() >= l) {
             return Ok(());
         }
-        let question = v["question"].as_str().context("missing string field \"question\"")?.to_string();
-        let solution = v["answer"].as_str().context("missing string field \"answer\"")?.to_string();
+        let question = v["question"]
+            .as_str()
+            .context("missing string field \"question\"")?
+            .to_string();
+        let solution = v["answer"]
+            .as_str()
+            .context("missing string field \"answer\"")?
+            .to_string();
         let answer = final_answer(&solution).context("the answer has no final \"#### number\"")?;
-        out.push(MathProblem { question, solution, answer });
+        out.push(MathProblem {
+            question,
+            solution,
+            answer,
+        });
         Ok(())
     })?;
     Ok(out)
 }
 
 /// Few-shot exact match of the final number, greedy decoding.
-pub fn gsm8k_accuracy(model: &Gpt, tok: &Tokenizer, test: &[MathProblem], train: &[MathProblem], shots: usize, max_new: usize) -> Result<f64> {
+pub fn gsm8k_accuracy(
+    model: &Gpt,
+    tok: &Tokenizer,
+    test: &[MathProblem],
+    train: &[MathProblem],
+    shots: usize,
+    max_new: usize,
+) -> Result<f64> {
     let ctx = model.config().n_positions;
     let mut prefix = String::new();
     for p in train.iter().take(shots) {
@@ -131,8 +174,14 @@ pub fn gsm8k_accuracy(model: &Gpt, tok: &Tokenizer, test: &[MathProblem], train:
     let eot: Vec<u32> = tok.special_id(crate::tokenizer::EOT).into_iter().collect();
     let mut correct = 0;
     for p in test {
-        let ids = fit(tok.encode(&format!("{prefix}Question: {}\nAnswer:", p.question))?, ctx.saturating_sub(max_new).max(1));
-        let opts = GenerateOptions { max_new_tokens: max_new, stop_tokens: eot.clone() };
+        let ids = fit(
+            tok.encode(&format!("{prefix}Question: {}\nAnswer:", p.question))?,
+            ctx.saturating_sub(max_new).max(1),
+        );
+        let opts = GenerateOptions {
+            max_new_tokens: max_new,
+            stop_tokens: eot.clone(),
+        };
         let mut s = Sampler::new(SamplingParams::greedy(), 0)?;
         let mut stream = TextStream::new(tok);
         let mut text = String::new();
@@ -141,7 +190,10 @@ pub fn gsm8k_accuracy(model: &Gpt, tok: &Tokenizer, test: &[MathProblem], train:
             !text.contains("\n\n")
         })?;
         let got = final_answer(&text).or_else(|| {
-            text.split(|c: char| !(c.is_ascii_digit() || c == '-' || c == '.')).filter(|t| t.chars().any(|c| c.is_ascii_digit())).last().map(str::to_string)
+            text.split(|c: char| !(c.is_ascii_digit() || c == '-' || c == '.'))
+                .filter(|t| t.chars().any(|c| c.is_ascii_digit()))
+                .last()
+                .map(str::to_string)
         });
         correct += usize::from(got.as_deref() == Some(p.answer.as_str()));
     }

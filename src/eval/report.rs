@@ -70,12 +70,20 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, series: &[(&str, Vec<(
     if !font_ready() {
         return Ok(false);
     }
-    let points: Vec<&(f64, f64)> = series.iter().flat_map(|(_, s)| s.iter()).filter(|(_, y)| y.is_finite()).collect();
+    let points: Vec<&(f64, f64)> = series
+        .iter()
+        .flat_map(|(_, s)| s.iter())
+        .filter(|(_, y)| y.is_finite())
+        .collect();
     if points.is_empty() {
         return Ok(false);
     }
-    let (x0, x1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), (x, _)| (a.min(*x), b.max(*x)));
-    let (y0, y1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), (_, y)| (a.min(*y), b.max(*y)));
+    let (x0, x1) = points
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), (x, _)| (a.min(*x), b.max(*x)));
+    let (y0, y1) = points
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), (_, y)| (a.min(*y), b.max(*y)));
     let pad = ((y1 - y0) * 0.05).max(1e-6);
     let root = BitMapBackend::new(path, (720, 420)).into_drawing_area();
     let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
@@ -87,12 +95,20 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, series: &[(&str, Vec<(
         .y_label_area_size(56)
         .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
         .map_err(|e| err(&e))?;
-    chart.configure_mesh().x_desc(x_label).label_style(("sans-serif", 14)).draw().map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| err(&e))?;
     let colours = [BLUE, RED, GREEN, MAGENTA, CYAN];
     for (i, (name, s)) in series.iter().enumerate() {
         let c = colours[i % colours.len()];
         chart
-            .draw_series(LineSeries::new(s.iter().copied().filter(|(_, y)| y.is_finite()), c.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                s.iter().copied().filter(|(_, y)| y.is_finite()),
+                c.stroke_width(2),
+            ))
             .map_err(|e| err(&e))?
             .label(*name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
@@ -132,7 +148,8 @@ fn num(x: Option<f64>, digits: usize) -> String {
 pub fn write_report(run: &Path) -> Result<PathBuf> {
     let eval_path = run.join("eval.json");
     let eval: EvalSummary = serde_json::from_str(
-        &std::fs::read_to_string(&eval_path).with_context(|| format!("reading {} (run `talaria eval` first)", eval_path.display()))?,
+        &std::fs::read_to_string(&eval_path)
+            .with_context(|| format!("reading {} (run `talaria eval` first)", eval_path.display()))?,
     )
     .with_context(|| format!("{}: not an evaluation summary", eval_path.display()))?;
     let m = |stage: &str| run.join(stage).join(METRICS_FILE);
@@ -146,22 +163,51 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     plot(
         "pretrain_loss.png",
         "Pretraining loss",
-        vec![("train", series(&m("pretrain"), "pretrain", "loss")?), ("validation", series(&m("pretrain"), "pretrain", "val_loss")?)],
+        vec![
+            ("train", series(&m("pretrain"), "pretrain", "loss")?),
+            ("validation", series(&m("pretrain"), "pretrain", "val_loss")?),
+        ],
     )?;
     plot(
         "sft_loss.png",
         "SFT loss (assistant tokens)",
-        vec![("train", series(&m("sft"), "sft", "loss")?), ("validation", series(&m("sft"), "sft", "val_loss")?)],
+        vec![
+            ("train", series(&m("sft"), "sft", "loss")?),
+            ("validation", series(&m("sft"), "sft", "val_loss")?),
+        ],
     )?;
-    plot("reward_accuracy.png", "Reward model held-out pairwise accuracy", vec![("accuracy", series(&m("reward"), "reward", "accuracy")?)])?;
-    plot("ppo_reward.png", "PPO mean reward", vec![("reward", series(&m("ppo"), "ppo", "reward")?)])?;
-    plot("ppo_kl.png", "PPO KL to the SFT model (per answer)", vec![("kl", series(&m("ppo"), "ppo", "kl")?)])?;
+    plot(
+        "reward_accuracy.png",
+        "Reward model held-out pairwise accuracy",
+        vec![("accuracy", series(&m("reward"), "reward", "accuracy")?)],
+    )?;
+    plot(
+        "ppo_reward.png",
+        "PPO mean reward",
+        vec![("reward", series(&m("ppo"), "ppo", "reward")?)],
+    )?;
+    plot(
+        "ppo_kl.png",
+        "PPO KL to the SFT model (per answer)",
+        vec![("kl", series(&m("ppo"), "ppo", "kl")?)],
+    )?;
 
     let mut md = String::new();
     writeln!(md, "# Talaria run report\n")?;
-    writeln!(md, "Run directory: `{}`. Held-out evaluation prompts: {}.\n", run.display(), eval.eval_prompts)?;
+    writeln!(
+        md,
+        "Run directory: `{}`. Held-out evaluation prompts: {}.\n",
+        run.display(),
+        eval.eval_prompts
+    )?;
     writeln!(md, "## Stages\n")?;
-    let skills: Vec<&String> = eval.stages.iter().flat_map(|s| s.per_skill.keys()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let skills: Vec<&String> = eval
+        .stages
+        .iter()
+        .flat_map(|s| s.per_skill.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let mut header = "| stage | accuracy (macro) |".to_string();
     let mut rule = "| --- | --- |".to_string();
     for s in &skills {
@@ -187,14 +233,29 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
         ));
         writeln!(md, "{row}")?;
     }
-    writeln!(md, "\nAccuracy is exact match by the default world's verifier with greedy decoding; the base model is prompted few-shot in plain text, the others through the chat template.\n")?;
+    writeln!(
+        md,
+        "\nAccuracy is exact match by the default world's verifier with greedy decoding; the base model is prompted few-shot in plain text, the others through the chat template.\n"
+    )?;
     writeln!(md, "## Other measurements\n")?;
     writeln!(md, "| measurement | value |\n| --- | --- |")?;
     writeln!(md, "| pretraining validation loss | {} |", num(eval.val_loss, 4))?;
-    writeln!(md, "| pretraining validation bits per byte | {} |", num(eval.val_bpb, 4))?;
-    writeln!(md, "| reward model held-out pairwise accuracy | {} |", pct(eval.reward_accuracy))?;
+    writeln!(
+        md,
+        "| pretraining validation bits per byte | {} |",
+        num(eval.val_bpb, 4)
+    )?;
+    writeln!(
+        md,
+        "| reward model held-out pairwise accuracy | {} |",
+        pct(eval.reward_accuracy)
+    )?;
     writeln!(md, "| reward model mean margin | {} |", num(eval.reward_margin, 3))?;
-    writeln!(md, "| reward/answer-length correlation (length-bias alarm) | {} |", num(eval.reward_length_corr, 3))?;
+    writeln!(
+        md,
+        "| reward/answer-length correlation (length-bias alarm) | {} |",
+        num(eval.reward_length_corr, 3)
+    )?;
     for (k, v) in &eval.benchmarks {
         writeln!(md, "| {k} | {} |", pct(Some(*v)))?;
     }
@@ -204,7 +265,11 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
             writeln!(md, "![{title}]({file})\n")?;
         }
     } else {
-        writeln!(md, "\n(no plots: no TTF font was found for the labels; looked in {})", FONT_PATHS.join(", "))?;
+        writeln!(
+            md,
+            "\n(no plots: no TTF font was found for the labels; looked in {})",
+            FONT_PATHS.join(", ")
+        )?;
     }
     for n in &eval.notes {
         writeln!(md, "- {n}")?;

@@ -56,16 +56,31 @@ impl SkillReport {
 
 /// A chat model's greedy answer to a prompt; an answer that never ends is returned as is (and
 /// the verifier will normally reject it).
-pub fn chat_answer(model: &Gpt, tok: &Tokenizer, template: &ChatTemplate, p: &PromptRecord, max_new: usize) -> Result<(String, bool)> {
+pub fn chat_answer(
+    model: &Gpt,
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    p: &PromptRecord,
+    max_new: usize,
+) -> Result<(String, bool)> {
     let ids = template.render_prompt(tok, &p.messages)?;
-    let opts = GenerateOptions { max_new_tokens: max_new, stop_tokens: template.stop_tokens(tok) };
+    let opts = GenerateOptions {
+        max_new_tokens: max_new,
+        stop_tokens: template.stop_tokens(tok),
+    };
     let mut s = Sampler::new(SamplingParams::greedy(), 0)?;
     let g = engine::generate(model, &ids, &opts, &mut s, |_| true)?;
     Ok((tok.decode(&g.tokens)?, g.finish == FinishReason::Stop))
 }
 
 /// Exact-match accuracy of a chat model, per skill.
-pub fn chat_accuracy(model: &Gpt, tok: &Tokenizer, template: &ChatTemplate, prompts: &[PromptRecord], max_new: usize) -> Result<SkillReport> {
+pub fn chat_accuracy(
+    model: &Gpt,
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    prompts: &[PromptRecord],
+    max_new: usize,
+) -> Result<SkillReport> {
     let mut r = SkillReport::default();
     for p in prompts {
         let (answer, ended) = chat_answer(model, tok, template, p, max_new)?;
@@ -77,7 +92,14 @@ pub fn chat_accuracy(model: &Gpt, tok: &Tokenizer, template: &ChatTemplate, prom
 /// Exact-match accuracy of a base (pretrained-only) model, prompted with `shots` solved
 /// examples of the same skill in the plain `Q: ...\nA: ...` form; the answer is the text up to
 /// the first newline.
-pub fn few_shot_accuracy(model: &Gpt, tok: &Tokenizer, prompts: &[PromptRecord], shots: usize, seed: u64, max_new: usize) -> Result<SkillReport> {
+pub fn few_shot_accuracy(
+    model: &Gpt,
+    tok: &Tokenizer,
+    prompts: &[PromptRecord],
+    shots: usize,
+    seed: u64,
+    max_new: usize,
+) -> Result<SkillReport> {
     let mut r = SkillReport::default();
     let mut prefixes: BTreeMap<String, String> = BTreeMap::new();
     let eot: Vec<u32> = tok.special_id(crate::tokenizer::EOT).into_iter().collect();
@@ -92,7 +114,10 @@ pub fn few_shot_accuracy(model: &Gpt, tok: &Tokenizer, prompts: &[PromptRecord],
         if ids.len() + max_new > ctx {
             ids.drain(..ids.len() + max_new - ctx);
         }
-        let opts = GenerateOptions { max_new_tokens: max_new, stop_tokens: eot.clone() };
+        let opts = GenerateOptions {
+            max_new_tokens: max_new,
+            stop_tokens: eot.clone(),
+        };
         let mut s = Sampler::new(SamplingParams::greedy(), 0)?;
         let mut text = crate::engine::TextStream::new(tok);
         let mut so_far = String::new();
@@ -126,10 +151,30 @@ pub fn win_rate(prompts: &[PromptRecord], a: &[String], b: &[String], rm: Option
         return Ok(out);
     }
     if let Some(rm) = rm {
-        let items_a: Vec<(&[crate::chat::Message], &str)> = prompts[..n].iter().zip(a).map(|(p, x)| (p.messages.as_slice(), x.as_str())).collect();
-        let items_b: Vec<(&[crate::chat::Message], &str)> = prompts[..n].iter().zip(b).map(|(p, x)| (p.messages.as_slice(), x.as_str())).collect();
+        let items_a: Vec<(&[crate::chat::Message], &str)> = prompts[..n]
+            .iter()
+            .zip(a)
+            .map(|(p, x)| (p.messages.as_slice(), x.as_str()))
+            .collect();
+        let items_b: Vec<(&[crate::chat::Message], &str)> = prompts[..n]
+            .iter()
+            .zip(b)
+            .map(|(p, x)| (p.messages.as_slice(), x.as_str()))
+            .collect();
         let (sa, sb) = (rm.score(&items_a, 16)?, rm.score(&items_b, 16)?);
-        let wins: f64 = sa.iter().zip(&sb).map(|(x, y)| if x > y { 1.0 } else if x == y { 0.5 } else { 0.0 }).sum();
+        let wins: f64 = sa
+            .iter()
+            .zip(&sb)
+            .map(|(x, y)| {
+                if x > y {
+                    1.0
+                } else if x == y {
+                    0.5
+                } else {
+                    0.0
+                }
+            })
+            .sum();
         out.by_reward_model = Some(wins / n as f64);
         out.reward_a = Some(sa.iter().map(|&x| x as f64).sum::<f64>() / n as f64);
         out.reward_b = Some(sb.iter().map(|&x| x as f64).sum::<f64>() / n as f64);
@@ -140,7 +185,13 @@ pub fn win_rate(prompts: &[PromptRecord], a: &[String], b: &[String], rm: Option
         .filter_map(|(p, (x, y))| {
             let (want, skill) = (p.answer.as_ref()?, p.skill.as_ref()?);
             let (ca, cb) = (verify::is_correct(want, skill, x), verify::is_correct(want, skill, y));
-            Some(if ca == cb { 0.5 } else if ca { 1.0 } else { 0.0 })
+            Some(if ca == cb {
+                0.5
+            } else if ca {
+                1.0
+            } else {
+                0.0
+            })
         })
         .collect();
     if !judged.is_empty() {

@@ -22,7 +22,12 @@ pub fn batch(seqs: &[(&[u32], usize)], pad: u32, device: &Device) -> Result<Batc
     let n = seqs.len();
     let l = seqs.iter().map(|(s, _)| s.len()).max().unwrap_or(1);
     let a = seqs.iter().map(|(s, p)| s.len() - p).max().unwrap_or(1).max(1);
-    let (mut x, mut rows, mut targets, mut mask) = (vec![pad; n * l], vec![0u32; n * a], vec![0u32; n * a], vec![0f32; n * a]);
+    let (mut x, mut rows, mut targets, mut mask) = (
+        vec![pad; n * l],
+        vec![0u32; n * a],
+        vec![0u32; n * a],
+        vec![0f32; n * a],
+    );
     for (i, &(seq, prompt_len)) in seqs.iter().enumerate() {
         x[i * l..i * l + seq.len()].copy_from_slice(seq);
         for k in 0..seq.len() - prompt_len {
@@ -48,7 +53,9 @@ pub fn answer_logprobs(model: &Gpt, b: &Batch, temperature: f64) -> Result<(Tens
     let v = logits.dim(2)?;
     let rows = logits.reshape(((), v))?.index_select(&b.rows, 0)?;
     let logp = candle_nn::ops::log_softmax(&(rows / temperature)?, D::Minus1)?;
-    let picked = logp.gather(&b.targets.unsqueeze(1)?, 1)?.squeeze(1)?.reshape((b.n, b.a))?;
+    let picked = logp
+        .gather(&b.targets.unsqueeze(1)?, 1)?
+        .squeeze(1)?
+        .reshape((b.n, b.a))?;
     Ok((picked, logp))
 }
-

@@ -69,7 +69,13 @@ impl Dpo {
         let n = pairs.len();
         let pi = self.answer_ll(model, pairs)?;
         let rf = self.answer_ll(&self.reference, pairs)?.detach();
-        dpo_loss(&pi.narrow(0, 0, n)?, &pi.narrow(0, n, n)?, &rf.narrow(0, 0, n)?, &rf.narrow(0, n, n)?, self.beta)
+        dpo_loss(
+            &pi.narrow(0, 0, n)?,
+            &pi.narrow(0, n, n)?,
+            &rf.narrow(0, 0, n)?,
+            &rf.narrow(0, n, n)?,
+            self.beta,
+        )
     }
 }
 
@@ -98,7 +104,11 @@ impl Objective for Dpo {
         }
         let n = n.max(1) as f64;
         Ok(EvalReport {
-            values: vec![("val_loss", loss / n), ("accuracy", correct as f64 / n), ("margin", margin / n)],
+            values: vec![
+                ("val_loss", loss / n),
+                ("accuracy", correct as f64 / n),
+                ("margin", margin / n),
+            ],
             samples: vec![],
         })
     }
@@ -128,7 +138,11 @@ fn render_pairs(
                 too_long += 1;
                 continue;
             }
-            out.push(Pair { chosen, rejected, prompt_len });
+            out.push(Pair {
+                chosen,
+                rejected,
+                prompt_len,
+            });
         }
     }
     Ok((out, too_long))
@@ -136,17 +150,27 @@ fn render_pairs(
 
 /// Runs DPO; the policy ends up in `train.out/checkpoint`.
 pub fn dpo(cfg: &DpoConfig) -> Result<TrainOutcome> {
-    ensure!(cfg.beta > 0.0 && cfg.beta.is_finite(), "--beta must be positive, got {}", cfg.beta);
+    ensure!(
+        cfg.beta > 0.0 && cfg.beta.is_finite(),
+        "--beta must be positive, got {}",
+        cfg.beta
+    );
     ensure!(cfg.batch_size >= 1, "--batch-size must be at least 1");
     let ck = Checkpoint::load(&cfg.policy, DType::F32, &Device::Cpu)?;
-    let tok_json = ck.tokenizer_json.clone().with_context(|| format!("{} has no tokenizer.json", cfg.policy.display()))?;
+    let tok_json = ck
+        .tokenizer_json
+        .clone()
+        .with_context(|| format!("{} has no tokenizer.json", cfg.policy.display()))?;
     let tok = Tokenizer::from_json(&tok_json)?;
     let template = ChatTemplate::new(&tok)?;
     let ctx = ck.config.n_positions;
     let (mut train, skipped) = load_preferences(&cfg.data)?;
     ensure!(!train.is_empty(), "no usable preference pairs in the DPO data");
     let val = if cfg.val_data.is_empty() {
-        ensure!((0.0..1.0).contains(&cfg.val_fraction), "--val-fraction must be in [0, 1)");
+        ensure!(
+            (0.0..1.0).contains(&cfg.val_fraction),
+            "--val-fraction must be in [0, 1)"
+        );
         train.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.train.seed));
         let n = ((train.len() as f64 * cfg.val_fraction).round() as usize).min(train.len() - 1);
         train.split_off(train.len() - n)

@@ -18,8 +18,15 @@ impl EpochOrder {
     /// The order of `n` examples at `(epoch, index)`.
     pub fn new(seed: u64, n: usize, epoch: u64, index: usize) -> Self {
         let mut order: Vec<u32> = (0..n as u32).collect();
-        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(epoch.wrapping_mul(0x9E37_79B9))));
-        Self { epoch, index, order, seed }
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+            seed.wrapping_add(epoch.wrapping_mul(0x9E37_79B9)),
+        ));
+        Self {
+            epoch,
+            index,
+            order,
+            seed,
+        }
     }
 
     /// The next example, moving to a freshly shuffled epoch at the end of one.
@@ -45,7 +52,10 @@ impl EpochOrder {
     pub fn restore(&mut self, state: &Value) -> Result<()> {
         let epoch = state["epoch"].as_u64().context("saved state lacks the data epoch")?;
         let index = state["index"].as_u64().context("saved state lacks the data index")? as usize;
-        ensure!(index <= self.order.len(), "saved data position {index} is beyond the data (different data?)");
+        ensure!(
+            index <= self.order.len(),
+            "saved data position {index} is beyond the data (different data?)"
+        );
         *self = Self::new(self.seed, self.order.len(), epoch, index);
         Ok(())
     }

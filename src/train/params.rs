@@ -34,11 +34,18 @@ impl ParamSet {
         let vars = names
             .into_iter()
             .map(|name| {
-                let t = weights.get(&name).with_context(|| format!("missing tensor {name:?}"))?.copy()?;
+                let t = weights
+                    .get(&name)
+                    .with_context(|| format!("missing tensor {name:?}"))?
+                    .copy()?;
                 Ok((name, Var::from_tensor(&t)?))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { config: config.clone(), vars, n_gpt })
+        Ok(Self {
+            config: config.clone(),
+            vars,
+            n_gpt,
+        })
     }
 
     /// The GPT's parameters only.
@@ -66,14 +73,19 @@ impl ParamSet {
 
     /// The model over these variables: optimizer updates are visible to it at once.
     pub fn model(&self) -> Result<Gpt> {
-        let gpt: HashMap<String, Tensor> =
-            self.vars[..self.n_gpt].iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let gpt: HashMap<String, Tensor> = self.vars[..self.n_gpt]
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
         Gpt::from_weights(&self.config, &gpt)
     }
 
     /// All variables' tensors (GPT and heads) by name (sharing storage).
     pub fn weights(&self) -> HashMap<String, Tensor> {
-        self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
+        self.vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect()
     }
 
     /// The gradient of every parameter, in order. A parameter without a gradient is an error:
@@ -82,7 +94,10 @@ impl ParamSet {
         self.vars
             .iter()
             .map(|(name, v)| {
-                store.get(v.as_tensor()).cloned().with_context(|| format!("parameter {name} received no gradient"))
+                store
+                    .get(v.as_tensor())
+                    .cloned()
+                    .with_context(|| format!("parameter {name} received no gradient"))
             })
             .collect()
     }

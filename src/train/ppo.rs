@@ -23,8 +23,8 @@ use crate::engine::{self, FinishReason, GenerateOptions, Sampler, SamplingParams
 use crate::eval::verify;
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
-use crate::train::metrics::MetricsLog;
 use crate::train::answers::{Batch, answer_logprobs, batch};
+use crate::train::metrics::MetricsLog;
 use crate::train::order::EpochOrder;
 use crate::train::reward::{RewardModel, SCORE_HEAD, sequence_scores};
 use crate::train::rl::{self, KlController, RunningStats};
@@ -88,22 +88,40 @@ pub struct PpoConfig {
 impl PpoConfig {
     fn validate(&self) -> Result<()> {
         ensure!(self.steps > 0, "--steps must be positive");
-        ensure!(self.prompts_per_step > 0 && self.samples_per_prompt > 0, "--prompts-per-step and --samples-per-prompt must be positive");
+        ensure!(
+            self.prompts_per_step > 0 && self.samples_per_prompt > 0,
+            "--prompts-per-step and --samples-per-prompt must be positive"
+        );
         ensure!(self.max_new_tokens > 0, "--max-new-tokens must be positive");
-        ensure!(self.temperature > 0.0 && self.temperature.is_finite(), "--temperature must be positive for PPO");
+        ensure!(
+            self.temperature > 0.0 && self.temperature.is_finite(),
+            "--temperature must be positive for PPO"
+        );
         for (name, v) in [("--lr", self.lr), ("--critic-lr", self.critic_lr)] {
             ensure!(v > 0.0 && v < 1.0, "{name} must be in (0, 1), got {v}");
         }
-        ensure!(self.ppo_epochs > 0 && self.minibatch > 0, "--ppo-epochs and --minibatch must be positive");
+        ensure!(
+            self.ppo_epochs > 0 && self.minibatch > 0,
+            "--ppo-epochs and --minibatch must be positive"
+        );
         ensure!(self.clip > 0.0 && self.value_clip > 0.0, "clip ranges must be positive");
-        ensure!((0.0..=1.0).contains(&self.gamma) && (0.0..=1.0).contains(&self.lambda), "gamma and lambda must be in [0, 1]");
-        ensure!(self.kl_coef >= 0.0 && self.kl_coef.is_finite(), "--kl-coef must be non-negative");
+        ensure!(
+            (0.0..=1.0).contains(&self.gamma) && (0.0..=1.0).contains(&self.lambda),
+            "gamma and lambda must be in [0, 1]"
+        );
+        ensure!(
+            self.kl_coef >= 0.0 && self.kl_coef.is_finite(),
+            "--kl-coef must be non-negative"
+        );
         if let Some(t) = self.kl_target {
             ensure!(t > 0.0, "--kl-target must be positive");
         }
         ensure!(self.reward_clip > 0.0, "--reward-clip must be positive");
         ensure!(self.grad_clip > 0.0, "--grad-clip must be positive");
-        ensure!(self.eval_every > 0 && self.save_every > 0, "--eval-every and --save-every must be positive");
+        ensure!(
+            self.eval_every > 0 && self.save_every > 0,
+            "--eval-every and --save-every must be positive"
+        );
         Ok(())
     }
 }
@@ -161,16 +179,28 @@ pub struct PpoOutcome {
 }
 
 /// Greedy verifier accuracy on prompts with reference answers.
-pub fn verifier_accuracy(model: &Gpt, tok: &Tokenizer, template: &ChatTemplate, prompts: &[PromptRecord], max_new: usize) -> Result<f64> {
+pub fn verifier_accuracy(
+    model: &Gpt,
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    prompts: &[PromptRecord],
+    max_new: usize,
+) -> Result<f64> {
     let mut correct = 0;
     let mut total = 0;
     for p in prompts {
-        let (Some(answer), Some(skill)) = (&p.answer, &p.skill) else { continue };
+        let (Some(answer), Some(skill)) = (&p.answer, &p.skill) else {
+            continue;
+        };
         let ids = template.render_prompt(tok, &p.messages)?;
-        let opts = GenerateOptions { max_new_tokens: max_new, stop_tokens: template.stop_tokens(tok) };
+        let opts = GenerateOptions {
+            max_new_tokens: max_new,
+            stop_tokens: template.stop_tokens(tok),
+        };
         let mut s = Sampler::new(SamplingParams::greedy(), 0)?;
         let g = engine::generate(model, &ids, &opts, &mut s, |_| true)?;
-        correct += usize::from(g.finish == FinishReason::Stop && verify::is_correct(answer, skill, &tok.decode(&g.tokens)?));
+        correct +=
+            usize::from(g.finish == FinishReason::Stop && verify::is_correct(answer, skill, &tok.decode(&g.tokens)?));
         total += 1;
     }
     Ok(correct as f64 / total.max(1) as f64)
@@ -186,7 +216,10 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
     cfg.validate()?;
     let device = Device::Cpu;
     let sft = Checkpoint::load(&cfg.policy, DType::F32, &device)?;
-    let tok_json = sft.tokenizer_json.clone().with_context(|| format!("{} has no tokenizer.json", cfg.policy.display()))?;
+    let tok_json = sft
+        .tokenizer_json
+        .clone()
+        .with_context(|| format!("{} has no tokenizer.json", cfg.policy.display()))?;
     let tok = Tokenizer::from_json(&tok_json)?;
     let template = ChatTemplate::new(&tok)?;
     let reference = sft.model()?;
@@ -206,7 +239,11 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         }
         RewardSpec::Verifier => {
             if let Some(bad) = prompts.iter().position(|p| p.answer.is_none() || p.skill.is_none()) {
-                bail!("--reward verifier needs prompts with \"answer\" and \"skill\"; {} record {} has none", cfg.prompts.display(), bad + 1);
+                bail!(
+                    "--reward verifier needs prompts with \"answer\" and \"skill\"; {} record {} has none",
+                    cfg.prompts.display(),
+                    bad + 1
+                );
             }
             None
         }
@@ -215,19 +252,36 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
     let critic_dir = cfg.out.join("critic");
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     if !cfg.resume && ckpt_dir.exists() {
-        bail!("{} already holds a checkpoint: pass --resume to continue it, or choose another --out", cfg.out.display());
+        bail!(
+            "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+            cfg.out.display()
+        );
     }
     // Actor from SFT (or the saved actor), critic from the reward model (or the saved critic).
     let (actor_ck, critic_ck) = if cfg.resume {
-        ensure!(ckpt_dir.join(checkpoint::CONFIG_FILE).exists(), "--resume: {} has no checkpoint", cfg.out.display());
-        (Checkpoint::load(&ckpt_dir, DType::F32, &device)?, Some(Checkpoint::load(&critic_dir, DType::F32, &device)?))
+        ensure!(
+            ckpt_dir.join(checkpoint::CONFIG_FILE).exists(),
+            "--resume: {} has no checkpoint",
+            cfg.out.display()
+        );
+        (
+            Checkpoint::load(&ckpt_dir, DType::F32, &device)?,
+            Some(Checkpoint::load(&critic_dir, DType::F32, &device)?),
+        )
     } else {
         (Checkpoint::load(&cfg.policy, DType::F32, &device)?, None)
     };
-    ensure!(actor_ck.config == sft.config, "--resume: the saved actor is a different model from {}", cfg.policy.display());
+    ensure!(
+        actor_ck.config == sft.config,
+        "--resume: the saved actor is a different model from {}",
+        cfg.policy.display()
+    );
     let actor = ParamSet::from_weights(&actor_ck.config, &actor_ck.weights)?;
     let actor_model = actor.model()?;
-    let adam = AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() };
+    let adam = AdamWConfig {
+        weight_decay: 0.0,
+        ..AdamWConfig::default()
+    };
     let mut actor_opt = AdamW::new(actor.vars(), adam)?;
     let critic_weights = match (&critic_ck, &reward_model) {
         (Some(c), _) => c.weights.clone(),
@@ -239,29 +293,52 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         // With the verifier as reward, the critic starts from the SFT model with a zero head.
         (None, None) => {
             let mut w = sft.weights.clone();
-            w.insert(SCORE_HEAD.into(), Tensor::zeros((1, sft.config.n_embd), DType::F32, &device)?);
+            w.insert(
+                SCORE_HEAD.into(),
+                Tensor::zeros((1, sft.config.n_embd), DType::F32, &device)?,
+            );
             w
         }
     };
     let critic_cfg = critic_ck.as_ref().map_or_else(
-        || reward_model.as_ref().map_or(sft.config.clone(), |rm| rm.gpt.config().clone()),
+        || {
+            reward_model
+                .as_ref()
+                .map_or(sft.config.clone(), |rm| rm.gpt.config().clone())
+        },
         |c| c.config.clone(),
     );
     let critic_params = ParamSet::with_heads(&critic_cfg, &critic_weights, &[SCORE_HEAD])?;
     let critic_opt = AdamW::new(critic_params.vars(), adam)?;
-    let mut critic = Critic { params: critic_params, opt: critic_opt };
+    let mut critic = Critic {
+        params: critic_params,
+        opt: critic_opt,
+    };
     let critic_model = critic.params.model()?;
     let value_head = critic.params.get(SCORE_HEAD).expect("head present").clone();
 
     let mut order = EpochOrder::new(cfg.seed, prompts.len(), 0, 0);
-    let mut kl = KlController { coef: cfg.kl_coef, target: cfg.kl_target, horizon: cfg.kl_horizon };
+    let mut kl = KlController {
+        coef: cfg.kl_coef,
+        target: cfg.kl_target,
+        horizon: cfg.kl_horizon,
+    };
     let mut stats = RunningStats::default();
     let mut step = 0u64;
     let mut first_len: Option<f64> = None;
-    let mut ptx = cfg.ptx_data.as_deref().map(|d| TokenLoader::open(d, Split::Train, sft.config.n_positions, cfg.seed)).transpose()?;
+    let mut ptx = cfg
+        .ptx_data
+        .as_deref()
+        .map(|d| TokenLoader::open(d, Split::Train, sft.config.n_positions, cfg.seed))
+        .transpose()?;
     if cfg.resume {
         let st = &actor_ck.meta.state;
-        ensure!(actor_ck.meta.stage == "ppo", "--resume: {} is a {} checkpoint", ckpt_dir.display(), actor_ck.meta.stage);
+        ensure!(
+            actor_ck.meta.stage == "ppo",
+            "--resume: {} is a {} checkpoint",
+            ckpt_dir.display(),
+            actor_ck.meta.stage
+        );
         step = actor_ck.meta.step;
         order.restore(&st["prompt_order"])?;
         kl.coef = st["kl_coef"].as_f64().context("saved state lacks kl_coef")?;
@@ -271,22 +348,47 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             let pos: LoaderPosition = serde_json::from_value(pos.clone())?;
             l.restore(pos)?;
         }
-        actor_opt.load_state(&Checkpoint::load_optimizer(&ckpt_dir, &device)?.context("--resume: no actor optimizer state")?)?;
-        critic.opt.load_state(&Checkpoint::load_optimizer(&critic_dir, &device)?.context("--resume: no critic optimizer state")?)?;
+        actor_opt.load_state(
+            &Checkpoint::load_optimizer(&ckpt_dir, &device)?.context("--resume: no actor optimizer state")?,
+        )?;
+        critic.opt.load_state(
+            &Checkpoint::load_optimizer(&critic_dir, &device)?.context("--resume: no critic optimizer state")?,
+        )?;
     }
 
     let mut metrics = MetricsLog::open(&cfg.out, "ppo", step)?;
     let stop = crate::train::trainer::interrupt_flag();
     stop.store(false, Ordering::SeqCst);
     let started = Instant::now();
-    let pb = if cfg.progress { ProgressBar::new(cfg.steps) } else { ProgressBar::hidden() };
-    pb.set_style(ProgressStyle::with_template("ppo [{bar:30}] {pos}/{len} {msg} ETA {eta}").expect("valid").progress_chars("=> "));
+    let pb = if cfg.progress {
+        ProgressBar::new(cfg.steps)
+    } else {
+        ProgressBar::hidden()
+    };
+    pb.set_style(
+        ProgressStyle::with_template("ppo [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+            .expect("valid")
+            .progress_chars("=> "),
+    );
     pb.set_position(step);
     let stop_tokens = template.stop_tokens(&tok);
     let pad = template.end;
-    let schedule = |lr: f64| LrSchedule { max_lr: lr, min_lr: lr, warmup: cfg.warmup, total: cfg.steps };
+    let schedule = |lr: f64| LrSchedule {
+        max_lr: lr,
+        min_lr: lr,
+        warmup: cfg.warmup,
+        total: cfg.steps,
+    };
 
-    let save = |step: u64, order: &EpochOrder, kl: &KlController, stats: &RunningStats, first_len: Option<f64>, ptx: Option<&TokenLoader>, actor_opt: &AdamW, critic: &Critic| -> Result<()> {
+    let save = |step: u64,
+                order: &EpochOrder,
+                kl: &KlController,
+                stats: &RunningStats,
+                first_len: Option<f64>,
+                ptx: Option<&TokenLoader>,
+                actor_opt: &AdamW,
+                critic: &Critic|
+     -> Result<()> {
         let state = json!({
             "prompt_order": order.state(),
             "kl_coef": kl.coef,
@@ -294,12 +396,36 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             "first_answer_len": first_len,
             "ptx_position": ptx.map(|l| l.position()),
         });
-        let meta = Meta { stage: "ppo".into(), step, seed: Some(cfg.seed), parent: Some(cfg.policy.display().to_string()), state, ..Meta::default() };
+        let meta = Meta {
+            stage: "ppo".into(),
+            step,
+            seed: Some(cfg.seed),
+            parent: Some(cfg.policy.display().to_string()),
+            state,
+            ..Meta::default()
+        };
         // The critic first: a crash between the two leaves an older actor, never a newer one
         // paired with a stale critic state.
-        let cmeta = Meta { stage: "ppo-critic".into(), ..meta.clone() };
-        CheckpointWriter { config: critic.params.config(), weights: &critic.params.weights(), tokenizer_json: Some(&tok_json), meta: &cmeta, optimizer: Some(&critic.opt.state()?) }.save(&critic_dir)?;
-        CheckpointWriter { config: actor.config(), weights: &actor.weights(), tokenizer_json: Some(&tok_json), meta: &meta, optimizer: Some(&actor_opt.state()?) }.save(&ckpt_dir)
+        let cmeta = Meta {
+            stage: "ppo-critic".into(),
+            ..meta.clone()
+        };
+        CheckpointWriter {
+            config: critic.params.config(),
+            weights: &critic.params.weights(),
+            tokenizer_json: Some(&tok_json),
+            meta: &cmeta,
+            optimizer: Some(&critic.opt.state()?),
+        }
+        .save(&critic_dir)?;
+        CheckpointWriter {
+            config: actor.config(),
+            weights: &actor.weights(),
+            tokenizer_json: Some(&tok_json),
+            meta: &meta,
+            optimizer: Some(&actor_opt.state()?),
+        }
+        .save(&ckpt_dir)
     };
 
     let mut last = vec![];
@@ -316,12 +442,28 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             let rec = &prompts[order.next()];
             let prompt_ids = template.render_prompt(&tok, &rec.messages)?;
             if prompt_ids.len() + 2 > sft.config.n_positions {
-                bail!("a prompt of {} tokens leaves no room for an answer in the context of {}", prompt_ids.len(), sft.config.n_positions);
+                bail!(
+                    "a prompt of {} tokens leaves no room for an answer in the context of {}",
+                    prompt_ids.len(),
+                    sft.config.n_positions
+                );
             }
             for k in 0..cfg.samples_per_prompt {
-                let seed = cfg.seed ^ step.wrapping_mul(1_000_003) ^ ((p * cfg.samples_per_prompt + k) as u64).wrapping_mul(7919);
-                let mut sampler = Sampler::new(SamplingParams { temperature: cfg.temperature, top_k: None, top_p: None }, seed)?;
-                let opts = GenerateOptions { max_new_tokens: cfg.max_new_tokens, stop_tokens: stop_tokens.clone() };
+                let seed = cfg.seed
+                    ^ step.wrapping_mul(1_000_003)
+                    ^ ((p * cfg.samples_per_prompt + k) as u64).wrapping_mul(7919);
+                let mut sampler = Sampler::new(
+                    SamplingParams {
+                        temperature: cfg.temperature,
+                        top_k: None,
+                        top_p: None,
+                    },
+                    seed,
+                )?;
+                let opts = GenerateOptions {
+                    max_new_tokens: cfg.max_new_tokens,
+                    stop_tokens: stop_tokens.clone(),
+                };
                 let g = engine::generate(&actor_model, &prompt_ids, &opts, &mut sampler, |_| true)?;
                 let ended = g.finish == FinishReason::Stop;
                 let mut seq = prompt_ids.clone();
@@ -334,7 +476,17 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                     continue;
                 }
                 records.push((rec, tok.decode(&g.tokens)?));
-                rollouts.push(Rollout { seq, prompt_len: prompt_ids.len(), ended, score: 0.0, logp_old: vec![], logp_ref: vec![], values: vec![], adv: vec![], ret: vec![] });
+                rollouts.push(Rollout {
+                    seq,
+                    prompt_len: prompt_ids.len(),
+                    ended,
+                    score: 0.0,
+                    logp_old: vec![],
+                    logp_ref: vec![],
+                    values: vec![],
+                    adv: vec![],
+                    ret: vec![],
+                });
             }
         }
         ensure!(!rollouts.is_empty(), "no rollouts could be sampled");
@@ -344,15 +496,30 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                 let seqs: Vec<Vec<u32>> = rollouts.iter().map(|r| r.seq.clone()).collect();
                 let mut out = vec![];
                 for chunk in seqs.chunks(16) {
-                    out.extend(sequence_scores(&rm.gpt, &rm.head, chunk, pad)?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+                    out.extend(
+                        sequence_scores(&rm.gpt, &rm.head, chunk, pad)?
+                            .to_dtype(DType::F64)?
+                            .to_vec1::<f64>()?,
+                    );
                 }
                 out
             }
-            None => records.iter().map(|(rec, text)| verify::reward(rec.answer.as_deref().unwrap_or(""), rec.skill.as_deref().unwrap_or(""), text)).collect(),
+            None => records
+                .iter()
+                .map(|(rec, text)| {
+                    verify::reward(
+                        rec.answer.as_deref().unwrap_or(""),
+                        rec.skill.as_deref().unwrap_or(""),
+                        text,
+                    )
+                })
+                .collect(),
         };
         let correct: Vec<bool> = records
             .iter()
-            .map(|(rec, text)| matches!((&rec.answer, &rec.skill), (Some(a), Some(s)) if verify::is_correct(a, s, text)))
+            .map(
+                |(rec, text)| matches!((&rec.answer, &rec.skill), (Some(a), Some(s)) if verify::is_correct(a, s, text)),
+            )
             .collect();
         for (r, s) in rollouts.iter_mut().zip(&scores) {
             r.score = *s;
@@ -363,7 +530,14 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         // 3. Old log-probs, reference log-probs and values, in minibatches.
         for chunk in rollouts.chunks_mut(cfg.minibatch) {
             let refs: Vec<&Rollout> = chunk.iter().collect();
-            let b = batch(&refs.iter().map(|r| (r.seq.as_slice(), r.prompt_len)).collect::<Vec<_>>(), pad, &device)?;
+            let b = batch(
+                &refs
+                    .iter()
+                    .map(|r| (r.seq.as_slice(), r.prompt_len))
+                    .collect::<Vec<_>>(),
+                pad,
+                &device,
+            )?;
             let lens: Vec<usize> = refs.iter().map(|r| r.answer_len()).collect();
             let old = rows_of(&answer_logprobs(&actor_model, &b, cfg.temperature)?.0, &lens)?;
             let reference_lp = rows_of(&answer_logprobs(&reference, &b, cfg.temperature)?.0, &lens)?;
@@ -377,10 +551,19 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         // 4. Per-token rewards: KL penalty on every token, the normalised score on the last.
         let mut kl_sum = 0.0;
         for r in rollouts.iter_mut() {
-            let kls: Vec<f64> = r.logp_old.iter().zip(&r.logp_ref).map(|(a, b)| rl::kl_k1(*a, *b)).collect();
+            let kls: Vec<f64> = r
+                .logp_old
+                .iter()
+                .zip(&r.logp_ref)
+                .map(|(a, b)| rl::kl_k1(*a, *b))
+                .collect();
             kl_sum += kls.iter().sum::<f64>();
             let mut rewards: Vec<f64> = kls.iter().map(|k| -kl.coef * k).collect();
-            let final_reward = if r.ended { stats.normalise(r.score, cfg.reward_clip) } else { cfg.no_end_penalty };
+            let final_reward = if r.ended {
+                stats.normalise(r.score, cfg.reward_clip)
+            } else {
+                cfg.no_end_penalty
+            };
             *rewards.last_mut().expect("non-empty answer") += final_reward;
             let (adv, ret) = rl::gae(&rewards, &r.values, cfg.gamma, cfg.lambda);
             r.adv = adv;
@@ -404,11 +587,26 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             let idx: Vec<usize> = (0..n_roll).map(|_| mb_order.next()).collect();
             for mb in idx.chunks(cfg.minibatch) {
                 let refs: Vec<&Rollout> = mb.iter().map(|&i| &rollouts[i]).collect();
-                let b = batch(&refs.iter().map(|r| (r.seq.as_slice(), r.prompt_len)).collect::<Vec<_>>(), pad, &device)?;
-                let old = to_tensor(&refs.iter().map(|r| r.logp_old.as_slice()).collect::<Vec<_>>(), b.a, &device)?;
+                let b = batch(
+                    &refs
+                        .iter()
+                        .map(|r| (r.seq.as_slice(), r.prompt_len))
+                        .collect::<Vec<_>>(),
+                    pad,
+                    &device,
+                )?;
+                let old = to_tensor(
+                    &refs.iter().map(|r| r.logp_old.as_slice()).collect::<Vec<_>>(),
+                    b.a,
+                    &device,
+                )?;
                 let adv = to_tensor(&refs.iter().map(|r| r.adv.as_slice()).collect::<Vec<_>>(), b.a, &device)?;
                 let ret = to_tensor(&refs.iter().map(|r| r.ret.as_slice()).collect::<Vec<_>>(), b.a, &device)?;
-                let vold = to_tensor(&refs.iter().map(|r| r.values.as_slice()).collect::<Vec<_>>(), b.a, &device)?;
+                let vold = to_tensor(
+                    &refs.iter().map(|r| r.values.as_slice()).collect::<Vec<_>>(),
+                    b.a,
+                    &device,
+                )?;
                 // Actor.
                 let (logp, dist) = answer_logprobs(&actor_model, &b, cfg.temperature)?;
                 let (mut loss, clip_frac) = rl::policy_loss(&logp, &old, &adv, &b.mask, cfg.clip)?;
@@ -418,19 +616,36 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                 }
                 let entropy = {
                     let e = (dist.exp()? * &dist)?.sum(1)?.neg()?.reshape((b.n, b.a))?;
-                    (e * &b.mask)?.sum_all()?.to_scalar::<f32>()? as f64 / b.mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64
+                    (e * &b.mask)?.sum_all()?.to_scalar::<f32>()? as f64
+                        / b.mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64
                 };
                 pl_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 let grads = actor.grads(&loss.backward()?)?;
                 let norm = global_norm(&grads)?;
-                actor_opt.step(&grads, lr, if norm > cfg.grad_clip { cfg.grad_clip / (norm + 1e-6) } else { 1.0 })?;
+                actor_opt.step(
+                    &grads,
+                    lr,
+                    if norm > cfg.grad_clip {
+                        cfg.grad_clip / (norm + 1e-6)
+                    } else {
+                        1.0
+                    },
+                )?;
                 // Critic.
                 let values = answer_values(&critic_model, &value_head, &b)?;
                 let vloss = rl::value_loss(&values, &vold, &ret, &b.mask, cfg.value_clip)?;
                 vl_sum += vloss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 let grads = critic.params.grads(&vloss.backward()?)?;
                 let norm = global_norm(&grads)?;
-                critic.opt.step(&grads, critic_lr, if norm > cfg.grad_clip { cfg.grad_clip / (norm + 1e-6) } else { 1.0 })?;
+                critic.opt.step(
+                    &grads,
+                    critic_lr,
+                    if norm > cfg.grad_clip {
+                        cfg.grad_clip / (norm + 1e-6)
+                    } else {
+                        1.0
+                    },
+                )?;
                 clip_sum += clip_frac;
                 ent_sum += entropy;
                 updates += 1.0;
@@ -450,7 +665,12 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             pb.suspend(|| eprintln!("ppo step {step}: warning: answers grew from {first:.1} to {mean_len:.1} tokens (length or repetition hacking?)"));
         }
         if ended < 0.5 {
-            pb.suspend(|| eprintln!("ppo step {step}: warning: only {:.0}% of answers end properly", ended * 100.0));
+            pb.suspend(|| {
+                eprintln!(
+                    "ppo step {step}: warning: only {:.0}% of answers end properly",
+                    ended * 100.0
+                )
+            });
         }
         let mut values = vec![
             ("reward", mean_score),
@@ -488,8 +708,16 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
     pb.finish_and_clear();
     save(step, &order, &kl, &stats, first_len, ptx.as_ref(), &actor_opt, &critic)?;
     if interrupted {
-        eprintln!("ppo: stopped at step {step}; checkpoint saved in {} (continue with --resume)", ckpt_dir.display());
+        eprintln!(
+            "ppo: stopped at step {step}; checkpoint saved in {} (continue with --resume)",
+            ckpt_dir.display()
+        );
     }
-    Ok(PpoOutcome { steps: step, interrupted, checkpoint: ckpt_dir, last, wall_s: started.elapsed().as_secs_f64() })
+    Ok(PpoOutcome {
+        steps: step,
+        interrupted,
+        checkpoint: ckpt_dir,
+        last,
+        wall_s: started.elapsed().as_secs_f64(),
+    })
 }
-

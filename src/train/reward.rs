@@ -34,7 +34,10 @@ pub fn render_answer(tok: &Tokenizer, template: &ChatTemplate, prompt: &[Message
 /// Scores `[N]` of sequences of different lengths: the head applied to the final hidden state
 /// of each sequence's own last token (never a padding position).
 pub fn sequence_scores(gpt: &Gpt, head: &Tensor, seqs: &[Vec<u32>], pad: u32) -> Result<Tensor> {
-    ensure!(!seqs.is_empty() && seqs.iter().all(|s| !s.is_empty()), "cannot score empty sequences");
+    ensure!(
+        !seqs.is_empty() && seqs.iter().all(|s| !s.is_empty()),
+        "cannot score empty sequences"
+    );
     let t = seqs.iter().map(Vec::len).max().expect("non-empty");
     let mut ids = Vec::with_capacity(seqs.len() * t);
     let mut last = Vec::with_capacity(seqs.len());
@@ -47,7 +50,9 @@ pub fn sequence_scores(gpt: &Gpt, head: &Tensor, seqs: &[Vec<u32>], pad: u32) ->
     let x = Tensor::from_vec(ids, (seqs.len(), t), device)?;
     let hidden = gpt.forward_hidden(&x, None)?;
     let c = hidden.dim(2)?;
-    let picked = hidden.reshape((seqs.len() * t, c))?.index_select(&Tensor::new(last, device)?, 0)?;
+    let picked = hidden
+        .reshape((seqs.len() * t, c))?
+        .index_select(&Tensor::new(last, device)?, 0)?;
     Ok(picked.matmul(&head.t()?)?.squeeze(1)?)
 }
 
@@ -69,10 +74,19 @@ impl RewardModel {
             .get(SCORE_HEAD)
             .cloned()
             .with_context(|| format!("{} is not a reward model (no {SCORE_HEAD})", path.display()))?;
-        let json = ck.tokenizer_json.clone().with_context(|| format!("{} has no tokenizer.json", path.display()))?;
+        let json = ck
+            .tokenizer_json
+            .clone()
+            .with_context(|| format!("{} has no tokenizer.json", path.display()))?;
         let tokenizer = Tokenizer::from_json(&json)?;
         let template = ChatTemplate::new(&tokenizer)?;
-        Ok(Self { gpt: ck.model()?, head, tokenizer, template, tokenizer_json: json })
+        Ok(Self {
+            gpt: ck.model()?,
+            head,
+            tokenizer,
+            template,
+            tokenizer_json: json,
+        })
     }
 
     /// Padding id for batching (any id works: padding positions are never read).
@@ -145,7 +159,11 @@ fn pearson(x: &[f64], y: &[f64]) -> f64 {
     let cov: f64 = x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum();
     let vx: f64 = x.iter().map(|a| (a - mx).powi(2)).sum();
     let vy: f64 = y.iter().map(|b| (b - my).powi(2)).sum();
-    if vx == 0.0 || vy == 0.0 { 0.0 } else { cov / (vx * vy).sqrt() }
+    if vx == 0.0 || vy == 0.0 {
+        0.0
+    } else {
+        cov / (vx * vy).sqrt()
+    }
 }
 
 fn evaluate_groups(gpt: &Gpt, head: &Tensor, groups: &[Group], pad: u32, batch: usize) -> Result<RewardMetrics> {
@@ -154,7 +172,11 @@ fn evaluate_groups(gpt: &Gpt, head: &Tensor, groups: &[Group], pad: u32, batch: 
     for g in groups {
         let mut scores = vec![];
         for chunk in g.seqs.chunks(batch.max(2)) {
-            scores.extend(sequence_scores(gpt, head, chunk, pad)?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+            scores.extend(
+                sequence_scores(gpt, head, chunk, pad)?
+                    .to_dtype(DType::F64)?
+                    .to_vec1::<f64>()?,
+            );
         }
         for &(c, r) in &g.pairs {
             correct += usize::from(scores[c] > scores[r]);
@@ -215,7 +237,11 @@ impl Objective for RewardObjective {
         let head = params.get(SCORE_HEAD).context("reward head missing")?;
         let m = evaluate_groups(model, head, &self.val, self.pad, self.batch)?;
         Ok(EvalReport {
-            values: vec![("accuracy", m.accuracy), ("margin", m.margin), ("length_corr", m.length_corr)],
+            values: vec![
+                ("accuracy", m.accuracy),
+                ("margin", m.margin),
+                ("length_corr", m.length_corr),
+            ],
             samples: vec![],
         })
     }
@@ -241,17 +267,28 @@ fn render_groups(
     groups: &[PreferenceGroup],
     ctx: usize,
 ) -> Result<RenderedPreferences> {
-    let mut out = RenderedPreferences { groups: vec![], too_long: 0 };
+    let mut out = RenderedPreferences {
+        groups: vec![],
+        too_long: 0,
+    };
     for g in groups {
         let prompt_len = template.render(tok, &g.prompt)?.ids.len();
-        let seqs = g.ranked.iter().map(|a| render_answer(tok, template, &g.prompt, a)).collect::<Result<Vec<_>>>()?;
+        let seqs = g
+            .ranked
+            .iter()
+            .map(|a| render_answer(tok, template, &g.prompt, a))
+            .collect::<Result<Vec<_>>>()?;
         if seqs.iter().any(|s| s.len() > ctx) {
             out.too_long += 1;
             continue;
         }
         let answer_lens = seqs.iter().map(|s| s.len() - prompt_len).collect();
         let pairs = g.pairs();
-        out.groups.push(Group { seqs, answer_lens, pairs });
+        out.groups.push(Group {
+            seqs,
+            answer_lens,
+            pairs,
+        });
     }
     Ok(out)
 }
@@ -280,14 +317,20 @@ pub fn evaluate_reward_model(rm: &RewardModel, paths: &[PathBuf], batch: usize) 
 pub fn train_reward_model(cfg: &RewardConfig) -> Result<TrainOutcome> {
     ensure!(cfg.batch_size >= 2, "--batch-size must be at least 2 (a pair)");
     let ck = Checkpoint::load(&cfg.init, DType::F32, &Device::Cpu)?;
-    let tok_json = ck.tokenizer_json.clone().with_context(|| format!("{} has no tokenizer.json", cfg.init.display()))?;
+    let tok_json = ck
+        .tokenizer_json
+        .clone()
+        .with_context(|| format!("{} has no tokenizer.json", cfg.init.display()))?;
     let tok = Tokenizer::from_json(&tok_json)?;
     let template = ChatTemplate::new(&tok)?;
     let ctx = ck.config.n_positions;
     let (mut train, mut skipped) = load_preferences(&cfg.data)?;
     ensure!(!train.is_empty(), "no usable preference groups in the reward data");
     let val = if cfg.val_data.is_empty() {
-        ensure!((0.0..1.0).contains(&cfg.val_fraction), "--val-fraction must be in [0, 1)");
+        ensure!(
+            (0.0..1.0).contains(&cfg.val_fraction),
+            "--val-fraction must be in [0, 1)"
+        );
         train.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.train.seed));
         let n = ((train.len() as f64 * cfg.val_fraction).round() as usize).min(train.len() - 1);
         train.split_off(train.len() - n)
@@ -306,10 +349,17 @@ pub fn train_reward_model(cfg: &RewardConfig) -> Result<TrainOutcome> {
         skipped,
         train.too_long + val.too_long
     );
-    ensure!(!train.groups.is_empty(), "every preference group is longer than the context");
+    ensure!(
+        !train.groups.is_empty(),
+        "every preference group is longer than the context"
+    );
 
-    let mut weights: HashMap<String, Tensor> =
-        ck.weights.iter().filter(|(k, _)| k.as_str() != SCORE_HEAD).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut weights: HashMap<String, Tensor> = ck
+        .weights
+        .iter()
+        .filter(|(k, _)| k.as_str() != SCORE_HEAD)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let c = ck.config.n_embd;
     let normal = Normal::new(0.0f32, 1.0 / (c as f32 + 1.0).sqrt()).expect("positive std");
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.train.seed);
@@ -323,6 +373,10 @@ pub fn train_reward_model(cfg: &RewardConfig) -> Result<TrainOutcome> {
         batch: cfg.batch_size,
         pad: template.end,
     };
-    let init = Init { params, tokenizer_json: Some(tok_json), parent: Some(cfg.init.display().to_string()) };
+    let init = Init {
+        params,
+        tokenizer_json: Some(tok_json),
+        parent: Some(cfg.init.display().to_string()),
+    };
     trainer::train(&cfg.train, init, &mut objective)
 }

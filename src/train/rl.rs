@@ -92,7 +92,11 @@ impl RunningStats {
     }
 
     pub fn std(&self) -> f64 {
-        if self.count < 2.0 { 1.0 } else { (self.m2 / (self.count - 1.0)).sqrt().max(1e-6) }
+        if self.count < 2.0 {
+            1.0
+        } else {
+            (self.m2 / (self.count - 1.0)).sqrt().max(1e-6)
+        }
     }
 
     /// `(x - mean) / std`, clipped to `±clip`.
@@ -114,7 +118,9 @@ pub fn policy_loss(logp: &Tensor, logp_old: &Tensor, adv: &Tensor, mask: &Tensor
     let clipped = (ratio.clamp(1.0 - clip, 1.0 + clip)? * adv)?;
     let loss = masked_mean(&unclipped.minimum(&clipped)?.neg()?, mask)?;
     let active = unclipped.gt(&clipped)?.to_dtype(DType::F32)?;
-    let frac = masked_mean(&active, &mask.to_dtype(DType::F32)?)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let frac = masked_mean(&active, &mask.to_dtype(DType::F32)?)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
     Ok((loss, frac))
 }
 
@@ -166,12 +172,20 @@ mod tests {
 
     #[test]
     fn kl_controller_moves_toward_the_target_by_at_most_20_percent() {
-        let mut c = KlController { coef: 0.1, target: Some(1.0), horizon: 100.0 };
+        let mut c = KlController {
+            coef: 0.1,
+            target: Some(1.0),
+            horizon: 100.0,
+        };
         c.update(10.0, 100); // error clipped to +0.2
         assert!((c.coef - 0.12).abs() < 1e-12);
         c.update(0.9, 50); // error -0.1 over half a horizon
         assert!((c.coef - 0.12 * 0.95).abs() < 1e-12);
-        let mut fixed = KlController { coef: 0.1, target: None, horizon: 100.0 };
+        let mut fixed = KlController {
+            coef: 0.1,
+            target: None,
+            horizon: 100.0,
+        };
         fixed.update(10.0, 100);
         assert_eq!(fixed.coef, 0.1);
     }

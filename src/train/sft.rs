@@ -218,7 +218,7 @@ impl Objective for Sft {
         for _ in 0..used {
             self.cursor.next();
         }
-        let n = w.sum_all()?.to_scalar::<f32>()? as usize;
+        let n = x.elem_count();
         Ok((model.lm_loss(&x, &y, Some(&w))?, n))
     }
 

@@ -1,0 +1,410 @@
+//! Reward model, PPO and DPO on a small default world: readers, the reward head's position,
+//! learning, exact resume, and clear errors.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use talaria::chat::{ChatTemplate, Message, Role};
+use talaria::checkpoint::{CheckpointWriter, Meta};
+use talaria::data::preferences::read_preferences;
+use talaria::data::readers::ReadOptions;
+use talaria::data::synth::{self, SynthConfig};
+use talaria::model::{Gpt, GptConfig, init_weights};
+use talaria::tokenizer::{self, Tokenizer};
+use talaria::train::AdamWConfig;
+use talaria::train::dpo::{DpoConfig, dpo};
+use talaria::train::metrics::read_metrics;
+use talaria::train::ppo::{PpoConfig, RewardSpec, ppo};
+use talaria::train::reward::{RewardConfig, RewardModel, render_answer, sequence_scores, train_reward_model};
+use talaria::train::sft::{SftConfig, sft};
+use talaria::train::trainer::TrainConfig;
+
+fn train_cfg(out: &Path, steps: u64, lr: f64) -> TrainConfig {
+    TrainConfig {
+        out: out.to_path_buf(),
+        steps: Some(steps),
+        time_budget: None,
+        lr,
+        min_lr: lr / 10.0,
+        warmup: 2,
+        adamw: AdamWConfig::default(),
+        grad_clip: Some(1.0),
+        grad_accum: 1,
+        eval_every: steps,
+        save_every: 1000,
+        seed: 9,
+        resume: false,
+        stop_at: None,
+        progress: false,
+    }
+}
+
+/// A small world, a tokenizer trained on it, and a briefly fine-tuned chat model, built once.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    world: PathBuf,
+    sft: PathBuf,
+    reward: PathBuf,
+    tok: Tokenizer,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let world = dir.path().join("world");
+        synth::generate(&SynthConfig {
+            out: world.clone(),
+            seed: 1,
+            scale: 0.05,
+        })
+        .unwrap();
+        let tcfg = tokenizer::TrainConfig {
+            vocab_size: 400,
+            min_frequency: 2,
+            show_progress: false,
+        };
+        let (tok, _) =
+            tokenizer::train_from_files(&[world.join("pretrain.txt")], &ReadOptions::default(), &tcfg).unwrap();
+        let mut cfg = GptConfig::preset("tiny").unwrap();
+        cfg.vocab_size = tok.vocab_size();
+        let w = init_weights(&cfg, 2, DType::F32, &Device::Cpu).unwrap();
+        let base = dir.path().join("base");
+        let json = tok.to_json().unwrap();
+        let meta = Meta {
+            stage: "pretrain".into(),
+            ..Meta::default()
+        };
+        CheckpointWriter {
+            config: &cfg,
+            weights: &w,
+            tokenizer_json: Some(&json),
+            meta: &meta,
+            optimizer: None,
+        }
+        .save(&base)
+        .unwrap();
+        let sft_dir = dir.path().join("sft");
+        sft(&SftConfig {
+            init: base,
+            data: vec![world.join("sft_train.jsonl")],
+            val_data: vec![world.join("sft_val.jsonl")],
+            val_fraction: 0.0,
+            batch_size: 8,
+            seq_len: Some(64),
+            train: train_cfg(&sft_dir, 40, 2e-3),
+        })
+        .unwrap();
+        let reward = dir.path().join("reward");
+        train_reward_model(&RewardConfig {
+            init: sft_dir.clone(),
+            data: vec![world.join("prefs_train.jsonl"), world.join("rankings_train.jsonl")],
+            val_data: vec![world.join("prefs_val.jsonl")],
+            val_fraction: 0.0,
+            batch_size: 8,
+            train: train_cfg(&reward, 60, 1e-3),
+        })
+        .unwrap();
+        Fixture {
+            world,
+            sft: sft_dir,
+            reward,
+            tok,
+            _dir: dir,
+        }
+    })
+}
+
+fn metric(run: &Path, stage: &str, key: &str) -> Vec<f64> {
+    read_metrics(&run.join("metrics.jsonl"), Some(stage))
+        .unwrap()
+        .iter()
+        .filter_map(|r| r[key].as_f64())
+        .collect()
+}
+
+#[test]
+fn preference_readers_expand_rankings_and_skip_bad_pairs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("p.jsonl");
+    std::fs::write(
+        &p,
+        concat!(
+            "{\"prompt\": \"Say hi\", \"chosen\": \"Hi!\", \"rejected\": \"No.\"}\n",
+            "{\"prompt\": [{\"role\": \"user\", \"content\": \"Pick\"}], \"ranked\": [\"a\", \"b\", \"c\", \"d\"]}\n",
+            "{\"prompt\": \"x\", \"chosen\": \"same\", \"rejected\": \"same\"}\n",
+            "{\"prompt\": \"x\", \"chosen\": \"\", \"rejected\": \"something\"}\n",
+            "{\"chosen\": \"\\n\\nHuman: hello\\n\\nAssistant: hi there\", \"rejected\": \"\\n\\nHuman: hello\\n\\nAssistant: go away\"}\n",
+        ),
+    )
+    .unwrap();
+    let prefs = read_preferences(&p).unwrap();
+    assert_eq!(prefs.groups.len(), 3);
+    assert_eq!(prefs.groups[1].pairs().len(), 6, "K = 4 gives K(K-1)/2 pairs");
+    assert_eq!(prefs.skipped.len(), 2);
+    assert_eq!(prefs.groups[2].prompt, vec![Message::new(Role::User, "hello")]);
+    assert_eq!(
+        prefs.groups[2].ranked,
+        vec!["hi there".to_string(), "go away".to_string()]
+    );
+    std::fs::write(&p, "{\"prompt\": \"x\", \"chosen\": \"a\"}\n").unwrap();
+    let e = format!("{:#}", read_preferences(&p).unwrap_err());
+    assert!(e.contains("p.jsonl:1") && e.contains("unrecognised record"), "{e}");
+}
+
+#[test]
+fn real_preference_files_parse() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    let hh = root.join("preference/hh_rlhf_harmless_base_test.jsonl.gz");
+    if !hh.exists() {
+        eprintln!("skipped: {} is absent", hh.display());
+        return;
+    }
+    let prefs = read_preferences(&hh).unwrap();
+    // 2312 records: every one is a parsed pair or a counted skip.
+    assert_eq!(prefs.groups.len() + prefs.skipped.len(), 2312);
+    assert!(prefs.groups.len() > 2000, "{}", prefs.groups.len());
+    let oasst = read_preferences(&root.join("sft/oasst_en_100_trees.jsonl")).unwrap();
+    // SOURCES.md: 211 nodes have at least two ranked replies (some prompts are deleted/synthetic).
+    assert!(
+        oasst.groups.len() > 150 && oasst.groups.len() <= 211,
+        "{}",
+        oasst.groups.len()
+    );
+    assert!(
+        oasst
+            .groups
+            .iter()
+            .all(|g| g.ranked.len() >= 2 && g.prompt.last().unwrap().role == Role::User)
+    );
+}
+
+#[test]
+fn the_reward_head_reads_the_last_answer_token_not_padding() {
+    let f = fixture();
+    let rm = RewardModel::load(&f.reward).unwrap();
+    let t = ChatTemplate::new(&f.tok).unwrap();
+    let prompt = vec![Message::new(Role::User, "What is storm spelled backwards?")];
+    let short = render_answer(&f.tok, &t, &prompt, "mrots").unwrap();
+    let long = render_answer(
+        &f.tok,
+        &t,
+        &prompt,
+        "I am not sure, but it could be mrots or something else.",
+    )
+    .unwrap();
+    let alone = sequence_scores(&rm.gpt, &rm.head, std::slice::from_ref(&short), 0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let padded = sequence_scores(&rm.gpt, &rm.head, &[short.clone(), long], 7)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!((alone[0] - padded[0]).abs() < 1e-4, "{alone:?} vs {padded:?}");
+    // And it is the last token: the same answer without its closing <|end|> scores differently.
+    let cut = sequence_scores(&rm.gpt, &rm.head, &[short[..short.len() - 1].to_vec()], 0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_ne!(cut[0], alone[0]);
+}
+
+#[test]
+fn the_reward_model_learns_the_labeller_and_flags_length_bias() {
+    let f = fixture();
+    let acc = metric(&f.reward, "reward", "accuracy");
+    let corr = metric(&f.reward, "reward", "length_corr");
+    assert_eq!(acc.len(), 1);
+    assert_eq!(corr.len(), 1);
+    assert!(acc[0] > 0.6, "held-out pairwise accuracy {}", acc[0]);
+    assert!(corr[0].abs() <= 1.0);
+}
+
+fn ppo_cfg(f: &Fixture, out: &Path, reward: RewardSpec, steps: u64) -> PpoConfig {
+    PpoConfig {
+        policy: f.sft.clone(),
+        reward,
+        prompts: f.world.join("rl_prompts.jsonl"),
+        eval_prompts: Some(f.world.join("eval_prompts.jsonl")),
+        out: out.to_path_buf(),
+        steps,
+        prompts_per_step: 4,
+        samples_per_prompt: 2,
+        max_new_tokens: 10,
+        temperature: 1.0,
+        lr: 1e-4,
+        critic_lr: 1e-4,
+        warmup: 1,
+        ppo_epochs: 2,
+        minibatch: 4,
+        clip: 0.2,
+        value_clip: 0.2,
+        gamma: 1.0,
+        lambda: 0.95,
+        kl_coef: 0.05,
+        kl_target: Some(1.0),
+        kl_horizon: 100.0,
+        reward_clip: 5.0,
+        no_end_penalty: -2.0,
+        ptx_data: None,
+        ptx_coef: 0.0,
+        grad_clip: 1.0,
+        seed: 4,
+        eval_every: steps,
+        save_every: 1000,
+        resume: false,
+        stop_at: None,
+        progress: false,
+    }
+}
+
+#[test]
+fn ppo_logs_every_quantity_and_resumes_exactly() {
+    let f = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let whole = tmp.path().join("whole");
+    let o = ppo(&ppo_cfg(f, &whole, RewardSpec::Model(f.reward.clone()), 4)).unwrap();
+    assert_eq!(o.steps, 4);
+    for key in [
+        "reward",
+        "kl",
+        "kl_coef",
+        "entropy",
+        "clip_frac",
+        "value_loss",
+        "answer_len",
+        "ended",
+        "train_accuracy",
+    ] {
+        let v = metric(&whole, "ppo", key);
+        assert_eq!(v.len(), 4, "{key}");
+        assert!(v.iter().all(|x| x.is_finite()), "{key}: {v:?}");
+    }
+    assert_eq!(metric(&whole, "ppo", "eval_accuracy").len(), 1);
+    assert!(
+        metric(&whole, "ppo", "kl").iter().all(|k| k.abs() < 5.0),
+        "KL must stay bounded"
+    );
+    // The adaptive controller moved the coefficient.
+    assert_ne!(metric(&whole, "ppo", "kl_coef")[3], 0.05);
+
+    let split = tmp.path().join("split");
+    let mut cfg = ppo_cfg(f, &split, RewardSpec::Model(f.reward.clone()), 4);
+    cfg.stop_at = Some(2);
+    assert!(ppo(&cfg).unwrap().interrupted);
+    cfg.stop_at = None;
+    cfg.resume = true;
+    ppo(&cfg).unwrap();
+    for key in ["reward", "kl", "value_loss", "kl_coef"] {
+        assert_eq!(
+            metric(&whole, "ppo", key),
+            metric(&split, "ppo", key),
+            "{key} after resume"
+        );
+    }
+}
+
+#[test]
+fn ppo_with_the_verifier_and_clear_errors() {
+    let f = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("v");
+    ppo(&ppo_cfg(f, &run, RewardSpec::Verifier, 2)).unwrap();
+    let r = metric(&run, "ppo", "reward");
+    assert!(
+        r.iter().all(|x| (0.0..=1.0).contains(x)),
+        "verifier rewards are 0 or 1 on average: {r:?}"
+    );
+
+    // A reward model with another tokenizer.
+    let other = tmp.path().join("other_rm");
+    let tcfg = tokenizer::TrainConfig {
+        vocab_size: 300,
+        min_frequency: 2,
+        show_progress: false,
+    };
+    let (tok, _) = tokenizer::train_bpe(
+        &tcfg,
+        ["a completely different corpus of text".to_string()]
+            .into_iter()
+            .map(Ok),
+    )
+    .unwrap();
+    let mut cfg = GptConfig::preset("tiny").unwrap();
+    cfg.vocab_size = tok.vocab_size();
+    let mut w = init_weights(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+    w.insert(
+        "score.weight".into(),
+        Tensor::zeros((1, cfg.n_embd), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let json = tok.to_json().unwrap();
+    let meta = Meta {
+        stage: "reward".into(),
+        ..Meta::default()
+    };
+    CheckpointWriter {
+        config: &cfg,
+        weights: &w,
+        tokenizer_json: Some(&json),
+        meta: &meta,
+        optimizer: None,
+    }
+    .save(&other.join("checkpoint"))
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        ppo(&ppo_cfg(f, &tmp.path().join("x"), RewardSpec::Model(other), 1)).unwrap_err()
+    );
+    assert!(e.contains("different tokenizer"), "{e}");
+
+    // Verifier rewards need reference answers.
+    let plain = tmp.path().join("plain.jsonl");
+    std::fs::write(&plain, "\"Tell me a story.\"\n").unwrap();
+    let mut c = ppo_cfg(f, &tmp.path().join("y"), RewardSpec::Verifier, 1);
+    c.prompts = plain;
+    assert!(format!("{:#}", ppo(&c).unwrap_err()).contains("needs prompts with"));
+    let mut c = ppo_cfg(f, &tmp.path().join("z"), RewardSpec::Verifier, 1);
+    c.temperature = 0.0;
+    assert!(format!("{:#}", ppo(&c).unwrap_err()).contains("--temperature must be positive"));
+}
+
+#[test]
+fn dpo_learns_the_preferences() {
+    let f = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("dpo");
+    let mut tc = train_cfg(&run, 30, 1e-3);
+    tc.eval_every = 15;
+    dpo(&DpoConfig {
+        policy: f.sft.clone(),
+        data: vec![f.world.join("prefs_train.jsonl")],
+        val_data: vec![f.world.join("prefs_val.jsonl")],
+        val_fraction: 0.0,
+        beta: 0.1,
+        batch_size: 8,
+        train: tc,
+    })
+    .unwrap();
+    let acc = metric(&run, "dpo", "accuracy");
+    let margin = metric(&run, "dpo", "margin");
+    assert_eq!(acc.len(), 2);
+    assert!(acc[1] > 0.6, "held-out implicit-reward accuracy {acc:?}");
+    assert!(margin[1] > 0.0, "{margin:?}");
+    // Every parameter moved away from the reference (gradients reached them all).
+    let a = talaria::checkpoint::Checkpoint::load(&run, DType::F32, &Device::Cpu).unwrap();
+    let b = talaria::checkpoint::Checkpoint::load(&f.sft, DType::F32, &Device::Cpu).unwrap();
+    let _: Gpt = a.model().unwrap();
+    for (name, t) in &a.weights {
+        let d = (t - &b.weights[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d > 0.0, "{name} did not change");
+    }
+}
