@@ -9,6 +9,7 @@ pub mod data;
 pub mod engine;
 pub mod interop;
 pub mod model;
+pub mod serve;
 pub mod terminal;
 pub mod tokenizer;
 pub mod train;

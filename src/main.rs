@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use talaria::checkpoint::Checkpoint;
 use talaria::engine::{self, Chatbot, GenerateOptions, Sampler, SamplingParams, TextStream};
 use talaria::interop;
+use talaria::serve;
 use talaria::terminal::{self, ChatOptions};
 use talaria::tokenizer::Tokenizer;
 use talaria::train::AdamWConfig;
@@ -47,6 +48,40 @@ enum Command {
     Sft(SftArgs),
     /// Chat with a model in the terminal (or answer once with --prompt).
     Chat(ChatArgs),
+    /// Serve the OpenAI-compatible API, the chat web page and feedback collection.
+    Serve(ServeArgs),
+    /// Work with the human-feedback database the server fills.
+    #[command(subcommand)]
+    Feedback(FeedbackCmd),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Chat checkpoint (or run directory).
+    ckpt: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on; 0 picks a free one (the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// SQLite database for the feedback people give on the page (created if absent).
+    #[arg(long, default_value = "feedback.sqlite")]
+    db: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum FeedbackCmd {
+    /// Write demonstrations for `talaria sft` and preferences for the reward stage.
+    Export {
+        #[arg(long)]
+        db: PathBuf,
+        /// Conversations JSONL (`{"messages": [...]}`) from the demonstrations.
+        #[arg(long)]
+        sft: Option<PathBuf>,
+        /// Preferences JSONL: pairs from comparisons and thumbs, K-way rankings.
+        #[arg(long)]
+        prefs: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -327,6 +362,20 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Chat(a) => chat(a),
+        Command::Serve(a) => serve::serve(&serve::ServeConfig {
+            ckpt: a.ckpt,
+            host: a.host,
+            port: a.port,
+            db: a.db,
+        }),
+        Command::Feedback(FeedbackCmd::Export { db, sft, prefs }) => {
+            let s = serve::feedback::export(&db, sft.as_deref(), prefs.as_deref())?;
+            println!(
+                "exported {} demonstrations; {} comparisons, {} rankings and {} pairs from thumbs ({} thumbs unpaired)",
+                s.demonstrations, s.comparisons, s.rankings, s.thumbs_pairs, s.thumbs_unpaired
+            );
+            Ok(())
+        }
         Command::Pretrain(a) => {
             let cfg = PretrainConfig {
                 data: a.data,
