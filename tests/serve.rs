@@ -56,13 +56,16 @@ fn test_tokenizer_json() -> String {
 }
 
 /// A randomly initialised chat checkpoint: its answers are gibberish, but deterministic at
-/// temperature 0, which is all the protocol needs.
-fn chat_checkpoint(dir: &Path) -> PathBuf {
+/// temperature 0, which is all the protocol needs. `preset` names the shape; the test preset
+/// gets a longer context (`CONTEXT`).
+fn chat_checkpoint(dir: &Path, preset: &str) -> PathBuf {
     let json = test_tokenizer_json();
     let tok = Tokenizer::from_json(&json).unwrap();
-    let mut cfg = GptConfig::preset("test").unwrap();
+    let mut cfg = GptConfig::preset(preset).unwrap();
     cfg.vocab_size = tok.vocab_size();
-    cfg.n_positions = CONTEXT;
+    if preset == "test" {
+        cfg.n_positions = CONTEXT;
+    }
     let weights = init_weights(&cfg, 7, DType::F32, &Device::Cpu).unwrap();
     let path = dir.join("tiny-chat");
     CheckpointWriter {
@@ -90,8 +93,12 @@ struct Server {
 
 impl Server {
     fn start() -> Self {
+        Self::start_preset("test")
+    }
+
+    fn start_preset(preset: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let ckpt = chat_checkpoint(dir.path());
+        let ckpt = chat_checkpoint(dir.path(), preset);
         let db = dir.path().join("feedback.sqlite");
         let mut child = Command::new(env!("CARGO_BIN_EXE_talaria"))
             .args([
@@ -552,6 +559,20 @@ fn bad_requests_get_openai_errors_and_the_server_carries_on() {
     assert_eq!(status, 200, "{ok}");
     assert!(ok["usage"]["prompt_tokens"].as_u64().unwrap() < CONTEXT as u64);
 
+    // A huge history (under the body limit) costs little: what cannot fit is dropped up front.
+    let mut history: Vec<Value> = (0..20_000)
+        .map(|i| json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": ""}))
+        .collect();
+    history.push(json!({"role": "user", "content": "hi"}));
+    let t = Instant::now();
+    let (status, ok) = s.post(chat, &json!({"messages": history, "max_tokens": 4}));
+    assert_eq!(status, 200, "{ok}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "a long history took {:?}",
+        t.elapsed()
+    );
+
     let (status, ok) = s.post(chat, &json!({"messages": user("still there?"), "max_tokens": 4}));
     assert_eq!(status, 200, "{ok}");
 }
@@ -805,4 +826,29 @@ fn the_page_chats_and_records_a_comparison_in_headless_chromium() {
 
 fn which(program: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).exists()))
+}
+
+/// Sustained load for BENCHMARKS.md: 8 clients for 20 s through `scripts/serve_load.py`.
+/// `TALARIA_SERVE_BENCH_PRESET` picks the model shape (default `test`).
+#[test]
+#[ignore = "a benchmark: run with --ignored --nocapture"]
+fn serving_throughput() {
+    let preset = std::env::var("TALARIA_SERVE_BENCH_PRESET").unwrap_or_else(|_| "test".into());
+    let s = Server::start_preset(&preset);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/serve_load.py");
+    println!("preset {preset}");
+    run_checker(
+        "python3",
+        &[
+            script,
+            &s.url,
+            "--clients",
+            "8",
+            "--seconds",
+            "20",
+            "--max-tokens",
+            "64",
+        ],
+    )
+    .unwrap();
 }

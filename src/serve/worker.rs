@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::openai::{ApiError, GenParams};
-use crate::chat::Message;
+use crate::chat::{Message, Role};
 use crate::engine::{self, Chatbot, FinishReason, GenerateOptions, Sampler, TextStream};
 use crate::tokenizer;
 
@@ -115,7 +115,11 @@ impl Worker {
 }
 
 fn run(bot: &Chatbot, rx: Receiver<Job>, stats: &Stats) {
-    for job in rx {
+    let max_token_bytes = bot.tokenizer.token_byte_lengths().into_iter().max().unwrap_or(1).max(1) as usize;
+    for mut job in rx {
+        if let Prompt::Chat(messages) = &mut job.prompt {
+            drop_hopeless_turns(messages, bot.model.config().n_positions, max_token_bytes);
+        }
         let events = job.events.clone();
         // A client that left while its job waited costs nothing; a panic in one job must not
         // take the server down: report it and carry on.
@@ -207,6 +211,24 @@ fn run_job(bot: &Chatbot, job: Job, stats: &Stats) {
         }
     }
     let _ = tx.send(Event::Done);
+}
+
+/// Drops the oldest exchanges that cannot be part of any prompt that fits the context of `ctx`
+/// tokens: every message costs at least one token, and a text of `b` bytes at least
+/// `b / max_token_bytes`. `Chatbot::prompt_for` would drop them too, but one render per
+/// exchange; dropping them first bounds what a huge history can cost the worker.
+fn drop_hopeless_turns(messages: &mut Vec<Message>, ctx: usize, max_token_bytes: usize) {
+    let sys = usize::from(messages.first().is_some_and(|m| m.role == Role::System));
+    let bytes = |ms: &[Message]| ms.iter().map(|m| m.content.len()).sum::<usize>();
+    let fixed = bytes(&messages[..sys]);
+    let mut rest = bytes(&messages[sys..]);
+    let mut start = sys;
+    let hopeless = |rest: usize, count: usize| count > ctx || (fixed + rest).div_ceil(max_token_bytes) > ctx;
+    while messages.len() - start > 1 && hopeless(rest, messages.len() - start + sys) {
+        rest -= messages[start].content.len() + messages[start + 1].content.len();
+        start += 2;
+    }
+    messages.drain(sys..start);
 }
 
 fn too_long(param: &str, message: String) -> ApiError {
