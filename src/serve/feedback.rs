@@ -403,3 +403,71 @@ fn write_jsonl(path: &Path, lines: &[Value]) -> Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thumbs(prompt: &str, answer: &str, up: bool) -> Feedback {
+        Feedback::Thumbs {
+            prompt: vec![Message::new(Role::User, prompt)],
+            answer: answer.into(),
+            up,
+        }
+    }
+
+    #[test]
+    fn thumbs_pair_by_prompt_with_ratings_summed_per_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("f.sqlite");
+        let store = FeedbackStore::open(&db).unwrap();
+        for f in [
+            thumbs("p", "good", true),
+            thumbs("p", "good", true),
+            thumbs("p", "good", false), // net +1: still chosen
+            thumbs("p", "bad", false),
+            thumbs("p", "torn", true),
+            thumbs("p", "torn", false), // net 0: left out
+            thumbs("q", "only up", true),
+            thumbs("r", "x", true),
+            thumbs("r", "x", false), // cancels: no pair
+        ] {
+            store.insert(&f).unwrap();
+        }
+        let prefs = dir.path().join("prefs.jsonl");
+        let s = export(&db, None, Some(&prefs)).unwrap();
+        assert_eq!((s.thumbs_pairs, s.thumbs_unpaired), (1, 3));
+        let text = std::fs::read_to_string(&prefs).unwrap();
+        let line: Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(line["chosen"], "good");
+        assert_eq!(line["rejected"], "bad");
+        assert_eq!(line["prompt"][0]["content"], "p");
+    }
+
+    #[test]
+    fn every_kind_reads_back_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FeedbackStore::open(&dir.path().join("f.sqlite")).unwrap();
+        let prompt = vec![Message::new(Role::System, "s"), Message::new(Role::User, "u")];
+        let all = vec![
+            Feedback::Demonstration {
+                messages: vec![Message::new(Role::User, "u"), Message::new(Role::Assistant, "a")],
+            },
+            Feedback::Comparison {
+                prompt: prompt.clone(),
+                chosen: "c".into(),
+                rejected: "r".into(),
+            },
+            Feedback::Ranking {
+                prompt: prompt.clone(),
+                ranked: vec!["1".into(), "2".into(), "3".into()],
+            },
+            thumbs("u", "a", false),
+        ];
+        for f in &all {
+            store.insert(f).unwrap();
+        }
+        let back: Vec<Feedback> = store.all().unwrap().into_iter().map(|(_, f)| f).collect();
+        assert_eq!(back, all);
+    }
+}
