@@ -828,7 +828,8 @@ fn which(program: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).exists()))
 }
 
-/// Sustained load for BENCHMARKS.md: 8 clients for 20 s through `scripts/serve_load.py`.
+/// Sustained load for BENCHMARKS.md: 8 clients for 20 s through `scripts/serve_load.py`, with
+/// whole answers and then streamed.
 /// `TALARIA_SERVE_BENCH_PRESET` picks the model shape (default `test`).
 #[test]
 #[ignore = "a benchmark: run with --ignored --nocapture"]
@@ -837,9 +838,8 @@ fn serving_throughput() {
     let s = Server::start_preset(&preset);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/serve_load.py");
     println!("preset {preset}");
-    run_checker(
-        "python3",
-        &[
+    for mode in [None, Some("--stream")] {
+        let mut args = vec![
             script,
             &s.url,
             "--clients",
@@ -848,7 +848,8 @@ fn serving_throughput() {
             "20",
             "--max-tokens",
             "64",
-        ],
-    )
-    .unwrap();
+        ];
+        args.extend(mode);
+        run_checker("python3", &args).unwrap();
+    }
 }
