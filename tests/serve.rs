@@ -522,6 +522,34 @@ fn bad_requests_get_openai_errors_and_the_server_carries_on() {
             413,
             None,
         ),
+        (
+            "tools",
+            chat,
+            json!({"messages": user("a"), "tools": [{"type": "function"}]}).to_string(),
+            400,
+            Some("tools"),
+        ),
+        (
+            "logprobs",
+            chat,
+            json!({"messages": user("a"), "logprobs": true}).to_string(),
+            400,
+            Some("logprobs"),
+        ),
+        (
+            "json mode",
+            chat,
+            json!({"messages": user("a"), "response_format": {"type": "json_object"}}).to_string(),
+            400,
+            Some("response_format"),
+        ),
+        (
+            "echo",
+            "/v1/completions",
+            json!({"prompt": "a", "echo": true}).to_string(),
+            400,
+            Some("echo"),
+        ),
         ("unknown route", "/v1/nothing", "{}".into(), 404, None),
         (
             "unknown feedback kind",
@@ -573,7 +601,10 @@ fn bad_requests_get_openai_errors_and_the_server_carries_on() {
         t.elapsed()
     );
 
-    let (status, ok) = s.post(chat, &json!({"messages": user("still there?"), "max_tokens": 4}));
+    // Options at their neutral values are accepted, as clients often send them.
+    let neutral = json!({"messages": user("still there?"), "max_tokens": 4, "logprobs": false, "presence_penalty": 0,
+                         "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "user": "someone"});
+    let (status, ok) = s.post(chat, &neutral);
     assert_eq!(status, 200, "{ok}");
 }
 

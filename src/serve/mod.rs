@@ -3,8 +3,22 @@
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
 //! `GET /health`, `POST /v1/feedback`, and the page at `/`. Requests are validated here and
-//! queued to one generation [`worker`] thread; prompts are rendered only by
+//! queued to one generation worker thread; prompts are rendered only by
 //! [`Chatbot`](crate::engine::Chatbot) and its chat template.
+//!
+//! Behaviour worth knowing as a client:
+//! - One model is served; the request's `model` is not checked and responses name the
+//!   checkpoint directory.
+//! - Defaults: temperature 1, `max_tokens` 256 for chat and 16 for raw completions (at most the
+//!   context), a fresh random seed unless `seed` is given (choice `i` of `n` uses `seed + i`).
+//! - A conversation longer than the context loses its oldest exchanges (never the system message
+//!   or the last user message), as in the terminal chat; a last message that cannot fit on its
+//!   own is a 400 with code `context_length_exceeded`.
+//! - Options the server does not implement (tools, logprobs, penalties, JSON mode, echo, ...) are
+//!   refused with a 400 when set, never silently ignored.
+//! - Generation runs one request at a time, in arrival order, with up to 64 waiting (then 503).
+//!   A streamed response starts when its request reaches the worker; a client that disconnects
+//!   stops its generation at the next token.
 
 pub mod feedback;
 pub mod openai;

@@ -147,6 +147,30 @@ pub fn required_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a st
     }
 }
 
+/// Refuses OpenAI options this server does not implement when they are actually set (not
+/// absent, `null`, `false`, 0 or empty), rather than silently ignoring them.
+fn reject_unsupported(obj: &Map<String, Value>, keys: &[&str]) -> Result<(), ApiError> {
+    for key in keys {
+        let set = match field(obj, key) {
+            None | Some(Value::Bool(false)) => false,
+            Some(Value::Number(n)) => n.as_f64() != Some(0.0) && !(*key == "best_of" && n.as_f64() == Some(1.0)),
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(Value::Object(o)) => {
+                !(o.is_empty() || (*key == "response_format" && o.get("type") == Some(&json!("text"))))
+            }
+            Some(Value::String(s)) => !(s.is_empty() || s == "none"),
+            Some(_) => true,
+        };
+        if set {
+            return Err(ApiError::invalid(
+                *key,
+                format!("{key} is not supported by this server"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Sampling and length settings shared by both completion endpoints.
 #[derive(Debug, Clone)]
 pub struct GenParams {
@@ -249,6 +273,21 @@ pub struct ChatRequest {
 /// Parses a chat completion request for a model with `context` positions.
 pub fn parse_chat(body: &[u8], context: usize) -> Result<ChatRequest, ApiError> {
     let obj = parse_object(body)?;
+    reject_unsupported(
+        &obj,
+        &[
+            "tools",
+            "tool_choice",
+            "functions",
+            "function_call",
+            "logprobs",
+            "top_logprobs",
+            "logit_bias",
+            "presence_penalty",
+            "frequency_penalty",
+            "response_format",
+        ],
+    )?;
     let Some(raw) = field(&obj, "messages") else {
         return Err(ApiError::invalid("messages", "missing required field \"messages\""));
     };
@@ -334,6 +373,18 @@ pub struct CompletionRequest {
 
 pub fn parse_completion(body: &[u8], context: usize) -> Result<CompletionRequest, ApiError> {
     let obj = parse_object(body)?;
+    reject_unsupported(
+        &obj,
+        &[
+            "echo",
+            "logprobs",
+            "best_of",
+            "suffix",
+            "logit_bias",
+            "presence_penalty",
+            "frequency_penalty",
+        ],
+    )?;
     let prompt = match field(&obj, "prompt") {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
