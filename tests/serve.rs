@@ -88,6 +88,7 @@ struct Server {
     child: Child,
     url: String,
     db: PathBuf,
+    ckpt: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -126,6 +127,7 @@ impl Server {
             url: addr.to_string(),
             child,
             db,
+            ckpt,
             _dir: dir,
         }
     }
@@ -763,6 +765,36 @@ fn feedback_round_trip_to_training_files() {
     let convs = read_conversations(&sft).unwrap();
     assert_eq!(convs.conversations.len(), 1);
     assert_eq!(convs.conversations[0][1].content, "Blue, on a clear day.");
+    // Closing the loop: `talaria sft` trains on the exported demonstrations as they are.
+    let run = Command::new(env!("CARGO_BIN_EXE_talaria"))
+        .args(["sft", "--init"])
+        .arg(&s.ckpt)
+        .arg("--data")
+        .arg(&sft)
+        .arg("--val-data")
+        .arg(&sft)
+        .arg("--out")
+        .arg(out.path().join("sft-run"))
+        .args([
+            "--steps",
+            "2",
+            "--batch-size",
+            "1",
+            "--warmup",
+            "0",
+            "--eval-every",
+            "2",
+            "--save-every",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "talaria sft on the export failed: {}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
     let lines: Vec<Value> = std::fs::read_to_string(&prefs)
         .unwrap()
         .lines()
