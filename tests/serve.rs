@@ -641,6 +641,55 @@ fn concurrent_clients_are_all_answered_and_health_stays_responsive() {
     println!("4 concurrent requests answered in {:?}", started.elapsed());
 }
 
+#[test]
+fn a_full_queue_answers_503_and_abandoned_requests_cost_nothing() {
+    let s = Server::start();
+    let body = json!({"messages": user("long"), "max_tokens": CONTEXT - 16, "n": 8, "temperature": 1.0}).to_string();
+    // 80 clients at once, each giving up after 3 s: one job runs, 64 wait, the rest are refused.
+    let outcomes: Vec<Result<u16, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..80)
+            .map(|_| {
+                let (url, body) = (&s.url, &body);
+                scope.spawn(move || {
+                    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(3)).build();
+                    match agent
+                        .post(&format!("{url}/v1/chat/completions"))
+                        .set("Content-Type", "application/json")
+                        .send_string(body)
+                    {
+                        Ok(r) => Ok(r.status()),
+                        Err(ureq::Error::Status(code, r)) => {
+                            let err: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+                            assert_eq!(err["error"]["type"], "server_busy");
+                            Ok(code)
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let busy = outcomes.iter().filter(|o| matches!(o, Ok(503))).count();
+    assert!(busy >= 80 - 65, "{busy} of 80 refused: {outcomes:?}");
+    // The clients that timed out are gone: their queued jobs are skipped and the running one
+    // stops, so the server is soon idle and answers at once.
+    let t = Instant::now();
+    while s.call("GET", "/health", None).1["pending_requests"] != 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "abandoned jobs still pending");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, ok) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": user("hello"), "max_tokens": 4}),
+    );
+    assert_eq!(status, 200, "{ok}");
+    println!(
+        "{busy} of 80 refused with 503; idle again {:?} after the clients left",
+        t.elapsed()
+    );
+}
+
 fn generated_tokens(s: &Server) -> u64 {
     s.call("GET", "/health", None).1["generated_tokens"].as_u64().unwrap()
 }
