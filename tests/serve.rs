@@ -935,6 +935,17 @@ fn the_page_chats_and_records_a_comparison_in_headless_chromium() {
             .iter()
             .any(|(_, f)| matches!(f, Feedback::Thumbs { up: true, .. }))
     );
+    assert!(
+        stored
+            .iter()
+            .any(|(_, f)| matches!(f, Feedback::Demonstration { messages }
+        if messages.last().is_some_and(|m| m.content == "Blue.")))
+    );
+    assert!(
+        stored
+            .iter()
+            .any(|(_, f)| matches!(f, Feedback::Ranking { ranked, .. } if ranked.len() >= 2))
+    );
     println!("screenshot: {}", shot.display());
 }
 
