@@ -4,7 +4,7 @@
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
 //! `GET /health`, `POST /v1/feedback`, and the page at `/`. Requests are validated here and
 //! queued to one generation worker thread; prompts are rendered only by
-//! [`Chatbot`](crate::engine::Chatbot) and its chat template.
+//! [`Chatbot`] and its chat template.
 //!
 //! Behaviour worth knowing as a client:
 //! - One model is served; the request's `model` is not checked and responses name the
