@@ -33,9 +33,11 @@ use std::sync::atomic::Ordering;
 use anyhow::{Context, Result};
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::Request;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{StatusCode, Uri};
+use axum::http::{StatusCode, Uri, header};
+use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
@@ -91,6 +93,7 @@ pub fn router(bot: Chatbot, model_id: String, store: FeedbackStore) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(refuse_large_bodies))
         .with_state(state)
 }
 
@@ -144,16 +147,34 @@ async fn not_found(uri: Uri) -> ApiError {
         .with_code("not_found")
 }
 
+fn too_large() -> ApiError {
+    ApiError::bad_request(format!("the request body is larger than {MAX_BODY} bytes"))
+        .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+}
+
+/// Refuses a body declared (by `Content-Length`) larger than the limit before reading any of
+/// it, so a client that sent `Expect: 100-continue` is never asked for it. Undeclared bodies
+/// are cut off at the limit while being read.
+async fn refuse_large_bodies(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return too_large().into_response();
+    }
+    next.run(req).await
+}
+
 /// The body, or the body-limit / read error in OpenAI's shape.
 fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     b.map_err(|r| {
         let status = r.status();
-        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("the request body is larger than {MAX_BODY} bytes")
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large()
         } else {
-            r.body_text()
-        };
-        ApiError::bad_request(msg).with_status(status)
+            ApiError::bad_request(r.body_text()).with_status(status)
+        }
     })
 }
 

@@ -235,7 +235,9 @@ async function runCompare() {
       cmp.answers[i] += text;
       cols[i].textContent = cmp.answers[i];
     });
-    if (cmp.answers[0] === cmp.answers[1]) {
+    if (!cmp.answers[0].trim() || !cmp.answers[1].trim()) {
+      setStatus("#cmp-status", "An answer came back empty; sample again.", true);
+    } else if (cmp.answers[0] === cmp.answers[1]) {
       setStatus("#cmp-status", "Both answers are the same; sample again.", true);
     } else {
       setStatus("#cmp-status", "Which answer is better?");
