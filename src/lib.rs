@@ -10,6 +10,7 @@ pub mod engine;
 pub mod eval;
 pub mod interop;
 pub mod model;
+pub mod serve;
 pub mod speedrun;
 pub mod terminal;
 pub mod tokenizer;

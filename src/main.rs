@@ -14,6 +14,7 @@ use talaria::data::readers::{ReadOptions, ReadStats};
 use talaria::data::synth::{self, SynthConfig};
 use talaria::engine::{self, Chatbot, GenerateOptions, Sampler, SamplingParams, TextStream};
 use talaria::interop;
+use talaria::serve;
 use talaria::speedrun;
 use talaria::terminal::{self, ChatOptions};
 use talaria::tokenizer::{self, Tokenizer, TrainConfig as TokenizerTrainConfig};
@@ -73,6 +74,11 @@ enum Command {
     Eval(EvalArgs),
     /// Write report.md and plots for a run directory evaluated by `talaria eval`.
     Report { run: PathBuf },
+    /// Serve the OpenAI-compatible API, the chat web page and feedback collection.
+    Serve(ServeArgs),
+    /// Work with the human-feedback database the server fills.
+    #[command(subcommand)]
+    Feedback(FeedbackCmd),
 }
 
 #[derive(Args)]
@@ -201,6 +207,36 @@ enum DataCmd {
         out: PathBuf,
         #[arg(long, default_value = "main")]
         revision: String,
+    },
+}
+
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Chat checkpoint (or run directory).
+    ckpt: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on; 0 picks a free one (the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// SQLite database for the feedback people give on the page (created if absent).
+    #[arg(long, default_value = "feedback.sqlite")]
+    db: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum FeedbackCmd {
+    /// Write demonstrations for `talaria sft` and preferences for the reward stage.
+    Export {
+        #[arg(long)]
+        db: PathBuf,
+        /// Conversations JSONL (`{"messages": [...]}`) from the demonstrations.
+        #[arg(long)]
+        sft: Option<PathBuf>,
+        /// Preferences JSONL: pairs from comparisons and thumbs, K-way rankings.
+        #[arg(long)]
+        prefs: Option<PathBuf>,
     },
 }
 
@@ -744,6 +780,20 @@ fn run(cli: Cli) -> Result<()> {
                     ""
                 },
                 o.checkpoint.display()
+            );
+            Ok(())
+        }
+        Command::Serve(a) => serve::serve(&serve::ServeConfig {
+            ckpt: a.ckpt,
+            host: a.host,
+            port: a.port,
+            db: a.db,
+        }),
+        Command::Feedback(FeedbackCmd::Export { db, sft, prefs }) => {
+            let s = serve::feedback::export(&db, sft.as_deref(), prefs.as_deref())?;
+            println!(
+                "exported {} demonstrations; {} comparisons, {} rankings and {} pairs from thumbs ({} thumbs unpaired)",
+                s.demonstrations, s.comparisons, s.rankings, s.thumbs_pairs, s.thumbs_unpaired
             );
             Ok(())
         }

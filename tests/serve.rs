@@ -1,0 +1,999 @@
+//! `talaria serve` driven over real HTTP on a loopback port: the OpenAI-compatible API with and
+//! without streaming, request validation, concurrency, clients that leave mid-stream, the
+//! feedback round trip to training files, the official Python client and the page in headless
+//! Chromium (the last two skip, saying why, when their tools are absent).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use serde_json::{Value, json};
+use talaria::checkpoint::{CheckpointWriter, Meta};
+use talaria::data::conversations::read_conversations;
+use talaria::model::{GptConfig, init_weights};
+use talaria::serve::feedback::{Feedback, FeedbackStore};
+use talaria::tokenizer::{self, Tokenizer};
+
+/// Context of the test model: long enough that a generation lasts a moment, so a client can
+/// leave in the middle of one.
+const CONTEXT: usize = 512;
+
+/// The test tokenizer as `tokenizer.json`: byte-level BPE with the 256 byte symbols and no
+/// merges, plus the chat special tokens. The one place to switch to
+/// `talaria::tokenizer::train_bpe` once it lands.
+fn test_tokenizer_json() -> String {
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    alphabet.sort_unstable();
+    let vocab: serde_json::Map<String, Value> = alphabet
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), json!(i)))
+        .collect();
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let spec = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": byte_level, "post_processor": null, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": []},
+    });
+    let mut hf: tokenizers::Tokenizer = spec.to_string().parse().unwrap();
+    let specials: Vec<tokenizers::AddedToken> = [
+        tokenizer::EOT,
+        tokenizer::BOS,
+        tokenizer::SYSTEM,
+        tokenizer::USER,
+        tokenizer::ASSISTANT,
+        tokenizer::END,
+    ]
+    .iter()
+    .map(|t| tokenizers::AddedToken::from(*t, true))
+    .collect();
+    hf.add_special_tokens(&specials);
+    hf.to_string(false).unwrap()
+}
+
+/// A randomly initialised chat checkpoint: its answers are gibberish, but deterministic at
+/// temperature 0, which is all the protocol needs. `preset` names the shape; the test preset
+/// gets a longer context (`CONTEXT`).
+fn chat_checkpoint(dir: &Path, preset: &str) -> PathBuf {
+    let json = test_tokenizer_json();
+    let tok = Tokenizer::from_json(&json).unwrap();
+    let mut cfg = GptConfig::preset(preset).unwrap();
+    cfg.vocab_size = tok.vocab_size();
+    if preset == "test" {
+        cfg.n_positions = CONTEXT;
+    }
+    let weights = init_weights(&cfg, 7, DType::F32, &Device::Cpu).unwrap();
+    let path = dir.join("tiny-chat");
+    CheckpointWriter {
+        config: &cfg,
+        weights: &weights,
+        tokenizer_json: Some(&json),
+        meta: &Meta {
+            stage: "sft".into(),
+            ..Meta::default()
+        },
+        optimizer: None,
+    }
+    .save(&path)
+    .unwrap();
+    path
+}
+
+/// A `talaria serve` process on a free loopback port, killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+    db: PathBuf,
+    ckpt: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Self {
+        Self::start_preset("test")
+    }
+
+    fn start_preset(preset: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = chat_checkpoint(dir.path(), preset);
+        let db = dir.path().join("feedback.sqlite");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_talaria"))
+            .args([
+                "serve",
+                ckpt.to_str().unwrap(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--db",
+            ])
+            .arg(&db)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .strip_prefix("listening on ")
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line from talaria serve: {line:?}"));
+        Self {
+            url: addr.to_string(),
+            child,
+            db,
+            ckpt,
+            _dir: dir,
+        }
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build()
+    }
+
+    /// Status and JSON body of a request, 4xx/5xx included.
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let req = Self::agent()
+            .request(method, &format!("{}{path}", self.url))
+            .set("Content-Type", "application/json");
+        let res = match body {
+            Some(b) => req.send_string(b),
+            None => req.call(),
+        };
+        let resp = match res {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let status = resp.status();
+        let text = resp.into_string().unwrap();
+        let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{method} {path} gave non-JSON {text:?}"));
+        (status, json)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.call("POST", path, Some(&body.to_string()))
+    }
+
+    /// Declares a body of `len` bytes with `Expect: 100-continue` and waits for the verdict
+    /// without sending it (a client that sent it would race the server closing the connection).
+    fn raw_oversized_post(&self, path: &str, len: usize) -> (u16, Value) {
+        use std::io::Write;
+        let mut conn = std::net::TcpStream::connect(self.url.trim_start_matches("http://")).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            conn,
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {len}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).unwrap();
+        let status = reply.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = reply.split_once("\r\n\r\n").unwrap().1;
+        (
+            status,
+            serde_json::from_str(body).unwrap_or_else(|_| panic!("non-JSON reply {reply:?}")),
+        )
+    }
+
+    /// The `data:` payloads of a streamed request, up to and including `[DONE]`.
+    fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let resp = Self::agent()
+            .post(&format!("{}{path}", self.url))
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string())
+            .unwrap();
+        assert_eq!(resp.header("content-type"), Some("text/event-stream"));
+        let mut out = vec![];
+        for line in BufReader::new(resp.into_reader()).lines() {
+            let line = line.unwrap();
+            if let Some(d) = line.strip_prefix("data: ") {
+                out.push(d.to_string());
+            } else {
+                assert!(line.is_empty(), "unexpected SSE line {line:?}");
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn user(text: &str) -> Value {
+    json!([{"role": "user", "content": text}])
+}
+
+/// Reassembles streamed chunks into each choice's text and finish reason.
+fn reassemble(chunks: &[String], chat: bool) -> (Vec<String>, Vec<String>, Option<Value>) {
+    assert_eq!(
+        chunks.last().map(String::as_str),
+        Some("[DONE]"),
+        "the stream must end with [DONE]"
+    );
+    let mut texts = vec![];
+    let mut finish = vec![];
+    let mut usage = None;
+    for c in &chunks[..chunks.len() - 1] {
+        let v: Value = serde_json::from_str(c).unwrap();
+        assert_eq!(
+            v["object"],
+            if chat {
+                "chat.completion.chunk"
+            } else {
+                "text_completion"
+            }
+        );
+        if !v["usage"].is_null() {
+            usage = Some(v["usage"].clone());
+        }
+        for ch in v["choices"].as_array().unwrap() {
+            let i = ch["index"].as_u64().unwrap() as usize;
+            if texts.len() <= i {
+                texts.resize(i + 1, String::new());
+                finish.resize(i + 1, String::new());
+            }
+            let piece = if chat { &ch["delta"]["content"] } else { &ch["text"] };
+            texts[i] += piece.as_str().unwrap_or("");
+            if let Some(f) = ch["finish_reason"].as_str() {
+                finish[i] = f.to_string();
+            }
+        }
+    }
+    (texts, finish, usage)
+}
+
+#[test]
+fn chat_completions_stream_and_reassemble_to_the_whole_answer() {
+    let s = Server::start();
+    let req = json!({"model": "x", "messages": user("Hello there!"), "temperature": 0, "max_tokens": 24, "seed": 1});
+    let (status, whole) = s.post("/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{whole}");
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(whole["model"], "tiny-chat");
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    let text = choice["message"]["content"].as_str().unwrap();
+    assert!(!text.is_empty(), "{whole}");
+    let usage = &whole["usage"];
+    // <|bos|> <|user|> 12 bytes <|end|> <|assistant|>
+    assert_eq!(usage["prompt_tokens"], 16);
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert!((1..=24).contains(&completion));
+    assert_eq!(usage["total_tokens"].as_u64().unwrap(), 16 + completion);
+    if completion == 24 {
+        assert_eq!(choice["finish_reason"], "length");
+    }
+
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let chunks = s.stream("/v1/chat/completions", &streamed);
+    let first: Value = serde_json::from_str(&chunks[0]).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let (texts, finish, usage) = reassemble(&chunks, true);
+    assert_eq!(texts, vec![text.to_string()]);
+    assert_eq!(finish, vec![choice["finish_reason"].as_str().unwrap().to_string()]);
+    assert_eq!(usage.unwrap(), whole["usage"]);
+    assert!(chunks.len() > 3, "the answer must arrive in pieces: {chunks:?}");
+
+    // n samples come back as n choices; a seed makes sampling repeatable; stop strings cut.
+    let sample = json!({"messages": user("Hi"), "temperature": 1.0, "n": 3, "max_tokens": 12, "seed": 42});
+    let (status, a) = s.post("/v1/chat/completions", &sample);
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(a["choices"].as_array().unwrap().len(), 3);
+    let (_, b) = s.post("/v1/chat/completions", &sample);
+    assert_eq!(a["choices"], b["choices"]);
+    let mut n_stream = sample.clone();
+    n_stream["stream"] = json!(true);
+    let (texts, _, _) = reassemble(&s.stream("/v1/chat/completions", &n_stream), true);
+    let whole_texts: Vec<String> = (0..3)
+        .map(|i| a["choices"][i]["message"]["content"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(texts, whole_texts);
+    let cut: String = text.chars().skip(2).take(2).collect();
+    let mut stopped = req.clone();
+    stopped["stop"] = json!([cut]);
+    let (_, st) = s.post("/v1/chat/completions", &stopped);
+    let st_text = st["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        text.starts_with(st_text) && st_text.len() < text.len(),
+        "{st_text:?} vs {text:?}"
+    );
+    assert_eq!(st["choices"][0]["finish_reason"], "stop");
+}
+
+#[test]
+fn raw_completions_models_health_and_the_page() {
+    let s = Server::start();
+    let req = json!({"prompt": "Once upon a time", "max_tokens": 20, "temperature": 0});
+    let (status, whole) = s.post("/v1/completions", &req);
+    assert_eq!(status, 200, "{whole}");
+    assert_eq!(whole["object"], "text_completion");
+    assert_eq!(whole["usage"]["prompt_tokens"], 16);
+    let text = whole["choices"][0]["text"].as_str().unwrap().to_string();
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    let (texts, _, _) = reassemble(&s.stream("/v1/completions", &streamed), false);
+    assert_eq!(texts, vec![text]);
+
+    let (status, models) = s.call("GET", "/v1/models", None);
+    assert_eq!(status, 200);
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "tiny-chat");
+    assert_eq!(models["data"][0]["context_length"], CONTEXT);
+    let (status, health) = s.call("GET", "/health", None);
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    assert!(health["generated_tokens"].as_u64().unwrap() > 0);
+
+    let page = Server::agent().get(&s.url).call().unwrap();
+    assert!(page.content_type().starts_with("text/html"));
+    let html = page.into_string().unwrap();
+    for id in [
+        "id=\"messages\"",
+        "id=\"cmp-run\"",
+        "id=\"lab-ideal\"",
+        "/app.js",
+        "/style.css",
+    ] {
+        assert!(html.contains(id), "the page lacks {id}");
+    }
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "the page must not load anything from elsewhere"
+    );
+    let js = Server::agent().get(&format!("{}/app.js", s.url)).call().unwrap();
+    assert!(js.content_type().contains("javascript"));
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_carries_on() {
+    let s = Server::start();
+    let chat = "/v1/chat/completions";
+    let long = "x".repeat(CONTEXT + 10);
+    let cases: Vec<(&str, &str, String, u16, Option<&str>)> = vec![
+        ("malformed JSON", chat, "{\"messages\": [".into(), 400, None),
+        ("not an object", chat, "[1, 2]".into(), 400, None),
+        (
+            "missing messages",
+            chat,
+            json!({"model": "m"}).to_string(),
+            400,
+            Some("messages"),
+        ),
+        (
+            "empty messages",
+            chat,
+            json!({"messages": []}).to_string(),
+            400,
+            Some("messages"),
+        ),
+        (
+            "unknown role",
+            chat,
+            json!({"messages": [{"role": "wizard", "content": "hi"}]}).to_string(),
+            400,
+            Some("messages[0].role"),
+        ),
+        (
+            "missing content",
+            chat,
+            json!({"messages": [{"role": "user"}]}).to_string(),
+            400,
+            Some("messages[0].content"),
+        ),
+        (
+            "content not text",
+            chat,
+            json!({"messages": [{"role": "user", "content": 5}]}).to_string(),
+            400,
+            Some("messages[0].content"),
+        ),
+        (
+            "ends with the assistant",
+            chat,
+            json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}).to_string(),
+            400,
+            Some("messages"),
+        ),
+        (
+            "roles out of order",
+            chat,
+            json!({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}).to_string(),
+            400,
+            Some("messages"),
+        ),
+        (
+            "negative max_tokens",
+            chat,
+            json!({"messages": user("a"), "max_tokens": -1}).to_string(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "zero max_tokens",
+            chat,
+            json!({"messages": user("a"), "max_tokens": 0}).to_string(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "absurd max_tokens",
+            chat,
+            json!({"messages": user("a"), "max_tokens": 1_000_000_000u64}).to_string(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "fractional max_tokens",
+            chat,
+            json!({"messages": user("a"), "max_tokens": 2.5}).to_string(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "zero n",
+            chat,
+            json!({"messages": user("a"), "n": 0}).to_string(),
+            400,
+            Some("n"),
+        ),
+        (
+            "absurd n",
+            chat,
+            json!({"messages": user("a"), "n": 10_000}).to_string(),
+            400,
+            Some("n"),
+        ),
+        (
+            "negative temperature",
+            chat,
+            json!({"messages": user("a"), "temperature": -0.5}).to_string(),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "huge temperature",
+            chat,
+            json!({"messages": user("a"), "temperature": 1e9}).to_string(),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "temperature as text",
+            chat,
+            json!({"messages": user("a"), "temperature": "hot"}).to_string(),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "zero top_p",
+            chat,
+            json!({"messages": user("a"), "top_p": 0}).to_string(),
+            400,
+            Some("top_p"),
+        ),
+        (
+            "top_p above 1",
+            chat,
+            json!({"messages": user("a"), "top_p": 1.5}).to_string(),
+            400,
+            Some("top_p"),
+        ),
+        (
+            "too many stops",
+            chat,
+            json!({"messages": user("a"), "stop": ["a", "b", "c", "d", "e"]}).to_string(),
+            400,
+            Some("stop"),
+        ),
+        (
+            "empty stop",
+            chat,
+            json!({"messages": user("a"), "stop": ""}).to_string(),
+            400,
+            Some("stop"),
+        ),
+        (
+            "stream not a bool",
+            chat,
+            json!({"messages": user("a"), "stream": "yes"}).to_string(),
+            400,
+            Some("stream"),
+        ),
+        (
+            "seed not an integer",
+            chat,
+            json!({"messages": user("a"), "seed": "abc"}).to_string(),
+            400,
+            Some("seed"),
+        ),
+        (
+            "prompt beyond the context",
+            chat,
+            json!({"messages": user(&long)}).to_string(),
+            400,
+            Some("messages"),
+        ),
+        (
+            "raw prompt beyond the context",
+            "/v1/completions",
+            json!({"prompt": long}).to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "missing raw prompt",
+            "/v1/completions",
+            json!({"max_tokens": 3}).to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "tools",
+            chat,
+            json!({"messages": user("a"), "tools": [{"type": "function"}]}).to_string(),
+            400,
+            Some("tools"),
+        ),
+        (
+            "logprobs",
+            chat,
+            json!({"messages": user("a"), "logprobs": true}).to_string(),
+            400,
+            Some("logprobs"),
+        ),
+        (
+            "json mode",
+            chat,
+            json!({"messages": user("a"), "response_format": {"type": "json_object"}}).to_string(),
+            400,
+            Some("response_format"),
+        ),
+        (
+            "echo",
+            "/v1/completions",
+            json!({"prompt": "a", "echo": true}).to_string(),
+            400,
+            Some("echo"),
+        ),
+        ("unknown route", "/v1/nothing", "{}".into(), 404, None),
+        (
+            "unknown feedback kind",
+            "/v1/feedback",
+            json!({"kind": "vibes"}).to_string(),
+            400,
+            Some("kind"),
+        ),
+    ];
+    for (what, path, body, want, param) in &cases {
+        let (status, err) = s.call("POST", path, Some(body));
+        assert_eq!(status, *want, "{what}: {err}");
+        let e = &err["error"];
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {err}");
+        assert!(e["type"].is_string(), "{what}: {err}");
+        assert!(e.as_object().unwrap().contains_key("code"), "{what}: {err}");
+        if let Some(p) = param {
+            assert_eq!(e["param"], *p, "{what}: {err}");
+        }
+    }
+    // An oversized body is refused from its declared length, before the client sends it.
+    let (status, err) = s.raw_oversized_post(chat, 2 << 20);
+    assert_eq!(status, 413, "{err}");
+    assert_eq!(err["error"]["type"], "invalid_request_error");
+
+    let (_, err) = s.call("POST", chat, Some(&json!({"messages": user(&long)}).to_string()));
+    assert_eq!(err["error"]["code"], "context_length_exceeded");
+    let (status, err) = s.call("GET", chat, None);
+    assert_eq!(status, 405, "{err}");
+
+    // A history longer than the context loses its oldest exchanges (the chat template's rule),
+    // not the request.
+    let mut history = vec![];
+    for i in 0..12 {
+        history.push(json!({"role": "user", "content": format!("question {i} {}", "q".repeat(40))}));
+        history.push(json!({"role": "assistant", "content": "a".repeat(40)}));
+    }
+    history.push(json!({"role": "user", "content": "last"}));
+    let (status, ok) = s.post(chat, &json!({"messages": history, "max_tokens": 4}));
+    assert_eq!(status, 200, "{ok}");
+    assert!(ok["usage"]["prompt_tokens"].as_u64().unwrap() < CONTEXT as u64);
+
+    // A huge history (under the body limit) costs little: what cannot fit is dropped up front.
+    let mut history: Vec<Value> = (0..20_000)
+        .map(|i| json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": ""}))
+        .collect();
+    history.push(json!({"role": "user", "content": "hi"}));
+    let t = Instant::now();
+    let (status, ok) = s.post(chat, &json!({"messages": history, "max_tokens": 4}));
+    assert_eq!(status, 200, "{ok}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "a long history took {:?}",
+        t.elapsed()
+    );
+
+    // Options at their neutral values are accepted, as clients often send them.
+    let neutral = json!({"messages": user("still there?"), "max_tokens": 4, "logprobs": false, "presence_penalty": 0,
+                         "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "user": "someone"});
+    let (status, ok) = s.post(chat, &neutral);
+    assert_eq!(status, 200, "{ok}");
+}
+
+#[test]
+fn concurrent_clients_are_all_answered_and_health_stays_responsive() {
+    let s = Server::start();
+    let started = Instant::now();
+    let answers: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let s = &s;
+                scope.spawn(move || {
+                    s.post(
+                        "/v1/chat/completions",
+                        &json!({"messages": user(&format!("client {i}")), "max_tokens": 200, "temperature": 1.0, "seed": i}),
+                    )
+                })
+            })
+            .collect();
+        // While four generations are queued or running, the async side still answers at once.
+        std::thread::sleep(Duration::from_millis(20));
+        let t = Instant::now();
+        let (status, _) = s.call("GET", "/health", None);
+        assert_eq!(status, 200);
+        assert!(t.elapsed() < Duration::from_secs(2), "/health took {:?}", t.elapsed());
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (status, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+        assert!(body["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+    }
+    println!("4 concurrent requests answered in {:?}", started.elapsed());
+}
+
+#[test]
+fn a_full_queue_answers_503_and_abandoned_requests_cost_nothing() {
+    let s = Server::start();
+    let body = json!({"messages": user("long"), "max_tokens": CONTEXT - 16, "n": 8, "temperature": 1.0}).to_string();
+    // 80 clients at once, each giving up after 3 s: one job runs, 64 wait, the rest are refused.
+    let outcomes: Vec<Result<u16, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..80)
+            .map(|_| {
+                let (url, body) = (&s.url, &body);
+                scope.spawn(move || {
+                    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(3)).build();
+                    match agent
+                        .post(&format!("{url}/v1/chat/completions"))
+                        .set("Content-Type", "application/json")
+                        .send_string(body)
+                    {
+                        Ok(r) => Ok(r.status()),
+                        Err(ureq::Error::Status(code, r)) => {
+                            let err: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+                            assert_eq!(err["error"]["type"], "server_busy");
+                            Ok(code)
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let busy = outcomes.iter().filter(|o| matches!(o, Ok(503))).count();
+    assert!(busy >= 80 - 65, "{busy} of 80 refused: {outcomes:?}");
+    // The clients that timed out are gone: their queued jobs are skipped and the running one
+    // stops, so the server is soon idle and answers at once.
+    let t = Instant::now();
+    while s.call("GET", "/health", None).1["pending_requests"] != 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "abandoned jobs still pending");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, ok) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": user("hello"), "max_tokens": 4}),
+    );
+    assert_eq!(status, 200, "{ok}");
+    println!(
+        "{busy} of 80 refused with 503; idle again {:?} after the clients left",
+        t.elapsed()
+    );
+}
+
+fn generated_tokens(s: &Server) -> u64 {
+    s.call("GET", "/health", None).1["generated_tokens"].as_u64().unwrap()
+}
+
+#[test]
+fn a_client_leaving_mid_stream_stops_its_generation() {
+    let s = Server::start();
+    // A raw completion that runs to the end of the context unless stopped.
+    let req = json!({"prompt": "abc", "max_tokens": CONTEXT - 8, "temperature": 0, "stream": true});
+    let mut whole = req.clone();
+    whole["stream"] = json!(false);
+    let (_, full) = s.post("/v1/completions", &whole);
+    assert_eq!(
+        full["choices"][0]["finish_reason"], "length",
+        "the test needs a generation that never stops early: {full}"
+    );
+    let before = generated_tokens(&s);
+
+    let resp = Server::agent()
+        .post(&format!("{}/v1/completions", s.url))
+        .set("Content-Type", "application/json")
+        .send_string(&req.to_string())
+        .unwrap();
+    let mut reader = resp.into_reader();
+    let mut first = [0u8; 64];
+    reader.read_exact(&mut first).unwrap();
+    drop(reader);
+
+    // The worker notices at its next token; after that the count no longer moves.
+    let mut last = u64::MAX;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = generated_tokens(&s);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let spent = last - before;
+    println!("the abandoned stream generated {spent} of {} tokens", CONTEXT - 8);
+    // The same request run to the end makes exactly CONTEXT - 8 tokens (checked above), so any
+    // fewer means the generation was stopped (typically after a handful).
+    assert!(
+        spent < (CONTEXT - 8) as u64,
+        "the abandoned generation ran to the end: {spent} tokens"
+    );
+    let (status, ok) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": user("next"), "max_tokens": 4}),
+    );
+    assert_eq!(status, 200, "{ok}");
+}
+
+#[test]
+fn feedback_round_trip_to_training_files() {
+    let s = Server::start();
+    let prompt =
+        json!([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "What colour is the sky?"}]);
+    let other = user("Name a fruit.");
+    let good = [
+        json!({"kind": "demonstration", "messages": [{"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "Blue, on a clear day."}]}),
+        json!({"kind": "comparison", "prompt": prompt, "chosen": "Blue.", "rejected": "Green."}),
+        json!({"kind": "ranking", "prompt": prompt, "ranked": ["Blue.", "Grey.", "Green."]}),
+        json!({"kind": "thumbs", "prompt": other, "answer": "An apple.", "rating": "up"}),
+        json!({"kind": "thumbs", "prompt": other, "answer": "A chair.", "rating": "down"}),
+        json!({"kind": "thumbs", "prompt": prompt, "answer": "Blue.", "rating": "up"}),
+    ];
+    for (i, f) in good.iter().enumerate() {
+        let (status, body) = s.post("/v1/feedback", f);
+        assert_eq!(status, 201, "{f}: {body}");
+        assert_eq!(body["id"], i as u64 + 1);
+    }
+    let bad = [
+        (json!({"prompt": prompt}), "kind"),
+        (json!({"kind": "demonstration", "messages": prompt}), "messages"),
+        (
+            json!({"kind": "comparison", "prompt": prompt, "chosen": "Same.", "rejected": "Same."}),
+            "rejected",
+        ),
+        (
+            json!({"kind": "comparison", "prompt": prompt, "chosen": "Blue."}),
+            "rejected",
+        ),
+        (
+            json!({"kind": "ranking", "prompt": prompt, "ranked": ["Only one."]}),
+            "ranked",
+        ),
+        (
+            json!({"kind": "thumbs", "prompt": prompt, "answer": "Blue.", "rating": "sideways"}),
+            "rating",
+        ),
+        (
+            json!({"kind": "thumbs", "prompt": [{"role": "robot", "content": "x"}], "answer": "a", "rating": "up"}),
+            "prompt[0].role",
+        ),
+    ];
+    for (f, param) in &bad {
+        let (status, body) = s.post("/v1/feedback", f);
+        assert_eq!(status, 400, "{f}: {body}");
+        assert_eq!(body["error"]["param"], *param, "{f}: {body}");
+    }
+    let stored = FeedbackStore::open(&s.db).unwrap().all().unwrap();
+    assert_eq!(stored.len(), good.len());
+    assert!(matches!(&stored[1].1, Feedback::Comparison { chosen, .. } if chosen == "Blue."));
+
+    let out = tempfile::tempdir().unwrap();
+    let (sft, prefs) = (out.path().join("sft.jsonl"), out.path().join("prefs.jsonl"));
+    let run = Command::new(env!("CARGO_BIN_EXE_talaria"))
+        .args(["feedback", "export", "--db"])
+        .arg(&s.db)
+        .arg("--sft")
+        .arg(&sft)
+        .arg("--prefs")
+        .arg(&prefs)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{said} {}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        said.contains("1 demonstrations") && said.contains("1 pairs from thumbs"),
+        "{said}"
+    );
+
+    let convs = read_conversations(&sft).unwrap();
+    assert_eq!(convs.conversations.len(), 1);
+    assert_eq!(convs.conversations[0][1].content, "Blue, on a clear day.");
+    // Closing the loop: `talaria sft` trains on the exported demonstrations as they are.
+    let run = Command::new(env!("CARGO_BIN_EXE_talaria"))
+        .args(["sft", "--init"])
+        .arg(&s.ckpt)
+        .arg("--data")
+        .arg(&sft)
+        .arg("--val-data")
+        .arg(&sft)
+        .arg("--out")
+        .arg(out.path().join("sft-run"))
+        .args([
+            "--steps",
+            "2",
+            "--batch-size",
+            "1",
+            "--warmup",
+            "0",
+            "--eval-every",
+            "2",
+            "--save-every",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "talaria sft on the export failed: {}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let lines: Vec<Value> = std::fs::read_to_string(&prefs)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            json!({"prompt": prompt, "chosen": "Blue.", "rejected": "Green."}),
+            json!({"prompt": prompt, "ranked": ["Blue.", "Grey.", "Green."]}),
+            json!({"prompt": other, "chosen": "An apple.", "rejected": "A chair."}),
+        ]
+    );
+}
+
+/// Runs a checker script that needs tools outside Rust; the script itself prints why it skips.
+fn run_checker(program: &str, args: &[&str]) -> Option<String> {
+    let out = match Command::new(program).args(args).output() {
+        Ok(o) => o,
+        Err(e) => {
+            println!("SKIPPED: cannot run {program}: {e}");
+            return None;
+        }
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "{program} {args:?} failed:\n{text}");
+    Some(text)
+}
+
+#[test]
+fn the_official_openai_python_client_works() {
+    let s = Server::start();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_openai_client.py");
+    if let Some(out) = run_checker("python3", &[script, &format!("{}/v1", s.url)])
+        && !out.contains("SKIPPED")
+    {
+        assert!(out.contains("openai client: ok"), "{out}");
+    }
+}
+
+#[test]
+fn the_page_chats_and_records_a_comparison_in_headless_chromium() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+    let missing: Vec<&str> = [
+        ("node", Path::new("/usr/bin/node").exists() || which("node")),
+        ("chromium", Path::new("/usr/bin/chromium").exists()),
+        (
+            "playwright-core",
+            Path::new(dir).join("node_modules/playwright-core").exists(),
+        ),
+    ]
+    .iter()
+    .filter(|(_, ok)| !ok)
+    .map(|(name, _)| *name)
+    .collect();
+    if !missing.is_empty() {
+        println!(
+            "SKIPPED: the browser check needs {} (run tests/browser/setup.sh)",
+            missing.join(", ")
+        );
+        return;
+    }
+    let s = Server::start();
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-page.png");
+    let script = format!("{dir}/page.mjs");
+    run_checker("node", &[&script, &s.url, shot.to_str().unwrap()]).unwrap();
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 1000,
+        "no screenshot at {}",
+        shot.display()
+    );
+    let stored = FeedbackStore::open(&s.db).unwrap().all().unwrap();
+    assert!(
+        stored
+            .iter()
+            .any(|(_, f)| matches!(f, Feedback::Comparison { prompt, .. }
+            if prompt.last().is_some_and(|m| m.content == "Which is better?"))),
+        "the comparison made in the page is not in the database: {stored:?}"
+    );
+    assert!(
+        stored
+            .iter()
+            .any(|(_, f)| matches!(f, Feedback::Thumbs { up: true, .. }))
+    );
+    assert!(
+        stored
+            .iter()
+            .any(|(_, f)| matches!(f, Feedback::Demonstration { messages }
+        if messages.last().is_some_and(|m| m.content == "Blue.")))
+    );
+    assert!(
+        stored
+            .iter()
+            .any(|(_, f)| matches!(f, Feedback::Ranking { ranked, .. } if ranked.len() >= 2))
+    );
+    println!("screenshot: {}", shot.display());
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).exists()))
+}
+
+/// Sustained load for BENCHMARKS.md: 8 clients for 20 s through `scripts/serve_load.py`, with
+/// whole answers and then streamed.
+/// `TALARIA_SERVE_BENCH_PRESET` picks the model shape (default `test`).
+#[test]
+#[ignore = "a benchmark: run with --ignored --nocapture"]
+fn serving_throughput() {
+    let preset = std::env::var("TALARIA_SERVE_BENCH_PRESET").unwrap_or_else(|_| "test".into());
+    let s = Server::start_preset(&preset);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/serve_load.py");
+    println!("preset {preset}");
+    for mode in [None, Some("--stream")] {
+        let mut args = vec![
+            script,
+            &s.url,
+            "--clients",
+            "8",
+            "--seconds",
+            "20",
+            "--max-tokens",
+            "64",
+        ];
+        args.extend(mode);
+        run_checker("python3", &args).unwrap();
+    }
+}
