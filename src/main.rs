@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
+use talaria::bench::{BenchConfig, BenchKind};
 use talaria::checkpoint::Checkpoint;
 use talaria::engine::{self, GenerateOptions, Sampler, SamplingParams, TextStream};
 use talaria::interop;
@@ -36,6 +37,33 @@ enum Command {
     Export(ExportCmd),
     /// Generate a continuation of a prompt.
     Generate(GenerateArgs),
+    /// Measure training or decoding throughput (compare with bench/pytorch_reference.py).
+    Bench(BenchArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchWhat {
+    /// Forward, backward and an AdamW step on batches of random tokens.
+    Train,
+    /// Batch-1 greedy decoding with the KV cache.
+    Decode,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    what: BenchWhat,
+    /// Model preset (see the presets in src/model/config.rs).
+    #[arg(long, default_value = "bench")]
+    preset: String,
+    /// Timed training steps, or decoded tokens.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Training batch size, in sequences of the full context.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Print one JSON object with the figures on the last line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -144,7 +172,36 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Generate(a) => generate(a),
+        Command::Bench(a) => bench(a),
     }
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let (kind, steps) = match a.what {
+        BenchWhat::Train => (BenchKind::Train, a.steps.unwrap_or(5)),
+        BenchWhat::Decode => (BenchKind::Decode, a.steps.unwrap_or(200)),
+    };
+    let cfg = BenchConfig {
+        kind,
+        preset: a.preset,
+        steps,
+        batch: a.batch,
+        prompt_len: 16,
+    };
+    let r = talaria::bench::run(&cfg)?;
+    println!("tokens/s            {:.1}", r.tokens_per_s);
+    println!(
+        "achieved GFLOP/s    {:.1} ({:.0}% of the {:.1} GFLOP/s of one 1024^3 matmul)",
+        r.gflops,
+        100.0 * r.gflops / r.peak_matmul_gflops,
+        r.peak_matmul_gflops
+    );
+    println!("peak RSS            {:.0} MiB", r.peak_rss_mib);
+    println!("median step         {:.2} ms", 1e3 * r.median_step_s);
+    if a.json {
+        println!("{}", r.to_json(&cfg));
+    }
+    Ok(())
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
