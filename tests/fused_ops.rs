@@ -103,7 +103,13 @@ fn fused_gelu_matches_composed() {
 #[test]
 fn fused_linear_matches_composed() {
     let mut rng = StdRng::seed_from_u64(3);
-    for (x_dims, n) in [(vec![3, 5, 13], 19), (vec![1, 1, 1], 1), (vec![2, 9, 64], 96)] {
+    // Up to 4 rows take the vector-matrix route (decoding), more go through gemm.
+    for (x_dims, n) in [
+        (vec![3, 5, 13], 19),
+        (vec![1, 1, 1], 1),
+        (vec![2, 9, 64], 96),
+        (vec![1, 3, 37], 300),
+    ] {
         let k = *x_dims.last().unwrap();
         let x = randn(&mut rng, &x_dims, 1.0);
         let w = randn(&mut rng, &[k, n], 0.5);
@@ -151,6 +157,33 @@ fn fused_cached_attention_matches_composed() {
                 composed::attention(&x[0], &x[1], &x[2], mask.as_ref())
             },
         );
+    }
+}
+
+/// Decoding (no gradient): a few queries over strided views into a preallocated cache, and the
+/// LM head's dot products.
+#[test]
+fn fused_decode_attention_and_head_match_composed() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for (b, h, t, past, dh, cap) in [(1, 6, 1, 40, 64, 64), (2, 3, 3, 5, 7, 12), (1, 2, 1, 0, 5, 8)] {
+        let q = randn(&mut rng, &[b, h, t, dh], 2.0);
+        let k_buf = randn(&mut rng, &[b, h, cap, dh], 2.0);
+        let v_buf = randn(&mut rng, &[b, h, cap, dh], 2.0);
+        let k = k_buf.narrow(2, 0, past + t).unwrap();
+        let v = v_buf.narrow(2, 0, past + t).unwrap();
+        let got = ops::causal_attention(&q, &k, &v, past).unwrap();
+        let mask = (t > 1).then(|| ops::causal_mask(t, past, DType::F32, &Device::Cpu).unwrap());
+        let want = composed::attention(&q, &k, &v, mask.as_ref()).unwrap();
+        let e = rel_err(&got, &want);
+        assert!(e < TOL, "decode attention t{t} past{past}: relative error {e}");
+    }
+    for (r, v, c) in [(1, 8192, 384), (3, 300, 37)] {
+        let x = randn(&mut rng, &[r, c], 1.0);
+        let e = randn(&mut rng, &[v, c], 1.0);
+        let got = ops::matmul_transposed(&x, &e).unwrap();
+        let want = x.matmul(&e.t().unwrap()).unwrap();
+        let err = rel_err(&got, &want);
+        assert!(err < TOL, "head [{r}, {c}] x [{v}, {c}]^T: relative error {err}");
     }
 }
 

@@ -241,6 +241,128 @@ fn all_threads() -> Parallelism {
     }
 }
 
+/// Up to this many rows (decoding), a product with a weight matrix streams the matrix once per
+/// row instead of calling `gemm`, which packs the whole matrix first and is several times slower
+/// for a single row.
+const GEMV_ROWS: usize = 4;
+
+/// Rows of `W` per rayon task in [`vec_mat`]: each task streams a contiguous slab of the
+/// matrix (which the hardware prefetcher follows best) into its own partial sum.
+const GEMV_SLAB: usize = 64;
+
+/// Output rows of the LM head per rayon task.
+const HEAD_ROWS: usize = 256;
+
+/// Compiles `$body` (a closure-free block over its arguments) once for AVX-512, once for AVX2
+/// and once for the baseline, and picks one at run time: the crate is built for baseline
+/// x86-64, where these memory-bound loops would otherwise use 4-wide SSE.
+macro_rules! multiversion {
+    (fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) $body
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $body
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has just been checked for the enabled features.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+
+multiversion! {
+    fn axpy_rows(acc: &mut [f32], x: &[f32], w: &[f32]) {
+        let n = acc.len();
+        // Four rows of `w` per pass over `acc`, so the accumulator is loaded and stored a
+        // quarter as often as the matrix is read.
+        let (x4, x1) = x.split_at(x.len() / 4 * 4);
+        let (w4, w1) = w.split_at(x4.len() * n);
+        for (xs, ws) in x4.chunks_exact(4).zip(w4.chunks_exact(4 * n)) {
+            let (w0, rest) = ws.split_at(n);
+            let (w1, rest) = rest.split_at(n);
+            let (w2, w3) = rest.split_at(n);
+            for j in 0..n {
+                acc[j] += xs[0] * w0[j] + xs[1] * w1[j] + xs[2] * w2[j] + xs[3] * w3[j];
+            }
+        }
+        for (&xk, wk) in x1.iter().zip(w1.chunks_exact(n)) {
+            for (a, &w) in acc.iter_mut().zip(wk) {
+                *a += xk * w;
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn dot_rows(y: &mut [f32], x: &[f32], e: &[f32]) {
+        for (y, e) in y.iter_mut().zip(e.chunks_exact(x.len())) {
+            *y = dot(x, e);
+        }
+    }
+}
+
+/// `y = x W + b` for one row `x` `[K]` and `W` `[K, N]`: slabs of rows of `W` are summed in
+/// parallel into per-task partial rows, which are then added up.
+fn vec_mat(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32]) {
+    let n = y.len();
+    let partial = x
+        .par_chunks(GEMV_SLAB)
+        .zip(w.par_chunks(GEMV_SLAB * n))
+        .fold(
+            || vec![0f32; n],
+            |mut acc, (x, w)| {
+                axpy_rows(&mut acc, x, w);
+                acc
+            },
+        )
+        .reduce(
+            || vec![0f32; n],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    for ((y, p), b) in y.iter_mut().zip(partial).zip(b) {
+        *y = p + b;
+    }
+}
+
+/// `x E^T` for a few rows `x` `[R, C]` and `E` `[V, C]` (the tied LM head while decoding): one
+/// dot product per output, rows of `E` split across threads.
+pub fn few_rows_times_transposed(x: &Tensor, e: &Tensor) -> Result<Tensor> {
+    let (r, c) = x.dims2()?;
+    let (v, c2) = e.dims2()?;
+    if c != c2 {
+        bail!("few_rows_times_transposed: widths {c} and {c2} differ");
+    }
+    let mut y = vec![0f32; r * v];
+    with_f32(x, "lm-head", |xs| {
+        with_f32(e, "lm-head", |es| {
+            for (y, x) in y.chunks_exact_mut(v).zip(xs.chunks_exact(c)) {
+                y.par_chunks_mut(HEAD_ROWS)
+                    .zip(es.par_chunks(HEAD_ROWS * c))
+                    .for_each(|(y, e)| dot_rows(y, x, e));
+            }
+            Ok(())
+        })
+    })?;
+    Tensor::from_vec(y, (r, v), x.device())
+}
+
+/// Whether a product with `rows` rows takes the vector-matrix route.
+pub fn is_few_rows(rows: usize) -> bool {
+    rows <= GEMV_ROWS
+}
+
 /// Column sums of a row-major `[rows, n]` matrix (the gradient of a bias).
 fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
     g.par_chunks(n * rows_per_task(n))
@@ -298,17 +420,23 @@ impl CustomOp3 for Linear {
         }
         let rows = x.len() / k;
         let mut y = vec![0f32; rows * n];
-        y.par_chunks_mut(n).for_each(|r| r.copy_from_slice(b));
-        gemm_into(
-            &mut y,
-            Mat::dense(0, rows, n),
-            x,
-            Mat::dense(0, rows, k),
-            w,
-            Mat::dense(0, k, n),
-            true,
-            all_threads(),
-        );
+        if rows <= GEMV_ROWS {
+            for (y, x) in y.chunks_exact_mut(n).zip(x.chunks_exact(k)) {
+                vec_mat(y, x, w, b);
+            }
+        } else {
+            y.par_chunks_mut(n).for_each(|r| r.copy_from_slice(b));
+            gemm_into(
+                &mut y,
+                Mat::dense(0, rows, n),
+                x,
+                Mat::dense(0, rows, k),
+                w,
+                Mat::dense(0, k, n),
+                true,
+                all_threads(),
+            );
+        }
         let mut dims = lx.dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = n;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -784,6 +912,91 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Resu
         past,
     })?;
     p.matmul(v)
+}
+
+/// Attention of a few new queries `q` `[B, H, t, Dh]` over `past + t` cached keys and values
+/// (views `[B, H, past + t, Dh]` into the preallocated cache, read through their strides): dot
+/// products, masked softmax and weighted sum per (batch, head, query), no intermediate tensors.
+/// Inference only: its backward is candle's "not supported" error, never a silent zero.
+struct DecodeAttention {
+    past: usize,
+}
+
+/// Element offset of `[b, h, i, 0]` in a rank-4 layout.
+fn offset4(l: &Layout, b: usize, h: usize, i: usize) -> usize {
+    let s = l.stride();
+    l.start_offset() + b * s[0] + h * s[1] + i * s[2]
+}
+
+impl CustomOp3 for DecodeAttention {
+    fn name(&self) -> &'static str {
+        "fused-decode-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (sq, sk, sv) else {
+            bail!("{}: f32 tensors only", self.name())
+        };
+        let (b, h, t, dh) = lq.shape().dims4()?;
+        let total = self.past + t;
+        if lk.dims() != [b, h, total, dh] || lv.dims() != [b, h, total, dh] {
+            bail!(
+                "{}: keys {:?} / values {:?} do not fit queries {:?} after {} cached",
+                self.name(),
+                lk.dims(),
+                lv.dims(),
+                lq.dims(),
+                self.past
+            );
+        }
+        if [lq, lk, lv].iter().any(|l| l.stride()[3] != 1) {
+            bail!("{}: the head dimension must be contiguous", self.name());
+        }
+        let scale = 1.0 / (dh as f32).sqrt();
+        let mut y = vec![0f32; b * h * t * dh];
+        y.par_chunks_mut(t * dh).enumerate().for_each_init(
+            || vec![0f32; total],
+            |p, (bh, y)| {
+                let (bi, hi) = (bh / h, bh % h);
+                for (i, y) in y.chunks_exact_mut(dh).enumerate() {
+                    let qo = offset4(lq, bi, hi, i);
+                    let qi = &q[qo..qo + dh];
+                    let vis = self.past + i + 1;
+                    let p = &mut p[..vis];
+                    for (j, p) in p.iter_mut().enumerate() {
+                        let ko = offset4(lk, bi, hi, j);
+                        *p = dot(qi, &k[ko..ko + dh]) * scale;
+                    }
+                    let m = max(p);
+                    p.iter_mut().for_each(|x| *x = exp(*x - m));
+                    let inv = 1.0 / sum(p);
+                    y.fill(0.0);
+                    for (j, &pj) in p.iter().enumerate() {
+                        let vo = offset4(lv, bi, hi, j);
+                        let w = pj * inv;
+                        for (y, &v) in y.iter_mut().zip(&v[vo..vo + dh]) {
+                            *y += w * v;
+                        }
+                    }
+                }
+            },
+        );
+        Ok((CpuStorage::F32(y), lq.shape().clone()))
+    }
+}
+
+/// Attention of `q` `[B, H, t, Dh]` (f32, CPU, few queries, no gradient) over cached keys and
+/// values `[B, H, past + t, Dh]`, which may be strided views.
+pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
+    q.contiguous()?.apply_op3(k, v, DecodeAttention { past })
 }
 
 // ---------------------------------------------------------------------------------------------

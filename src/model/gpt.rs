@@ -318,7 +318,7 @@ impl Gpt {
     /// Logits `[B, T, V]` from hidden states `[B, T, C]` through the tied embedding matrix.
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, t, c) = hidden.dims3()?;
-        let logits = hidden.reshape((b * t, c))?.matmul(&self.wte.t()?)?;
+        let logits = ops::matmul_transposed(&hidden.reshape((b * t, c))?, &self.wte)?;
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
     }
 

@@ -28,6 +28,16 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     composed::linear(x, w, b)
 }
 
+/// `x E^T` for `x` `[N, C]` and `E` `[V, C]` (the tied LM head). A few rows of f32 on the CPU
+/// (decoding, no gradient needed) take the fused dot-product route; the rest a candle matmul.
+pub fn matmul_transposed(x: &Tensor, e: &Tensor) -> Result<Tensor> {
+    let tracked = x.track_op() || e.track_op();
+    if fused::applies(&[x, e]) && fused::is_few_rows(x.dim(0)?) && !tracked {
+        return fused::few_rows_times_transposed(x, e);
+    }
+    x.matmul(&e.t()?)
+}
+
 /// The MLP activation.
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     match act {
@@ -60,6 +70,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
 /// Causal attention of `Tq` new queries `[B, H, Tq, Dh]` at positions `past..past + Tq` over
 /// keys and values `[B, H, past + Tq, Dh]`.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if fused::applies(&[q, k, v]) && fused::is_few_rows(q.dim(2)?) && !tracked {
+        return fused::decode_attention(q, k, v, past);
+    }
     if fused::applies(&[q, k, v]) {
         return fused::causal_attention(q, k, v, past);
     }
