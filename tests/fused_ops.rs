@@ -206,6 +206,27 @@ fn fused_cross_entropy_matches_composed() {
     }
 }
 
+#[test]
+fn fused_head_cross_entropy_matches_composed() {
+    let mut rng = StdRng::seed_from_u64(8);
+    // More than one chunk of 512 rows, and a row count that is not a multiple of it.
+    for (n, c, v) in [(9, 13, 37), (1100, 24, 300), (1, 3, 2)] {
+        let hidden = randn(&mut rng, &[n, c], 2.0);
+        let emb = randn(&mut rng, &[v, c], 1.0);
+        let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+        let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+        let weights = Tensor::from_vec((0..n).map(|i| (i % 3) as f32).collect::<Vec<_>>(), n, &Device::Cpu).unwrap();
+        for w in [None, Some(&weights)] {
+            check(
+                &format!("head cross-entropy [{n}, {c}] x [{v}, {c}]^T weighted {}", w.is_some()),
+                &[hidden.clone(), emb.clone()],
+                |x| ops::head_cross_entropy(&x[0], &x[1], &targets, w),
+                |x| composed::cross_entropy(&x[0].matmul(&x[1].t()?)?, &targets, w),
+            );
+        }
+    }
+}
+
 /// The whole model: loss and every parameter's gradient on the fused f32 path agree with the
 /// composed f64 path on the same weights (f32 rounding over a whole model stays under 1e-4).
 #[test]

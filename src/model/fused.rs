@@ -1082,6 +1082,170 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     )
 }
 
+// ---------------------------------------------------------------------------------------------
+// LM head fused with cross-entropy
+
+/// Rows of logits computed at a time by [`HeadCrossEntropy`]: large enough for efficient
+/// products, small enough that the full `[N, V]` logits never exist.
+const HEAD_CHUNK: usize = 512;
+
+/// Per-row cross-entropy of the logits `h E^T` (hidden `[N, C]`, tied embedding `E` `[V, C]`)
+/// against u32 targets `[N]`, computed a chunk of rows at a time. The backward pass recomputes
+/// each chunk's logits, turns them into `softmax - onehot` in place, and accumulates both
+/// gradients from it, so neither the logits nor their gradient is ever held whole.
+struct HeadCrossEntropy {
+    lse: Mutex<Vec<f32>>,
+}
+
+impl HeadCrossEntropy {
+    fn targets<'a>(s: &'a CpuStorage, l: &Layout, n: usize, v: usize) -> Result<&'a [u32]> {
+        let (CpuStorage::U32(t), Some((a, b))) = (s, l.contiguous_offsets()) else {
+            bail!("fused head cross-entropy: targets must be contiguous u32")
+        };
+        let t = &t[a..b];
+        if t.len() != n {
+            bail!("fused head cross-entropy: {} targets for {n} rows", t.len());
+        }
+        if let Some(&bad) = t.iter().find(|&&x| x as usize >= v) {
+            bail!("fused head cross-entropy: target {bad} is outside the {v} classes");
+        }
+        Ok(t)
+    }
+
+    /// Logits of rows `r0..r0 + rows` into `buf`.
+    fn logits(buf: &mut [f32], h: &[f32], e: &[f32], r0: usize, rows: usize, c: usize, v: usize) {
+        gemm_into(
+            buf,
+            Mat::dense(0, rows, v),
+            h,
+            Mat::dense(r0 * c, rows, c),
+            e,
+            Mat::dense(0, v, c).t(),
+            false,
+            all_threads(),
+        );
+    }
+}
+
+impl CustomOp3 for HeadCrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-head-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sh: &CpuStorage,
+        lh: &Layout,
+        se: &CpuStorage,
+        le: &Layout,
+        st: &CpuStorage,
+        lt: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = f32_slice(sh, lh, self.name())?;
+        let e = f32_slice(se, le, self.name())?;
+        let (n, c) = lh.shape().dims2()?;
+        let (v, c2) = le.shape().dims2()?;
+        if c != c2 {
+            bail!("{}: hidden width {c} but embedding width {c2}", self.name());
+        }
+        let targets = Self::targets(st, lt, n, v)?;
+        let mut lse = vec![0f32; n];
+        let mut loss = vec![0f32; n];
+        let mut buf = vec![0f32; HEAD_CHUNK.min(n) * v];
+        for r0 in (0..n).step_by(HEAD_CHUNK) {
+            let rows = HEAD_CHUNK.min(n - r0);
+            Self::logits(&mut buf, h, e, r0, rows, c, v);
+            buf[..rows * v]
+                .par_chunks(v)
+                .zip(lse[r0..r0 + rows].par_iter_mut())
+                .zip(loss[r0..r0 + rows].par_iter_mut().zip(&targets[r0..r0 + rows]))
+                .for_each(|((x, lse), (loss, &t))| {
+                    let m = max(x);
+                    *lse = m + sum_exp(x, m).ln();
+                    *loss = *lse - x[t as usize];
+                });
+        }
+        *self.lse.lock().expect("poisoned") = lse;
+        Ok((CpuStorage::F32(loss), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        hidden: &Tensor,
+        emb: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self.lse.lock().expect("poisoned");
+        let (n, c) = hidden.dims2()?;
+        let v = emb.dim(0)?;
+        let targets = targets.to_vec1::<u32>()?;
+        let g = grad.to_vec1::<f32>()?;
+        let (dh, de) = with_f32(hidden, self.name(), |h| {
+            with_f32(emb, self.name(), |e| {
+                let mut dh = vec![0f32; n * c];
+                let mut de = vec![0f32; v * c];
+                let mut buf = vec![0f32; HEAD_CHUNK.min(n) * v];
+                for r0 in (0..n).step_by(HEAD_CHUNK) {
+                    let rows = HEAD_CHUNK.min(n - r0);
+                    Self::logits(&mut buf, h, e, r0, rows, c, v);
+                    buf[..rows * v]
+                        .par_chunks_mut(v)
+                        .zip(lse[r0..r0 + rows].par_iter())
+                        .zip(g[r0..r0 + rows].par_iter().zip(&targets[r0..r0 + rows]))
+                        .for_each(|((d, &lse), (&g, &t))| {
+                            for x in d.iter_mut() {
+                                *x = g * exp(*x - lse);
+                            }
+                            d[t as usize] -= g;
+                        });
+                    let d = Mat::dense(0, rows, v);
+                    gemm_into(
+                        &mut dh,
+                        Mat::dense(r0 * c, rows, c),
+                        &buf,
+                        d,
+                        e,
+                        Mat::dense(0, v, c),
+                        false,
+                        all_threads(),
+                    );
+                    gemm_into(
+                        &mut de,
+                        Mat::dense(0, v, c),
+                        &buf,
+                        d.t(),
+                        h,
+                        Mat::dense(r0 * c, rows, c),
+                        r0 > 0,
+                        all_threads(),
+                    );
+                }
+                Ok((dh, de))
+            })
+        })?;
+        let dev = hidden.device();
+        Ok((
+            Some(Tensor::from_vec(dh, (n, c), dev)?),
+            Some(Tensor::from_vec(de, (v, c), dev)?),
+            None,
+        ))
+    }
+}
+
+/// Per-row cross-entropy `[N]` of the logits `hidden E^T` (f32 CPU `hidden` `[N, C]`, `E`
+/// `[V, C]`) against u32 `targets` `[N]`, without materialising the logits.
+pub fn head_cross_entropy_rows(hidden: &Tensor, emb: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    hidden.contiguous()?.apply_op3(
+        &emb.contiguous()?,
+        &targets.contiguous()?,
+        HeadCrossEntropy {
+            lse: Mutex::new(Vec::new()),
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

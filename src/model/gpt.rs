@@ -331,11 +331,11 @@ impl Gpt {
     /// Mean next-token cross-entropy of `targets` `[B, T]` given `inputs` `[B, T]`, optionally
     /// weighted per position by `weights` `[B, T]` (a loss mask).
     pub fn lm_loss(&self, inputs: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
-        let logits = self.forward(inputs, None)?;
-        let v = self.cfg.vocab_size;
+        let hidden = self.forward_hidden(inputs, None)?;
         let flat_w = weights.map(|w| w.flatten_all()).transpose()?;
-        Ok(ops::cross_entropy(
-            &logits.reshape(((), v))?,
+        Ok(ops::head_cross_entropy(
+            &hidden.reshape(((), self.cfg.n_embd))?,
+            &self.wte,
             &targets.flatten_all()?,
             flat_w.as_ref(),
         )?)

@@ -101,7 +101,21 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>
     if !fused::applies(&[logits]) {
         return composed::cross_entropy(logits, targets, weights);
     }
-    let rows = fused::cross_entropy_rows(logits, targets)?;
+    weighted_mean(&fused::cross_entropy_rows(logits, targets)?, weights)
+}
+
+/// Mean cross-entropy of the logits `hidden E^T` (`hidden` `[N, C]`, tied embedding `E`
+/// `[V, C]`) against `targets` `[N]`, weighted as in [`cross_entropy`]. On f32 CPU tensors the
+/// logits are computed a chunk of rows at a time and never held whole (nor their gradient).
+pub fn head_cross_entropy(hidden: &Tensor, emb: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+    if !fused::applies(&[hidden, emb]) {
+        return composed::cross_entropy(&hidden.matmul(&emb.t()?)?, targets, weights);
+    }
+    weighted_mean(&fused::head_cross_entropy_rows(hidden, emb, targets)?, weights)
+}
+
+/// The mean of per-row losses, or their `weights`-weighted sum over the weight sum.
+fn weighted_mean(rows: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
     match weights {
         None => rows.mean_all(),
         Some(w) => {
