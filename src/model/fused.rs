@@ -1,6 +1,8 @@
-//! Fused CPU kernels (f32, contiguous) for the training path, as candle custom ops with their own
-//! backward: linear layers with their bias, LayerNorm, GELU-tanh, causal self-attention (and its
-//! masked softmax, for the KV-cache path) and cross-entropy.
+//! Fused CPU kernels (f32) as candle custom ops. Training, each with its own backward: linear
+//! layers with their bias, LayerNorm, GELU-tanh, causal self-attention from the fused `qkv`
+//! projection, the masked softmax of cached attention, cross-entropy, and the LM head fused with
+//! cross-entropy. Decoding (no gradient): vector-matrix products, the LM head as dot products,
+//! and attention of new tokens over the KV cache.
 //!
 //! Written by hand because candle composes each of these from many single-threaded elementwise
 //! ops (every one allocating a tensor that the autograd graph then keeps alive), and no
@@ -52,7 +54,7 @@ const LN2_LO: f32 = 1.428_606_8e-6;
 /// `e^x` to about 2 ulp, branch-free so that loops calling it vectorise (libm's `expf` is an
 /// opaque call): range reduction by ln 2, then a degree-7 Taylor polynomial on [-ln2/2, ln2/2].
 #[inline(always)]
-pub fn exp(x: f32) -> f32 {
+fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     // Round to nearest through the float adder (1.5 * 2^23), which vectorises where `round` does not.
     let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
