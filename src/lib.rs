@@ -3,6 +3,7 @@
 //! Data flows one way: text -> [`tokenizer`] -> [`model`] -> [`checkpoint`] -> [`engine`].
 //! [`interop`] converts checkpoints to and from Hugging Face `transformers`.
 
+pub mod bench;
 pub mod chat;
 pub mod checkpoint;
 pub mod data;

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
+use talaria::bench::{BenchConfig, BenchKind};
 use talaria::checkpoint::Checkpoint;
 use talaria::data::download::{self, DownloadConfig};
 use talaria::data::prepare::{self, PrepareConfig};
@@ -28,6 +29,12 @@ use talaria::train::trainer::{TrainConfig, TrainOutcome};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e`; libmimalloc-sys names no
+/// constant for it). -1 keeps freed memory mapped instead of returning it to the OS: a training
+/// step frees and reallocates the same large activation buffers every step, and re-faulting
+/// them in cost ~15% of a step (`perf`: the kernel's `clear_page`).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 #[derive(Parser)]
 #[command(
@@ -79,6 +86,8 @@ enum Command {
     /// Work with the human-feedback database the server fills.
     #[command(subcommand)]
     Feedback(FeedbackCmd),
+    /// Measure training or decoding throughput (compare with bench/pytorch_reference.py).
+    Bench(BenchArgs),
 }
 
 #[derive(Args)]
@@ -238,6 +247,31 @@ enum FeedbackCmd {
         #[arg(long)]
         prefs: Option<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchWhat {
+    /// Forward, backward and an AdamW step on batches of random tokens.
+    Train,
+    /// Batch-1 greedy decoding with the KV cache.
+    Decode,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    what: BenchWhat,
+    /// Model preset (see the presets in src/model/config.rs).
+    #[arg(long, default_value = "bench")]
+    preset: String,
+    /// Timed training steps, or decoded tokens.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Training batch size, in sequences of the full context.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Print one JSON object with the figures on the last line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -633,6 +667,8 @@ struct EvalArgs {
 }
 
 fn main() {
+    // SAFETY: sets a process-wide allocator option; mimalloc allows this at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
@@ -815,6 +851,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Tokenizer(c) => tokenizer_cmd(c),
         Command::Data(c) => data_cmd(c),
+        Command::Bench(a) => bench(a),
     }
 }
 
@@ -915,6 +952,34 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
             m.margin,
             m.length_corr
         );
+    }
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let (kind, steps) = match a.what {
+        BenchWhat::Train => (BenchKind::Train, a.steps.unwrap_or(5)),
+        BenchWhat::Decode => (BenchKind::Decode, a.steps.unwrap_or(200)),
+    };
+    let cfg = BenchConfig {
+        kind,
+        preset: a.preset,
+        steps,
+        batch: a.batch,
+        prompt_len: 16,
+    };
+    let r = talaria::bench::run(&cfg)?;
+    println!("tokens/s            {:.1}", r.tokens_per_s);
+    println!(
+        "achieved GFLOP/s    {:.1} ({:.0}% of the {:.1} GFLOP/s of one 1024^3 matmul)",
+        r.gflops,
+        100.0 * r.gflops / r.peak_matmul_gflops,
+        r.peak_matmul_gflops
+    );
+    println!("peak RSS            {:.0} MiB", r.peak_rss_mib);
+    println!("median step         {:.2} ms", 1e3 * r.median_step_s);
+    if a.json {
+        println!("{}", r.to_json(&cfg));
     }
     Ok(())
 }

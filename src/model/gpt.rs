@@ -101,17 +101,6 @@ pub struct Gpt {
     ln_f_b: Tensor,
 }
 
-/// `x @ w + b` for `x` of any rank with `w` `[in, out]` (a Hugging Face `Conv1D`).
-fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (k, n) = w.dims2()?;
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, k))?.matmul(w)?.broadcast_add(b)?;
-    let mut out = dims;
-    *out.last_mut().expect("rank >= 1") = n;
-    y.reshape(out)
-}
-
 impl Gpt {
     /// Builds a model from named tensors, checking that every parameter is present with the
     /// right shape. Extra tensors that `transformers` writes (attention-mask buffers, a tied
@@ -275,13 +264,8 @@ impl Gpt {
             .embedding(&ids.flatten_all()?)?
             .reshape((b, t, self.cfg.n_embd))?;
         let mut x = tok.broadcast_add(&self.wpe.embedding(&pos)?)?;
-        let mask = if t > 1 {
-            Some(ops::causal_mask(t, past, x.dtype(), x.device())?)
-        } else {
-            None
-        };
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = self.block_forward(block, &x, mask.as_ref(), layer, cache.as_deref_mut())?;
+            x = self.block_forward(block, &x, past, layer, cache.as_deref_mut())?;
         }
         if let Some(c) = cache {
             c.advance(t);
@@ -298,15 +282,30 @@ impl Gpt {
         &self,
         bl: &Block,
         x: &Tensor,
-        mask: Option<&Tensor>,
+        past: usize,
         layer: usize,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let (h, dh) = (self.cfg.n_head, self.cfg.head_dim());
+        let h = self.cfg.n_head;
         let eps = self.cfg.layer_norm_epsilon;
         let a = ops::layer_norm(x, &bl.ln1_w, &bl.ln1_b, eps)?;
-        let qkv = linear(&a, &bl.attn_w, &bl.attn_b)?;
+        let qkv = ops::linear(&a, &bl.attn_w, &bl.attn_b)?;
+        let y = match cache {
+            Some(cache) => self.cached_attention(&qkv, past, layer, cache)?,
+            None => ops::causal_self_attention(&qkv, h)?,
+        };
+        let x = (x + ops::linear(&y, &bl.attn_proj_w, &bl.attn_proj_b)?)?;
+        let m = ops::layer_norm(&x, &bl.ln2_w, &bl.ln2_b, eps)?;
+        let m = ops::activation(&ops::linear(&m, &bl.fc_w, &bl.fc_b)?, self.cfg.activation)?;
+        Ok((&x + ops::linear(&m, &bl.fc_proj_w, &bl.fc_proj_b)?)?)
+    }
+
+    /// Attention of new tokens' `qkv` `[B, t, 3C]` over the cached keys and values of `layer`
+    /// and their own, appending their keys and values to the cache.
+    fn cached_attention(&self, qkv: &Tensor, past: usize, layer: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t, c3) = qkv.dims3()?;
+        let c = c3 / 3;
+        let (h, dh) = (self.cfg.n_head, self.cfg.head_dim());
         let heads = |i: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(2, i * c, c)?
                 .reshape((b, t, h, dh))?
@@ -314,24 +313,15 @@ impl Gpt {
                 .contiguous()
         };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-        let y = match cache {
-            Some(cache) => {
-                let (k_all, v_all) = cache.append(layer, &k, &v)?;
-                ops::attention(&q, &k_all, &v_all, mask)?
-            }
-            None => ops::attention(&q, &k, &v, mask)?,
-        };
-        let y = y.transpose(1, 2)?.reshape((b, t, c))?;
-        let x = (x + linear(&y, &bl.attn_proj_w, &bl.attn_proj_b)?)?;
-        let m = ops::layer_norm(&x, &bl.ln2_w, &bl.ln2_b, eps)?;
-        let m = ops::activation(&linear(&m, &bl.fc_w, &bl.fc_b)?, self.cfg.activation)?;
-        Ok((&x + linear(&m, &bl.fc_proj_w, &bl.fc_proj_b)?)?)
+        let (k_all, v_all) = cache.append(layer, &k, &v)?;
+        let y = ops::causal_attention(&q, &k_all, &v_all, past)?;
+        Ok(y.transpose(1, 2)?.reshape((b, t, c))?)
     }
 
     /// Logits `[B, T, V]` from hidden states `[B, T, C]` through the tied embedding matrix.
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, t, c) = hidden.dims3()?;
-        let logits = hidden.reshape((b * t, c))?.matmul(&self.wte.t()?)?;
+        let logits = ops::matmul_transposed(&hidden.reshape((b * t, c))?, &self.wte)?;
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
     }
 
@@ -344,11 +334,11 @@ impl Gpt {
     /// Mean next-token cross-entropy of `targets` `[B, T]` given `inputs` `[B, T]`, optionally
     /// weighted per position by `weights` `[B, T]` (a loss mask).
     pub fn lm_loss(&self, inputs: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
-        let logits = self.forward(inputs, None)?;
-        let v = self.cfg.vocab_size;
+        let hidden = self.forward_hidden(inputs, None)?;
         let flat_w = weights.map(|w| w.flatten_all()).transpose()?;
-        Ok(ops::cross_entropy(
-            &logits.reshape(((), v))?,
+        Ok(ops::head_cross_entropy(
+            &hidden.reshape(((), self.cfg.n_embd))?,
+            &self.wte,
             &targets.flatten_all()?,
             flat_w.as_ref(),
         )?)

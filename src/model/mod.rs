@@ -1,6 +1,7 @@
 //! The GPT model: configuration and presets, the decoder itself, its KV cache and numeric ops.
 
 pub mod config;
+pub mod fused;
 pub mod gpt;
 pub mod kv_cache;
 pub mod ops;

@@ -1,27 +1,48 @@
-//! The model's numeric building blocks, composed from candle ops that all have a backward pass.
+//! The model's numeric building blocks. f32 tensors on the CPU go through the fused kernels of
+//! [`super::fused`]; everything else through the composed versions in [`composed`], built from
+//! candle ops that all have a backward pass (and the reference the fused kernels are tested
+//! against).
 //!
-//! candle's fused `LayerNorm::forward`, `ops::softmax_last_dim` and `rms_norm` have no backward
-//! and silently drop gradients, so none of them is used here; every function in this file is
-//! safe on a training path (tests check that each parameter receives a gradient).
+//! candle's own fused `LayerNorm::forward`, `ops::softmax_last_dim` and `rms_norm` have no
+//! backward and silently drop gradients, so none of them is used here; every function in this
+//! file is safe on a training path (tests check that each parameter receives a gradient).
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
 use super::config::Activation;
+use super::fused;
 
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    xn.broadcast_mul(weight)?.broadcast_add(bias)
+    if fused::applies(&[x, weight, bias]) {
+        return fused::layer_norm(x, weight, bias, eps);
+    }
+    composed::layer_norm(x, weight, bias, eps)
+}
+
+/// `x W + b` for `x` of any rank with `W` `[in, out]` (a Hugging Face `Conv1D`).
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fused::applies(&[x, w, b]) {
+        return fused::linear(x, w, b);
+    }
+    composed::linear(x, w, b)
+}
+
+/// `x E^T` for `x` `[N, C]` and `E` `[V, C]` (the tied LM head). A few rows of f32 on the CPU
+/// (decoding, no gradient needed) take the fused dot-product route; the rest a candle matmul.
+pub fn matmul_transposed(x: &Tensor, e: &Tensor) -> Result<Tensor> {
+    let tracked = x.track_op() || e.track_op();
+    if fused::applies(&[x, e]) && fused::is_few_rows(x.dim(0)?) && !tracked {
+        return fused::few_rows_times_transposed(x, e);
+    }
+    x.matmul(&e.t()?)
 }
 
 /// The MLP activation.
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     match act {
-        Activation::GeluTanh => x.gelu(),
-        Activation::GeluErf => x.gelu_erf(),
+        Activation::GeluTanh if fused::applies(&[x]) => fused::gelu_tanh(x),
+        _ => composed::activation(x, act),
     }
 }
 
@@ -43,26 +64,142 @@ pub fn causal_mask(t: usize, past: usize, dtype: DType, device: &Device) -> Resu
 /// Scaled dot-product attention. `q`: `[B, H, Tq, Dh]`; `k`, `v`: `[B, H, Tk, Dh]`; `mask`:
 /// additive `[Tq, Tk]` or `None` when every key is visible (a single decode step).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let dh = q.dim(D::Minus1)?;
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?;
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
-        None => scores,
+    composed::attention(q, k, v, mask)
+}
+
+/// Causal attention of `Tq` new queries `[B, H, Tq, Dh]` at positions `past..past + Tq` over
+/// keys and values `[B, H, past + Tq, Dh]`.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if fused::applies(&[q, k, v]) && fused::is_few_rows(q.dim(2)?) && !tracked {
+        return fused::decode_attention(q, k, v, past);
+    }
+    if fused::applies(&[q, k, v]) {
+        return fused::causal_attention(q, k, v, past);
+    }
+    let t = q.dim(2)?;
+    let mask = if t > 1 {
+        Some(causal_mask(t, past, q.dtype(), q.device())?)
+    } else {
+        None
     };
-    softmax_last_dim(&scores)?.matmul(v)
+    composed::attention(q, k, v, mask.as_ref())
+}
+
+/// Causal self-attention with `n_head` heads from the fused projection `qkv` `[B, T, 3C]` (all
+/// queries, then keys, then values) to the merged heads `[B, T, C]`, without a KV cache.
+pub fn causal_self_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+    if fused::applies(&[qkv]) {
+        return fused::causal_self_attention(qkv, n_head);
+    }
+    composed::causal_self_attention(qkv, n_head)
 }
 
 /// Mean cross-entropy of `logits` `[N, V]` against `targets` `[N]` (u32), optionally weighted per
 /// row by `weights` `[N]` (a loss mask: the mean is over the weight sum). Returns a scalar.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
-    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    if !fused::applies(&[logits]) {
+        return composed::cross_entropy(logits, targets, weights);
+    }
+    weighted_mean(&fused::cross_entropy_rows(logits, targets)?, weights)
+}
+
+/// Mean cross-entropy of the logits `hidden E^T` (`hidden` `[N, C]`, tied embedding `E`
+/// `[V, C]`) against `targets` `[N]`, weighted as in [`cross_entropy`]. On f32 CPU tensors the
+/// logits are computed a chunk of rows at a time and never held whole (nor their gradient).
+pub fn head_cross_entropy(hidden: &Tensor, emb: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+    if !fused::applies(&[hidden, emb]) {
+        return composed::cross_entropy(&hidden.matmul(&emb.t()?)?, targets, weights);
+    }
+    weighted_mean(&fused::head_cross_entropy_rows(hidden, emb, targets)?, weights)
+}
+
+/// The mean of per-row losses, or their `weights`-weighted sum over the weight sum.
+fn weighted_mean(rows: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
     match weights {
-        None => picked.mean_all()?.neg(),
+        None => rows.mean_all(),
         Some(w) => {
-            let w = w.to_dtype(picked.dtype())?;
+            let w = w.to_dtype(rows.dtype())?;
             let total = w.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0);
-            ((picked * w)?.sum_all()? / total)?.neg()
+            (rows * w)?.sum_all()? / total
+        }
+    }
+}
+
+/// The same functions composed from candle ops: the path for other devices and dtypes, and the
+/// reference for the fused kernels' tests.
+pub mod composed {
+    use candle_core::{D, DType, Result, Tensor};
+
+    use crate::model::config::Activation;
+
+    /// `x W + b` for `x` of any rank with `W` `[in, out]`.
+    pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (k, n) = w.dims2()?;
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, k))?.matmul(w)?.broadcast_add(b)?;
+        let mut out = dims;
+        *out.last_mut().expect("rank >= 1") = n;
+        y.reshape(out)
+    }
+
+    /// Splits `qkv` `[B, T, 3C]` into heads, attends causally and merges the heads again.
+    pub fn causal_self_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+        let (b, t, c3) = qkv.dims3()?;
+        let c = c3 / 3;
+        let heads = |i: usize| -> Result<Tensor> {
+            qkv.narrow(2, i * c, c)?
+                .reshape((b, t, n_head, c / n_head))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let mask = super::causal_mask(t, 0, qkv.dtype(), qkv.device())?;
+        let y = attention(&heads(0)?, &heads(1)?, &heads(2)?, Some(&mask))?;
+        y.transpose(1, 2)?.reshape((b, t, c))
+    }
+
+    /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
+    pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+        xn.broadcast_mul(weight)?.broadcast_add(bias)
+    }
+
+    /// The MLP activation.
+    pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
+        match act {
+            Activation::GeluTanh => x.gelu(),
+            Activation::GeluErf => x.gelu_erf(),
+        }
+    }
+
+    /// Scaled dot-product attention. `q`: `[B, H, Tq, Dh]`; `k`, `v`: `[B, H, Tk, Dh]`; `mask`:
+    /// additive `[Tq, Tk]` or `None` when every key is visible (a single decode step).
+    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let dh = q.dim(D::Minus1)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        super::softmax_last_dim(&scores)?.matmul(v)
+    }
+
+    /// Mean cross-entropy of `logits` `[N, V]` against `targets` `[N]` (u32), optionally weighted per
+    /// row by `weights` `[N]` (a loss mask: the mean is over the weight sum). Returns a scalar.
+    pub fn cross_entropy(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+        let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+        match weights {
+            None => picked.mean_all()?.neg(),
+            Some(w) => {
+                let w = w.to_dtype(picked.dtype())?;
+                let total = w.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0);
+                ((picked * w)?.sum_all()? / total)?.neg()
+            }
         }
     }
 }

@@ -4,12 +4,15 @@
 //!
 //! Written here rather than using `candle_nn::AdamW`, which decays every parameter (biases and
 //! LayerNorm gains included), has no gradient scaling for clipping/accumulation, and cannot
-//! save or restore its moments for exact resume.
+//! save or restore its moments for exact resume. For f32 parameters on the CPU the update runs
+//! in place (three passes, no allocation: see [`fused_update`]); elsewhere it is composed from
+//! candle ops with the same arithmetic in the same order.
 
 use std::collections::HashMap;
 
 use anyhow::{Context, Result, ensure};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// AdamW hyper-parameters (the learning rate comes from the schedule at each step).
@@ -80,22 +83,28 @@ impl AdamW {
             self.slots.len()
         );
         self.step += 1;
-        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
-        let bc1 = 1.0 - b1.powi(self.step as i32);
-        let bc2_sqrt = (1.0 - b2.powi(self.step as i32)).sqrt();
+        let h = Hyper {
+            b1: self.cfg.beta1,
+            b2: self.cfg.beta2,
+            bc1: 1.0 - self.cfg.beta1.powi(self.step as i32),
+            bc2_sqrt: (1.0 - self.cfg.beta2.powi(self.step as i32)).sqrt(),
+            eps: self.cfg.eps,
+            lr,
+            decay: 1.0 - lr * self.cfg.weight_decay,
+            grad_scale,
+        };
         for (slot, g) in self.slots.iter_mut().zip(grads) {
-            let g = (g * grad_scale)?;
-            slot.m = ((&slot.m * b1)? + (&g * (1.0 - b1))?)?;
-            slot.v = ((&slot.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let theta = slot.var.as_tensor();
-            let theta = if slot.decay {
-                (theta * (1.0 - lr * self.cfg.weight_decay))?
+            // Gradients computed by candle ops from forward tensors still point into that step's
+            // graph; detaching keeps the moments from holding every past graph alive.
+            let g = g.detach();
+            let fused = [slot.var.as_tensor(), &slot.m, &slot.v, &g]
+                .iter()
+                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+            if fused {
+                fused_update(slot, &g, &h)?;
             } else {
-                theta.clone()
-            };
-            let denom = ((slot.v.sqrt()? / bc2_sqrt)? + self.cfg.eps)?;
-            let update = ((&slot.m / denom)? * (lr / bc1))?;
-            slot.var.set(&(theta - update)?)?;
+                composed_update(slot, &g, &h)?;
+            }
         }
         Ok(())
     }
@@ -133,6 +142,151 @@ impl AdamW {
         }
         let step = state.get("step").context("optimizer state lacks step")?;
         self.step = step.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0] as u64;
+        Ok(())
+    }
+}
+
+/// The scalars of one AdamW step, shared by every parameter.
+#[derive(Debug, Clone, Copy)]
+struct Hyper {
+    b1: f64,
+    b2: f64,
+    /// `1 - beta1^step`
+    bc1: f64,
+    /// `sqrt(1 - beta2^step)`
+    bc2_sqrt: f64,
+    eps: f64,
+    lr: f64,
+    /// The weight-decay factor `1 - lr * weight_decay`, for parameters that decay.
+    decay: f64,
+    grad_scale: f64,
+}
+
+/// The update composed from candle ops (any device and dtype).
+fn composed_update(slot: &mut Slot, g: &Tensor, h: &Hyper) -> Result<()> {
+    let g = (g * h.grad_scale)?;
+    slot.m = ((&slot.m * h.b1)? + (&g * (1.0 - h.b1))?)?;
+    slot.v = ((&slot.v * h.b2)? + (g.sqr()? * (1.0 - h.b2))?)?;
+    let theta = slot.var.as_tensor().detach();
+    let theta = if slot.decay { (theta * h.decay)? } else { theta };
+    let denom = ((slot.v.sqrt()? / h.bc2_sqrt)? + h.eps)?;
+    let update = ((&slot.m / denom)? * (h.lr / h.bc1))?;
+    slot.var.set(&(theta - update)?)?;
+    Ok(())
+}
+
+/// The same update in place on f32 CPU tensors: the moments first (each from the gradient),
+/// then the parameter from both moments. Each pass is the composed version's arithmetic in f32
+/// (candle applies a scalar `s` to f32 data as `x * (s as f32)`), so results agree bit for bit.
+fn fused_update(slot: &mut Slot, g: &Tensor, h: &Hyper) -> Result<()> {
+    if !slot.m.is_contiguous() || !slot.v.is_contiguous() {
+        slot.m = slot.m.contiguous()?;
+        slot.v = slot.v.contiguous()?;
+    }
+    let g = g.contiguous()?;
+    slot.m.inplace_op2(&g, &Moment { first: true, h: *h })?;
+    slot.v.inplace_op2(&g, &Moment { first: false, h: *h })?;
+    slot.var.as_tensor().inplace_op3(
+        &slot.m,
+        &slot.v,
+        &ParamUpdate {
+            decay: slot.decay,
+            h: *h,
+        },
+    )?;
+    Ok(())
+}
+
+fn f32_data<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
+        _ => candle_core::bail!("fused AdamW takes contiguous f32 tensors"),
+    }
+}
+
+fn f32_data_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(d), Some((a, b))) => Ok(&mut d[a..b]),
+        _ => candle_core::bail!("fused AdamW takes contiguous f32 tensors"),
+    }
+}
+
+/// Elements per rayon task in the update passes.
+const CHUNK: usize = 1 << 14;
+
+/// `m = m b1 + (g s)(1 - b1)` (`first`) or `v = v b2 + (g s)^2 (1 - b2)`, in place.
+struct Moment {
+    first: bool,
+    h: Hyper,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "fused-adamw-moment"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let dst = f32_data_mut(s1, l1)?;
+        let g = f32_data(s2, l2)?;
+        if dst.len() != g.len() {
+            candle_core::bail!("fused AdamW: moment and gradient sizes differ");
+        }
+        let scale = self.h.grad_scale as f32;
+        let (keep, take) = if self.first {
+            (self.h.b1 as f32, (1.0 - self.h.b1) as f32)
+        } else {
+            (self.h.b2 as f32, (1.0 - self.h.b2) as f32)
+        };
+        let first = self.first;
+        dst.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(d, g)| {
+            for (d, &g) in d.iter_mut().zip(g) {
+                let g = g * scale;
+                let g = if first { g } else { g * g };
+                *d = *d * keep + g * take;
+            }
+        });
+        Ok(())
+    }
+}
+
+/// `theta = theta (1 - lr wd) - lr / bc1 * m / (sqrt(v) / bc2_sqrt + eps)`, in place.
+struct ParamUpdate {
+    decay: bool,
+    h: Hyper,
+}
+
+impl InplaceOp3 for ParamUpdate {
+    fn name(&self) -> &'static str {
+        "fused-adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let theta = f32_data_mut(s1, l1)?;
+        let (m, v) = (f32_data(s2, l2)?, f32_data(s3, l3)?);
+        if theta.len() != m.len() || theta.len() != v.len() {
+            candle_core::bail!("fused AdamW: parameter and moment sizes differ");
+        }
+        let decay = if self.decay { self.h.decay as f32 } else { 1.0 };
+        let inv_bc2 = (1.0 / self.h.bc2_sqrt) as f32;
+        let eps = self.h.eps as f32;
+        let step = (self.h.lr / self.h.bc1) as f32;
+        theta
+            .par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(t, (m, v))| {
+                for ((t, &m), &v) in t.iter_mut().zip(m).zip(v) {
+                    let denom = v.sqrt() * inv_bc2 + eps;
+                    *t = *t * decay - (m / denom) * step;
+                }
+            });
         Ok(())
     }
 }
@@ -217,6 +371,64 @@ mod tests {
         let mut again = AdamW::new(&[("w".into(), w.clone()), ("b".into(), b.clone())], cfg).unwrap();
         again.load_state(&state).unwrap();
         assert_eq!(again.steps(), 1);
+    }
+
+    #[test]
+    fn fused_update_equals_the_composed_one() {
+        let dev = Device::Cpu;
+        let cfg = AdamWConfig::default();
+        let shapes: [&[usize]; 3] = [&[5, 7], &[13], &[3, 33]];
+        let make = || -> Vec<(String, Var)> {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let n: usize = s.iter().product();
+                    let data: Vec<f32> = (0..n).map(|j| ((i * 31 + j * 17) % 23) as f32 / 7.0 - 1.5).collect();
+                    let t = Tensor::from_vec(data, *s, &dev).unwrap();
+                    (format!("p{i}"), Var::from_tensor(&t).unwrap())
+                })
+                .collect()
+        };
+        let (pa, pb) = (make(), make());
+        let mut a = AdamW::new(&pa, cfg).unwrap();
+        let mut b = AdamW::new(&pb, cfg).unwrap();
+        for step in 0..4 {
+            let grads: Vec<Tensor> = pa
+                .iter()
+                .map(|(_, v)| (v.as_tensor().sin().unwrap() * (0.3 + step as f64)).unwrap())
+                .collect();
+            let (lr, scale) = (1e-2 * (step + 1) as f64, 0.7);
+            // `a` takes the public (fused on f32 CPU) path, `b` the composed one.
+            a.step(&grads, lr, scale).unwrap();
+            b.step += 1;
+            let h = Hyper {
+                b1: cfg.beta1,
+                b2: cfg.beta2,
+                bc1: 1.0 - cfg.beta1.powi(b.step as i32),
+                bc2_sqrt: (1.0 - cfg.beta2.powi(b.step as i32)).sqrt(),
+                eps: cfg.eps,
+                lr,
+                decay: 1.0 - lr * cfg.weight_decay,
+                grad_scale: scale,
+            };
+            for (slot, g) in b.slots.iter_mut().zip(&grads) {
+                composed_update(slot, g, &h).unwrap();
+            }
+            for ((sa, sb), (_, va)) in a.slots.iter().zip(&b.slots).zip(&pa) {
+                for (x, y) in [(&sa.m, &sb.m), (&sa.v, &sb.v), (va.as_tensor(), sb.var.as_tensor())] {
+                    let d = (x - y)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert_eq!(d, 0.0, "{} differs at step {step}", sa.name);
+                }
+            }
+        }
     }
 
     #[test]
