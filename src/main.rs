@@ -219,7 +219,6 @@ enum DataCmd {
     },
 }
 
-
 #[derive(Args)]
 struct ServeArgs {
     /// Chat checkpoint (or run directory).

@@ -10,10 +10,21 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let bin = env!("CARGO_BIN_EXE_talaria");
-    let out = Command::new(bin).args(["speedrun", "--preset", "tiny", "--out"]).arg(&run).output().unwrap();
+    let out = Command::new(bin)
+        .args(["speedrun", "--preset", "tiny", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for (i, stage) in ["synth", "tokenizer", "data", "pretrain", "sft", "reward", "ppo"].iter().enumerate() {
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (i, stage) in ["synth", "tokenizer", "data", "pretrain", "sft", "reward", "ppo"]
+        .iter()
+        .enumerate()
+    {
         assert!(stdout.contains(&format!("[{}/9] {stage}", i + 1)), "{stdout}");
     }
     for f in [
@@ -32,23 +43,42 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
     ] {
         assert!(run.join(f).exists(), "missing {f}");
     }
-    for (stage, key) in [("pretrain", "val_bpb"), ("sft", "val_loss"), ("reward", "accuracy"), ("ppo", "kl")] {
+    for (stage, key) in [
+        ("pretrain", "val_bpb"),
+        ("sft", "val_loss"),
+        ("reward", "accuracy"),
+        ("ppo", "kl"),
+    ] {
         let rows = read_metrics(&run.join(stage).join("metrics.jsonl"), Some(stage)).unwrap();
-        assert!(rows.iter().any(|r| r[key].as_f64().is_some_and(f64::is_finite)), "{stage} logged no {key}");
+        assert!(
+            rows.iter().any(|r| r[key].as_f64().is_some_and(f64::is_finite)),
+            "{stage} logged no {key}"
+        );
     }
     let report = std::fs::read_to_string(run.join("report.md")).unwrap();
-    for row in ["| base |", "| sft |", "| ppo |", "reward model held-out pairwise accuracy"] {
+    for row in [
+        "| base |",
+        "| sft |",
+        "| ppo |",
+        "reward model held-out pairwise accuracy",
+    ] {
         assert!(report.contains(row), "report lacks {row}");
     }
-    let eval: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
     assert_eq!(eval["stages"].as_array().unwrap().len(), 3);
     assert!(stdout.contains("talaria chat"), "the end of the run says how to chat");
 
     // A second run reuses every stage and reproduces the evaluation exactly.
-    let again = Command::new(bin).args(["speedrun", "--preset", "tiny", "--out"]).arg(&run).output().unwrap();
+    let again = Command::new(bin)
+        .args(["speedrun", "--preset", "tiny", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&again.stdout);
     assert!(again.status.success());
     assert_eq!(stdout.matches("reused").count(), 7, "{stdout}");
-    let eval2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
+    let eval2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
     assert_eq!(eval["stages"], eval2["stages"]);
 }

@@ -7,10 +7,11 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::data::synth::Message;
+use crate::chat::Message;
+use crate::data::prompts::read_prompts;
 
 /// A line of `rl_prompts.jsonl` or `eval_prompts.jsonl`: the prompt (ending with a user turn), the exact
 /// correct answer and the skill it tests.
@@ -22,22 +23,29 @@ pub struct Task {
 }
 
 impl Task {
-    /// Reads a prompt file, checking that each prompt ends with a user turn and has an answer.
+    /// Reads a prompt file (with the shared prompt reader), requiring every record to carry a
+    /// non-empty answer and a skill.
     pub fn load_jsonl(path: &Path) -> Result<Vec<Task>> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut out = Vec::new();
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let task: Task = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: not a {{messages, answer, skill}} record", path.display(), i + 1))?;
-            if task.messages.last().is_none_or(|m| m.role != "user") {
-                bail!("{}:{}: the prompt must end with a user message", path.display(), i + 1);
-            }
-            if task.answer.trim().is_empty() {
-                bail!("{}:{}: empty answer", path.display(), i + 1);
-            }
-            out.push(task);
-        }
-        Ok(out)
+        read_prompts(path)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let answer = p.answer.filter(|a| !a.trim().is_empty());
+                let (Some(answer), Some(skill)) = (answer, p.skill) else {
+                    anyhow::bail!(
+                        "{}: record {} lacks a non-empty answer or a skill",
+                        path.display(),
+                        i + 1
+                    )
+                };
+                Ok(Task {
+                    messages: p.messages,
+                    answer,
+                    skill,
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .context("reading tasks")
     }
 
     /// The last user message: the question itself.
@@ -88,6 +96,7 @@ pub fn reward(task_answer: &str, skill: &str, model_answer: &str) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chat::Role;
 
     #[test]
     fn lenient_about_form() {
@@ -120,7 +129,7 @@ mod tests {
     #[test]
     fn task_helpers() {
         let t = Task {
-            messages: vec![Message::new("user", "Which is larger, 47 or 52?")],
+            messages: vec![Message::new(Role::User, "Which is larger, 47 or 52?")],
             answer: "52".into(),
             skill: "compare".into(),
         };

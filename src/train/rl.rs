@@ -151,7 +151,7 @@ mod tests {
     fn gae_matches_hand_computation() {
         // gamma 1, lambda 0.5: deltas d2 = 1 - 0.5, d1 = 0 + 0.5 - 0.2, d0 = 0 + 0.2 - 0.1.
         let (adv, ret) = gae(&[0.0, 0.0, 1.0], &[0.1, 0.2, 0.5], 1.0, 0.5);
-        let want = [0.2 + 0.5 * (0.3 + 0.5 * 0.5), 0.3 + 0.5 * 0.5, 0.5];
+        let want = [0.1 + 0.5 * (0.3 + 0.5 * 0.5), 0.3 + 0.5 * 0.5, 0.5];
         for (a, w) in adv.iter().zip(want) {
             assert!((a - w).abs() < 1e-12, "{adv:?}");
         }

@@ -5,6 +5,8 @@
 //! beats padded, which beats rude; an evasive non-answer or an answer that repeats itself without ending is
 //! never correct and ranks below any attempt. As scores: see [`Kind::score`].
 
+use crate::chat::Role;
+
 use super::skills::{Ctx, Task};
 use super::{Message, PrefPair, Ranking, Rng};
 
@@ -135,9 +137,9 @@ pub fn render(kind: Kind, task: &Task, ctx: &Ctx, rng: &mut Rng) -> String {
 pub fn prompt(task: &Task, rng: &mut Rng) -> Vec<Message> {
     let mut out = Vec::with_capacity(2);
     if rng.chance(0.2) {
-        out.push(Message::new("system", rng.pick(&SYSTEM_PROMPTS)));
+        out.push(Message::new(Role::System, rng.pick(&SYSTEM_PROMPTS)));
     }
-    out.push(Message::new("user", &task.question));
+    out.push(Message::new(Role::User, &task.question));
     out
 }
 
@@ -149,34 +151,34 @@ pub fn demonstration(task: &Task, second: &Task, ctx: &Ctx, rng: &mut Rng) -> Ve
     let mut msgs = prompt(task, rng);
     let roll = rng.below(100);
     if roll < 8 {
-        let mut wrong = Message::new("assistant", &ctx.near_miss(task, rng));
+        let mut wrong = Message::new(Role::Assistant, &ctx.near_miss(task, rng));
         wrong.weight = Some(0);
         msgs.push(wrong);
-        msgs.push(Message::new("user", rng.pick(&CORRECTIONS)));
+        msgs.push(Message::new(Role::User, rng.pick(&CORRECTIONS)));
         msgs.push(Message::new(
-            "assistant",
+            Role::Assistant,
             &rng.pick(&ADMISSIONS).replace("{}", &task.answer),
         ));
     } else if roll < 11 {
-        msgs.push(Message::new("assistant", &task.answer));
-        msgs.push(Message::new("user", "Are you sure?"));
+        msgs.push(Message::new(Role::Assistant, &task.answer));
+        msgs.push(Message::new(Role::User, "Are you sure?"));
         msgs.push(Message::new(
-            "assistant",
+            Role::Assistant,
             &format!("Yes, I am sure. The answer is {}.", task.answer),
         ));
     } else if roll < 17 {
-        msgs.push(Message::new("assistant", &task.answer));
-        msgs.push(Message::new("user", &second.question));
-        msgs.push(Message::new("assistant", &second.answer));
+        msgs.push(Message::new(Role::Assistant, &task.answer));
+        msgs.push(Message::new(Role::User, &second.question));
+        msgs.push(Message::new(Role::Assistant, &second.answer));
     } else {
-        msgs.push(Message::new("assistant", &task.answer));
+        msgs.push(Message::new(Role::Assistant, &task.answer));
         if roll < 20 {
             msgs.push(Message::new(
-                "user",
+                Role::User,
                 rng.pick(&["Thank you!", "Thanks, that helps.", "Great, thanks."]),
             ));
             msgs.push(Message::new(
-                "assistant",
+                Role::Assistant,
                 rng.pick(&[
                     "You're welcome!",
                     "Glad I could help.",
@@ -264,7 +266,7 @@ mod tests {
             let task = ctx.sample(Skill::Reverse, Bucket::Train, &mut rng);
             let second = ctx.sample(Skill::Sort, Bucket::Train, &mut rng);
             let msgs = demonstration(&task, &second, &ctx, &mut rng);
-            assert_eq!(msgs.last().unwrap().role, "assistant");
+            assert_eq!(msgs.last().unwrap().role, Role::Assistant);
             for m in msgs.iter().filter(|m| m.weight == Some(0)) {
                 assert!(!is_correct(&task.answer, "reverse", &m.content));
                 seen += 1;

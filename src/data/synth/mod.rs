@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::chat::Role;
 use crate::eval::verify::Task as PromptRecord;
 pub use skills::Skill;
 use skills::{Bucket, Ctx, Task};
@@ -67,25 +68,7 @@ pub struct SkillCounts {
     pub eval: usize,
 }
 
-/// One chat message in the OpenAI shape. `weight: 0` marks an assistant turn SFT must not learn from
-/// (the wrong first answer in a correction conversation), as in OpenAI's fine-tuning format.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub weight: Option<u8>,
-}
-
-impl Message {
-    pub fn new(role: &str, content: &str) -> Message {
-        Message {
-            role: role.to_string(),
-            content: content.to_string(),
-            weight: None,
-        }
-    }
-}
+pub use crate::chat::Message;
 
 /// A line of `sft_*.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -195,7 +178,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
                     continue;
                 }
                 let record = PromptRecord {
-                    messages: vec![Message::new("user", &task.question)],
+                    messages: vec![Message::new(Role::User, &task.question)],
                     answer: task.answer,
                     skill: skill.name().to_string(),
                 };
