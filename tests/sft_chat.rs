@@ -9,7 +9,6 @@ use candle_core::{DType, Device};
 use talaria::chat::{ChatTemplate, Message, Role};
 use talaria::checkpoint::{Checkpoint, CheckpointWriter, Meta};
 use talaria::data::conversations::read_conversations;
-use talaria::data::shards::write_shard;
 use talaria::engine::{Chatbot, FinishReason, SamplingParams};
 use talaria::model::{GptConfig, init_weights};
 use talaria::tokenizer::{self, Tokenizer};
@@ -59,7 +58,7 @@ fn train_tokenizer(text: &[String]) -> Tokenizer {
         min_frequency: 2,
         show_progress: false,
     };
-    tokenizer::train_bpe(&cfg, text.to_vec().into_iter().map(Ok)).unwrap().0
+    tokenizer::train_bpe(&cfg, text.iter().cloned().map(Ok)).unwrap().0
 }
 
 fn corpus() -> Vec<String> {
@@ -322,7 +321,7 @@ fn sft_learns_the_demonstrations_and_the_end_of_turn() {
     assert_eq!(outcome.steps, 120);
 
     let template = ChatTemplate::new(&tok).unwrap();
-    let val_data = load_sft_data(&tok, &template, &[val_path.clone()], &[], 0.0, 0, 65)
+    let val_data = load_sft_data(&tok, &template, std::slice::from_ref(&val_path), &[], 0.0, 0, 65)
         .unwrap()
         .train;
     let pad = tok.special_id(tokenizer::EOT).unwrap();

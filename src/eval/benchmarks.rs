@@ -191,8 +191,7 @@ pub fn gsm8k_accuracy(
         })?;
         let got = final_answer(&text).or_else(|| {
             text.split(|c: char| !(c.is_ascii_digit() || c == '-' || c == '.'))
-                .filter(|t| t.chars().any(|c| c.is_ascii_digit()))
-                .last()
+                .rfind(|t| t.chars().any(|c| c.is_ascii_digit()))
                 .map(str::to_string)
         });
         correct += usize::from(got.as_deref() == Some(p.answer.as_str()));

@@ -691,7 +691,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         metrics.log("ppo", step, tokens, &values)?;
         pb.set_position(step);
         pb.set_message(format!("reward {mean_score:.3} kl {mean_kl:.3}"));
-        if step % cfg.eval_every == 0 || step == cfg.steps {
+        if step.is_multiple_of(cfg.eval_every) || step == cfg.steps {
             if let Some(ev) = &eval_prompts {
                 let acc = verifier_accuracy(&actor_model, &tok, &template, ev, cfg.max_new_tokens)?;
                 metrics.log("ppo", step, tokens, &[("eval_accuracy", acc)])?;
@@ -701,7 +701,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             pb.suspend(|| eprintln!("ppo step {step}: {}", line.join(" | ")));
         }
         last = values.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        if step % cfg.save_every == 0 && step < cfg.steps {
+        if step.is_multiple_of(cfg.save_every) && step < cfg.steps {
             save(step, &order, &kl, &stats, first_len, ptx.as_ref(), &actor_opt, &critic)?;
         }
     }

@@ -151,20 +151,20 @@ pub fn demonstration(task: &Task, second: &Task, ctx: &Ctx, rng: &mut Rng) -> Ve
     let mut msgs = prompt(task, rng);
     let roll = rng.below(100);
     if roll < 8 {
-        let mut wrong = Message::new(Role::Assistant, &ctx.near_miss(task, rng));
+        let mut wrong = Message::new(Role::Assistant, ctx.near_miss(task, rng));
         wrong.weight = Some(0);
         msgs.push(wrong);
         msgs.push(Message::new(Role::User, rng.pick(&CORRECTIONS)));
         msgs.push(Message::new(
             Role::Assistant,
-            &rng.pick(&ADMISSIONS).replace("{}", &task.answer),
+            rng.pick(&ADMISSIONS).replace("{}", &task.answer),
         ));
     } else if roll < 11 {
         msgs.push(Message::new(Role::Assistant, &task.answer));
         msgs.push(Message::new(Role::User, "Are you sure?"));
         msgs.push(Message::new(
             Role::Assistant,
-            &format!("Yes, I am sure. The answer is {}.", task.answer),
+            format!("Yes, I am sure. The answer is {}.", task.answer),
         ));
     } else if roll < 17 {
         msgs.push(Message::new(Role::Assistant, &task.answer));
