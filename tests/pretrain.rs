@@ -181,6 +181,10 @@ fn resumed_run_gives_exactly_the_losses_of_an_uninterrupted_run() {
     let whole = tmp.path().join("whole");
     let outcome = pretrain(&pretrain_config(&data, &whole, 12)).unwrap();
     assert!(!outcome.interrupted);
+    if Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").exists() {
+        let png = std::fs::read(whole.join("loss.png")).expect("the run draws its loss curve");
+        assert_eq!(&png[1..4], b"PNG");
+    }
     let split = tmp.path().join("split");
     let mut cfg = pretrain_config(&data, &split, 12);
     cfg.train.stop_at = Some(5);

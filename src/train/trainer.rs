@@ -356,6 +356,7 @@ pub fn train(cfg: &TrainConfig, init: Init, objective: &mut dyn Objective) -> Re
     }
     pb.finish_and_clear();
     save(step, tokens, total, &opt, &*objective, elapsed(&started))?;
+    plot_loss(&cfg.out, stage)?;
     if interrupted {
         eprintln!(
             "{stage}: stopped at step {step}; checkpoint saved in {} (continue with --resume)",
@@ -371,4 +372,16 @@ pub fn train(cfg: &TrainConfig, init: Init, objective: &mut dyn Objective) -> Re
         checkpoint: ckpt_dir,
         wall_s: elapsed(&started),
     })
+}
+
+/// Draws `RUN/loss.png`: training and validation loss per step (skipped, with a note, when no
+/// font is available for the labels).
+fn plot_loss(out: &std::path::Path, stage: &str) -> Result<()> {
+    use crate::eval::report::{line_plot, series};
+    let metrics = out.join(crate::train::metrics::METRICS_FILE);
+    let s = vec![("train", series(&metrics, stage, "loss")?), ("validation", series(&metrics, stage, "val_loss")?)];
+    if !line_plot(&out.join("loss.png"), &format!("{stage} loss"), "step", &s)? {
+        eprintln!("{stage}: no loss.png (no TTF font found for the plot labels)");
+    }
+    Ok(())
 }
