@@ -326,6 +326,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
     let mut stats = RunningStats::default();
     let mut step = 0u64;
     let mut first_len: Option<f64> = None;
+    let mut tokens_total = 0u64;
     let mut ptx = cfg
         .ptx_data
         .as_deref()
@@ -344,6 +345,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         kl.coef = st["kl_coef"].as_f64().context("saved state lacks kl_coef")?;
         stats = serde_json::from_value(st["reward_stats"].clone()).context("saved state lacks reward_stats")?;
         first_len = st["first_answer_len"].as_f64();
+        tokens_total = actor_ck.meta.tokens;
         if let (Some(l), Some(pos)) = (ptx.as_mut(), st.get("ptx_position")) {
             let pos: LoaderPosition = serde_json::from_value(pos.clone())?;
             l.restore(pos)?;
@@ -381,6 +383,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
     };
 
     let save = |step: u64,
+                tokens: u64,
                 order: &EpochOrder,
                 kl: &KlController,
                 stats: &RunningStats,
@@ -399,6 +402,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         let meta = Meta {
             stage: "ppo".into(),
             step,
+            tokens,
             seed: Some(cfg.seed),
             parent: Some(cfg.policy.display().to_string()),
             state,
@@ -687,14 +691,14 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         if records.iter().any(|(r, _)| r.answer.is_some()) {
             values.push(("train_accuracy", accuracy));
         }
-        let tokens: u64 = rollouts.iter().map(|r| r.answer_len() as u64).sum();
-        metrics.log("ppo", step, tokens, &values)?;
+        tokens_total += rollouts.iter().map(|r| r.answer_len() as u64).sum::<u64>();
+        metrics.log("ppo", step, tokens_total, &values)?;
         pb.set_position(step);
         pb.set_message(format!("reward {mean_score:.3} kl {mean_kl:.3}"));
         if step.is_multiple_of(cfg.eval_every) || step == cfg.steps {
             if let Some(ev) = &eval_prompts {
                 let acc = verifier_accuracy(&actor_model, &tok, &template, ev, cfg.max_new_tokens)?;
-                metrics.log("ppo", step, tokens, &[("eval_accuracy", acc)])?;
+                metrics.log("ppo", step, tokens_total, &[("eval_accuracy", acc)])?;
                 values.push(("eval_accuracy", acc));
             }
             let line: Vec<String> = values.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
@@ -702,11 +706,11 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         }
         last = values.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         if step.is_multiple_of(cfg.save_every) && step < cfg.steps {
-            save(step, &order, &kl, &stats, first_len, ptx.as_ref(), &actor_opt, &critic)?;
+            save(step, tokens_total, &order, &kl, &stats, first_len, ptx.as_ref(), &actor_opt, &critic)?;
         }
     }
     pb.finish_and_clear();
-    save(step, &order, &kl, &stats, first_len, ptx.as_ref(), &actor_opt, &critic)?;
+    save(step, tokens_total, &order, &kl, &stats, first_len, ptx.as_ref(), &actor_opt, &critic)?;
     if interrupted {
         eprintln!(
             "ppo: stopped at step {step}; checkpoint saved in {} (continue with --resume)",
