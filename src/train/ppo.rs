@@ -706,11 +706,31 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         }
         last = values.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         if step.is_multiple_of(cfg.save_every) && step < cfg.steps {
-            save(step, tokens_total, &order, &kl, &stats, first_len, ptx.as_ref(), &actor_opt, &critic)?;
+            save(
+                step,
+                tokens_total,
+                &order,
+                &kl,
+                &stats,
+                first_len,
+                ptx.as_ref(),
+                &actor_opt,
+                &critic,
+            )?;
         }
     }
     pb.finish_and_clear();
-    save(step, tokens_total, &order, &kl, &stats, first_len, ptx.as_ref(), &actor_opt, &critic)?;
+    save(
+        step,
+        tokens_total,
+        &order,
+        &kl,
+        &stats,
+        first_len,
+        ptx.as_ref(),
+        &actor_opt,
+        &critic,
+    )?;
     if interrupted {
         eprintln!(
             "ppo: stopped at step {step}; checkpoint saved in {} (continue with --resume)",

@@ -379,7 +379,10 @@ pub fn train(cfg: &TrainConfig, init: Init, objective: &mut dyn Objective) -> Re
 fn plot_loss(out: &std::path::Path, stage: &str) -> Result<()> {
     use crate::eval::report::{line_plot, series};
     let metrics = out.join(crate::train::metrics::METRICS_FILE);
-    let s = vec![("train", series(&metrics, stage, "loss")?), ("validation", series(&metrics, stage, "val_loss")?)];
+    let s = vec![
+        ("train", series(&metrics, stage, "loss")?),
+        ("validation", series(&metrics, stage, "val_loss")?),
+    ];
     if !line_plot(&out.join("loss.png"), &format!("{stage} loss"), "step", &s)? {
         eprintln!("{stage}: no loss.png (no TTF font found for the plot labels)");
     }
