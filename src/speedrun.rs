@@ -50,6 +50,8 @@ pub struct SpeedrunPreset {
     pub ppo_prompts: usize,
     pub ppo_samples: usize,
     pub ppo_lr: f64,
+    pub ppo_kl_coef: f64,
+    pub ppo_epochs: usize,
     pub max_new_tokens: usize,
 }
 
@@ -76,7 +78,11 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             ppo_steps: 60,
             ppo_prompts: 16,
             ppo_samples: 4,
-            ppo_lr: 3e-5,
+            // Measured on this world: lr 3e-5, KL 0.02 and 2 epochs hacked the reward model (verifier
+            // accuracy -10 points); these settings hold SFT's accuracy (BENCHMARKS.md).
+            ppo_lr: 1e-5,
+            ppo_kl_coef: 0.1,
+            ppo_epochs: 1,
             max_new_tokens: 32,
         }),
         "tiny" => Ok(SpeedrunPreset {
@@ -98,6 +104,8 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             ppo_prompts: 4,
             ppo_samples: 2,
             ppo_lr: 2e-5,
+            ppo_kl_coef: 0.1,
+            ppo_epochs: 1,
             max_new_tokens: 12,
         }),
         other => bail!("unknown speedrun preset {other:?}; choose cpu or tiny"),
@@ -398,13 +406,13 @@ pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
             lr: p.ppo_lr,
             critic_lr: p.ppo_lr * 5.0,
             warmup: (p.ppo_steps / 10).max(1),
-            ppo_epochs: 2,
+            ppo_epochs: p.ppo_epochs,
             minibatch: 16,
             clip: 0.2,
             value_clip: 0.2,
             gamma: 1.0,
             lambda: 0.95,
-            kl_coef: 0.02,
+            kl_coef: p.ppo_kl_coef,
             kl_target: None,
             kl_horizon: 10_000.0,
             reward_clip: 5.0,

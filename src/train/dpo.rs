@@ -5,8 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, ensure};
 use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
 use serde_json::Value;
 
 use crate::chat::ChatTemplate;
@@ -15,7 +13,7 @@ use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
 use crate::train::ParamSet;
 use crate::train::answers::{answer_logprobs, batch};
-use crate::train::order::EpochOrder;
+use crate::train::order::{EpochOrder, hold_out};
 use crate::train::reward::{load_preferences, render_answer};
 use crate::train::rl::dpo_loss;
 use crate::train::trainer::{self, EvalReport, Init, Objective, TrainConfig, TrainOutcome};
@@ -167,13 +165,7 @@ pub fn dpo(cfg: &DpoConfig) -> Result<TrainOutcome> {
     let (mut train, skipped) = load_preferences(&cfg.data)?;
     ensure!(!train.is_empty(), "no usable preference pairs in the DPO data");
     let val = if cfg.val_data.is_empty() {
-        ensure!(
-            (0.0..1.0).contains(&cfg.val_fraction),
-            "--val-fraction must be in [0, 1)"
-        );
-        train.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.train.seed));
-        let n = ((train.len() as f64 * cfg.val_fraction).round() as usize).min(train.len() - 1);
-        train.split_off(train.len() - n)
+        hold_out(&mut train, cfg.val_fraction, cfg.train.seed)?
     } else {
         load_preferences(&cfg.val_data)?.0
     };

@@ -61,6 +61,18 @@ impl EpochOrder {
     }
 }
 
+/// Moves a seeded random `fraction` of `items` (at least none, at most all but one) out as a
+/// held-out set, shuffling the rest: how every stage splits its data when no validation file is given.
+pub fn hold_out<T>(items: &mut Vec<T>, fraction: f64, seed: u64) -> Result<Vec<T>> {
+    ensure!(
+        (0.0..1.0).contains(&fraction),
+        "--val-fraction must be in [0, 1), got {fraction}"
+    );
+    items.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    let n = ((items.len() as f64 * fraction).round() as usize).min(items.len().saturating_sub(1));
+    Ok(items.split_off(items.len() - n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +90,18 @@ mod tests {
         let mut b = EpochOrder::new(3, 10, 0, 0);
         b.restore(&json!({"epoch": 1, "index": 4})).unwrap();
         assert_eq!((0..6).map(|_| b.next()).collect::<Vec<_>>(), second[4..].to_vec());
+    }
+
+    #[test]
+    fn hold_out_is_seeded_and_keeps_a_training_item() {
+        let mut a: Vec<u32> = (0..100).collect();
+        let val = hold_out(&mut a, 0.1, 5).unwrap();
+        assert_eq!((a.len(), val.len()), (90, 10));
+        assert!(val.iter().all(|v| !a.contains(v)));
+        let mut b: Vec<u32> = (0..100).collect();
+        assert_eq!(hold_out(&mut b, 0.1, 5).unwrap(), val);
+        let mut one = vec![1];
+        assert!(hold_out(&mut one, 0.5, 0).unwrap().is_empty());
+        assert!(hold_out(&mut one, 1.0, 0).is_err());
     }
 }

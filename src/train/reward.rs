@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, ensure};
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
-use rand::seq::SliceRandom;
 use rand_distr::{Distribution, Normal};
 use serde_json::Value;
 
@@ -18,7 +17,7 @@ use crate::data::preferences::{PreferenceGroup, read_preferences};
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
 use crate::train::ParamSet;
-use crate::train::order::EpochOrder;
+use crate::train::order::{EpochOrder, hold_out};
 use crate::train::trainer::{self, EvalReport, Init, Objective, TrainConfig, TrainOutcome};
 
 /// The scalar head, `[1, n_embd]`, named as in `transformers`' `GPT2ForSequenceClassification`.
@@ -327,13 +326,7 @@ pub fn train_reward_model(cfg: &RewardConfig) -> Result<TrainOutcome> {
     let (mut train, mut skipped) = load_preferences(&cfg.data)?;
     ensure!(!train.is_empty(), "no usable preference groups in the reward data");
     let val = if cfg.val_data.is_empty() {
-        ensure!(
-            (0.0..1.0).contains(&cfg.val_fraction),
-            "--val-fraction must be in [0, 1)"
-        );
-        train.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.train.seed));
-        let n = ((train.len() as f64 * cfg.val_fraction).round() as usize).min(train.len() - 1);
-        train.split_off(train.len() - n)
+        hold_out(&mut train, cfg.val_fraction, cfg.train.seed)?
     } else {
         let (v, s) = load_preferences(&cfg.val_data)?;
         skipped += s;

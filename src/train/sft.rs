@@ -5,8 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, ensure};
 use candle_core::{D, DType, Device, Tensor};
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
 use serde_json::Value;
 
 use crate::chat::{ChatTemplate, Message, Role};
@@ -16,7 +14,7 @@ use crate::engine::{self, GenerateOptions, Sampler, SamplingParams};
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
 use crate::train::ParamSet;
-use crate::train::order::EpochOrder;
+use crate::train::order::{EpochOrder, hold_out};
 use crate::train::trainer::{self, EvalReport, Init, Objective, TrainConfig, TrainOutcome};
 
 /// `talaria sft` settings.
@@ -92,10 +90,6 @@ pub fn load_sft_data(
     seed: u64,
     max_tokens: usize,
 ) -> Result<SftData> {
-    ensure!(
-        (0.0..1.0).contains(&val_fraction),
-        "--val-fraction must be in [0, 1), got {val_fraction}"
-    );
     let mut data = SftData::default();
     let read = |paths: &[PathBuf], data: &mut SftData| -> Result<Vec<Vec<Message>>> {
         let mut all = vec![];
@@ -109,9 +103,7 @@ pub fn load_sft_data(
     let mut train = read(files, &mut data)?;
     ensure!(!train.is_empty(), "no conversations in the SFT data");
     let val = if val_files.is_empty() {
-        train.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
-        let n_val = ((train.len() as f64 * val_fraction).round() as usize).min(train.len() - 1);
-        train.split_off(train.len() - n_val)
+        hold_out(&mut train, val_fraction, seed)?
     } else {
         read(val_files, &mut data)?
     };
