@@ -72,7 +72,7 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             sft_steps: 600,
             sft_batch: 16,
             sft_lr: 1e-3,
-            reward_steps: 250,
+            reward_steps: 500,
             reward_batch: 16,
             reward_lr: 5e-4,
             ppo_steps: 60,
