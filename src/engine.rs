@@ -284,11 +284,6 @@ impl<'a> TextStream<'a> {
         self.emitted = text.len();
         Ok(new)
     }
-
-    /// All the text so far (including a trailing incomplete character, as U+FFFD).
-    pub fn text(&self) -> Result<String> {
-        self.tokenizer.decode(&self.ids)
-    }
 }
 
 #[cfg(test)]

@@ -53,16 +53,6 @@ impl KvCache {
         self.batch
     }
 
-    /// Forgets the cached tokens (keeps the buffers).
-    pub fn reset(&mut self) {
-        self.len = 0;
-    }
-
-    /// Drops cached tokens past `len` (used to rewind to a shared prefix).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
     /// Writes the new keys/values `[B, H, t, Dh]` of `layer` after the cached ones and returns
     /// views of all keys and values so far. The length advances once all layers are done.
     pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
