@@ -20,6 +20,7 @@ use talaria::speedrun;
 use talaria::terminal::{self, ChatOptions};
 use talaria::tokenizer::{self, Tokenizer, TrainConfig as TokenizerTrainConfig};
 use talaria::train::AdamWConfig;
+use talaria::train::comparisons::{self, LabelConfig};
 use talaria::train::dpo::{self, DpoConfig};
 use talaria::train::ppo::{self, PpoConfig, RewardSpec};
 use talaria::train::pretrain::{self, PretrainConfig};
@@ -204,6 +205,27 @@ enum DataCmd {
         shard_tokens: usize,
         #[command(flatten)]
         read: ReadArgs,
+    },
+    /// Rank a model's own answers with the default world's simulated labeller: comparison data for
+    /// `talaria reward` (prompts need "answer" and "skill", like the default world's label_prompts.jsonl).
+    Label {
+        /// The model whose answers are ranked (usually the SFT checkpoint).
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Output JSONL of rankings, best answer first.
+        #[arg(long)]
+        out: PathBuf,
+        /// Answers sampled per prompt.
+        #[arg(long, default_value_t = 4)]
+        samples: usize,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Download a dataset's data files from the Hugging Face Hub (needs internet).
     Download {
@@ -594,6 +616,10 @@ struct PpoArgs {
     kl_horizon: f64,
     #[arg(long, default_value_t = 5.0)]
     reward_clip: f64,
+    /// Subtract each prompt's mean score from its answers' scores (a per-prompt baseline; needs
+    /// --samples-per-prompt above 1).
+    #[arg(long)]
+    prompt_baseline: bool,
     /// Reward (normalised units) for an answer that never ends.
     #[arg(long, default_value_t = -2.0, allow_negative_numbers = true)]
     no_end_penalty: f64,
@@ -791,6 +817,7 @@ fn run(cli: Cli) -> Result<()> {
                 kl_target: a.kl_target,
                 kl_horizon: a.kl_horizon,
                 reward_clip: a.reward_clip,
+                prompt_baseline: a.prompt_baseline,
                 no_end_penalty: a.no_end_penalty,
                 ptx_data: a.ptx_data,
                 ptx_coef: a.ptx_coef,
@@ -1121,6 +1148,38 @@ fn data_cmd(c: DataCmd) -> Result<()> {
             println!(
                 "default world (seed {seed}, scale {scale}, {} skills) -> {} in {:.2}s",
                 s.skills.len(),
+                out.display(),
+                start.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        DataCmd::Label {
+            policy,
+            prompts,
+            out,
+            samples,
+            temperature,
+            max_new_tokens,
+            seed,
+        } => {
+            let start = std::time::Instant::now();
+            let s = comparisons::label(&LabelConfig {
+                policy,
+                prompts,
+                out: out.clone(),
+                samples,
+                temperature,
+                max_new_tokens,
+                seed,
+                progress: true,
+            })?;
+            println!(
+                "{} rankings ({} pairs) from {} prompts, {} without a difference; {:.1}% of the samples were correct; -> {} in {:.1}s",
+                s.rankings,
+                s.pairs,
+                s.prompts,
+                s.no_signal,
+                100.0 * s.sample_accuracy,
                 out.display(),
                 start.elapsed().as_secs_f64()
             );

@@ -22,6 +22,7 @@ use crate::eval::report::{EvalSummary, StageEval, write_report};
 use crate::eval::tasks::{SkillReport, chat_accuracy, few_shot_accuracy, win_rate};
 use crate::tokenizer::{self, Tokenizer};
 use crate::train::AdamWConfig;
+use crate::train::comparisons::{self, LabelConfig};
 use crate::train::metrics::{METRICS_FILE, read_metrics};
 use crate::train::ppo::{self, PpoConfig, RewardSpec};
 use crate::train::pretrain::{self, PretrainConfig};
@@ -43,6 +44,8 @@ pub struct SpeedrunPreset {
     pub sft_steps: u64,
     pub sft_batch: usize,
     pub sft_lr: f64,
+    /// Answers the SFT model gives per labeller prompt (ranked into comparisons for the reward model).
+    pub label_samples: usize,
     pub reward_steps: u64,
     pub reward_batch: usize,
     pub reward_lr: f64,
@@ -52,6 +55,8 @@ pub struct SpeedrunPreset {
     pub ppo_lr: f64,
     pub ppo_kl_coef: f64,
     pub ppo_epochs: usize,
+    /// Sampling temperature of the rollouts (and of the PPO loss).
+    pub ppo_temperature: f64,
     pub max_new_tokens: usize,
 }
 
@@ -72,17 +77,21 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             sft_steps: 600,
             sft_batch: 16,
             sft_lr: 1e-3,
+            label_samples: 4,
             reward_steps: 500,
             reward_batch: 16,
             reward_lr: 5e-4,
-            ppo_steps: 60,
+            ppo_steps: 40,
             ppo_prompts: 16,
-            ppo_samples: 4,
-            // Measured on this world: lr 3e-5, KL 0.02 and 2 epochs hacked the reward model (verifier
-            // accuracy -10 points); these settings hold SFT's accuracy (BENCHMARKS.md).
-            ppo_lr: 1e-5,
+            // Several answers per prompt, so each is judged against its siblings (a per-prompt baseline).
+            ppo_samples: 8,
+            // Measured on this world (BENCHMARKS.md): PPO driven by the reward model peaks within a KL of about
+            // 0.1 per answer and then loses accuracy as the reward model is over-optimised; a firm KL penalty
+            // and a short run keep it near that point. lr 3e-5, KL 0.02 and 2 epochs hacked it outright.
+            ppo_lr: 3e-5,
             ppo_kl_coef: 0.1,
             ppo_epochs: 1,
+            ppo_temperature: 1.0,
             max_new_tokens: 32,
         }),
         "tiny" => Ok(SpeedrunPreset {
@@ -97,6 +106,7 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             sft_steps: 60,
             sft_batch: 8,
             sft_lr: 1e-3,
+            label_samples: 2,
             reward_steps: 30,
             reward_batch: 8,
             reward_lr: 5e-4,
@@ -106,6 +116,7 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             ppo_lr: 2e-5,
             ppo_kl_coef: 0.1,
             ppo_epochs: 1,
+            ppo_temperature: 1.0,
             max_new_tokens: 12,
         }),
         other => bail!("unknown speedrun preset {other:?}; choose cpu or tiny"),
@@ -136,6 +147,8 @@ fn key_of(parts: &Value) -> String {
 }
 
 const DONE_FILE: &str = "stage.json";
+/// Stages in a run: synth, tokenizer, data, pretrain, SFT, label, reward, PPO, eval, report.
+const STAGES: usize = 10;
 const KEY_FILE: &str = ".stage-key";
 
 /// Runs a stage unless a finished one with the same key exists. A partial run with the same
@@ -146,7 +159,7 @@ fn stage(n: usize, name: &str, dir: &Path, key: &str, f: impl FnOnce(bool) -> Re
         && let Ok(v) = serde_json::from_str::<Value>(&text)
         && v["key"] == key
     {
-        println!("[{n}/9] {name:<9} reused ({})", dir.display());
+        println!("[{n}/{STAGES}] {name:<9} reused ({})", dir.display());
         return Ok((v["summary"].clone(), v["wall_s"].as_f64().unwrap_or(0.0)));
     }
     let pending = std::fs::read_to_string(dir.join(KEY_FILE)).ok();
@@ -164,7 +177,7 @@ fn stage(n: usize, name: &str, dir: &Path, key: &str, f: impl FnOnce(bool) -> Re
         serde_json::to_string_pretty(&json!({"key": key, "wall_s": wall, "summary": summary}))?,
     )?;
     println!(
-        "[{n}/9] {name:<9} done in {wall:.0}s{}",
+        "[{n}/{STAGES}] {name:<9} done in {wall:.0}s{}",
         if resume { " (resumed)" } else { "" }
     );
     Ok((summary, wall))
@@ -366,12 +379,42 @@ pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
         Ok(json!({"steps": o.steps, "last_eval": o.last_eval}))
     })?;
 
+    // The SFT model answers the labeller's prompts several times and the simulated labeller ranks the
+    // answers: comparison data on the policy's own outputs, as InstructGPT collected it.
+    let label_dir = out.join("label");
+    let rankings = label_dir.join("rankings.jsonl");
+    let k_label = key_of(&json!(["label", k_sft, p.label_samples, p.max_new_tokens, seed]));
+    stage(6, "label", &label_dir, &k_label, |_| {
+        let s = comparisons::label(&LabelConfig {
+            policy: sft_dir.clone(),
+            prompts: world.join("label_prompts.jsonl"),
+            out: rankings.clone(),
+            samples: p.label_samples,
+            temperature: 1.0,
+            max_new_tokens: p.max_new_tokens,
+            seed,
+            progress: cfg.progress,
+        })?;
+        Ok(serde_json::to_value(s)?)
+    })?;
+
     let rm_dir = out.join("reward");
-    let k_rm = key_of(&json!(["reward", k_sft, p.reward_steps, p.reward_batch, p.reward_lr]));
-    stage(6, "reward", &rm_dir, &k_rm, |resume| {
+    let k_rm = key_of(&json!([
+        "reward",
+        k_sft,
+        k_label,
+        p.reward_steps,
+        p.reward_batch,
+        p.reward_lr
+    ]));
+    stage(7, "reward", &rm_dir, &k_rm, |resume| {
         let o = reward::train_reward_model(&RewardConfig {
             init: sft_dir.clone(),
-            data: vec![world.join("prefs_train.jsonl"), world.join("rankings_train.jsonl")],
+            data: vec![
+                world.join("prefs_train.jsonl"),
+                world.join("rankings_train.jsonl"),
+                rankings.clone(),
+            ],
             val_data: vec![world.join("prefs_val.jsonl")],
             val_fraction: 0.0,
             batch_size: p.reward_batch,
@@ -389,9 +432,12 @@ pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
         p.ppo_prompts,
         p.ppo_samples,
         p.ppo_lr,
+        p.ppo_kl_coef,
+        p.ppo_epochs,
+        p.ppo_temperature,
         p.max_new_tokens
     ]));
-    stage(7, "ppo", &ppo_dir, &k_ppo, |resume| {
+    stage(8, "ppo", &ppo_dir, &k_ppo, |resume| {
         let o = ppo::ppo(&PpoConfig {
             policy: sft_dir.clone(),
             reward: RewardSpec::Model(rm_dir.clone()),
@@ -402,12 +448,12 @@ pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
             prompts_per_step: p.ppo_prompts,
             samples_per_prompt: p.ppo_samples,
             max_new_tokens: p.max_new_tokens,
-            temperature: 1.0,
+            temperature: p.ppo_temperature,
             lr: p.ppo_lr,
             critic_lr: p.ppo_lr * 5.0,
             warmup: (p.ppo_steps / 10).max(1),
             ppo_epochs: p.ppo_epochs,
-            minibatch: 16,
+            minibatch: p.ppo_prompts * p.ppo_samples,
             clip: 0.2,
             value_clip: 0.2,
             gamma: 1.0,
@@ -416,6 +462,7 @@ pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
             kl_target: None,
             kl_horizon: 10_000.0,
             reward_clip: 5.0,
+            prompt_baseline: p.ppo_samples > 1,
             no_end_penalty: -2.0,
             ptx_data: None,
             ptx_coef: 0.0,
@@ -432,9 +479,12 @@ pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
 
     let eval_start = Instant::now();
     let eval = evaluate_run(out, &world, seed, p.max_new_tokens)?;
-    println!("[8/9] eval      done in {:.0}s", eval_start.elapsed().as_secs_f64());
+    println!(
+        "[9/{STAGES}] eval      done in {:.0}s",
+        eval_start.elapsed().as_secs_f64()
+    );
     let report = write_report(out)?;
-    println!("[9/9] report    {}", report.display());
+    println!("[10/{STAGES}] report    {}", report.display());
     let wall = started.elapsed();
     print_summary(&eval, wall);
     Ok(SpeedrunOutcome {

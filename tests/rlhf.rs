@@ -13,6 +13,7 @@ use talaria::data::synth::{self, SynthConfig};
 use talaria::model::{Gpt, GptConfig, init_weights};
 use talaria::tokenizer::{self, Tokenizer};
 use talaria::train::AdamWConfig;
+use talaria::train::comparisons::{LabelConfig, label};
 use talaria::train::dpo::{DpoConfig, dpo};
 use talaria::train::metrics::read_metrics;
 use talaria::train::ppo::{PpoConfig, RewardSpec, ppo};
@@ -247,6 +248,7 @@ fn ppo_cfg(f: &Fixture, out: &Path, reward: RewardSpec, steps: u64) -> PpoConfig
         kl_target: Some(1.0),
         kl_horizon: 100.0,
         reward_clip: 5.0,
+        prompt_baseline: false,
         no_end_penalty: -2.0,
         ptx_data: None,
         ptx_coef: 0.0,
@@ -407,4 +409,59 @@ fn dpo_learns_the_preferences() {
             .unwrap();
         assert!(d > 0.0, "{name} did not change");
     }
+}
+
+#[test]
+fn the_labeller_ranks_the_policys_own_answers() {
+    let f = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("label").join("rankings.jsonl");
+    let cfg = LabelConfig {
+        policy: f.sft.clone(),
+        prompts: f.world.join("label_prompts.jsonl"),
+        out: out.clone(),
+        samples: 4,
+        temperature: 1.0,
+        max_new_tokens: 12,
+        seed: 3,
+        progress: false,
+    };
+    let s = label(&cfg).unwrap();
+    assert_eq!(s.prompts, 56);
+    assert_eq!(s.rankings + s.no_signal, s.prompts);
+    assert!(s.rankings > 0 && (0.0..=1.0).contains(&s.sample_accuracy), "{s:?}");
+    // The file reads back as preference groups, and every ranking is strictly ordered by the labeller.
+    let prefs = read_preferences(&out).unwrap();
+    assert_eq!(prefs.groups.len(), s.rankings);
+    assert_eq!(prefs.groups.iter().map(|g| g.pairs().len()).sum::<usize>(), s.pairs);
+    let tasks = talaria::eval::verify::Task::load_jsonl(&f.world.join("label_prompts.jsonl")).unwrap();
+    for g in &prefs.groups {
+        let t = tasks.iter().find(|t| t.messages == g.prompt).unwrap();
+        let scores: Vec<f64> = g.ranked.iter().map(|a| t.reward(a)).collect();
+        // Equal scores are kept once, so at most one answer never ended (score -1) and it comes last; the
+        // rest, judged here as text, are in strictly decreasing order of the labeller's score.
+        assert!(scores.len() >= 2);
+        let ended = &scores[..scores.len() - 1];
+        assert!(ended.windows(2).all(|w| w[0] > w[1]), "{g:?} {scores:?}");
+    }
+    // Same seed, same file.
+    let again = tmp.path().join("again.jsonl");
+    label(&LabelConfig {
+        out: again.clone(),
+        ..cfg.clone()
+    })
+    .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+    // Prompts without reference answers are a clear error.
+    let e = format!(
+        "{:#}",
+        label(&LabelConfig {
+            prompts: f.world.join("prefs_train.jsonl"),
+            ..cfg.clone()
+        })
+        .unwrap_err()
+    );
+    assert!(e.contains("unrecognised") || e.contains("needs prompts with"), "{e}");
+    let e = format!("{:#}", label(&LabelConfig { samples: 1, ..cfg }).unwrap_err());
+    assert!(e.contains("--samples must be at least 2"), "{e}");
 }

@@ -1,5 +1,6 @@
 //! The `tiny` speedrun end to end through the CLI: every stage leaves its artifact and metrics,
-//! the report has a row per stage, and a rerun reuses every finished stage.
+//! the report has a row per stage, a rerun reuses every finished stage, and a fresh run with the
+//! same seed reproduces every number of the evaluation.
 
 use std::process::Command;
 
@@ -21,11 +22,20 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for (i, stage) in ["synth", "tokenizer", "data", "pretrain", "sft", "reward", "ppo"]
-        .iter()
-        .enumerate()
+    for (i, stage) in [
+        "synth",
+        "tokenizer",
+        "data",
+        "pretrain",
+        "sft",
+        "label",
+        "reward",
+        "ppo",
+    ]
+    .iter()
+    .enumerate()
     {
-        assert!(stdout.contains(&format!("[{}/9] {stage}", i + 1)), "{stdout}");
+        assert!(stdout.contains(&format!("[{}/10] {stage}", i + 1)), "{stdout}");
     }
     for f in [
         "world/pretrain.txt",
@@ -35,6 +45,7 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "data/train_0000.bin",
         "pretrain/checkpoint/model.safetensors",
         "sft/checkpoint/model.safetensors",
+        "label/rankings.jsonl",
         "reward/checkpoint/model.safetensors",
         "ppo/checkpoint/model.safetensors",
         "ppo/critic/model.safetensors",
@@ -77,8 +88,36 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&again.stdout);
     assert!(again.status.success());
-    assert_eq!(stdout.matches("reused").count(), 7, "{stdout}");
+    assert_eq!(stdout.matches("reused").count(), 8, "{stdout}");
     let eval2: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
     assert_eq!(eval["stages"], eval2["stages"]);
+
+    // A fresh run elsewhere with the same seed reproduces every measured number (timings aside).
+    let fresh = tmp.path().join("fresh");
+    let third = Command::new(bin)
+        .args(["speedrun", "--preset", "tiny", "--out"])
+        .arg(&fresh)
+        .output()
+        .unwrap();
+    assert!(third.status.success(), "{}", String::from_utf8_lossy(&third.stderr));
+    let eval3: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fresh.join("eval.json")).unwrap()).unwrap();
+    let without_timings = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        for s in v["stages"].as_array_mut().unwrap() {
+            let s = s.as_object_mut().unwrap();
+            s.remove("wall_s");
+            s.remove("tokens_per_s");
+        }
+        v
+    };
+    assert_eq!(without_timings(&eval), without_timings(&eval3));
+    for stage in ["pretrain", "sft", "reward"] {
+        let read = |d: &std::path::Path| std::fs::read(d.join(stage).join("checkpoint/model.safetensors")).unwrap();
+        assert!(
+            read(&run) == read(&fresh),
+            "{stage} weights differ between two runs with one seed"
+        );
+    }
 }

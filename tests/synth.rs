@@ -9,7 +9,7 @@ use serde_json::Value;
 use talaria::data::synth::{self, END_OF_TEXT, Skill, SynthConfig, SynthSummary};
 use talaria::eval::verify::{Task, is_correct, normalise};
 
-const FILES: [&str; 9] = [
+const FILES: [&str; 10] = [
     "pretrain.txt",
     "sft_train.jsonl",
     "sft_val.jsonl",
@@ -18,6 +18,7 @@ const FILES: [&str; 9] = [
     "rankings_train.jsonl",
     "rl_prompts.jsonl",
     "eval_prompts.jsonl",
+    "label_prompts.jsonl",
     "manifest.json",
 ];
 
@@ -149,7 +150,7 @@ fn every_file_parses_with_its_schema() {
             "{v}"
         );
     }
-    for name in ["rl_prompts.jsonl", "eval_prompts.jsonl"] {
+    for name in ["rl_prompts.jsonl", "eval_prompts.jsonl", "label_prompts.jsonl"] {
         for v in lines(d, name) {
             assert_eq!(keys(&v), BTreeSet::from(["messages", "answer", "skill"]));
             check_messages(&v["messages"], "user");
@@ -160,7 +161,7 @@ fn every_file_parses_with_its_schema() {
     let manifest: SynthSummary =
         serde_json::from_str(&std::fs::read_to_string(d.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest, summary);
-    for name in &FILES[..8] {
+    for name in &FILES[..9] {
         let bytes = std::fs::metadata(d.join(name)).unwrap().len() as usize;
         assert_eq!(manifest.files[*name].bytes, bytes, "{name}");
     }
@@ -184,11 +185,12 @@ fn every_skill_everywhere_at_small_and_default_scale() {
                 ("rankings_train", c.rankings_train),
                 ("rl", c.rl),
                 ("eval", c.eval),
+                ("label", c.label),
             ] {
                 assert!(n > 0, "scale {scale}: no {what} for {skill}");
             }
         }
-        for name in ["rl_prompts.jsonl", "eval_prompts.jsonl"] {
+        for name in ["rl_prompts.jsonl", "eval_prompts.jsonl", "label_prompts.jsonl"] {
             let tasks = Task::load_jsonl(&dir.path().join(name)).unwrap();
             let skills: BTreeSet<&str> = tasks.iter().map(|t| t.skill.as_str()).collect();
             assert_eq!(skills.len(), Skill::ALL.len(), "{name} at scale {scale}");
@@ -202,7 +204,7 @@ fn every_skill_everywhere_at_small_and_default_scale() {
             assert!((5_000..=10_000).contains(&s.files["sft_train.jsonl"].records));
             assert!(s.files["prefs_train.jsonl"].records >= 5_000);
             assert!(s.files["rl_prompts.jsonl"].records >= 2_000);
-            assert!(s.skills.values().all(|c| c.eval == 40), "40 eval prompts per skill");
+            assert!(s.skills.values().all(|c| c.eval == 100), "100 eval prompts per skill");
         }
     }
 }
@@ -236,6 +238,14 @@ fn eval_rl_and_training_prompts_are_disjoint() {
             .iter()
             .for_each(|v| training.extend(user_turns(&v["prompt"])));
     }
+    // The labeller's prompts are training items too (their answers are ranked for the reward model).
+    let label = questions("label_prompts.jsonl");
+    assert_eq!(
+        label.iter().collect::<HashSet<_>>().len(),
+        label.len(),
+        "label prompts are unique"
+    );
+    training.extend(label);
     assert!(training.len() > 1000);
     for q in eval.iter().chain(&rl) {
         assert!(!training.contains(q), "{q:?} is also a training prompt");
@@ -260,7 +270,7 @@ fn eval_rl_and_training_prompts_are_disjoint() {
 fn verifier_accepts_every_reference_and_preferences_follow_the_policy() {
     let dir = tempfile::tempdir().unwrap();
     make(dir.path(), 5, 0.2);
-    for name in ["rl_prompts.jsonl", "eval_prompts.jsonl"] {
+    for name in ["rl_prompts.jsonl", "eval_prompts.jsonl", "label_prompts.jsonl"] {
         for t in Task::load_jsonl(&dir.path().join(name)).unwrap() {
             assert!(
                 t.is_correct(&t.answer) && t.is_correct(&format!(" {}.\n", t.answer)),

@@ -84,13 +84,31 @@ pub fn is_correct(task_answer: &str, skill: &str, model_answer: &str) -> bool {
     }
 }
 
-/// The rule-based reward for PPO, in [0, 1]: 1.0 for a correct answer, 0.0 otherwise.
+/// The rule-based reward for PPO, in [0, 1]: 1.0 for a correct answer; a wrong answer earns partial
+/// credit below 0.5 for how close it comes ([`closeness`]), so every sample carries a signal and no
+/// wrong answer can outscore a right one.
 pub fn reward(task_answer: &str, skill: &str, model_answer: &str) -> f64 {
     if is_correct(task_answer, skill, model_answer) {
         1.0
     } else {
-        0.0
+        0.45 * closeness(task_answer, skill, model_answer)
     }
+}
+
+/// How close an answer comes to the reference, in [0, 1]: one minus the character edit distance
+/// (Levenshtein) between the normalised forms over the longer length. 1.0 exactly when the two agree
+/// after normalisation (case included for `capitals`).
+pub fn closeness(task_answer: &str, skill: &str, model_answer: &str) -> f64 {
+    let (mut want, mut got) = (normalise(task_answer), normalise(model_answer));
+    if skill != "capitals" {
+        want = want.to_lowercase();
+        got = got.to_lowercase();
+    }
+    let longest = want.chars().count().max(got.chars().count());
+    if longest == 0 {
+        return 1.0;
+    }
+    1.0 - strsim::levenshtein(&want, &got) as f64 / longest as f64
 }
 
 #[cfg(test)]
@@ -123,7 +141,19 @@ mod tests {
             !is_correct("52", "compare", "52.."),
             "only one trailing period is forgiven"
         );
-        assert_eq!(reward("52", "compare", "47"), 0.0);
+        assert_eq!(reward("52", "compare", "xyz"), 0.0);
+    }
+
+    #[test]
+    fn partial_credit_grows_with_closeness_and_stays_below_correct() {
+        // One swap in six letters is two edits: closeness 4/6.
+        assert!((closeness("nedrag", "reverse", "nedarg") - 4.0 / 6.0).abs() < 1e-12);
+        assert_eq!(closeness("GARDEN", "capitals", "garden"), 0.0);
+        assert_eq!(closeness("nedrag", "reverse", "NEDRAG."), 1.0);
+        let near = reward("nedrag", "reverse", "nedra");
+        let far = reward("nedrag", "reverse", "gardenia");
+        assert!(far < near && near < 0.5, "{far} {near}");
+        assert_eq!(reward("nedrag", "reverse", "nedrag"), 1.0);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! the stages that run on it.
 
 pub mod answers;
+pub mod comparisons;
 pub mod dpo;
 pub mod metrics;
 pub mod optim;

@@ -71,6 +71,8 @@ pub struct PpoConfig {
     pub kl_horizon: f64,
     /// Normalised rewards are clipped to this magnitude.
     pub reward_clip: f64,
+    /// Subtract the mean score of each prompt's answers before normalising (needs several samples per prompt).
+    pub prompt_baseline: bool,
     /// Reward (in normalised units) of an answer that never emits the end token.
     pub no_end_penalty: f64,
     /// PPO-ptx: a pretraining data directory whose LM loss is mixed into the actor's loss.
@@ -117,6 +119,10 @@ impl PpoConfig {
             ensure!(t > 0.0, "--kl-target must be positive");
         }
         ensure!(self.reward_clip > 0.0, "--reward-clip must be positive");
+        ensure!(
+            !self.prompt_baseline || self.samples_per_prompt > 1,
+            "--prompt-baseline needs --samples-per-prompt above 1"
+        );
         ensure!(self.grad_clip > 0.0, "--grad-clip must be positive");
         ensure!(
             self.eval_every > 0 && self.save_every > 0,
@@ -128,6 +134,8 @@ impl PpoConfig {
 
 /// One sampled answer and everything PPO needs about it.
 struct Rollout {
+    /// Which prompt of the step this answers.
+    group: usize,
     seq: Vec<u32>,
     prompt_len: usize,
     ended: bool,
@@ -166,6 +174,22 @@ fn to_tensor(rows: &[&[f64]], a: usize, device: &Device) -> Result<Tensor> {
         }
     }
     Ok(Tensor::from_vec(flat, (rows.len(), a), device)?)
+}
+
+/// Sequences per forward/backward pass; larger minibatches accumulate gradients over such chunks.
+const MICRO_BATCH: usize = 32;
+
+/// Adds `g` into the running gradient sum `acc`.
+fn accumulate(acc: &mut Option<Vec<Tensor>>, g: Vec<Tensor>) -> Result<()> {
+    *acc = Some(match acc.take() {
+        None => g,
+        Some(a) => a
+            .iter()
+            .zip(&g)
+            .map(|(a, g)| a + g)
+            .collect::<candle_core::Result<Vec<_>>>()?,
+    });
+    Ok(())
 }
 
 /// What a finished (or interrupted) PPO run reports.
@@ -481,6 +505,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                 }
                 records.push((rec, tok.decode(&g.tokens)?));
                 rollouts.push(Rollout {
+                    group: p,
                     seq,
                     prompt_len: prompt_ids.len(),
                     ended,
@@ -531,6 +556,11 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                 stats.push(*s);
             }
         }
+        let baseline_free: Option<Vec<f64>> = cfg.prompt_baseline.then(|| {
+            let groups: Vec<usize> = rollouts.iter().map(|r| r.group).collect();
+            let ended: Vec<bool> = rollouts.iter().map(|r| r.ended).collect();
+            rl::group_centred(&scores, &groups, &ended)
+        });
         // 3. Old log-probs, reference log-probs and values, in minibatches.
         for chunk in rollouts.chunks_mut(cfg.minibatch) {
             let refs: Vec<&Rollout> = chunk.iter().collect();
@@ -554,7 +584,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         }
         // 4. Per-token rewards: KL penalty on every token, the normalised score on the last.
         let mut kl_sum = 0.0;
-        for r in rollouts.iter_mut() {
+        for (i, r) in rollouts.iter_mut().enumerate() {
             let kls: Vec<f64> = r
                 .logp_old
                 .iter()
@@ -563,10 +593,12 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                 .collect();
             kl_sum += kls.iter().sum::<f64>();
             let mut rewards: Vec<f64> = kls.iter().map(|k| -kl.coef * k).collect();
-            let final_reward = if r.ended {
-                stats.normalise(r.score, cfg.reward_clip)
-            } else {
+            let final_reward = if !r.ended {
                 cfg.no_end_penalty
+            } else if let Some(centred) = &baseline_free {
+                (centred[i] / stats.std()).clamp(-cfg.reward_clip, cfg.reward_clip)
+            } else {
+                stats.normalise(r.score, cfg.reward_clip)
             };
             *rewards.last_mut().expect("non-empty answer") += final_reward;
             let (adv, ret) = rl::gae(&rewards, &r.values, cfg.gamma, cfg.lambda);
@@ -590,68 +622,65 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         for _ in 0..cfg.ppo_epochs {
             let idx: Vec<usize> = (0..n_roll).map(|_| mb_order.next()).collect();
             for mb in idx.chunks(cfg.minibatch) {
-                let refs: Vec<&Rollout> = mb.iter().map(|&i| &rollouts[i]).collect();
-                let b = batch(
-                    &refs
-                        .iter()
-                        .map(|r| (r.seq.as_slice(), r.prompt_len))
-                        .collect::<Vec<_>>(),
-                    pad,
-                    &device,
-                )?;
-                let old = to_tensor(
-                    &refs.iter().map(|r| r.logp_old.as_slice()).collect::<Vec<_>>(),
-                    b.a,
-                    &device,
-                )?;
-                let adv = to_tensor(&refs.iter().map(|r| r.adv.as_slice()).collect::<Vec<_>>(), b.a, &device)?;
-                let ret = to_tensor(&refs.iter().map(|r| r.ret.as_slice()).collect::<Vec<_>>(), b.a, &device)?;
-                let vold = to_tensor(
-                    &refs.iter().map(|r| r.values.as_slice()).collect::<Vec<_>>(),
-                    b.a,
-                    &device,
-                )?;
-                // Actor.
-                let (logp, dist) = answer_logprobs(&actor_model, &b, cfg.temperature)?;
-                let (mut loss, clip_frac) = rl::policy_loss(&logp, &old, &adv, &b.mask, cfg.clip)?;
-                if let Some(loader) = ptx.as_mut() {
-                    let (x, y) = loader.next_batch(refs.len().max(1), &device)?;
-                    loss = (loss + (actor_model.lm_loss(&x, &y, None)? * cfg.ptx_coef)?)?;
+                // One optimizer step per minibatch; its gradient is accumulated over chunks of at most
+                // MICRO_BATCH sequences, each weighted by its share of the minibatch's answer tokens.
+                let mb_tokens: usize = mb.iter().map(|&i| rollouts[i].answer_len()).sum();
+                let (mut actor_grads, mut critic_grads) = (None, None);
+                let (mut clip_mb, mut ent_mb) = (0.0, 0.0);
+                for chunk in mb.chunks(MICRO_BATCH) {
+                    let refs: Vec<&Rollout> = chunk.iter().map(|&i| &rollouts[i]).collect();
+                    let share = refs.iter().map(|r| r.answer_len()).sum::<usize>() as f64 / mb_tokens as f64;
+                    let b = batch(
+                        &refs
+                            .iter()
+                            .map(|r| (r.seq.as_slice(), r.prompt_len))
+                            .collect::<Vec<_>>(),
+                        pad,
+                        &device,
+                    )?;
+                    let rows = |f: fn(&Rollout) -> &[f64]| {
+                        to_tensor(&refs.iter().map(|r| f(r)).collect::<Vec<_>>(), b.a, &device)
+                    };
+                    let (old, adv) = (rows(|r| &r.logp_old)?, rows(|r| &r.adv)?);
+                    let (ret, vold) = (rows(|r| &r.ret)?, rows(|r| &r.values)?);
+                    // Actor.
+                    let (logp, dist) = answer_logprobs(&actor_model, &b, cfg.temperature)?;
+                    let (mut loss, clip_frac) = rl::policy_loss(&logp, &old, &adv, &b.mask, cfg.clip)?;
+                    if let Some(loader) = ptx.as_mut() {
+                        let (x, y) = loader.next_batch(refs.len().max(1), &device)?;
+                        loss = (loss + (actor_model.lm_loss(&x, &y, None)? * cfg.ptx_coef)?)?;
+                    }
+                    let loss = (loss * share)?;
+                    let entropy = {
+                        let e = (dist.exp()? * &dist)?.sum(1)?.neg()?.reshape((b.n, b.a))?;
+                        (e * &b.mask)?.sum_all()?.to_scalar::<f32>()? as f64
+                            / b.mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64
+                    };
+                    pl_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    accumulate(&mut actor_grads, actor.grads(&loss.backward()?)?)?;
+                    // Critic.
+                    let values = answer_values(&critic_model, &value_head, &b)?;
+                    let vloss = (rl::value_loss(&values, &vold, &ret, &b.mask, cfg.value_clip)? * share)?;
+                    vl_sum += vloss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    accumulate(&mut critic_grads, critic.params.grads(&vloss.backward()?)?)?;
+                    clip_mb += clip_frac * share;
+                    ent_mb += entropy * share;
                 }
-                let entropy = {
-                    let e = (dist.exp()? * &dist)?.sum(1)?.neg()?.reshape((b.n, b.a))?;
-                    (e * &b.mask)?.sum_all()?.to_scalar::<f32>()? as f64
-                        / b.mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64
-                };
-                pl_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                let grads = actor.grads(&loss.backward()?)?;
-                let norm = global_norm(&grads)?;
-                actor_opt.step(
-                    &grads,
-                    lr,
-                    if norm > cfg.grad_clip {
+                for (opt, grads, lr) in [
+                    (&mut actor_opt, actor_grads, lr),
+                    (&mut critic.opt, critic_grads, critic_lr),
+                ] {
+                    let grads = grads.expect("a minibatch holds at least one chunk");
+                    let norm = global_norm(&grads)?;
+                    let scale = if norm > cfg.grad_clip {
                         cfg.grad_clip / (norm + 1e-6)
                     } else {
                         1.0
-                    },
-                )?;
-                // Critic.
-                let values = answer_values(&critic_model, &value_head, &b)?;
-                let vloss = rl::value_loss(&values, &vold, &ret, &b.mask, cfg.value_clip)?;
-                vl_sum += vloss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                let grads = critic.params.grads(&vloss.backward()?)?;
-                let norm = global_norm(&grads)?;
-                critic.opt.step(
-                    &grads,
-                    critic_lr,
-                    if norm > cfg.grad_clip {
-                        cfg.grad_clip / (norm + 1e-6)
-                    } else {
-                        1.0
-                    },
-                )?;
-                clip_sum += clip_frac;
-                ent_sum += entropy;
+                    };
+                    opt.step(&grads, lr, scale)?;
+                }
+                clip_sum += clip_mb;
+                ent_sum += ent_mb;
                 updates += 1.0;
             }
         }

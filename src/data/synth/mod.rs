@@ -24,7 +24,7 @@ pub use skills::Skill;
 use skills::{Bucket, Ctx, Task};
 
 /// Bumped whenever the same seed would produce different files.
-pub const GENERATOR_VERSION: u32 = 1;
+pub const GENERATOR_VERSION: u32 = 2;
 /// The largest accepted `--scale` (about 300 MB of pretraining text).
 pub const MAX_SCALE: f64 = 100.0;
 /// The line that separates documents in `pretrain.txt`.
@@ -64,6 +64,7 @@ pub struct SkillCounts {
     pub prefs_train: usize,
     pub prefs_val: usize,
     pub rankings_train: usize,
+    pub label: usize,
     pub rl: usize,
     pub eval: usize,
 }
@@ -99,6 +100,7 @@ struct Sizes {
     prefs_train: usize,
     prefs_val: usize,
     rankings: usize,
+    label: usize,
     rl: usize,
     eval: usize,
 }
@@ -113,8 +115,9 @@ impl Sizes {
             prefs_train: n(720.0, 8),
             prefs_val: n(72.0, 4),
             rankings: n(215.0, 3),
+            label: n(150.0, 4),
             rl: n(300.0, 8),
-            eval: n(40.0, 8),
+            eval: n(100.0, 8),
         }
     }
 }
@@ -159,11 +162,13 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
     let (text, docs) = corpus::corpus(&ctx, sizes.pretrain_bytes, &mut rng(1));
     write(cfg, &mut summary, "pretrain.txt", docs, text)?;
 
-    // Prompt files: unique prompts, evenly spread over skills. Their items come from their own buckets, so
-    // they cannot share a prompt with each other or with the training files.
+    // Prompt files: unique prompts, evenly spread over skills. Eval and RL items come from their own
+    // buckets, so they cannot share a prompt with each other or with the training files; the prompts whose
+    // sampled answers the labeller ranks (`talaria data label`) are train items.
     for (name, bucket, per_skill, stream) in [
         ("eval_prompts.jsonl", Bucket::Eval, sizes.eval, 2),
         ("rl_prompts.jsonl", Bucket::Rl, sizes.rl, 3),
+        ("label_prompts.jsonl", Bucket::Train, sizes.label, 9),
     ] {
         let mut r = rng(stream);
         let mut lines = Vec::new();
@@ -185,10 +190,10 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
                 lines.push(serde_json::to_string(&record)?);
             }
             let counts = summary.skills.get_mut(skill.name()).expect("every skill has counts");
-            if bucket == Bucket::Eval {
-                counts.eval = seen.len();
-            } else {
-                counts.rl = seen.len();
+            match bucket {
+                Bucket::Eval => counts.eval = seen.len(),
+                Bucket::Rl => counts.rl = seen.len(),
+                _ => counts.label = seen.len(),
             }
         }
         write_lines(cfg, &mut summary, name, &lines)?;

@@ -1,0 +1,230 @@
+//! Comparison data from the policy's own answers, as InstructGPT collected it: the SFT model answers
+//! each prompt several times and a labeller ranks the answers. Here the labeller is the default world's
+//! simulated one (prompts need a reference `answer` and `skill`): a correct answer ranks first, wrong
+//! answers follow by how close they come ([`verify::closeness`]), answers that never end rank last.
+//! Answers that read the same after normalisation or score the same are kept once, so every pair of the
+//! written ranking is a strict preference; prompts whose answers all score alike carry no comparison
+//! and are counted, not written.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail, ensure};
+use candle_core::{DType, Device};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::chat::ChatTemplate;
+use crate::checkpoint::Checkpoint;
+use crate::data::prompts::read_prompts;
+use crate::engine::{self, FinishReason, GenerateOptions, Sampler, SamplingParams};
+use crate::eval::verify;
+use crate::tokenizer::Tokenizer;
+
+/// `talaria data label` settings.
+#[derive(Debug, Clone)]
+pub struct LabelConfig {
+    /// The model whose answers are ranked (usually the SFT checkpoint).
+    pub policy: PathBuf,
+    /// Prompts with reference answers and skills (the default world's format).
+    pub prompts: PathBuf,
+    /// Where the rankings go (JSONL, `{"prompt": [...], "ranked": [...]}` best first).
+    pub out: PathBuf,
+    pub samples: usize,
+    pub temperature: f64,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+    pub progress: bool,
+}
+
+/// What a labelling run wrote.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LabelSummary {
+    pub prompts: usize,
+    /// Rankings written (prompts whose answers differ in score).
+    pub rankings: usize,
+    /// Ordered pairs those rankings expand to.
+    pub pairs: usize,
+    /// Prompts left out because every answer scored the same.
+    pub no_signal: usize,
+    /// Share of sampled answers that were correct.
+    pub sample_accuracy: f64,
+}
+
+/// The simulated labeller's score of one sampled answer: 1 when correct, partial credit below 0.5 for a
+/// wrong answer by closeness, -1 for an answer that never ended.
+pub fn score(answer: &str, skill: &str, text: &str, ended: bool) -> f64 {
+    if ended {
+        verify::reward(answer, skill, text)
+    } else {
+        -1.0
+    }
+}
+
+/// Ranks scored answers to a `skill` task best first, keeping one answer per score and per text as the
+/// verifier reads it (case-insensitive except for `capitals`).
+pub fn rank(skill: &str, mut scored: Vec<(String, f64)>) -> Vec<String> {
+    let key = |t: &str| {
+        let n = verify::normalise(t);
+        if skill == "capitals" { n } else { n.to_lowercase() }
+    };
+    scored.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut out: Vec<(String, f64)> = vec![];
+    for (text, s) in scored {
+        if out.iter().any(|(t, q)| (*q - s).abs() < 1e-9 || key(t) == key(&text)) {
+            continue;
+        }
+        out.push((text, s));
+    }
+    out.into_iter().map(|(t, _)| t).collect()
+}
+
+/// Samples `cfg.samples` answers per prompt from the policy and writes the labeller's rankings.
+pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
+    ensure!(cfg.samples >= 2, "--samples must be at least 2 to compare answers");
+    ensure!(
+        cfg.temperature > 0.0 && cfg.temperature.is_finite(),
+        "--temperature must be positive"
+    );
+    ensure!(cfg.max_new_tokens > 0, "--max-new-tokens must be positive");
+    let device = Device::Cpu;
+    let ck = Checkpoint::load(&cfg.policy, DType::F32, &device)?;
+    let tok_json = ck
+        .tokenizer_json
+        .clone()
+        .with_context(|| format!("{} has no tokenizer.json", cfg.policy.display()))?;
+    let tok = Tokenizer::from_json(&tok_json)?;
+    let template = ChatTemplate::new(&tok)?;
+    let model = ck.model()?;
+    let prompts = read_prompts(&cfg.prompts)?;
+    if let Some(bad) = prompts.iter().position(|p| p.answer.is_none() || p.skill.is_none()) {
+        bail!(
+            "{} record {}: the labeller needs prompts with \"answer\" and \"skill\"",
+            cfg.prompts.display(),
+            bad + 1
+        );
+    }
+    if let Some(dir) = cfg.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let pb = if cfg.progress {
+        ProgressBar::new(prompts.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    pb.set_style(
+        ProgressStyle::with_template("label [{bar:30}] {pos}/{len} prompts ETA {eta}")
+            .expect("valid")
+            .progress_chars("=> "),
+    );
+    let opts = GenerateOptions {
+        max_new_tokens: cfg.max_new_tokens,
+        stop_tokens: template.stop_tokens(&tok),
+    };
+    let mut lines = String::new();
+    let mut summary = LabelSummary {
+        prompts: prompts.len(),
+        rankings: 0,
+        pairs: 0,
+        no_signal: 0,
+        sample_accuracy: 0.0,
+    };
+    let (mut correct, mut sampled) = (0usize, 0usize);
+    for (i, p) in prompts.iter().enumerate() {
+        let (answer, skill) = (p.answer.as_deref().unwrap_or(""), p.skill.as_deref().unwrap_or(""));
+        let ids = template.render_prompt(&tok, &p.messages)?;
+        if ids.len() + 2 > ck.config.n_positions {
+            bail!(
+                "{} record {}: the prompt's {} tokens leave no room for an answer in the context of {}",
+                cfg.prompts.display(),
+                i + 1,
+                ids.len(),
+                ck.config.n_positions
+            );
+        }
+        let mut scored = Vec::with_capacity(cfg.samples);
+        for k in 0..cfg.samples {
+            let seed = cfg.seed ^ (i as u64).wrapping_mul(1_000_003) ^ (k as u64).wrapping_mul(7919);
+            let mut sampler = Sampler::new(
+                SamplingParams {
+                    temperature: cfg.temperature,
+                    top_k: None,
+                    top_p: None,
+                },
+                seed,
+            )?;
+            let g = engine::generate(&model, &ids, &opts, &mut sampler, |_| true)?;
+            let text = tok.decode(&g.tokens)?;
+            let ended = g.finish == FinishReason::Stop;
+            correct += usize::from(ended && verify::is_correct(answer, skill, &text));
+            sampled += 1;
+            if text.trim().is_empty() {
+                continue;
+            }
+            let s = score(answer, skill, &text, ended);
+            scored.push((text, s));
+        }
+        let ranked = rank(skill, scored);
+        if ranked.len() < 2 {
+            summary.no_signal += 1;
+        } else {
+            summary.rankings += 1;
+            summary.pairs += ranked.len() * (ranked.len() - 1) / 2;
+            let record = serde_json::json!({"prompt": p.messages, "ranked": ranked});
+            lines.push_str(&serde_json::to_string(&record)?);
+            lines.push('\n');
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    summary.sample_accuracy = correct as f64 / sampled.max(1) as f64;
+    ensure!(
+        summary.rankings > 0,
+        "every prompt's answers scored alike: no comparison to write (try more --samples or a higher --temperature)"
+    );
+    // Written whole and renamed into place, so an interrupted run never leaves half a file.
+    let tmp = cfg.out.with_extension("jsonl.tmp");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(lines.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &cfg.out).with_context(|| format!("writing {}", cfg.out.display()))?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rankings_put_correct_first_then_closeness_and_drop_ties() {
+        let scored = |xs: &[(&str, bool)]| -> Vec<(String, f64)> {
+            xs.iter()
+                .map(|(t, ended)| (t.to_string(), score("nedrag", "reverse", t, *ended)))
+                .collect()
+        };
+        let r = rank(
+            "reverse",
+            scored(&[
+                ("gardenia", true),
+                ("nedra", true),
+                ("nedrag nedrag nedrag", false),
+                ("Nedrag.", true),
+                ("nedrag", true),
+                ("nedrg", true),
+            ]),
+        );
+        // The correct answer once (case and the period do not count); "nedra" and "nedrg" are equally
+        // close, so only the first is kept; the unended answer comes last.
+        assert_eq!(r, vec!["Nedrag.", "nedra", "gardenia", "nedrag nedrag nedrag"]);
+        assert_eq!(
+            rank("reverse", scored(&[("x", true), ("y", true)])).len(),
+            1,
+            "equal scores compare nothing"
+        );
+        let caps = |t: &str| (t.to_string(), score("GARDEN", "capitals", t, true));
+        assert_eq!(
+            rank("capitals", vec![caps("GARDEN"), caps("garden")]).len(),
+            2,
+            "case counts for capitals"
+        );
+    }
+}
