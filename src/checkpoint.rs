@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::model::{Gpt, GptConfig};
+use crate::tokenizer::Tokenizer;
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -103,6 +104,17 @@ impl Checkpoint {
             tokenizer_json,
             meta,
         })
+    }
+
+    /// The checkpoint's `tokenizer.json` text and the tokenizer it describes; `path` names the checkpoint in the
+    /// error when it has none.
+    pub fn tokenizer(&self, path: &Path) -> Result<(String, Tokenizer)> {
+        let json = self
+            .tokenizer_json
+            .clone()
+            .with_context(|| format!("{} has no tokenizer.json", path.display()))?;
+        let tok = Tokenizer::from_json(&json)?;
+        Ok((json, tok))
     }
 
     /// Builds the model from the loaded weights.

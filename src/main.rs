@@ -595,7 +595,7 @@ struct PpoArgs {
     warmup: u64,
     #[arg(long, default_value_t = 2)]
     ppo_epochs: usize,
-    /// Sequences per PPO minibatch.
+    /// Sequences per PPO minibatch: one optimizer step, its gradient accumulated over chunks of 32.
     #[arg(long, default_value_t = 16)]
     minibatch: usize,
     #[arg(long, default_value_t = 0.2)]

@@ -18,7 +18,6 @@ use crate::checkpoint::Checkpoint;
 use crate::data::prompts::read_prompts;
 use crate::engine::{self, FinishReason, GenerateOptions, Sampler, SamplingParams};
 use crate::eval::verify;
-use crate::tokenizer::Tokenizer;
 
 /// `talaria data label` settings.
 #[derive(Debug, Clone)]
@@ -88,11 +87,7 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
     ensure!(cfg.max_new_tokens > 0, "--max-new-tokens must be positive");
     let device = Device::Cpu;
     let ck = Checkpoint::load(&cfg.policy, DType::F32, &device)?;
-    let tok_json = ck
-        .tokenizer_json
-        .clone()
-        .with_context(|| format!("{} has no tokenizer.json", cfg.policy.display()))?;
-    let tok = Tokenizer::from_json(&tok_json)?;
+    let (_, tok) = ck.tokenizer(&cfg.policy)?;
     let template = ChatTemplate::new(&tok)?;
     let model = ck.model()?;
     let prompts = read_prompts(&cfg.prompts)?;

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
@@ -155,11 +155,7 @@ pub fn dpo(cfg: &DpoConfig) -> Result<TrainOutcome> {
     );
     ensure!(cfg.batch_size >= 1, "--batch-size must be at least 1");
     let ck = Checkpoint::load(&cfg.policy, DType::F32, &Device::Cpu)?;
-    let tok_json = ck
-        .tokenizer_json
-        .clone()
-        .with_context(|| format!("{} has no tokenizer.json", cfg.policy.display()))?;
-    let tok = Tokenizer::from_json(&tok_json)?;
+    let (tok_json, tok) = ck.tokenizer(&cfg.policy)?;
     let template = ChatTemplate::new(&tok)?;
     let ctx = ck.config.n_positions;
     let (mut train, skipped) = load_preferences(&cfg.data)?;

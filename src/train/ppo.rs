@@ -59,7 +59,7 @@ pub struct PpoConfig {
     pub critic_lr: f64,
     pub warmup: u64,
     pub ppo_epochs: usize,
-    /// Sequences per PPO minibatch.
+    /// Sequences per PPO minibatch: one optimizer step, its gradient accumulated over chunks of 32.
     pub minibatch: usize,
     pub clip: f64,
     pub value_clip: f64,
@@ -161,6 +161,12 @@ fn answer_values(critic: &Gpt, head: &Tensor, b: &Batch) -> Result<Tensor> {
     Ok(rows.matmul(&head.t()?)?.squeeze(1)?.reshape((b.n, b.a))?)
 }
 
+/// The rollouts' prompt + answer sequences as one padded batch.
+fn batch_of(rollouts: &[&Rollout], pad: u32, device: &Device) -> Result<Batch> {
+    let seqs: Vec<(&[u32], usize)> = rollouts.iter().map(|r| (r.seq.as_slice(), r.prompt_len)).collect();
+    batch(&seqs, pad, device)
+}
+
 fn rows_of(t: &Tensor, lens: &[usize]) -> Result<Vec<Vec<f64>>> {
     let all = t.to_dtype(DType::F64)?.to_vec2::<f64>()?;
     Ok(all.into_iter().zip(lens).map(|(row, &n)| row[..n].to_vec()).collect())
@@ -240,11 +246,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
     cfg.validate()?;
     let device = Device::Cpu;
     let sft = Checkpoint::load(&cfg.policy, DType::F32, &device)?;
-    let tok_json = sft
-        .tokenizer_json
-        .clone()
-        .with_context(|| format!("{} has no tokenizer.json", cfg.policy.display()))?;
-    let tok = Tokenizer::from_json(&tok_json)?;
+    let (tok_json, tok) = sft.tokenizer(&cfg.policy)?;
     let template = ChatTemplate::new(&tok)?;
     let reference = sft.model()?;
     let prompts = read_prompts(&cfg.prompts)?;
@@ -561,17 +563,10 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             let ended: Vec<bool> = rollouts.iter().map(|r| r.ended).collect();
             rl::group_centred(&scores, &groups, &ended)
         });
-        // 3. Old log-probs, reference log-probs and values, in minibatches.
-        for chunk in rollouts.chunks_mut(cfg.minibatch) {
+        // 3. Old log-probs, reference log-probs and values, in chunks.
+        for chunk in rollouts.chunks_mut(MICRO_BATCH) {
             let refs: Vec<&Rollout> = chunk.iter().collect();
-            let b = batch(
-                &refs
-                    .iter()
-                    .map(|r| (r.seq.as_slice(), r.prompt_len))
-                    .collect::<Vec<_>>(),
-                pad,
-                &device,
-            )?;
+            let b = batch_of(&refs, pad, &device)?;
             let lens: Vec<usize> = refs.iter().map(|r| r.answer_len()).collect();
             let old = rows_of(&answer_logprobs(&actor_model, &b, cfg.temperature)?.0, &lens)?;
             let reference_lp = rows_of(&answer_logprobs(&reference, &b, cfg.temperature)?.0, &lens)?;
@@ -630,14 +625,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                 for chunk in mb.chunks(MICRO_BATCH) {
                     let refs: Vec<&Rollout> = chunk.iter().map(|&i| &rollouts[i]).collect();
                     let share = refs.iter().map(|r| r.answer_len()).sum::<usize>() as f64 / mb_tokens as f64;
-                    let b = batch(
-                        &refs
-                            .iter()
-                            .map(|r| (r.seq.as_slice(), r.prompt_len))
-                            .collect::<Vec<_>>(),
-                        pad,
-                        &device,
-                    )?;
+                    let b = batch_of(&refs, pad, &device)?;
                     let rows = |f: fn(&Rollout) -> &[f64]| {
                         to_tensor(&refs.iter().map(|r| f(r)).collect::<Vec<_>>(), b.a, &device)
                     };

@@ -73,11 +73,7 @@ impl RewardModel {
             .get(SCORE_HEAD)
             .cloned()
             .with_context(|| format!("{} is not a reward model (no {SCORE_HEAD})", path.display()))?;
-        let json = ck
-            .tokenizer_json
-            .clone()
-            .with_context(|| format!("{} has no tokenizer.json", path.display()))?;
-        let tokenizer = Tokenizer::from_json(&json)?;
+        let (json, tokenizer) = ck.tokenizer(path)?;
         let template = ChatTemplate::new(&tokenizer)?;
         Ok(Self {
             gpt: ck.model()?,
@@ -316,11 +312,7 @@ pub fn evaluate_reward_model(rm: &RewardModel, paths: &[PathBuf], batch: usize) 
 pub fn train_reward_model(cfg: &RewardConfig) -> Result<TrainOutcome> {
     ensure!(cfg.batch_size >= 2, "--batch-size must be at least 2 (a pair)");
     let ck = Checkpoint::load(&cfg.init, DType::F32, &Device::Cpu)?;
-    let tok_json = ck
-        .tokenizer_json
-        .clone()
-        .with_context(|| format!("{} has no tokenizer.json", cfg.init.display()))?;
-    let tok = Tokenizer::from_json(&tok_json)?;
+    let (tok_json, tok) = ck.tokenizer(&cfg.init)?;
     let template = ChatTemplate::new(&tok)?;
     let ctx = ck.config.n_positions;
     let (mut train, mut skipped) = load_preferences(&cfg.data)?;
