@@ -25,7 +25,7 @@ TEXT="$DATA/pretrain/tinystories_train_head.txt"
 "$TALARIA" pretrain --data "$OUT/data" --model cpu --batch-size 16 --lr 3e-3 --steps 800 \
     --eval-every 200 --out "$OUT/pretrain"
 "$TALARIA" sft --init "$OUT/pretrain" --data "$DATA/sft/oasst_en_100_trees.jsonl" --batch-size 8 --lr 5e-4 \
-    --steps 150 --out "$OUT/sft"
+    --steps 60 --out "$OUT/sft"
 "$TALARIA" reward --init "$OUT/sft" --data "$DATA/preference/hh_rlhf_harmless_base_test.jsonl.gz" \
     --val-fraction 0.1 --lr 2e-4 --steps 400 --eval-every 100 --out "$OUT/reward-hh"
 "$TALARIA" reward --init "$OUT/sft" --data "$DATA/sft/oasst_en_100_trees.jsonl" \

@@ -17,7 +17,9 @@ use talaria::train::comparisons::{LabelConfig, label};
 use talaria::train::dpo::{DpoConfig, dpo};
 use talaria::train::metrics::read_metrics;
 use talaria::train::ppo::{PpoConfig, RewardSpec, ppo};
-use talaria::train::reward::{RewardConfig, RewardModel, render_answer, sequence_scores, train_reward_model};
+use talaria::train::reward::{
+    RewardConfig, RewardModel, fitting_prompt, render_answer, sequence_scores, train_reward_model,
+};
 use talaria::train::sft::{SftConfig, sft};
 use talaria::train::trainer::TrainConfig;
 
@@ -464,4 +466,44 @@ fn the_labeller_ranks_the_policys_own_answers() {
     assert!(e.contains("unrecognised") || e.contains("needs prompts with"), "{e}");
     let e = format!("{:#}", label(&LabelConfig { samples: 1, ..cfg }).unwrap_err());
     assert!(e.contains("--samples must be at least 2"), "{e}");
+}
+
+#[test]
+fn long_prompts_lose_their_oldest_turns_before_a_pair_is_left_out() {
+    let f = fixture();
+    let template = ChatTemplate::new(&f.tok).unwrap();
+    let prompt = vec![
+        Message::new(Role::System, "Be brief."),
+        Message::new(
+            Role::User,
+            "Tell me a long story about a garden and a river and a town.",
+        ),
+        Message::new(
+            Role::Assistant,
+            "Once upon a time there was a garden by a river near a small town.",
+        ),
+        Message::new(Role::User, "Reverse the word garden."),
+    ];
+    let answers = ["nedrag", "garden"];
+    let full = render_answer(&f.tok, &template, &prompt, answers[0]).unwrap().len();
+    let short = render_answer(&f.tok, &template, &[prompt[0].clone(), prompt[3].clone()], answers[0])
+        .unwrap()
+        .len();
+    // Room for everything: the prompt is kept whole.
+    let (p, shortened) = fitting_prompt(&f.tok, &template, &prompt, &answers, full + 5)
+        .unwrap()
+        .unwrap();
+    assert_eq!((p.len(), shortened), (4, false));
+    // Room for the system message and the last question only: the first exchange goes.
+    let (p, shortened) = fitting_prompt(&f.tok, &template, &prompt, &answers, short + 1)
+        .unwrap()
+        .unwrap();
+    assert!(shortened);
+    assert_eq!(p, vec![prompt[0].clone(), prompt[3].clone()]);
+    // Not even that fits: left out.
+    assert!(
+        fitting_prompt(&f.tok, &template, &prompt, &answers, short - 2)
+            .unwrap()
+            .is_none()
+    );
 }

@@ -14,7 +14,7 @@ use crate::tokenizer::Tokenizer;
 use crate::train::ParamSet;
 use crate::train::answers::{answer_logprobs, batch};
 use crate::train::order::{EpochOrder, hold_out};
-use crate::train::reward::{load_preferences, render_answer};
+use crate::train::reward::{fitting_prompt, load_preferences, render_answer};
 use crate::train::rl::dpo_loss;
 use crate::train::trainer::{self, EvalReport, Init, Objective, TrainConfig, TrainOutcome};
 
@@ -128,18 +128,16 @@ fn render_pairs(
 ) -> Result<(Vec<Pair>, usize)> {
     let (mut out, mut too_long) = (vec![], 0);
     for g in groups {
-        let prompt_len = template.render_prompt(tok, &g.prompt)?.len();
         for (c, r) in g.pairs() {
-            let chosen = render_answer(tok, template, &g.prompt, &g.ranked[c])?;
-            let rejected = render_answer(tok, template, &g.prompt, &g.ranked[r])?;
-            if chosen.len() > ctx || rejected.len() > ctx {
+            let answers = [g.ranked[c].as_str(), g.ranked[r].as_str()];
+            let Some((prompt, _)) = fitting_prompt(tok, template, &g.prompt, &answers, ctx)? else {
                 too_long += 1;
                 continue;
-            }
+            };
             out.push(Pair {
-                chosen,
-                rejected,
-                prompt_len,
+                chosen: render_answer(tok, template, &prompt, answers[0])?,
+                rejected: render_answer(tok, template, &prompt, answers[1])?,
+                prompt_len: template.render_prompt(tok, &prompt)?.len(),
             });
         }
     }
@@ -168,7 +166,7 @@ pub fn dpo(cfg: &DpoConfig) -> Result<TrainOutcome> {
     let (train, long_t) = render_pairs(&tok, &template, &train, ctx)?;
     let (val, long_v) = render_pairs(&tok, &template, &val, ctx)?;
     eprintln!(
-        "dpo: {} training and {} held-out pairs; {skipped} records skipped (empty or identical answers), {} pairs longer than the context left out",
+        "dpo: {} training and {} held-out pairs; {skipped} records skipped (empty or identical answers), {} pairs longer than the context left out (prompts are first shortened to their latest turns)",
         train.len(),
         val.len(),
         long_t + long_v

@@ -30,6 +30,43 @@ pub fn render_answer(tok: &Tokenizer, template: &ChatTemplate, prompt: &[Message
     Ok(template.render(tok, &msgs)?.ids)
 }
 
+/// The prompt with its oldest exchanges dropped, one user turn at a time, until every answer fits in `ctx`
+/// tokens after it: system messages and the last user turn always stay. `None` when even that is too long;
+/// the flag says whether anything was dropped.
+pub fn fitting_prompt(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    prompt: &[Message],
+    answers: &[&str],
+    ctx: usize,
+) -> Result<Option<(Vec<Message>, bool)>> {
+    let system: Vec<Message> = prompt.iter().filter(|m| m.role == Role::System).cloned().collect();
+    let turns: Vec<&Message> = prompt.iter().filter(|m| m.role != Role::System).collect();
+    let starts = (0..turns.len()).filter(|&i| turns[i].role == Role::User);
+    for start in starts {
+        let candidate: Vec<Message> = if start == 0 {
+            prompt.to_vec()
+        } else {
+            system
+                .iter()
+                .cloned()
+                .chain(turns[start..].iter().map(|m| (*m).clone()))
+                .collect()
+        };
+        let mut fits = true;
+        for a in answers {
+            if render_answer(tok, template, &candidate, a)?.len() > ctx {
+                fits = false;
+                break;
+            }
+        }
+        if fits {
+            return Ok(Some((candidate, start > 0)));
+        }
+    }
+    Ok(None)
+}
+
 /// Scores `[N]` of sequences of different lengths: the head applied to the final hidden state
 /// of each sequence's own last token (never a padding position).
 pub fn sequence_scores(gpt: &Gpt, head: &Tensor, seqs: &[Vec<u32>], pad: u32) -> Result<Tensor> {
@@ -253,6 +290,8 @@ impl Objective for RewardObjective {
 /// Preference groups rendered for one tokenizer and context, and how many did not fit.
 struct RenderedPreferences {
     groups: Vec<Group>,
+    /// Groups whose prompt lost its oldest exchanges to fit.
+    shortened: usize,
     too_long: usize,
 }
 
@@ -264,19 +303,21 @@ fn render_groups(
 ) -> Result<RenderedPreferences> {
     let mut out = RenderedPreferences {
         groups: vec![],
+        shortened: 0,
         too_long: 0,
     };
     for g in groups {
-        let prompt_len = template.render(tok, &g.prompt)?.ids.len();
-        let seqs = g
-            .ranked
-            .iter()
-            .map(|a| render_answer(tok, template, &g.prompt, a))
-            .collect::<Result<Vec<_>>>()?;
-        if seqs.iter().any(|s| s.len() > ctx) {
+        let answers: Vec<&str> = g.ranked.iter().map(String::as_str).collect();
+        let Some((prompt, shortened)) = fitting_prompt(tok, template, &g.prompt, &answers, ctx)? else {
             out.too_long += 1;
             continue;
-        }
+        };
+        out.shortened += usize::from(shortened);
+        let prompt_len = template.render(tok, &prompt)?.ids.len();
+        let seqs = answers
+            .iter()
+            .map(|a| render_answer(tok, template, &prompt, a))
+            .collect::<Result<Vec<_>>>()?;
         let answer_lens = seqs.iter().map(|s| s.len() - prompt_len).collect();
         let pairs = g.pairs();
         out.groups.push(Group {
@@ -327,11 +368,12 @@ pub fn train_reward_model(cfg: &RewardConfig) -> Result<TrainOutcome> {
     let train = render_groups(&tok, &template, &train, ctx)?;
     let val = render_groups(&tok, &template, &val, ctx)?;
     eprintln!(
-        "reward: {} training and {} held-out prompts ({} pairs); {} records skipped (empty or identical answers), {} prompts longer than the context left out",
+        "reward: {} training and {} held-out prompts ({} pairs); {} records skipped (empty or identical answers), {} prompts shortened to their latest turns and {} longer than the context left out",
         train.groups.len(),
         val.groups.len(),
         train.groups.iter().map(|g| g.pairs.len()).sum::<usize>(),
         skipped,
+        train.shortened + val.shortened,
         train.too_long + val.too_long
     );
     ensure!(
