@@ -268,3 +268,59 @@ fn model_loss_and_gradients_agree_between_fused_f32_and_composed_f64() {
         assert!(e < 1e-4, "{name}: relative error {e}");
     }
 }
+
+/// The loss, every gradient and a decoding step of a small model, computed inside a rayon pool of
+/// `threads` threads.
+fn run_in_pool(threads: usize, cfg: &GptConfig, weights: &HashMap<String, Tensor>, ids: &Tensor) -> Vec<Vec<f32>> {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    pool.install(|| {
+        let vars: HashMap<String, Var> = weights
+            .iter()
+            .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
+            .collect();
+        let model = Gpt::from_weights(
+            cfg,
+            &vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect(),
+        )
+        .unwrap();
+        let (x, y) = (ids.narrow(1, 0, 63).unwrap(), ids.narrow(1, 1, 63).unwrap());
+        let loss = model.lm_loss(&x, &y, None).unwrap();
+        let grads = loss.backward().unwrap();
+        let mut names: Vec<&String> = vars.keys().collect();
+        names.sort();
+        let mut out = vec![vec![loss.to_scalar::<f32>().unwrap()]];
+        for n in names {
+            let g = grads.get(vars[n].as_tensor()).unwrap();
+            out.push(g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        // One decoding step: the few-rows product route.
+        let mut cache = model.new_cache(1, cfg.n_positions).unwrap();
+        let first = ids.narrow(0, 0, 1).unwrap().narrow(1, 0, 8).unwrap();
+        model.forward(&first, Some(&mut cache)).unwrap();
+        let next = ids.narrow(0, 0, 1).unwrap().narrow(1, 8, 1).unwrap();
+        let logits = model.forward(&next, Some(&mut cache)).unwrap();
+        out.push(logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        out
+    })
+}
+
+#[test]
+fn results_do_not_depend_on_the_number_of_threads() {
+    // Training must be reproducible on a busy machine too: every reduction adds its parts in a fixed
+    // order, whatever the thread count and however rayon splits the work.
+    let mut cfg = GptConfig::preset("test").unwrap();
+    cfg.n_embd = 96;
+    cfg.vocab_size = 300;
+    let weights = init_weights(&cfg, 4, DType::F32, &Device::Cpu).unwrap();
+    let mut rng = StdRng::seed_from_u64(5);
+    let data: Vec<u32> = (0..8 * 64).map(|_| rng.random_range(0..300u32)).collect();
+    let ids = Tensor::from_vec(data, (8, 64), &Device::Cpu).unwrap();
+    let one = run_in_pool(1, &cfg, &weights, &ids);
+    for threads in [2, 3, 4] {
+        let many = run_in_pool(threads, &cfg, &weights, &ids);
+        for (i, (a, b)) in one.iter().zip(&many).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "output {i} differs between 1 and {threads} threads");
+        }
+    }
+}

@@ -316,23 +316,16 @@ multiversion! {
 /// parallel into per-task partial rows, which are then added up.
 fn vec_mat(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32]) {
     let n = y.len();
-    let partial = x
+    let parts: Vec<Vec<f32>> = x
         .par_chunks(GEMV_SLAB)
         .zip(w.par_chunks(GEMV_SLAB * n))
-        .fold(
-            || vec![0f32; n],
-            |mut acc, (x, w)| {
-                axpy_rows(&mut acc, x, w);
-                acc
-            },
-        )
-        .reduce(
-            || vec![0f32; n],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            },
-        );
+        .map(|(x, w)| {
+            let mut acc = vec![0f32; n];
+            axpy_rows(&mut acc, x, w);
+            acc
+        })
+        .collect();
+    let partial = ordered_sum(parts, n);
     for ((y, p), b) in y.iter_mut().zip(partial).zip(b) {
         *y = p + b;
     }
@@ -367,23 +360,27 @@ pub fn is_few_rows(rows: usize) -> bool {
 
 /// Column sums of a row-major `[rows, n]` matrix (the gradient of a bias).
 fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
-    g.par_chunks(n * rows_per_task(n))
-        .fold(
-            || vec![0f32; n],
-            |mut acc, rows| {
-                for r in rows.chunks_exact(n) {
-                    acc.iter_mut().zip(r).for_each(|(a, v)| *a += v);
-                }
-                acc
-            },
-        )
-        .reduce(
-            || vec![0f32; n],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
+    let parts: Vec<Vec<f32>> = g
+        .par_chunks(n * rows_per_task(n))
+        .map(|rows| {
+            let mut acc = vec![0f32; n];
+            for r in rows.chunks_exact(n) {
+                acc.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+            }
+            acc
+        })
+        .collect();
+    ordered_sum(parts, n)
+}
+
+/// Adds per-chunk partial sums in chunk order. Reductions go through this rather than rayon's
+/// `fold`/`reduce`, whose grouping depends on how the work was split at run time: float addition is
+/// not associative, so that would make training results depend on machine load.
+fn ordered_sum(parts: Vec<Vec<f32>>, n: usize) -> Vec<f32> {
+    parts.into_iter().fold(vec![0f32; n], |mut a, b| {
+        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        a
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -775,42 +772,35 @@ impl CustomOp3 for LayerNorm {
                 with_f32(grad, self.name(), |g| {
                     let per = rows_per_task(c);
                     let mut dx = vec![0f32; x.len()];
-                    let (dw, db) = dx
+                    let parts: Vec<(Vec<f32>, Vec<f32>)> = dx
                         .par_chunks_mut(c * per)
                         .zip(x.par_chunks(c * per).zip(g.par_chunks(c * per)))
                         .zip(stats.par_chunks(per))
-                        .fold(
-                            || (vec![0f32; c], vec![0f32; c]),
-                            |(mut dw, mut db), ((dx, (x, g)), st)| {
-                                let rows = dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(g.chunks_exact(c));
-                                for (((dx, x), g), &(mean, rstd)) in rows.zip(st) {
-                                    // dx = rstd (g w - mean(g w) - xhat mean(g w xhat))
-                                    let mut a = [0f32; 2];
-                                    for i in 0..c {
-                                        let xhat = (x[i] - mean) * rstd;
-                                        let gw = g[i] * w[i];
-                                        a[0] += gw;
-                                        a[1] += gw * xhat;
-                                        dw[i] += g[i] * xhat;
-                                        db[i] += g[i];
-                                    }
-                                    let (m1, m2) = (a[0] / c as f32, a[1] / c as f32);
-                                    for i in 0..c {
-                                        let xhat = (x[i] - mean) * rstd;
-                                        dx[i] = rstd * (g[i] * w[i] - m1 - xhat * m2);
-                                    }
+                        .map(|((dx, (x, g)), st)| {
+                            let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+                            let rows = dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(g.chunks_exact(c));
+                            for (((dx, x), g), &(mean, rstd)) in rows.zip(st) {
+                                // dx = rstd (g w - mean(g w) - xhat mean(g w xhat))
+                                let mut a = [0f32; 2];
+                                for i in 0..c {
+                                    let xhat = (x[i] - mean) * rstd;
+                                    let gw = g[i] * w[i];
+                                    a[0] += gw;
+                                    a[1] += gw * xhat;
+                                    dw[i] += g[i] * xhat;
+                                    db[i] += g[i];
                                 }
-                                (dw, db)
-                            },
-                        )
-                        .reduce(
-                            || (vec![0f32; c], vec![0f32; c]),
-                            |(mut w1, mut b1), (w2, b2)| {
-                                w1.iter_mut().zip(w2).for_each(|(a, b)| *a += b);
-                                b1.iter_mut().zip(b2).for_each(|(a, b)| *a += b);
-                                (w1, b1)
-                            },
-                        );
+                                let (m1, m2) = (a[0] / c as f32, a[1] / c as f32);
+                                for i in 0..c {
+                                    let xhat = (x[i] - mean) * rstd;
+                                    dx[i] = rstd * (g[i] * w[i] - m1 - xhat * m2);
+                                }
+                            }
+                            (dw, db)
+                        })
+                        .collect();
+                    let (dws, dbs): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+                    let (dw, db) = (ordered_sum(dws, c), ordered_sum(dbs, c));
                     Ok((dx, dw, db))
                 })
             })
