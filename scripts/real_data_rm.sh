@@ -5,7 +5,7 @@
 # pairwise accuracy, margin and reward/length correlation (metrics.jsonl in its directory).
 #
 # Usage: scripts/real_data_rm.sh [OUT_DIR]   (default runs/real-rm; reads ../shared/data or $DATA)
-# Fixed step counts, so the numbers do not depend on the machine; about 12 minutes on two idle cores.
+# Fixed step counts, so the numbers do not depend on the machine; about 10 minutes on two idle cores.
 set -euo pipefail
 
 DATA=${DATA:-../shared/data}
