@@ -85,9 +85,10 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             ppo_prompts: 16,
             // Several answers per prompt, so each is judged against its siblings (a per-prompt baseline).
             ppo_samples: 8,
-            // Measured on this world (BENCHMARKS.md): PPO driven by the reward model peaks within a KL of about
-            // 0.1 per answer and then loses accuracy as the reward model is over-optimised; a firm KL penalty
-            // and a short run keep it near that point. lr 3e-5, KL 0.02 and 2 epochs hacked it outright.
+            // Measured on this world (BENCHMARKS.md): PPO driven by the reward model gained at most ~2 points
+            // near a KL of 0.1 per answer, then lost accuracy as the reward model was over-optimised; a firm KL
+            // penalty and a short run keep it near SFT (-1 point in the reported run). lr 3e-5, KL 0.02 and 2
+            // epochs hacked the reward model outright.
             ppo_lr: 3e-5,
             ppo_kl_coef: 0.1,
             ppo_epochs: 1,
