@@ -30,8 +30,14 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
+        Self::plain(0.0)
+    }
+
+    /// Sampling from the whole distribution at `temperature` (no top-k or top-p cut), as RL needs:
+    /// its loss scores the same distribution the answers were drawn from.
+    pub fn plain(temperature: f64) -> Self {
         Self {
-            temperature: 0.0,
+            temperature,
             top_k: None,
             top_p: None,
         }

@@ -463,7 +463,7 @@ fn the_labeller_ranks_the_policys_own_answers() {
         })
         .unwrap_err()
     );
-    assert!(e.contains("unrecognised") || e.contains("needs prompts with"), "{e}");
+    assert!(e.contains("record 1 lacks a non-empty answer or a skill"), "{e}");
     let e = format!("{:#}", label(&LabelConfig { samples: 1, ..cfg }).unwrap_err());
     assert!(e.contains("--samples must be at least 2"), "{e}");
 }

@@ -74,14 +74,15 @@ pub fn normalise(s: &str) -> String {
         .replace("- ", "-")
 }
 
+/// An answer as the verifier compares it: normalised, and lower-cased except for `capitals`.
+pub fn canonical(answer: &str, skill: &str) -> String {
+    let n = normalise(answer);
+    if skill == "capitals" { n } else { n.to_lowercase() }
+}
+
 /// Whether `model_answer` is a correct answer to a task whose reference answer is `task_answer`.
 pub fn is_correct(task_answer: &str, skill: &str, model_answer: &str) -> bool {
-    let (want, got) = (normalise(task_answer), normalise(model_answer));
-    if skill == "capitals" {
-        want == got
-    } else {
-        want.to_lowercase() == got.to_lowercase()
-    }
+    canonical(task_answer, skill) == canonical(model_answer, skill)
 }
 
 /// The rule-based reward for PPO, in [0, 1]: 1.0 for a correct answer; a wrong answer earns partial
@@ -99,11 +100,7 @@ pub fn reward(task_answer: &str, skill: &str, model_answer: &str) -> f64 {
 /// (Levenshtein) between the normalised forms over the longer length. 1.0 exactly when the two agree
 /// after normalisation (case included for `capitals`).
 pub fn closeness(task_answer: &str, skill: &str, model_answer: &str) -> f64 {
-    let (mut want, mut got) = (normalise(task_answer), normalise(model_answer));
-    if skill != "capitals" {
-        want = want.to_lowercase();
-        got = got.to_lowercase();
-    }
+    let (want, got) = (canonical(task_answer, skill), canonical(model_answer, skill));
     let longest = want.chars().count().max(got.chars().count());
     if longest == 0 {
         return 1.0;

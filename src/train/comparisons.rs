@@ -15,9 +15,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::chat::ChatTemplate;
 use crate::checkpoint::Checkpoint;
-use crate::data::prompts::read_prompts;
 use crate::engine::{self, FinishReason, GenerateOptions, Sampler, SamplingParams};
-use crate::eval::verify;
+use crate::eval::verify::{self, Task};
 
 /// `talaria data label` settings.
 #[derive(Debug, Clone)]
@@ -62,10 +61,7 @@ pub fn score(answer: &str, skill: &str, text: &str, ended: bool) -> f64 {
 /// Ranks scored answers to a `skill` task best first, keeping one answer per score and per text as the
 /// verifier reads it (case-insensitive except for `capitals`).
 pub fn rank(skill: &str, mut scored: Vec<(String, f64)>) -> Vec<String> {
-    let key = |t: &str| {
-        let n = verify::normalise(t);
-        if skill == "capitals" { n } else { n.to_lowercase() }
-    };
+    let key = |t: &str| verify::canonical(t, skill);
     scored.sort_by(|a, b| b.1.total_cmp(&a.1));
     let mut out: Vec<(String, f64)> = vec![];
     for (text, s) in scored {
@@ -90,14 +86,7 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
     let (_, tok) = ck.tokenizer(&cfg.policy)?;
     let template = ChatTemplate::new(&tok)?;
     let model = ck.model()?;
-    let prompts = read_prompts(&cfg.prompts)?;
-    if let Some(bad) = prompts.iter().position(|p| p.answer.is_none() || p.skill.is_none()) {
-        bail!(
-            "{} record {}: the labeller needs prompts with \"answer\" and \"skill\"",
-            cfg.prompts.display(),
-            bad + 1
-        );
-    }
+    let prompts = Task::load_jsonl(&cfg.prompts)?;
     if let Some(dir) = cfg.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -125,7 +114,7 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
     };
     let (mut correct, mut sampled) = (0usize, 0usize);
     for (i, p) in prompts.iter().enumerate() {
-        let (answer, skill) = (p.answer.as_deref().unwrap_or(""), p.skill.as_deref().unwrap_or(""));
+        let (answer, skill) = (p.answer.as_str(), p.skill.as_str());
         let ids = template.render_prompt(&tok, &p.messages)?;
         if ids.len() + 2 > ck.config.n_positions {
             bail!(
@@ -139,14 +128,7 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
         let mut scored = Vec::with_capacity(cfg.samples);
         for k in 0..cfg.samples {
             let seed = cfg.seed ^ (i as u64).wrapping_mul(1_000_003) ^ (k as u64).wrapping_mul(7919);
-            let mut sampler = Sampler::new(
-                SamplingParams {
-                    temperature: cfg.temperature,
-                    top_k: None,
-                    top_p: None,
-                },
-                seed,
-            )?;
+            let mut sampler = Sampler::new(SamplingParams::plain(cfg.temperature), seed)?;
             let g = engine::generate(&model, &ids, &opts, &mut sampler, |_| true)?;
             let text = tok.decode(&g.tokens)?;
             let ended = g.finish == FinishReason::Stop;

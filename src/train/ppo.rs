@@ -482,14 +482,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                 let seed = cfg.seed
                     ^ step.wrapping_mul(1_000_003)
                     ^ ((p * cfg.samples_per_prompt + k) as u64).wrapping_mul(7919);
-                let mut sampler = Sampler::new(
-                    SamplingParams {
-                        temperature: cfg.temperature,
-                        top_k: None,
-                        top_p: None,
-                    },
-                    seed,
-                )?;
+                let mut sampler = Sampler::new(SamplingParams::plain(cfg.temperature), seed)?;
                 let opts = GenerateOptions {
                     max_new_tokens: cfg.max_new_tokens,
                     stop_tokens: stop_tokens.clone(),
