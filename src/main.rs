@@ -217,9 +217,10 @@ enum DataCmd {
         /// Output JSONL of rankings, best answer first.
         #[arg(long)]
         out: PathBuf,
-        /// Answers sampled per prompt.
+        /// Answers per prompt: the greedy answer, then samples.
         #[arg(long, default_value_t = 4)]
         samples: usize,
+        /// Temperature of the sampled answers.
         #[arg(long, default_value_t = 1.0)]
         temperature: f64,
         #[arg(long, default_value_t = 32)]
@@ -554,6 +555,9 @@ struct DpoArgs {
     val_fraction: f64,
     #[arg(long, default_value_t = 0.1)]
     beta: f64,
+    /// Weight of the chosen answers' negative log-likelihood added to the DPO loss (RPO; 0 is plain DPO).
+    #[arg(long, default_value_t = 0.0)]
+    nll_coef: f64,
     /// Preference pairs per micro-batch.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -781,6 +785,7 @@ fn run(cli: Cli) -> Result<()> {
                 val_data: a.val_data,
                 val_fraction: a.val_fraction,
                 beta: a.beta,
+                nll_coef: a.nll_coef,
                 batch_size: a.batch_size,
                 train: a.train.config(),
             };
@@ -1174,11 +1179,12 @@ fn data_cmd(c: DataCmd) -> Result<()> {
                 progress: true,
             })?;
             println!(
-                "{} rankings ({} pairs) from {} prompts, {} without a difference; {:.1}% of the samples were correct; -> {} in {:.1}s",
+                "{} rankings ({} pairs) from {} prompts, {} without a difference; {:.1}% of the greedy answers and {:.1}% of the samples were correct; -> {} in {:.1}s",
                 s.rankings,
                 s.pairs,
                 s.prompts,
                 s.no_signal,
+                100.0 * s.greedy_accuracy,
                 100.0 * s.sample_accuracy,
                 out.display(),
                 start.elapsed().as_secs_f64()

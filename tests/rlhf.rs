@@ -387,6 +387,7 @@ fn dpo_learns_the_preferences() {
         val_data: vec![f.world.join("prefs_val.jsonl")],
         val_fraction: 0.0,
         beta: 0.1,
+        nll_coef: 0.0,
         batch_size: 8,
         train: tc,
     })
@@ -432,6 +433,20 @@ fn the_labeller_ranks_the_policys_own_answers() {
     assert_eq!(s.prompts, 56);
     assert_eq!(s.rankings + s.no_signal, s.prompts);
     assert!(s.rankings > 0 && (0.0..=1.0).contains(&s.sample_accuracy), "{s:?}");
+    // The first answer is the greedy one: its accuracy is what evaluation measures on the same prompts.
+    let model = talaria::checkpoint::Checkpoint::load(&f.sft, DType::F32, &Device::Cpu)
+        .unwrap()
+        .model()
+        .unwrap();
+    let prompts = talaria::data::prompts::read_prompts(&f.world.join("label_prompts.jsonl")).unwrap();
+    let template = ChatTemplate::new(&f.tok).unwrap();
+    let greedy = talaria::eval::tasks::chat_accuracy(&model, &f.tok, &template, &prompts, 12).unwrap();
+    let (right, total) = greedy
+        .by_skill
+        .values()
+        .fold((0, 0), |(r, t), x| (r + x.correct, t + x.total));
+    assert_eq!(total, s.prompts);
+    assert_eq!(s.greedy_accuracy, right as f64 / total as f64, "{s:?}");
     // The file reads back as preference groups, and every ranking is strictly ordered by the labeller.
     let prefs = read_preferences(&out).unwrap();
     assert_eq!(prefs.groups.len(), s.rankings);

@@ -31,11 +31,12 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "label",
         "reward",
         "ppo",
+        "dpo",
     ]
     .iter()
     .enumerate()
     {
-        assert!(stdout.contains(&format!("[{}/10] {stage}", i + 1)), "{stdout}");
+        assert!(stdout.contains(&format!("[{}/11] {stage}", i + 1)), "{stdout}");
     }
     for f in [
         "world/pretrain.txt",
@@ -49,6 +50,7 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "reward/checkpoint/model.safetensors",
         "ppo/checkpoint/model.safetensors",
         "ppo/critic/model.safetensors",
+        "dpo/checkpoint/model.safetensors",
         "eval.json",
         "report.md",
     ] {
@@ -59,6 +61,7 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         ("sft", "val_loss"),
         ("reward", "accuracy"),
         ("ppo", "kl"),
+        ("dpo", "margin"),
     ] {
         let rows = read_metrics(&run.join(stage).join("metrics.jsonl"), Some(stage)).unwrap();
         assert!(
@@ -71,13 +74,14 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "| base |",
         "| sft |",
         "| ppo |",
+        "| dpo |",
         "reward model held-out pairwise accuracy",
     ] {
         assert!(report.contains(row), "report lacks {row}");
     }
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
-    assert_eq!(eval["stages"].as_array().unwrap().len(), 3);
+    assert_eq!(eval["stages"].as_array().unwrap().len(), 4);
     assert!(stdout.contains("talaria chat"), "the end of the run says how to chat");
 
     // A second run reuses every stage and reproduces the evaluation exactly.
@@ -88,7 +92,7 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&again.stdout);
     assert!(again.status.success());
-    assert_eq!(stdout.matches("reused").count(), 8, "{stdout}");
+    assert_eq!(stdout.matches("reused").count(), 9, "{stdout}");
     let eval2: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
     assert_eq!(eval["stages"], eval2["stages"]);
@@ -113,7 +117,7 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         v
     };
     assert_eq!(without_timings(&eval), without_timings(&eval3));
-    for stage in ["pretrain", "sft", "reward"] {
+    for stage in ["pretrain", "sft", "reward", "dpo"] {
         let read = |d: &std::path::Path| std::fs::read(d.join(stage).join("checkpoint/model.safetensors")).unwrap();
         assert!(
             read(&run) == read(&fresh),

@@ -144,7 +144,7 @@ fn num(x: Option<f64>, digits: usize) -> String {
 }
 
 /// Writes `report.md` and its plots into `run` from `run/eval.json` and the stage directories
-/// (`pretrain/`, `sft/`, `reward/`, `ppo/`), returning the report's path.
+/// (`pretrain/`, `sft/`, `reward/`, `ppo/`, `dpo/`), returning the report's path.
 pub fn write_report(run: &Path) -> Result<PathBuf> {
     let eval_path = run.join("eval.json");
     let eval: EvalSummary = serde_json::from_str(
@@ -190,6 +190,14 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
         "ppo_kl.png",
         "PPO KL to the SFT model (per answer)",
         vec![("kl", series(&m("ppo"), "ppo", "kl")?)],
+    )?;
+    plot(
+        "dpo_loss.png",
+        "DPO loss (with the chosen answers' NLL term)",
+        vec![
+            ("train", series(&m("dpo"), "dpo", "loss")?),
+            ("validation", series(&m("dpo"), "dpo", "val_loss")?),
+        ],
     )?;
 
     let mut md = String::new();

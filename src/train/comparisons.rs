@@ -1,5 +1,7 @@
 //! Comparison data from the policy's own answers, as InstructGPT collected it: the SFT model answers
-//! each prompt several times and a labeller ranks the answers. Here the labeller is the default world's
+//! each prompt several times (its greedy answer first, then samples) and a labeller ranks the answers.
+//! The greedy answer is the one evaluation reads, so ranking it against samples that do better is what
+//! teaches a reward model (and DPO) the policy's own near misses. Here the labeller is the default world's
 //! simulated one (prompts need a reference `answer` and `skill`): a correct answer ranks first, wrong
 //! answers follow by how close they come ([`verify::closeness`]), answers that never end rank last.
 //! Answers that read the same after normalisation or score the same are kept once, so every pair of the
@@ -44,7 +46,9 @@ pub struct LabelSummary {
     pub pairs: usize,
     /// Prompts left out because every answer scored the same.
     pub no_signal: usize,
-    /// Share of sampled answers that were correct.
+    /// Share of greedy answers that were correct.
+    pub greedy_accuracy: f64,
+    /// Share of sampled (non-greedy) answers that were correct.
     pub sample_accuracy: f64,
 }
 
@@ -73,9 +77,13 @@ pub fn rank(skill: &str, mut scored: Vec<(String, f64)>) -> Vec<String> {
     out.into_iter().map(|(t, _)| t).collect()
 }
 
-/// Samples `cfg.samples` answers per prompt from the policy and writes the labeller's rankings.
+/// Takes `cfg.samples` answers per prompt from the policy (the greedy one, then samples at
+/// `cfg.temperature`) and writes the labeller's rankings.
 pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
-    ensure!(cfg.samples >= 2, "--samples must be at least 2 to compare answers");
+    ensure!(
+        cfg.samples >= 2,
+        "--samples must be at least 2 (the greedy answer and one sample) to compare answers"
+    );
     ensure!(
         cfg.temperature > 0.0 && cfg.temperature.is_finite(),
         "--temperature must be positive"
@@ -110,9 +118,10 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
         rankings: 0,
         pairs: 0,
         no_signal: 0,
+        greedy_accuracy: 0.0,
         sample_accuracy: 0.0,
     };
-    let (mut correct, mut sampled) = (0usize, 0usize);
+    let (mut correct, mut sampled, mut greedy_correct) = (0usize, 0usize, 0usize);
     for (i, p) in prompts.iter().enumerate() {
         let (answer, skill) = (p.answer.as_str(), p.skill.as_str());
         let ids = template.render_prompt(&tok, &p.messages)?;
@@ -128,12 +137,18 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
         let mut scored = Vec::with_capacity(cfg.samples);
         for k in 0..cfg.samples {
             let seed = cfg.seed ^ (i as u64).wrapping_mul(1_000_003) ^ (k as u64).wrapping_mul(7919);
-            let mut sampler = Sampler::new(SamplingParams::plain(cfg.temperature), seed)?;
+            let temperature = if k == 0 { 0.0 } else { cfg.temperature };
+            let mut sampler = Sampler::new(SamplingParams::plain(temperature), seed)?;
             let g = engine::generate(&model, &ids, &opts, &mut sampler, |_| true)?;
             let text = tok.decode(&g.tokens)?;
             let ended = g.finish == FinishReason::Stop;
-            correct += usize::from(ended && verify::is_correct(answer, skill, &text));
-            sampled += 1;
+            let ok = usize::from(ended && verify::is_correct(answer, skill, &text));
+            if k == 0 {
+                greedy_correct += ok;
+            } else {
+                correct += ok;
+                sampled += 1;
+            }
             if text.trim().is_empty() {
                 continue;
             }
@@ -153,6 +168,7 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
         pb.inc(1);
     }
     pb.finish_and_clear();
+    summary.greedy_accuracy = greedy_correct as f64 / prompts.len().max(1) as f64;
     summary.sample_accuracy = correct as f64 / sampled.max(1) as f64;
     ensure!(
         summary.rankings > 0,

@@ -15,7 +15,7 @@ use crate::train::ParamSet;
 use crate::train::answers::{answer_logprobs, batch};
 use crate::train::order::{EpochOrder, hold_out};
 use crate::train::reward::{fitting_prompt, load_preferences, render_answer};
-use crate::train::rl::dpo_loss;
+use crate::train::rl::{answer_nll, dpo_loss};
 use crate::train::trainer::{self, EvalReport, Init, Objective, TrainConfig, TrainOutcome};
 
 /// `talaria dpo` settings.
@@ -28,6 +28,10 @@ pub struct DpoConfig {
     pub val_data: Vec<PathBuf>,
     pub val_fraction: f64,
     pub beta: f64,
+    /// Weight of the chosen answers' mean token negative log-likelihood added to the DPO loss (RPO, Pang et
+    /// al. 2024; `rpo_alpha` in TRL). Plain DPO can lower the chosen answers' likelihood along with the
+    /// rejected ones; this term holds it up. 0 is plain DPO.
+    pub nll_coef: f64,
     /// Preference pairs per micro-batch.
     pub batch_size: usize,
     pub train: TrainConfig,
@@ -46,13 +50,15 @@ struct Dpo {
     val: Vec<Pair>,
     order: EpochOrder,
     beta: f64,
+    nll_coef: f64,
     batch: usize,
     pad: u32,
 }
 
 impl Dpo {
-    /// Summed answer log-likelihoods `[2N]` (chosen first, then rejected) under `model`.
-    fn answer_ll(&self, model: &Gpt, pairs: &[&Pair]) -> Result<Tensor> {
+    /// Summed answer log-likelihoods `[2N]` (chosen first, then rejected) under `model`, and the
+    /// answer token counts `[2N]`.
+    fn answer_ll(&self, model: &Gpt, pairs: &[&Pair]) -> Result<(Tensor, Tensor)> {
         let seqs: Vec<(&[u32], usize)> = pairs
             .iter()
             .map(|p| (p.chosen.as_slice(), p.prompt_len))
@@ -60,20 +66,27 @@ impl Dpo {
             .collect();
         let b = batch(&seqs, self.pad, model.device())?;
         let (lp, _) = answer_logprobs(model, &b, 1.0)?;
-        Ok((lp * &b.mask)?.sum(1)?)
+        Ok(((lp * &b.mask)?.sum(1)?, b.mask.sum(1)?))
     }
 
+    /// The loss (DPO plus the weighted NLL of the chosen answers) and the DPO margins `[N]`.
     fn loss_on(&self, model: &Gpt, pairs: &[&Pair]) -> Result<(Tensor, Tensor)> {
         let n = pairs.len();
-        let pi = self.answer_ll(model, pairs)?;
-        let rf = self.answer_ll(&self.reference, pairs)?.detach();
-        dpo_loss(
-            &pi.narrow(0, 0, n)?,
+        let (pi, lens) = self.answer_ll(model, pairs)?;
+        let rf = self.answer_ll(&self.reference, pairs)?.0.detach();
+        let pi_c = pi.narrow(0, 0, n)?;
+        let (loss, margin) = dpo_loss(
+            &pi_c,
             &pi.narrow(0, n, n)?,
             &rf.narrow(0, 0, n)?,
             &rf.narrow(0, n, n)?,
             self.beta,
-        )
+        )?;
+        if self.nll_coef == 0.0 {
+            return Ok((loss, margin));
+        }
+        let nll = answer_nll(&pi_c, &lens.narrow(0, 0, n)?)?;
+        Ok(((loss + (nll * self.nll_coef)?)?, margin))
     }
 }
 
@@ -151,6 +164,11 @@ pub fn dpo(cfg: &DpoConfig) -> Result<TrainOutcome> {
         "--beta must be positive, got {}",
         cfg.beta
     );
+    ensure!(
+        cfg.nll_coef >= 0.0 && cfg.nll_coef.is_finite(),
+        "--nll-coef must be zero or positive, got {}",
+        cfg.nll_coef
+    );
     ensure!(cfg.batch_size >= 1, "--batch-size must be at least 1");
     let ck = Checkpoint::load(&cfg.policy, DType::F32, &Device::Cpu)?;
     let (tok_json, tok) = ck.tokenizer(&cfg.policy)?;
@@ -178,6 +196,7 @@ pub fn dpo(cfg: &DpoConfig) -> Result<TrainOutcome> {
         train,
         val,
         beta: cfg.beta,
+        nll_coef: cfg.nll_coef,
         batch: cfg.batch_size,
         pad: template.end,
     };

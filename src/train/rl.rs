@@ -158,6 +158,12 @@ pub fn dpo_loss(pi_c: &Tensor, pi_r: &Tensor, ref_c: &Tensor, ref_r: &Tensor, be
     Ok((neg_log_sigmoid(&margin)?.mean_all()?, margin))
 }
 
+/// The mean per-token negative log-likelihood of answers, from their summed log-likelihoods `[N]` and
+/// token counts `[N]`: the term RPO adds to the DPO loss for the chosen answers.
+pub fn answer_nll(logprob_sums: &Tensor, lengths: &Tensor) -> Result<Tensor> {
+    Ok((logprob_sums.sum_all()?.neg()? / lengths.sum_all()?)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,5 +275,12 @@ mod tests {
         for (a, b) in c.iter().zip(want) {
             assert!((a - b).abs() < 1e-12, "{c:?}");
         }
+    }
+
+    #[test]
+    fn answer_nll_is_per_token_over_the_batch() {
+        // Two answers of 1 and 3 tokens with log-likelihoods -2 and -4: 6 nats over 4 tokens.
+        let nll = answer_nll(&t(&[-2.0, -4.0]), &t(&[1.0, 3.0])).unwrap();
+        assert!((nll.to_scalar::<f64>().unwrap() - 1.5).abs() < 1e-12);
     }
 }

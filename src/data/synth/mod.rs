@@ -24,7 +24,7 @@ pub use skills::Skill;
 use skills::{Bucket, Ctx, Task};
 
 /// Bumped whenever the same seed would produce different files.
-pub const GENERATOR_VERSION: u32 = 2;
+pub const GENERATOR_VERSION: u32 = 3;
 /// The largest accepted `--scale` (about 300 MB of pretraining text).
 pub const MAX_SCALE: f64 = 100.0;
 /// The line that separates documents in `pretrain.txt`.
