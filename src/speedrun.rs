@@ -1,6 +1,6 @@
 //! `talaria speedrun`: the whole recipe end to end on the built-in default world — synth →
-//! tokenizer → data prepare → pretrain → SFT → label → reward model → PPO → DPO → eval → report — one line per
-//! stage. A finished stage is reused when its inputs and settings are unchanged (its key, a hash
+//! tokenizer → data prepare → pretrain → SFT → label → reward model → PPO → DPO → eval → report —
+//! one line per stage. A finished stage is reused when its inputs and settings are unchanged (its key, a hash
 //! of both, is stored beside it), and an interrupted training stage resumes from its checkpoint.
 
 use std::collections::BTreeMap;
