@@ -458,6 +458,22 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         .save(&ckpt_dir)
     };
 
+    // The one way to checkpoint the run's current state (inside the loop and at its end).
+    macro_rules! save_now {
+        () => {
+            save(
+                step,
+                tokens_total,
+                &order,
+                &kl,
+                &stats,
+                first_len,
+                ptx.as_ref(),
+                &actor_opt,
+                &critic,
+            )
+        };
+    }
     let mut last = vec![];
     let mut interrupted = false;
     while step < cfg.steps {
@@ -716,31 +732,11 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         }
         last = values.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         if step.is_multiple_of(cfg.save_every) && step < cfg.steps {
-            save(
-                step,
-                tokens_total,
-                &order,
-                &kl,
-                &stats,
-                first_len,
-                ptx.as_ref(),
-                &actor_opt,
-                &critic,
-            )?;
+            save_now!()?;
         }
     }
     pb.finish_and_clear();
-    save(
-        step,
-        tokens_total,
-        &order,
-        &kl,
-        &stats,
-        first_len,
-        ptx.as_ref(),
-        &actor_opt,
-        &critic,
-    )?;
+    save_now!()?;
     if interrupted {
         eprintln!(
             "ppo: stopped at step {step}; checkpoint saved in {} (continue with --resume)",
