@@ -114,6 +114,16 @@ pub fn head_cross_entropy(hidden: &Tensor, emb: &Tensor, targets: &Tensor, weigh
     weighted_mean(&fused::head_cross_entropy_rows(hidden, emb, targets)?, weights)
 }
 
+/// Log-probabilities of `targets` (u32, the shape of `logits` without its last dimension) under
+/// the distributions `logits` `[..., V]`: log-softmax over the vocabulary, then each target picked.
+/// candle's `log_softmax` is composed from ops with a backward pass, so this trains.
+pub fn target_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let last = logits.rank() - 1;
+    candle_nn::ops::log_softmax(logits, D::Minus1)?
+        .gather(&targets.unsqueeze(last)?, last)?
+        .squeeze(last)
+}
+
 /// The mean of per-row losses, or their `weights`-weighted sum over the weight sum.
 fn weighted_mean(rows: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
     match weights {

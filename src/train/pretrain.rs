@@ -4,12 +4,13 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail, ensure};
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde_json::{Value, json};
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::shards::{LoaderPosition, Split, TokenLoader};
 use crate::engine::{self, GenerateOptions, Sampler, SamplingParams};
+use crate::model::ops::target_logprobs;
 use crate::model::{Gpt, GptConfig, init_weights};
 use crate::tokenizer::Tokenizer;
 use crate::train::ParamSet;
@@ -49,9 +50,7 @@ struct Pretrain {
 
 /// Sum of next-token negative log-likelihoods (nats) per position `[B, T]` (no gradient needed).
 fn token_nll(model: &Gpt, x: &Tensor, y: &Tensor) -> Result<Vec<f32>> {
-    let logits = model.forward(x, None)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = logp.gather(&y.unsqueeze(2)?, 2)?.squeeze(2)?;
+    let picked = target_logprobs(&model.forward(x, None)?, y)?;
     Ok(picked.neg()?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }
 

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, ensure};
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use crate::chat::{ChatTemplate, Message, Role};
@@ -12,6 +12,7 @@ use crate::checkpoint::Checkpoint;
 use crate::data::conversations::read_conversations;
 use crate::engine::{self, GenerateOptions, Sampler, SamplingParams};
 use crate::model::Gpt;
+use crate::model::ops::target_logprobs;
 use crate::tokenizer::Tokenizer;
 use crate::train::ParamSet;
 use crate::train::order::{EpochOrder, hold_out};
@@ -172,8 +173,7 @@ pub fn masked_loss(model: &Gpt, examples: &[Example], batch: usize, t: usize, pa
     while at < refs.len() {
         let (x, y, w, used) = pack(&refs[at..], batch, t, pad, model.device())?;
         at += used;
-        let logp = candle_nn::ops::log_softmax(&model.forward(&x, None)?, D::Minus1)?;
-        let picked = logp.gather(&y.unsqueeze(2)?, 2)?.squeeze(2)?;
+        let picked = target_logprobs(&model.forward(&x, None)?, &y)?;
         nats -= (picked * &w)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         count += w.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
