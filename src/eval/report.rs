@@ -64,9 +64,12 @@ fn font_ready() -> bool {
     })
 }
 
+/// One curve: (step, value) points.
+pub type Series = Vec<(f64, f64)>;
+
 /// Draws one or more `(x, y)` series as a line chart PNG. Returns `false` (and draws nothing)
 /// when no font is available for the labels.
-pub fn line_plot(path: &Path, title: &str, x_label: &str, series: &[(&str, Vec<(f64, f64)>)]) -> Result<bool> {
+pub fn line_plot(path: &Path, title: &str, x_label: &str, series: &[(&str, Series)]) -> Result<bool> {
     if !font_ready() {
         return Ok(false);
     }
@@ -125,7 +128,7 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, series: &[(&str, Vec<(
 }
 
 /// `(step, value)` of one metric of a stage's metrics file.
-pub fn series(metrics: &Path, stage: &str, key: &str) -> Result<Vec<(f64, f64)>> {
+pub fn series(metrics: &Path, stage: &str, key: &str) -> Result<Series> {
     if !metrics.exists() {
         return Ok(vec![]);
     }
@@ -152,52 +155,42 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
             .with_context(|| format!("reading {} (run `talaria eval` first)", eval_path.display()))?,
     )
     .with_context(|| format!("{}: not an evaluation summary", eval_path.display()))?;
-    let m = |stage: &str| run.join(stage).join(METRICS_FILE);
+    // One metric of one stage over steps, and a stage's training and held-out losses.
+    let metric = |stage: &str, key: &str| series(&run.join(stage).join(METRICS_FILE), stage, key);
+    let losses = |stage: &str| -> Result<Vec<(&'static str, Series)>> {
+        Ok(vec![
+            ("train", metric(stage, "loss")?),
+            ("validation", metric(stage, "val_loss")?),
+        ])
+    };
     let mut plots = vec![];
-    let mut plot = |file: &str, title: &str, s: Vec<(&str, Vec<(f64, f64)>)>| -> Result<()> {
+    let mut plot = |file: &str, title: &str, s: Vec<(&str, Series)>| -> Result<()> {
         if line_plot(&run.join(file), title, "step", &s)? {
             plots.push((title.to_string(), file.to_string()));
         }
         Ok(())
     };
-    plot(
-        "pretrain_loss.png",
-        "Pretraining loss",
-        vec![
-            ("train", series(&m("pretrain"), "pretrain", "loss")?),
-            ("validation", series(&m("pretrain"), "pretrain", "val_loss")?),
-        ],
-    )?;
-    plot(
-        "sft_loss.png",
-        "SFT loss (assistant tokens)",
-        vec![
-            ("train", series(&m("sft"), "sft", "loss")?),
-            ("validation", series(&m("sft"), "sft", "val_loss")?),
-        ],
-    )?;
+    plot("pretrain_loss.png", "Pretraining loss", losses("pretrain")?)?;
+    plot("sft_loss.png", "SFT loss (assistant tokens)", losses("sft")?)?;
     plot(
         "reward_accuracy.png",
         "Reward model held-out pairwise accuracy",
-        vec![("accuracy", series(&m("reward"), "reward", "accuracy")?)],
+        vec![("accuracy", metric("reward", "accuracy")?)],
     )?;
     plot(
         "ppo_reward.png",
         "PPO mean reward",
-        vec![("reward", series(&m("ppo"), "ppo", "reward")?)],
+        vec![("reward", metric("ppo", "reward")?)],
     )?;
     plot(
         "ppo_kl.png",
         "PPO KL to the SFT model (per answer)",
-        vec![("kl", series(&m("ppo"), "ppo", "kl")?)],
+        vec![("kl", metric("ppo", "kl")?)],
     )?;
     plot(
         "dpo_loss.png",
         "DPO loss (with the chosen answers' NLL term)",
-        vec![
-            ("train", series(&m("dpo"), "dpo", "loss")?),
-            ("validation", series(&m("dpo"), "dpo", "val_loss")?),
-        ],
+        losses("dpo")?,
     )?;
 
     let mut md = String::new();
