@@ -15,5 +15,5 @@ pub mod rl;
 pub mod sft;
 pub mod trainer;
 
-pub use optim::{AdamW, AdamWConfig, LrSchedule, global_norm};
+pub use optim::{AdamW, AdamWConfig, LrSchedule, accumulate, clip_scale, global_norm};
 pub use params::ParamSet;

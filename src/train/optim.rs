@@ -291,6 +291,24 @@ impl InplaceOp3 for ParamUpdate {
     }
 }
 
+/// Adds `g` into the running gradient sum `acc` (gradient accumulation over micro-batches).
+pub fn accumulate(acc: &mut Option<Vec<Tensor>>, g: Vec<Tensor>) -> Result<()> {
+    *acc = Some(match acc.take() {
+        None => g,
+        Some(a) => a
+            .iter()
+            .zip(&g)
+            .map(|(a, g)| a + g)
+            .collect::<candle_core::Result<Vec<_>>>()?,
+    });
+    Ok(())
+}
+
+/// The factor that scales gradients of global norm `norm` down to at most `max` (1 when already below).
+pub fn clip_scale(norm: f64, max: f64) -> f64 {
+    if norm > max { max / (norm + 1e-6) } else { 1.0 }
+}
+
 /// The global L2 norm of a set of gradients.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut total = 0.0;

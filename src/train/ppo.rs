@@ -28,7 +28,7 @@ use crate::train::metrics::MetricsLog;
 use crate::train::order::EpochOrder;
 use crate::train::reward::{RewardModel, SCORE_HEAD, sequence_scores};
 use crate::train::rl::{self, KlController, RunningStats};
-use crate::train::{AdamW, AdamWConfig, LrSchedule, ParamSet, global_norm};
+use crate::train::{AdamW, AdamWConfig, LrSchedule, ParamSet, accumulate, clip_scale, global_norm};
 
 /// Where rewards come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -184,19 +184,6 @@ fn to_tensor(rows: &[&[f64]], a: usize, device: &Device) -> Result<Tensor> {
 
 /// Sequences per forward/backward pass; larger minibatches accumulate gradients over such chunks.
 const MICRO_BATCH: usize = 32;
-
-/// Adds `g` into the running gradient sum `acc`.
-fn accumulate(acc: &mut Option<Vec<Tensor>>, g: Vec<Tensor>) -> Result<()> {
-    *acc = Some(match acc.take() {
-        None => g,
-        Some(a) => a
-            .iter()
-            .zip(&g)
-            .map(|(a, g)| a + g)
-            .collect::<candle_core::Result<Vec<_>>>()?,
-    });
-    Ok(())
-}
 
 /// What a finished (or interrupted) PPO run reports.
 #[derive(Debug, Clone)]
@@ -668,13 +655,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                     (&mut critic.opt, critic_grads, critic_lr),
                 ] {
                     let grads = grads.expect("a minibatch holds at least one chunk");
-                    let norm = global_norm(&grads)?;
-                    let scale = if norm > cfg.grad_clip {
-                        cfg.grad_clip / (norm + 1e-6)
-                    } else {
-                        1.0
-                    };
-                    opt.step(&grads, lr, scale)?;
+                    opt.step(&grads, lr, clip_scale(global_norm(&grads)?, cfg.grad_clip))?;
                 }
                 clip_sum += clip_mb;
                 ent_sum += ent_mb;

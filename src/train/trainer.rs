@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use crate::checkpoint::{CHECKPOINT_DIR, Checkpoint, CheckpointWriter, Meta};
 use crate::model::Gpt;
 use crate::train::metrics::MetricsLog;
-use crate::train::{AdamW, AdamWConfig, LrSchedule, ParamSet, global_norm};
+use crate::train::{AdamW, AdamWConfig, LrSchedule, ParamSet, accumulate, clip_scale, global_norm};
 
 /// What every stage's loop needs to know.
 #[derive(Debug, Clone)]
@@ -291,22 +291,12 @@ pub fn train(cfg: &TrainConfig, init: Init, objective: &mut dyn Objective) -> Re
             loss_sum += l;
             step_tokens += n as u64;
             let grads = params.grads(&loss.backward()?)?;
-            sum = Some(match sum {
-                None => grads,
-                Some(acc) => acc
-                    .iter()
-                    .zip(&grads)
-                    .map(|(a, g)| a + g)
-                    .collect::<candle_core::Result<_>>()?,
-            });
+            accumulate(&mut sum, grads)?;
         }
         let grads = sum.expect("grad_accum >= 1");
         let inv_accum = 1.0 / cfg.grad_accum as f64;
         let norm = global_norm(&grads)? * inv_accum;
-        let clip = match cfg.grad_clip {
-            Some(max) if norm > max => max / (norm + 1e-6),
-            _ => 1.0,
-        };
+        let clip = cfg.grad_clip.map_or(1.0, |max| clip_scale(norm, max));
         opt.step(&grads, lr, inv_accum * clip)?;
         step += 1;
         tokens += step_tokens;
