@@ -505,16 +505,21 @@ fn long_prompts_lose_their_oldest_turns_before_a_pair_is_left_out() {
         .unwrap()
         .len();
     // Room for everything: the prompt is kept whole.
-    let (p, shortened) = fitting_prompt(&f.tok, &template, &prompt, &answers, full + 5)
+    let fit = fitting_prompt(&f.tok, &template, &prompt, &answers, full + 5)
         .unwrap()
         .unwrap();
-    assert_eq!((p.len(), shortened), (4, false));
+    assert_eq!((fit.prompt.len(), fit.shortened), (4, false));
     // Room for the system message and the last question only: the first exchange goes.
-    let (p, shortened) = fitting_prompt(&f.tok, &template, &prompt, &answers, short + 1)
+    let fit = fitting_prompt(&f.tok, &template, &prompt, &answers, short + 1)
         .unwrap()
         .unwrap();
-    assert!(shortened);
-    assert_eq!(p, vec![prompt[0].clone(), prompt[3].clone()]);
+    assert!(fit.shortened);
+    assert_eq!(fit.prompt, vec![prompt[0].clone(), prompt[3].clone()]);
+    // The rendered answers come with it, ready to score.
+    assert_eq!(fit.seqs.len(), answers.len());
+    for (seq, a) in fit.seqs.iter().zip(answers) {
+        assert_eq!(*seq, render_answer(&f.tok, &template, &fit.prompt, a).unwrap());
+    }
     // Not even that fits: left out.
     assert!(
         fitting_prompt(&f.tok, &template, &prompt, &answers, short - 2)

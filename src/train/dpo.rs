@@ -14,7 +14,7 @@ use crate::tokenizer::Tokenizer;
 use crate::train::ParamSet;
 use crate::train::answers::{answer_logprobs, batch};
 use crate::train::order::{EpochOrder, hold_out};
-use crate::train::reward::{fitting_prompt, load_preferences, render_answer};
+use crate::train::reward::{fitting_prompt, load_preferences};
 use crate::train::rl::{answer_nll, dpo_loss};
 use crate::train::trainer::{self, EvalReport, Init, Objective, TrainConfig, TrainOutcome};
 
@@ -143,14 +143,16 @@ fn render_pairs(
     for g in groups {
         for (c, r) in g.pairs() {
             let answers = [g.ranked[c].as_str(), g.ranked[r].as_str()];
-            let Some((prompt, _)) = fitting_prompt(tok, template, &g.prompt, &answers, ctx)? else {
+            let Some(fit) = fitting_prompt(tok, template, &g.prompt, &answers, ctx)? else {
                 too_long += 1;
                 continue;
             };
+            let prompt_len = template.render_prompt(tok, &fit.prompt)?.len();
+            let [chosen, rejected]: [Vec<u32>; 2] = fit.seqs.try_into().expect("two answers, two sequences");
             out.push(Pair {
-                chosen: render_answer(tok, template, &prompt, answers[0])?,
-                rejected: render_answer(tok, template, &prompt, answers[1])?,
-                prompt_len: template.render_prompt(tok, &prompt)?.len(),
+                chosen,
+                rejected,
+                prompt_len,
             });
         }
     }

@@ -30,20 +30,28 @@ pub fn render_answer(tok: &Tokenizer, template: &ChatTemplate, prompt: &[Message
     Ok(template.render(tok, &msgs)?.ids)
 }
 
+/// A prompt cut to fit the context, and every answer rendered after it.
+pub struct FittedPrompt {
+    pub prompt: Vec<Message>,
+    /// Whether any exchange was dropped.
+    pub shortened: bool,
+    /// `render_answer` of each answer, in the order given.
+    pub seqs: Vec<Vec<u32>>,
+}
+
 /// The prompt with its oldest exchanges dropped, one user turn at a time, until every answer fits in `ctx`
-/// tokens after it: system messages and the last user turn always stay. `None` when even that is too long;
-/// the flag says whether anything was dropped.
+/// tokens after it: system messages and the last user turn always stay. `None` when even that is too long.
 pub fn fitting_prompt(
     tok: &Tokenizer,
     template: &ChatTemplate,
     prompt: &[Message],
     answers: &[&str],
     ctx: usize,
-) -> Result<Option<(Vec<Message>, bool)>> {
+) -> Result<Option<FittedPrompt>> {
     let system: Vec<Message> = prompt.iter().filter(|m| m.role == Role::System).cloned().collect();
     let turns: Vec<&Message> = prompt.iter().filter(|m| m.role != Role::System).collect();
     let starts = (0..turns.len()).filter(|&i| turns[i].role == Role::User);
-    for start in starts {
+    'start: for start in starts {
         let candidate: Vec<Message> = if start == 0 {
             prompt.to_vec()
         } else {
@@ -53,16 +61,19 @@ pub fn fitting_prompt(
                 .chain(turns[start..].iter().map(|m| (*m).clone()))
                 .collect()
         };
-        let mut fits = true;
+        let mut seqs = Vec::with_capacity(answers.len());
         for a in answers {
-            if render_answer(tok, template, &candidate, a)?.len() > ctx {
-                fits = false;
-                break;
+            let seq = render_answer(tok, template, &candidate, a)?;
+            if seq.len() > ctx {
+                continue 'start;
             }
+            seqs.push(seq);
         }
-        if fits {
-            return Ok(Some((candidate, start > 0)));
-        }
+        return Ok(Some(FittedPrompt {
+            prompt: candidate,
+            shortened: start > 0,
+            seqs,
+        }));
     }
     Ok(None)
 }
@@ -308,16 +319,17 @@ fn render_groups(
     };
     for g in groups {
         let answers: Vec<&str> = g.ranked.iter().map(String::as_str).collect();
-        let Some((prompt, shortened)) = fitting_prompt(tok, template, &g.prompt, &answers, ctx)? else {
+        let Some(FittedPrompt {
+            prompt,
+            shortened,
+            seqs,
+        }) = fitting_prompt(tok, template, &g.prompt, &answers, ctx)?
+        else {
             out.too_long += 1;
             continue;
         };
         out.shortened += usize::from(shortened);
         let prompt_len = template.render(tok, &prompt)?.ids.len();
-        let seqs = answers
-            .iter()
-            .map(|a| render_answer(tok, template, &prompt, a))
-            .collect::<Result<Vec<_>>>()?;
         let answer_lens = seqs.iter().map(|s| s.len() - prompt_len).collect();
         let pairs = g.pairs();
         out.groups.push(Group {
