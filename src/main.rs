@@ -3,7 +3,7 @@
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
@@ -683,7 +683,10 @@ struct EvalArgs {
     /// Evaluate at most this many items of each benchmark file.
     #[arg(long)]
     limit: Option<usize>,
-    /// A reward model: also report its pairwise accuracy on --prefs.
+    /// With --prompts: another chat checkpoint to compare against (win-rate by the verifier, and by --reward).
+    #[arg(long, requires = "prompts")]
+    against: Option<PathBuf>,
+    /// A reward model: its pairwise accuracy on --prefs, and its verdicts on --against.
     #[arg(long)]
     reward: Option<PathBuf>,
     /// Preference file for --reward.
@@ -925,12 +928,21 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
             .as_deref()
             .context("the checkpoint has no tokenizer.json")?,
     )?;
+    ensure!(
+        a.reward.is_none() || a.prefs.is_some() || a.against.is_some(),
+        "--reward needs --prefs (its pairwise accuracy) or --against (its verdicts on two models' answers)"
+    );
+    let rm = a
+        .reward
+        .as_deref()
+        .map(talaria::train::reward::RewardModel::load)
+        .transpose()?;
     if let Some(p) = &a.prompts {
         let prompts = talaria::data::prompts::read_prompts(p)?;
+        let template = talaria::chat::ChatTemplate::new(&tok)?;
         let r = if a.few_shot {
             tasks::few_shot_accuracy(&model, &tok, &prompts, 3, a.seed, a.max_new_tokens)?
         } else {
-            let template = talaria::chat::ChatTemplate::new(&tok)?;
             tasks::chat_accuracy(&model, &tok, &template, &prompts, a.max_new_tokens)?
         };
         for (skill, t) in &r.by_skill {
@@ -942,6 +954,35 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
             );
         }
         println!("macro accuracy {:.1}%", r.macro_accuracy() * 100.0);
+        if let Some(other) = &a.against {
+            let ck_b = Checkpoint::load(other, DType::F32, &Device::Cpu)?;
+            ensure!(
+                ck_b.tokenizer_json == ck.tokenizer_json,
+                "--against {} uses a different tokenizer from {}",
+                other.display(),
+                a.target.display()
+            );
+            let rb = tasks::chat_accuracy(&ck_b.model()?, &tok, &template, &prompts, a.max_new_tokens)?;
+            let w = tasks::win_rate(&prompts, &r.answers, &rb.answers, rm.as_ref())?;
+            println!(
+                "against {}: macro accuracy {:.1}%",
+                other.display(),
+                rb.macro_accuracy() * 100.0
+            );
+            let pct = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{:.1}%", v * 100.0));
+            println!(
+                "win-rate: {} by the verifier, {} by the reward model",
+                pct(w.by_verifier),
+                pct(w.by_reward_model)
+            );
+            if rm.is_some() {
+                println!(
+                    "reward model agrees with the verifier on {} of the {} prompts where one answer is right and the other wrong",
+                    pct(w.rm_agreement),
+                    w.separated
+                );
+            }
+        }
     }
     if let Some(p) = &a.mmlu {
         let test = benchmarks::read_mmlu(p, a.limit)?;
@@ -973,9 +1014,8 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
             acc * 100.0
         );
     }
-    if let (Some(r), Some(p)) = (&a.reward, &a.prefs) {
-        let rm = talaria::train::reward::RewardModel::load(r)?;
-        let m = talaria::train::reward::evaluate_reward_model(&rm, std::slice::from_ref(p), 16)?;
+    if let (Some(rm), Some(p)) = (&rm, &a.prefs) {
+        let m = talaria::train::reward::evaluate_reward_model(rm, std::slice::from_ref(p), 16)?;
         println!(
             "reward model: pairwise accuracy {:.1}% on {} pairs, mean margin {:.3}, reward/length correlation {:.3}",
             m.accuracy * 100.0,

@@ -286,6 +286,8 @@ pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize) -> Resu
         if *name != "sft" {
             e.win_vs_sft_rm = w.by_reward_model;
             e.win_vs_sft_verifier = w.by_verifier;
+            e.rm_agreement = w.rm_agreement;
+            e.separated_from_sft = Some(w.separated);
         }
         if *name == "ppo" {
             e.kl_to_sft = last_metric(&run.join(dir), "ppo", "kl");

@@ -8,8 +8,10 @@ use candle_core::{DType, Device, Tensor};
 use talaria::chat::{ChatTemplate, Message, Role};
 use talaria::checkpoint::{CheckpointWriter, Meta};
 use talaria::data::preferences::read_preferences;
+use talaria::data::prompts::PromptRecord;
 use talaria::data::readers::ReadOptions;
 use talaria::data::synth::{self, SynthConfig};
+use talaria::eval::tasks::win_rate;
 use talaria::model::{Gpt, GptConfig, init_weights};
 use talaria::tokenizer::{self, Tokenizer};
 use talaria::train::AdamWConfig;
@@ -181,6 +183,52 @@ fn real_preference_files_parse() {
             .iter()
             .all(|g| g.ranked.len() >= 2 && g.prompt.last().unwrap().role == Role::User)
     );
+}
+
+#[test]
+fn win_rate_counts_verifier_wins_and_the_reward_models_agreement_on_separated_prompts() {
+    let f = fixture();
+    let rm = RewardModel::load(&f.reward).unwrap();
+    let rec = |q: &str, answer: &str| PromptRecord {
+        messages: vec![Message::new(Role::User, q)],
+        answer: Some(answer.into()),
+        skill: Some("reverse".into()),
+    };
+    let prompts = vec![
+        rec("What is storm spelled backwards?", "mrots"),
+        rec("What is lemon spelled backwards?", "nomel"),
+        rec("What is river spelled backwards?", "revir"),
+        rec("What is tiger spelled backwards?", "regit"),
+    ];
+    // A right / B wrong, A wrong / B right, both right, both wrong.
+    let a: Vec<String> = ["mrots", "nomle", "revir", "rgeit"].map(String::from).into();
+    let b: Vec<String> = ["mrost", "nomel", "revir", "regti"].map(String::from).into();
+    let w = win_rate(&prompts, &a, &b, Some(&rm)).unwrap();
+    assert_eq!(w.by_verifier, Some((1.0 + 0.0 + 0.5 + 0.5) / 4.0));
+    assert_eq!(w.separated, 2);
+    // Agreement from the reward model's own scores of the two separated prompts' answers.
+    let score = |p: &PromptRecord, x: &str| rm.score(&[(p.messages.as_slice(), x)], 1).unwrap()[0];
+    let agrees = |right: f32, wrong: f32| {
+        if right > wrong {
+            1.0
+        } else if right == wrong {
+            0.5
+        } else {
+            0.0
+        }
+    };
+    let expected = (agrees(score(&prompts[0], "mrots"), score(&prompts[0], "mrost"))
+        + agrees(score(&prompts[1], "nomel"), score(&prompts[1], "nomle")))
+        / 2.0;
+    assert_eq!(w.rm_agreement, Some(expected));
+    let wins = (0..4)
+        .map(|i| agrees(score(&prompts[i], &a[i]), score(&prompts[i], &b[i])))
+        .sum::<f64>()
+        / 4.0;
+    assert_eq!(w.by_reward_model, Some(wins));
+    // Without a reward model only the verifier judges.
+    let w = win_rate(&prompts, &a, &b, None).unwrap();
+    assert_eq!((w.by_reward_model, w.rm_agreement, w.separated), (None, None, 2));
 }
 
 #[test]

@@ -76,13 +76,55 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "| ppo |",
         "| dpo |",
         "reward model held-out pairwise accuracy",
+        "RM agrees with verifier",
     ] {
         assert!(report.contains(row), "report lacks {row}");
     }
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
     assert_eq!(eval["stages"].as_array().unwrap().len(), 4);
+    assert!(
+        eval["stages"][2]["separated_from_sft"].is_u64(),
+        "{}",
+        eval["stages"][2]
+    );
     assert!(stdout.contains("talaria chat"), "the end of the run says how to chat");
+
+    // One checkpoint against another on the held-out prompts, judged by the verifier and the reward model.
+    let against = Command::new(bin)
+        .arg("eval")
+        .arg(run.join("ppo"))
+        .arg("--prompts")
+        .arg(run.join("world/eval_prompts.jsonl"))
+        .arg("--against")
+        .arg(run.join("sft"))
+        .arg("--reward")
+        .arg(run.join("reward"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&against.stdout);
+    assert!(
+        against.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&against.stderr)
+    );
+    for line in [
+        "macro accuracy",
+        "win-rate:",
+        "by the verifier",
+        "reward model agrees with the verifier on",
+    ] {
+        assert!(text.contains(line), "eval --against lacks {line}: {text}");
+    }
+    let lone = Command::new(bin)
+        .arg("eval")
+        .arg(run.join("ppo"))
+        .arg("--reward")
+        .arg(run.join("reward"))
+        .output()
+        .unwrap();
+    assert!(!lone.status.success());
+    assert!(String::from_utf8_lossy(&lone.stderr).contains("--reward needs --prefs"));
 
     // A second run reuses every stage and reproduces the evaluation exactly.
     let again = Command::new(bin)

@@ -26,6 +26,10 @@ pub struct StageEval {
     /// Win-rate against the SFT model, judged by the reward model and by the verifier.
     pub win_vs_sft_rm: Option<f64>,
     pub win_vs_sft_verifier: Option<f64>,
+    /// Of the prompts where this model and SFT differ in correctness (`separated_from_sft` of them), the share
+    /// where the reward model scores the right answer higher: its accuracy on the policies' own answers.
+    pub rm_agreement: Option<f64>,
+    pub separated_from_sft: Option<usize>,
     pub wall_s: Option<f64>,
     pub tokens_per_s: Option<f64>,
 }
@@ -215,16 +219,22 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
         header.push_str(&format!(" {s} |"));
         rule.push_str(" --- |");
     }
-    header.push_str(" reward | KL to SFT | win vs SFT (RM) | win vs SFT (verifier) | wall time | tokens/s |");
-    rule.push_str(" --- | --- | --- | --- | --- | --- |");
+    header.push_str(
+        " reward | KL to SFT | win vs SFT (RM) | win vs SFT (verifier) | RM agrees with verifier | wall time | tokens/s |",
+    );
+    rule.push_str(" --- | --- | --- | --- | --- | --- | --- |");
     writeln!(md, "{header}\n{rule}")?;
     for s in &eval.stages {
         let mut row = format!("| {} | {} |", s.name, pct(Some(s.macro_accuracy)));
         for k in &skills {
             row.push_str(&format!(" {} |", pct(s.per_skill.get(*k).copied())));
         }
+        let agreement = match (s.rm_agreement, s.separated_from_sft) {
+            (Some(a), Some(n)) => format!("{} of {n}", pct(Some(a))),
+            _ => "–".into(),
+        };
         row.push_str(&format!(
-            " {} | {} | {} | {} | {} | {} |",
+            " {} | {} | {} | {} | {agreement} | {} | {} |",
             num(s.reward, 3),
             num(s.kl_to_sft, 3),
             pct(s.win_vs_sft_rm),
@@ -236,7 +246,7 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     }
     writeln!(
         md,
-        "\nAccuracy is exact match by the default world's verifier with greedy decoding; the base model is prompted few-shot in plain text, the others through the chat template.\n"
+        "\nAccuracy is exact match by the default world's verifier with greedy decoding; the base model is prompted few-shot in plain text, the others through the chat template. \"RM agrees with verifier\": of the prompts where the stage's greedy answer and SFT's differ in correctness, the share where the reward model scores the right one higher (its accuracy on the policies' own answers, which is what PPO optimises; the held-out pairwise accuracy below is on the labeller's synthetic pairs).\n"
     )?;
     writeln!(md, "## Other measurements\n")?;
     writeln!(md, "| measurement | value |\n| --- | --- |")?;

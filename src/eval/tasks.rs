@@ -141,6 +141,20 @@ pub struct WinRate {
     /// Mean reward-model score of A's and B's answers.
     pub reward_a: Option<f64>,
     pub reward_b: Option<f64>,
+    /// The prompts where the verifier tells the two answers apart (one right, one wrong)...
+    pub separated: usize,
+    /// ...and the share of them where the reward model scores the right answer higher: its accuracy on the
+    /// models' own answers, which is what RL optimises against (ties count half).
+    pub rm_agreement: Option<f64>,
+}
+
+/// (conversation, answer) pairs for the reward model.
+fn scored<'a>(prompts: &'a [PromptRecord], answers: &'a [String]) -> Vec<(&'a [crate::chat::Message], &'a str)> {
+    prompts
+        .iter()
+        .zip(answers)
+        .map(|(p, x)| (p.messages.as_slice(), x.as_str()))
+        .collect()
 }
 
 /// Compares two sets of answers to the same prompts.
@@ -150,52 +164,61 @@ pub fn win_rate(prompts: &[PromptRecord], a: &[String], b: &[String], rm: Option
     if n == 0 {
         return Ok(out);
     }
-    if let Some(rm) = rm {
-        let items_a: Vec<(&[crate::chat::Message], &str)> = prompts[..n]
-            .iter()
-            .zip(a)
-            .map(|(p, x)| (p.messages.as_slice(), x.as_str()))
-            .collect();
-        let items_b: Vec<(&[crate::chat::Message], &str)> = prompts[..n]
-            .iter()
-            .zip(b)
-            .map(|(p, x)| (p.messages.as_slice(), x.as_str()))
-            .collect();
-        let (sa, sb) = (rm.score(&items_a, 16)?, rm.score(&items_b, 16)?);
-        let wins: f64 = sa
-            .iter()
-            .zip(&sb)
-            .map(|(x, y)| {
-                if x > y {
-                    1.0
-                } else if x == y {
-                    0.5
-                } else {
-                    0.0
-                }
-            })
-            .sum();
-        out.by_reward_model = Some(wins / n as f64);
-        out.reward_a = Some(sa.iter().map(|&x| x as f64).sum::<f64>() / n as f64);
-        out.reward_b = Some(sb.iter().map(|&x| x as f64).sum::<f64>() / n as f64);
+    // 1 when the first score is higher, 0.5 on a tie, 0 otherwise.
+    let beats = |x: f64, y: f64| {
+        if x > y {
+            1.0
+        } else if x == y {
+            0.5
+        } else {
+            0.0
+        }
+    };
+    let scores = match rm {
+        Some(rm) => {
+            let (sa, sb) = (
+                rm.score(&scored(&prompts[..n], a), 16)?,
+                rm.score(&scored(&prompts[..n], b), 16)?,
+            );
+            out.by_reward_model = Some(
+                sa.iter()
+                    .zip(&sb)
+                    .map(|(x, y)| beats(*x as f64, *y as f64))
+                    .sum::<f64>()
+                    / n as f64,
+            );
+            out.reward_a = Some(sa.iter().map(|&x| x as f64).sum::<f64>() / n as f64);
+            out.reward_b = Some(sb.iter().map(|&x| x as f64).sum::<f64>() / n as f64);
+            Some((sa, sb))
+        }
+        None => None,
+    };
+    let (mut judged, mut agreed) = (vec![], vec![]);
+    for (i, (p, (x, y))) in prompts[..n].iter().zip(a.iter().zip(b)).enumerate() {
+        let (Some(want), Some(skill)) = (&p.answer, &p.skill) else {
+            continue;
+        };
+        let (ca, cb) = (verify::is_correct(want, skill, x), verify::is_correct(want, skill, y));
+        judged.push(if ca == cb {
+            0.5
+        } else if ca {
+            1.0
+        } else {
+            0.0
+        });
+        if ca != cb {
+            out.separated += 1;
+            if let Some((sa, sb)) = &scores {
+                let (right, wrong) = if ca { (sa[i], sb[i]) } else { (sb[i], sa[i]) };
+                agreed.push(beats(right as f64, wrong as f64));
+            }
+        }
     }
-    let judged: Vec<f64> = prompts[..n]
-        .iter()
-        .zip(a.iter().zip(b))
-        .filter_map(|(p, (x, y))| {
-            let (want, skill) = (p.answer.as_ref()?, p.skill.as_ref()?);
-            let (ca, cb) = (verify::is_correct(want, skill, x), verify::is_correct(want, skill, y));
-            Some(if ca == cb {
-                0.5
-            } else if ca {
-                1.0
-            } else {
-                0.0
-            })
-        })
-        .collect();
     if !judged.is_empty() {
         out.by_verifier = Some(judged.iter().sum::<f64>() / judged.len() as f64);
+    }
+    if !agreed.is_empty() {
+        out.rm_agreement = Some(agreed.iter().sum::<f64>() / agreed.len() as f64);
     }
     Ok(out)
 }
