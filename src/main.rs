@@ -686,7 +686,8 @@ struct EvalArgs {
     /// With --prompts: another chat checkpoint to compare against (win-rate by the verifier, and by --reward).
     #[arg(long, requires = "prompts")]
     against: Option<PathBuf>,
-    /// A reward model: its pairwise accuracy on --prefs, and its verdicts on --against.
+    /// A reward model: its pairwise accuracy on --prefs; with --prompts, how often it ranks the reference answer
+    /// above the model's wrong ones, and its verdicts on --against.
     #[arg(long)]
     reward: Option<PathBuf>,
     /// Preference file for --reward.
@@ -921,6 +922,10 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         println!("wrote {}", a.target.join("eval.json").display());
         return Ok(());
     }
+    ensure!(
+        a.reward.is_none() || a.prefs.is_some() || a.prompts.is_some(),
+        "--reward needs --prefs (its pairwise accuracy) or --prompts (its verdicts on the model's own answers)"
+    );
     let ck = Checkpoint::load(&a.target, DType::F32, &Device::Cpu)?;
     let model = ck.model()?;
     let tok = Tokenizer::from_json(
@@ -928,10 +933,6 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
             .as_deref()
             .context("the checkpoint has no tokenizer.json")?,
     )?;
-    ensure!(
-        a.reward.is_none() || a.prefs.is_some() || a.against.is_some(),
-        "--reward needs --prefs (its pairwise accuracy) or --against (its verdicts on two models' answers)"
-    );
     let rm = a
         .reward
         .as_deref()
@@ -940,11 +941,15 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     if let Some(p) = &a.prompts {
         let prompts = talaria::data::prompts::read_prompts(p)?;
         let template = talaria::chat::ChatTemplate::new(&tok)?;
-        let r = if a.few_shot {
-            tasks::few_shot_accuracy(&model, &tok, &prompts, 3, a.seed, a.max_new_tokens)?
-        } else {
-            tasks::chat_accuracy(&model, &tok, &template, &prompts, a.max_new_tokens)?
+        // Both models of an --against comparison are prompted the same way.
+        let answer = |m: &talaria::model::Gpt| {
+            if a.few_shot {
+                tasks::few_shot_accuracy(m, &tok, &prompts, 3, a.seed, a.max_new_tokens)
+            } else {
+                tasks::chat_accuracy(m, &tok, &template, &prompts, a.max_new_tokens)
+            }
         };
+        let r = answer(&model)?;
         for (skill, t) in &r.by_skill {
             println!(
                 "{skill:<14} {:>5.1}%  ({}/{})",
@@ -954,6 +959,19 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
             );
         }
         println!("macro accuracy {:.1}%", r.macro_accuracy() * 100.0);
+        if let Some(rm) = &rm {
+            ensure!(
+                ck.tokenizer_json.as_deref() == Some(rm.tokenizer_json.as_str()),
+                "--reward uses a different tokenizer from {}: its scores would be meaningless",
+                a.target.display()
+            );
+            if let Some((acc, n)) = tasks::reward_on_mistakes(&prompts, &r.answers, rm)? {
+                println!(
+                    "reward model scores the reference answer above this model's wrong answer on {:.1}% of {n} prompts",
+                    acc * 100.0
+                );
+            }
+        }
         if let Some(other) = &a.against {
             let ck_b = Checkpoint::load(other, DType::F32, &Device::Cpu)?;
             ensure!(
@@ -962,7 +980,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
                 other.display(),
                 a.target.display()
             );
-            let rb = tasks::chat_accuracy(&ck_b.model()?, &tok, &template, &prompts, a.max_new_tokens)?;
+            let rb = answer(&ck_b.model()?)?;
             let w = tasks::win_rate(&prompts, &r.answers, &rb.answers, rm.as_ref())?;
             println!(
                 "against {}: macro accuracy {:.1}%",

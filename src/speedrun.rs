@@ -19,7 +19,7 @@ use crate::data::prompts::read_prompts;
 use crate::data::readers::ReadOptions;
 use crate::data::synth::{self, SynthConfig};
 use crate::eval::report::{EvalSummary, StageEval, write_report};
-use crate::eval::tasks::{SkillReport, chat_accuracy, few_shot_accuracy, win_rate};
+use crate::eval::tasks::{SkillReport, chat_accuracy, few_shot_accuracy, reward_on_mistakes, win_rate};
 use crate::tokenizer::{self, Tokenizer};
 use crate::train::AdamWConfig;
 use crate::train::comparisons::{self, LabelConfig};
@@ -306,6 +306,10 @@ pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize) -> Resu
         summary.reward_accuracy = Some(m.accuracy);
         summary.reward_margin = Some(m.margin);
         summary.reward_length_corr = Some(m.length_corr);
+        if let Some((acc, n)) = reward_on_mistakes(&prompts, &sft_report.answers, rm)? {
+            summary.reward_on_sft_mistakes = Some(acc);
+            summary.sft_mistakes = Some(n);
+        }
     }
     std::fs::write(run.join("eval.json"), serde_json::to_string_pretty(&summary)?)?;
     Ok(summary)

@@ -11,7 +11,7 @@ use talaria::data::preferences::read_preferences;
 use talaria::data::prompts::PromptRecord;
 use talaria::data::readers::ReadOptions;
 use talaria::data::synth::{self, SynthConfig};
-use talaria::eval::tasks::win_rate;
+use talaria::eval::tasks::{reward_on_mistakes, win_rate};
 use talaria::model::{Gpt, GptConfig, init_weights};
 use talaria::tokenizer::{self, Tokenizer};
 use talaria::train::AdamWConfig;
@@ -186,7 +186,7 @@ fn real_preference_files_parse() {
 }
 
 #[test]
-fn win_rate_counts_verifier_wins_and_the_reward_models_agreement_on_separated_prompts() {
+fn win_rate_and_the_reward_models_verdicts_on_a_models_own_answers() {
     let f = fixture();
     let rm = RewardModel::load(&f.reward).unwrap();
     let rec = |q: &str, answer: &str| PromptRecord {
@@ -229,6 +229,18 @@ fn win_rate_counts_verifier_wins_and_the_reward_models_agreement_on_separated_pr
     // Without a reward model only the verifier judges.
     let w = win_rate(&prompts, &a, &b, None).unwrap();
     assert_eq!((w.by_reward_model, w.rm_agreement, w.separated), (None, None, 2));
+
+    // On A's own mistakes (prompts 1 and 3; an empty answer is no attempt), the reference against A's answer.
+    let mut a_with_empty = a.clone();
+    a_with_empty[2] = String::new();
+    let (acc, n) = reward_on_mistakes(&prompts, &a_with_empty, &rm).unwrap().unwrap();
+    assert_eq!(n, 2);
+    let expected = (agrees(score(&prompts[1], "nomel"), score(&prompts[1], "nomle"))
+        + agrees(score(&prompts[3], "regit"), score(&prompts[3], "rgeit")))
+        / 2.0;
+    assert_eq!(acc, expected);
+    let all_right: Vec<String> = prompts.iter().map(|p| p.answer.clone().unwrap()).collect();
+    assert!(reward_on_mistakes(&prompts, &all_right, &rm).unwrap().is_none());
 }
 
 #[test]

@@ -77,6 +77,7 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "| dpo |",
         "reward model held-out pairwise accuracy",
         "RM agrees with verifier",
+        "reward model on the SFT model's own mistakes",
     ] {
         assert!(report.contains(row), "report lacks {row}");
     }
@@ -110,6 +111,7 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
     );
     for line in [
         "macro accuracy",
+        "reward model scores the reference answer above this model's wrong answer",
         "win-rate:",
         "by the verifier",
         "reward model agrees with the verifier on",

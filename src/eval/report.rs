@@ -43,6 +43,10 @@ pub struct EvalSummary {
     pub reward_accuracy: Option<f64>,
     pub reward_margin: Option<f64>,
     pub reward_length_corr: Option<f64>,
+    /// The reward model on the SFT model's own mistakes: the share of held-out prompts answered wrongly where it
+    /// scores the reference answer higher, and how many such prompts there were.
+    pub reward_on_sft_mistakes: Option<f64>,
+    pub sft_mistakes: Option<usize>,
     /// Extra benchmark results (MMLU, GSM8K...) by name.
     pub benchmarks: BTreeMap<String, f64>,
     pub eval_prompts: usize,
@@ -261,6 +265,13 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
         "| reward model held-out pairwise accuracy | {} |",
         pct(eval.reward_accuracy)
     )?;
+    if let (Some(a), Some(n)) = (eval.reward_on_sft_mistakes, eval.sft_mistakes) {
+        writeln!(
+            md,
+            "| reward model on the SFT model's own mistakes (reference answer above SFT's wrong greedy answer, {n} held-out prompts) | {} |",
+            pct(Some(a))
+        )?;
+    }
     writeln!(md, "| reward model mean margin | {} |", num(eval.reward_margin, 3))?;
     writeln!(
         md,

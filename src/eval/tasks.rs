@@ -148,6 +148,47 @@ pub struct WinRate {
     pub rm_agreement: Option<f64>,
 }
 
+/// 1 when the first score is higher, 0.5 on a tie, 0 otherwise.
+fn beats(x: f64, y: f64) -> f64 {
+    if x > y {
+        1.0
+    } else if x == y {
+        0.5
+    } else {
+        0.0
+    }
+}
+
+/// The reward model's accuracy on a model's own mistakes: on every prompt whose greedy answer the verifier marks
+/// wrong, does the reward model score the reference answer above it? Returns (accuracy, prompts), or `None` when
+/// the model made no mistake. Unlike held-out preference pairs, these are the errors RL has to tell apart.
+pub fn reward_on_mistakes(
+    prompts: &[PromptRecord],
+    answers: &[String],
+    rm: &RewardModel,
+) -> Result<Option<(f64, usize)>> {
+    let (mut refs, mut wrong) = (vec![], vec![]);
+    for (p, x) in prompts.iter().zip(answers) {
+        let (Some(want), Some(skill)) = (&p.answer, &p.skill) else {
+            continue;
+        };
+        if !x.trim().is_empty() && !verify::is_correct(want, skill, x) {
+            refs.push((p.messages.as_slice(), want.as_str()));
+            wrong.push((p.messages.as_slice(), x.as_str()));
+        }
+    }
+    if refs.is_empty() {
+        return Ok(None);
+    }
+    let (sr, sw) = (rm.score(&refs, 16)?, rm.score(&wrong, 16)?);
+    let right = sr
+        .iter()
+        .zip(&sw)
+        .map(|(r, w)| beats(*r as f64, *w as f64))
+        .sum::<f64>();
+    Ok(Some((right / refs.len() as f64, refs.len())))
+}
+
 /// (conversation, answer) pairs for the reward model.
 fn scored<'a>(prompts: &'a [PromptRecord], answers: &'a [String]) -> Vec<(&'a [crate::chat::Message], &'a str)> {
     prompts
@@ -164,16 +205,6 @@ pub fn win_rate(prompts: &[PromptRecord], a: &[String], b: &[String], rm: Option
     if n == 0 {
         return Ok(out);
     }
-    // 1 when the first score is higher, 0.5 on a tie, 0 otherwise.
-    let beats = |x: f64, y: f64| {
-        if x > y {
-            1.0
-        } else if x == y {
-            0.5
-        } else {
-            0.0
-        }
-    };
     let scores = match rm {
         Some(rm) => {
             let (sa, sb) = (
