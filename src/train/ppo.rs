@@ -20,6 +20,7 @@ use crate::checkpoint::{self, CHECKPOINT_DIR, Checkpoint, CheckpointWriter, Meta
 use crate::data::prompts::{PromptRecord, read_prompts};
 use crate::data::shards::{LoaderPosition, Split, TokenLoader};
 use crate::engine::{self, FinishReason, GenerateOptions, Sampler, SamplingParams};
+use crate::eval::tasks::chat_answer;
 use crate::eval::verify;
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
@@ -195,7 +196,7 @@ pub struct PpoOutcome {
     pub wall_s: f64,
 }
 
-/// Greedy verifier accuracy on prompts with reference answers.
+/// Greedy verifier accuracy on prompts with reference answers (all prompts pooled).
 pub fn verifier_accuracy(
     model: &Gpt,
     tok: &Tokenizer,
@@ -203,21 +204,13 @@ pub fn verifier_accuracy(
     prompts: &[PromptRecord],
     max_new: usize,
 ) -> Result<f64> {
-    let mut correct = 0;
-    let mut total = 0;
+    let (mut correct, mut total) = (0, 0);
     for p in prompts {
         let (Some(answer), Some(skill)) = (&p.answer, &p.skill) else {
             continue;
         };
-        let ids = template.render_prompt(tok, &p.messages)?;
-        let opts = GenerateOptions {
-            max_new_tokens: max_new,
-            stop_tokens: template.stop_tokens(tok),
-        };
-        let mut s = Sampler::new(SamplingParams::greedy(), 0)?;
-        let g = engine::generate(model, &ids, &opts, &mut s, |_| true)?;
-        correct +=
-            usize::from(g.finish == FinishReason::Stop && verify::is_correct(answer, skill, &tok.decode(&g.tokens)?));
+        let (text, ended) = chat_answer(model, tok, template, p, max_new)?;
+        correct += usize::from(ended && verify::is_correct(answer, skill, &text));
         total += 1;
     }
     Ok(correct as f64 / total.max(1) as f64)
