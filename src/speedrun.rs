@@ -556,14 +556,15 @@ fn print_summary(eval: &EvalSummary, wall: Duration) {
             .get(n)
             .map_or("–".to_string(), |s| format!("{:.1}%", s.macro_accuracy * 100.0))
     };
+    let pct = |x: Option<f64>| x.map_or("–".to_string(), |a| format!("{:.1}%", a * 100.0));
     println!(
-        "held-out accuracy: base {} -> sft {} -> ppo {} (dpo {}); reward model accuracy {}; total {:.1} min",
+        "held-out accuracy: base {} -> sft {} -> ppo {} (dpo {}); reward model accuracy {} on held-out pairs, {} on SFT's own mistakes; total {:.1} min",
         acc("base"),
         acc("sft"),
         acc("ppo"),
         acc("dpo"),
-        eval.reward_accuracy
-            .map_or("–".into(), |a| format!("{:.1}%", a * 100.0)),
+        pct(eval.reward_accuracy),
+        pct(eval.reward_on_sft_mistakes),
         wall.as_secs_f64() / 60.0
     );
 }
