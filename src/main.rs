@@ -965,11 +965,16 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
                 "--reward uses a different tokenizer from {}: its scores would be meaningless",
                 a.target.display()
             );
-            if let Some((acc, n)) = tasks::reward_on_mistakes(&prompts, &r.answers, rm)? {
+            let v = tasks::reward_on_mistakes(&prompts, &r.answers, rm)?;
+            if let Some(acc) = v.accuracy() {
                 println!(
-                    "reward model scores the reference answer above this model's wrong answer on {:.1}% of {n} prompts",
-                    acc * 100.0
+                    "reward model scores the reference answer above this model's wrong answer on {:.1}% of {} prompts",
+                    acc * 100.0,
+                    v.mistakes()
                 );
+                for (skill, (right, n)) in &v.by_skill {
+                    println!("  {skill:<14} {:>5.1}%  (of {n})", right / *n as f64 * 100.0);
+                }
             }
         }
         if let Some(other) = &a.against {

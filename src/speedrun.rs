@@ -306,10 +306,9 @@ pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize) -> Resu
         summary.reward_accuracy = Some(m.accuracy);
         summary.reward_margin = Some(m.margin);
         summary.reward_length_corr = Some(m.length_corr);
-        if let Some((acc, n)) = reward_on_mistakes(&prompts, &sft_report.answers, rm)? {
-            summary.reward_on_sft_mistakes = Some(acc);
-            summary.sft_mistakes = Some(n);
-        }
+        let v = reward_on_mistakes(&prompts, &sft_report.answers, rm)?;
+        summary.reward_on_sft_mistakes = v.accuracy();
+        summary.sft_mistakes = Some(v.mistakes());
     }
     std::fs::write(run.join("eval.json"), serde_json::to_string_pretty(&summary)?)?;
     Ok(summary)

@@ -233,14 +233,16 @@ fn win_rate_and_the_reward_models_verdicts_on_a_models_own_answers() {
     // On A's own mistakes (prompts 1 and 3; an empty answer is no attempt), the reference against A's answer.
     let mut a_with_empty = a.clone();
     a_with_empty[2] = String::new();
-    let (acc, n) = reward_on_mistakes(&prompts, &a_with_empty, &rm).unwrap().unwrap();
-    assert_eq!(n, 2);
-    let expected = (agrees(score(&prompts[1], "nomel"), score(&prompts[1], "nomle"))
-        + agrees(score(&prompts[3], "regit"), score(&prompts[3], "rgeit")))
-        / 2.0;
-    assert_eq!(acc, expected);
+    let v = reward_on_mistakes(&prompts, &a_with_empty, &rm).unwrap();
+    assert_eq!(v.mistakes(), 2);
+    let right = agrees(score(&prompts[1], "nomel"), score(&prompts[1], "nomle"))
+        + agrees(score(&prompts[3], "regit"), score(&prompts[3], "rgeit"));
+    assert_eq!(v.accuracy(), Some(right / 2.0));
+    assert_eq!(v.by_skill.len(), 1);
+    assert_eq!(v.by_skill["reverse"], (right, 2));
     let all_right: Vec<String> = prompts.iter().map(|p| p.answer.clone().unwrap()).collect();
-    assert!(reward_on_mistakes(&prompts, &all_right, &rm).unwrap().is_none());
+    let none = reward_on_mistakes(&prompts, &all_right, &rm).unwrap();
+    assert_eq!((none.mistakes(), none.accuracy()), (0, None));
 }
 
 #[test]

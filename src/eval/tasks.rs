@@ -159,15 +159,31 @@ fn beats(x: f64, y: f64) -> f64 {
     }
 }
 
-/// The reward model's accuracy on a model's own mistakes: on every prompt whose greedy answer the verifier marks
-/// wrong, does the reward model score the reference answer above it? Returns (accuracy, prompts), or `None` when
-/// the model made no mistake. Unlike held-out preference pairs, these are the errors RL has to tell apart.
-pub fn reward_on_mistakes(
-    prompts: &[PromptRecord],
-    answers: &[String],
-    rm: &RewardModel,
-) -> Result<Option<(f64, usize)>> {
-    let (mut refs, mut wrong) = (vec![], vec![]);
+/// The reward model's verdicts on a model's own mistakes, per skill: for each skill, in how many of the model's
+/// wrong answers the reference answer scored higher (ties count half), and how many wrong answers there were.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MistakeVerdicts {
+    pub by_skill: BTreeMap<String, (f64, usize)>,
+}
+
+impl MistakeVerdicts {
+    /// Wrong answers judged, over all skills.
+    pub fn mistakes(&self) -> usize {
+        self.by_skill.values().map(|(_, n)| n).sum()
+    }
+
+    /// The share of all wrong answers where the reference scored higher (`None` without mistakes).
+    pub fn accuracy(&self) -> Option<f64> {
+        let n = self.mistakes();
+        (n > 0).then(|| self.by_skill.values().map(|(right, _)| right).sum::<f64>() / n as f64)
+    }
+}
+
+/// The reward model on a model's own mistakes: on every prompt whose greedy answer the verifier marks wrong, does
+/// the reward model score the reference answer above it? Unlike held-out preference pairs, these are the errors
+/// RL has to tell apart. Empty answers are not attempts and are left out.
+pub fn reward_on_mistakes(prompts: &[PromptRecord], answers: &[String], rm: &RewardModel) -> Result<MistakeVerdicts> {
+    let (mut refs, mut wrong, mut skills) = (vec![], vec![], vec![]);
     for (p, x) in prompts.iter().zip(answers) {
         let (Some(want), Some(skill)) = (&p.answer, &p.skill) else {
             continue;
@@ -175,18 +191,20 @@ pub fn reward_on_mistakes(
         if !x.trim().is_empty() && !verify::is_correct(want, skill, x) {
             refs.push((p.messages.as_slice(), want.as_str()));
             wrong.push((p.messages.as_slice(), x.as_str()));
+            skills.push(skill.clone());
         }
     }
+    let mut out = MistakeVerdicts::default();
     if refs.is_empty() {
-        return Ok(None);
+        return Ok(out);
     }
     let (sr, sw) = (rm.score(&refs, 16)?, rm.score(&wrong, 16)?);
-    let right = sr
-        .iter()
-        .zip(&sw)
-        .map(|(r, w)| beats(*r as f64, *w as f64))
-        .sum::<f64>();
-    Ok(Some((right / refs.len() as f64, refs.len())))
+    for ((r, w), skill) in sr.iter().zip(&sw).zip(skills) {
+        let e = out.by_skill.entry(skill).or_default();
+        e.0 += beats(*r as f64, *w as f64);
+        e.1 += 1;
+    }
+    Ok(out)
 }
 
 /// (conversation, answer) pairs for the reward model.
