@@ -10,6 +10,9 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use talaria::model::ops::{self, composed};
 use talaria::model::{Activation, Gpt, GptConfig, init_weights};
 
+mod common;
+use common::max_abs_diff;
+
 const TOL: f32 = 1e-5;
 
 fn randn(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
@@ -20,17 +23,8 @@ fn randn(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
 
 /// max |a - b| / max |b|: the error relative to the reference's scale.
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
     let s = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    d / s.max(1e-30)
+    max_abs_diff(a, b) / s.max(1e-30)
 }
 
 /// Runs `f` on fresh variables made from `inputs` and returns the output and the gradient of

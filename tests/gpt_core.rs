@@ -14,6 +14,9 @@ use talaria::engine::{self, GenerateOptions, Sampler, SamplingParams};
 use talaria::interop;
 use talaria::model::{Gpt, GptConfig, init_weights};
 
+mod common;
+use common::max_abs_diff;
+
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2_tiny")
 }
@@ -44,17 +47,6 @@ fn greedy(model: &Gpt, prompt: &[u32], n: usize) -> Vec<u32> {
     };
     let mut s = Sampler::new(SamplingParams::greedy(), 0).unwrap();
     engine::generate(model, prompt, &opts, &mut s, |_| true).unwrap().tokens
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

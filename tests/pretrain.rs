@@ -14,6 +14,9 @@ use talaria::train::pretrain::{PretrainConfig, pretrain};
 use talaria::train::trainer::{self, EvalReport, Init, Objective, TrainConfig};
 use talaria::train::{AdamWConfig, ParamSet};
 
+mod common;
+use common::max_abs_diff;
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/pretrain_parity")
@@ -210,15 +213,7 @@ fn resumed_run_gives_exactly_the_losses_of_an_uninterrupted_run() {
     let wa = Checkpoint::load(&whole, DType::F32, &Device::Cpu).unwrap().weights;
     let wb = Checkpoint::load(&split, DType::F32, &Device::Cpu).unwrap().weights;
     for (name, t) in &wa {
-        let d = (t - &wb[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0, "{name}");
+        assert_eq!(max_abs_diff(t, &wb[name]), 0.0, "{name}");
     }
 }
 
