@@ -959,12 +959,8 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
             );
         }
         println!("macro accuracy {:.1}%", r.macro_accuracy() * 100.0);
-        if let Some(rm) = &rm {
-            ensure!(
-                ck.tokenizer_json.as_deref() == Some(rm.tokenizer_json.as_str()),
-                "--reward uses a different tokenizer from {}: its scores would be meaningless",
-                a.target.display()
-            );
+        if let (Some(rm), Some(rm_path)) = (&rm, &a.reward) {
+            rm.ensure_tokenizer_of(rm_path, &a.target, ck.tokenizer_json.as_deref())?;
             let v = tasks::reward_on_mistakes(&prompts, &r.answers, rm)?;
             if let Some(acc) = v.accuracy() {
                 println!(

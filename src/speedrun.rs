@@ -18,7 +18,7 @@ use crate::data::prepare::{self, PrepareConfig};
 use crate::data::prompts::read_prompts;
 use crate::data::readers::ReadOptions;
 use crate::data::synth::{self, SynthConfig};
-use crate::eval::report::{EvalSummary, StageEval, write_report};
+use crate::eval::report::{EvalSummary, StageEval, pct, write_report};
 use crate::eval::tasks::{SkillReport, chat_accuracy, few_shot_accuracy, reward_on_mistakes, win_rate};
 use crate::tokenizer::{self, Tokenizer};
 use crate::train::AdamWConfig;
@@ -550,12 +550,7 @@ pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
 
 fn print_summary(eval: &EvalSummary, wall: Duration) {
     let by_name: BTreeMap<&str, &StageEval> = eval.stages.iter().map(|s| (s.name.as_str(), s)).collect();
-    let acc = |n: &str| {
-        by_name
-            .get(n)
-            .map_or("–".to_string(), |s| format!("{:.1}%", s.macro_accuracy * 100.0))
-    };
-    let pct = |x: Option<f64>| x.map_or("–".to_string(), |a| format!("{:.1}%", a * 100.0));
+    let acc = |n: &str| pct(by_name.get(n).map(|s| s.macro_accuracy));
     println!(
         "held-out accuracy: base {} -> sft {} -> ppo {} (dpo {}); reward model accuracy {} on held-out pairs, {} on SFT's own mistakes; total {:.1} min",
         acc("base"),

@@ -146,7 +146,8 @@ pub fn series(metrics: &Path, stage: &str, key: &str) -> Result<Series> {
         .collect())
 }
 
-fn pct(x: Option<f64>) -> String {
+/// A share as a percentage with one decimal, or "–" when there is none.
+pub fn pct(x: Option<f64>) -> String {
     x.map_or("–".into(), |v| format!("{:.1}%", v * 100.0))
 }
 

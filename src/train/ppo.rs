@@ -234,13 +234,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
     let reward_model = match &cfg.reward {
         RewardSpec::Model(p) => {
             let rm = RewardModel::load(p)?;
-            if rm.tokenizer_json != tok_json {
-                bail!(
-                    "the reward model {} uses a different tokenizer from the policy {}: train the reward model from the same SFT model",
-                    p.display(),
-                    cfg.policy.display()
-                );
-            }
+            rm.ensure_tokenizer_of(p, &cfg.policy, Some(&tok_json))?;
             Some(rm)
         }
         RewardSpec::Verifier => {

@@ -132,6 +132,18 @@ impl RewardModel {
         })
     }
 
+    /// Fails unless the model at `policy` (whose tokenizer JSON is `policy_tokenizer`) shares this reward model's
+    /// tokenizer: scores of answers tokenized otherwise would be meaningless. `rm` names this reward model.
+    pub fn ensure_tokenizer_of(&self, rm: &Path, policy: &Path, policy_tokenizer: Option<&str>) -> Result<()> {
+        ensure!(
+            policy_tokenizer == Some(self.tokenizer_json.as_str()),
+            "the reward model {} uses a different tokenizer from {}: train the reward model from the same SFT model",
+            rm.display(),
+            policy.display()
+        );
+        Ok(())
+    }
+
     /// Padding id for batching (any id works: padding positions are never read).
     pub fn pad(&self) -> u32 {
         self.template.end
