@@ -31,12 +31,13 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "label",
         "reward",
         "ppo",
+        "ppo-verifier",
         "dpo",
     ]
     .iter()
     .enumerate()
     {
-        assert!(stdout.contains(&format!("[{}/11] {stage}", i + 1)), "{stdout}");
+        assert!(stdout.contains(&format!("[{}/12] {stage} ", i + 1)), "{stdout}");
     }
     for f in [
         "world/pretrain.txt",
@@ -50,23 +51,25 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "reward/checkpoint/model.safetensors",
         "ppo/checkpoint/model.safetensors",
         "ppo/critic/model.safetensors",
+        "ppo_verifier/checkpoint/model.safetensors",
         "dpo/checkpoint/model.safetensors",
         "eval.json",
         "report.md",
     ] {
         assert!(run.join(f).exists(), "missing {f}");
     }
-    for (stage, key) in [
-        ("pretrain", "val_bpb"),
-        ("sft", "val_loss"),
-        ("reward", "accuracy"),
-        ("ppo", "kl"),
-        ("dpo", "margin"),
+    for (dir, stage, key) in [
+        ("pretrain", "pretrain", "val_bpb"),
+        ("sft", "sft", "val_loss"),
+        ("reward", "reward", "accuracy"),
+        ("ppo", "ppo", "kl"),
+        ("ppo_verifier", "ppo", "train_accuracy"),
+        ("dpo", "dpo", "margin"),
     ] {
-        let rows = read_metrics(&run.join(stage).join("metrics.jsonl"), Some(stage)).unwrap();
+        let rows = read_metrics(&run.join(dir).join("metrics.jsonl"), Some(stage)).unwrap();
         assert!(
             rows.iter().any(|r| r[key].as_f64().is_some_and(f64::is_finite)),
-            "{stage} logged no {key}"
+            "{dir} logged no {key}"
         );
     }
     let report = std::fs::read_to_string(run.join("report.md")).unwrap();
@@ -74,6 +77,7 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "| base |",
         "| sft |",
         "| ppo |",
+        "| ppo_verifier |",
         "| dpo |",
         "reward model held-out pairwise accuracy",
         "RM agrees with verifier",
@@ -83,12 +87,13 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
     }
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
-    assert_eq!(eval["stages"].as_array().unwrap().len(), 4);
-    assert!(
-        eval["stages"][2]["separated_from_sft"].is_u64(),
-        "{}",
-        eval["stages"][2]
-    );
+    let stages = eval["stages"].as_array().unwrap();
+    let names: Vec<&str> = stages.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["base", "sft", "ppo", "ppo_verifier", "dpo"]);
+    for s in &stages[2..4] {
+        assert!(s["separated_from_sft"].is_u64(), "{s}");
+        assert!(s["kl_to_sft"].as_f64().is_some_and(f64::is_finite), "{s}");
+    }
     assert!(stdout.contains("talaria chat"), "the end of the run says how to chat");
 
     // One checkpoint against another on the held-out prompts, judged by the verifier and the reward model.
@@ -136,7 +141,7 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&again.stdout);
     assert!(again.status.success());
-    assert_eq!(stdout.matches("reused").count(), 9, "{stdout}");
+    assert_eq!(stdout.matches("reused").count(), 10, "{stdout}");
     let eval2: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
     assert_eq!(eval["stages"], eval2["stages"]);
@@ -161,7 +166,7 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         v
     };
     assert_eq!(without_timings(&eval), without_timings(&eval3));
-    for stage in ["pretrain", "sft", "reward", "dpo"] {
+    for stage in ["pretrain", "sft", "reward", "ppo", "ppo_verifier", "dpo"] {
         let read = |d: &std::path::Path| std::fs::read(d.join(stage).join("checkpoint/model.safetensors")).unwrap();
         assert!(
             read(&run) == read(&fresh),

@@ -15,7 +15,7 @@ use crate::train::metrics::{METRICS_FILE, read_metrics};
 /// How one model did on the held-out evaluation.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StageEval {
-    /// `base`, `sft`, `ppo`, `dpo`...
+    /// `base`, `sft`, `ppo`, `ppo_verifier`, `dpo`...
     pub name: String,
     pub macro_accuracy: f64,
     pub per_skill: BTreeMap<String, f64>,
@@ -156,7 +156,7 @@ fn num(x: Option<f64>, digits: usize) -> String {
 }
 
 /// Writes `report.md` and its plots into `run` from `run/eval.json` and the stage directories
-/// (`pretrain/`, `sft/`, `reward/`, `ppo/`, `dpo/`), returning the report's path.
+/// (`pretrain/`, `sft/`, `reward/`, `ppo/`, `ppo_verifier/`, `dpo/`), returning the report's path.
 pub fn write_report(run: &Path) -> Result<PathBuf> {
     let eval_path = run.join("eval.json");
     let eval: EvalSummary = serde_json::from_str(
@@ -186,15 +186,20 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
         "Reward model held-out pairwise accuracy",
         vec![("accuracy", metric("reward", "accuracy")?)],
     )?;
+    // The verifier-driven run logs under the stage name `ppo` in its own directory.
+    let verifier_kl = series(&run.join("ppo_verifier").join(METRICS_FILE), "ppo", "kl")?;
     plot(
         "ppo_reward.png",
-        "PPO mean reward",
+        "PPO mean reward (reward model)",
         vec![("reward", metric("ppo", "reward")?)],
     )?;
     plot(
         "ppo_kl.png",
         "PPO KL to the SFT model (per answer)",
-        vec![("kl", metric("ppo", "kl")?)],
+        vec![
+            ("driven by the reward model", metric("ppo", "kl")?),
+            ("driven by the verifier", verifier_kl),
+        ],
     )?;
     plot(
         "dpo_loss.png",
@@ -251,7 +256,7 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     }
     writeln!(
         md,
-        "\nAccuracy is exact match by the default world's verifier with greedy decoding; the base model is prompted few-shot in plain text, the others through the chat template. \"RM agrees with verifier\": of the prompts where the stage's greedy answer and SFT's differ in correctness, the share where the reward model scores the right one higher (its accuracy on the policies' own answers, which is what PPO optimises; the held-out pairwise accuracy below is on the labeller's synthetic pairs).\n"
+        "\nAccuracy is exact match by the default world's verifier with greedy decoding; the base model is prompted few-shot in plain text, the others through the chat template. `ppo` is PPO driven by the reward model; `ppo_verifier` is PPO from the same SFT model driven by the default world's verifier (the true reward, at settings of its own), so the gap between the two rows is what the reward model leaves on the table. \"RM agrees with verifier\": of the prompts where the stage's greedy answer and SFT's differ in correctness, the share where the reward model scores the right one higher (its accuracy on the policies' own answers, which is what PPO optimises; the held-out pairwise accuracy below is on the labeller's synthetic pairs).\n"
     )?;
     writeln!(md, "## Other measurements\n")?;
     writeln!(md, "| measurement | value |\n| --- | --- |")?;
