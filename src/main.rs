@@ -14,6 +14,7 @@ use talaria::data::prepare::{self, PrepareConfig};
 use talaria::data::readers::{ReadOptions, ReadStats};
 use talaria::data::synth::{self, SynthConfig};
 use talaria::engine::{self, Chatbot, GenerateOptions, Sampler, SamplingParams, TextStream};
+use talaria::eval::report;
 use talaria::interop;
 use talaria::serve;
 use talaria::speedrun;
@@ -767,7 +768,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(a) => eval_cmd(a),
         Command::Report { run } => {
-            println!("{}", talaria::eval::report::write_report(&run)?.display());
+            println!("{}", report::write_report(&run)?.display());
             Ok(())
         }
         Command::Reward(a) => {
@@ -988,16 +989,15 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
                 other.display(),
                 rb.macro_accuracy() * 100.0
             );
-            let pct = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{:.1}%", v * 100.0));
             println!(
                 "win-rate: {} by the verifier, {} by the reward model",
-                pct(w.by_verifier),
-                pct(w.by_reward_model)
+                report::pct(w.by_verifier),
+                report::pct(w.by_reward_model)
             );
             if rm.is_some() {
                 println!(
                     "reward model agrees with the verifier on {} of the {} prompts where one answer is right and the other wrong",
-                    pct(w.rm_agreement),
+                    report::pct(w.rm_agreement),
                     w.separated
                 );
             }
