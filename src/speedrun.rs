@@ -19,7 +19,7 @@ use crate::data::prepare::{self, PrepareConfig};
 use crate::data::prompts::read_prompts;
 use crate::data::readers::ReadOptions;
 use crate::data::synth::{self, SynthConfig};
-use crate::eval::report::{EvalSummary, StageEval, pct, write_report};
+use crate::eval::report::{EvalSummary, SETTINGS_FILE, StageEval, pct, write_report};
 use crate::eval::tasks::{SkillReport, chat_accuracy, few_shot_accuracy, reward_on_mistakes, win_rate};
 use crate::tokenizer::{self, Tokenizer};
 use crate::train::AdamWConfig;
@@ -357,6 +357,10 @@ pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let started = Instant::now();
     let seed = cfg.seed;
+    // The settings the report lists (`report::SETTINGS_FILE`).
+    let settings = serde_json::to_string_pretty(&json!({"seed": seed, "preset": p}))?;
+    let settings_path = out.join(SETTINGS_FILE);
+    std::fs::write(&settings_path, settings).with_context(|| format!("writing {}", settings_path.display()))?;
     let world = out.join("world");
     let k_world = key_of(&json!(["synth", seed, p.synth_scale, synth::GENERATOR_VERSION]));
     stage(1, "synth", &world, &k_world, |_| {

@@ -55,6 +55,7 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "dpo/checkpoint/model.safetensors",
         "eval.json",
         "report.md",
+        "speedrun.json",
     ] {
         assert!(run.join(f).exists(), "missing {f}");
     }
@@ -82,6 +83,10 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "reward model held-out pairwise accuracy",
         "RM agrees with verifier",
         "reward model on the SFT model's own mistakes",
+        "## Settings",
+        "| preset.ppo.steps | 3 |",
+        "| preset.ppo_verifier.temperature | 1.0 |",
+        "| seed | 0 |",
     ] {
         assert!(report.contains(row), "report lacks {row}");
     }

@@ -53,6 +53,27 @@ pub struct EvalSummary {
     pub notes: Vec<String>,
 }
 
+/// The speedrun's settings in a run directory (`{"seed": .., "preset": {..}}`), listed by the report.
+pub const SETTINGS_FILE: &str = "speedrun.json";
+
+/// `(dotted key, value)` of every leaf of a JSON object, in the object's order.
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, x, out);
+            }
+        }
+        serde_json::Value::String(t) => out.push((prefix.to_string(), t.clone())),
+        other => out.push((prefix.to_string(), other.to_string())),
+    }
+}
+
 const FONT_PATHS: [&str; 3] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/dejavu/DejaVuSans.ttf",
@@ -301,6 +322,20 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     }
     for n in &eval.notes {
         writeln!(md, "- {n}")?;
+    }
+    let settings_path = run.join(SETTINGS_FILE);
+    if let Ok(text) = std::fs::read_to_string(&settings_path) {
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", settings_path.display()))?;
+        let mut rows = vec![];
+        flatten("", &v, &mut rows);
+        writeln!(
+            md,
+            "\n## Settings\n\nFrom `{SETTINGS_FILE}`.\n\n| setting | value |\n| --- | --- |"
+        )?;
+        for (k, val) in rows {
+            writeln!(md, "| {k} | {val} |")?;
+        }
     }
     let out = run.join("report.md");
     std::fs::write(&out, md).with_context(|| format!("writing {}", out.display()))?;
