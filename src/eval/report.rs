@@ -56,7 +56,7 @@ pub struct EvalSummary {
 /// The speedrun's settings in a run directory (`{"seed": .., "preset": {..}}`), listed by the report.
 pub const SETTINGS_FILE: &str = "speedrun.json";
 
-/// `(dotted key, value)` of every leaf of a JSON object, in the object's order.
+/// `(dotted key, value)` of every leaf of a JSON object, keys sorted (serde_json's map order).
 fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
     match v {
         serde_json::Value::Object(m) => {
