@@ -2,20 +2,32 @@
 //! the report has a row per stage, a rerun reuses every finished stage, and a fresh run with the
 //! same seed reproduces every number of the evaluation.
 
-use std::process::Command;
+use std::ffi::OsStr;
+use std::process::{Command, Output};
 
 use talaria::train::metrics::read_metrics;
+
+/// Runs the `talaria` binary with `args`.
+fn talaria<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(args: I) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_talaria")).args(args).output().unwrap()
+}
+
+/// A `tiny` speedrun into `out`.
+fn tiny_speedrun(out: &std::path::Path) -> Output {
+    talaria([
+        OsStr::new("speedrun"),
+        "--preset".as_ref(),
+        "tiny".as_ref(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ])
+}
 
 #[test]
 fn tiny_speedrun_runs_every_stage_and_reuses_them() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let bin = env!("CARGO_BIN_EXE_talaria");
-    let out = Command::new(bin)
-        .args(["speedrun", "--preset", "tiny", "--out"])
-        .arg(&run)
-        .output()
-        .unwrap();
+    let out = tiny_speedrun(&run);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -102,17 +114,16 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
     assert!(stdout.contains("talaria chat"), "the end of the run says how to chat");
 
     // One checkpoint against another on the held-out prompts, judged by the verifier and the reward model.
-    let against = Command::new(bin)
-        .arg("eval")
-        .arg(run.join("ppo"))
-        .arg("--prompts")
-        .arg(run.join("world/eval_prompts.jsonl"))
-        .arg("--against")
-        .arg(run.join("sft"))
-        .arg("--reward")
-        .arg(run.join("reward"))
-        .output()
-        .unwrap();
+    let against = talaria([
+        "eval".into(),
+        run.join("ppo"),
+        "--prompts".into(),
+        run.join("world/eval_prompts.jsonl"),
+        "--against".into(),
+        run.join("sft"),
+        "--reward".into(),
+        run.join("reward"),
+    ]);
     let text = String::from_utf8_lossy(&against.stdout);
     assert!(
         against.status.success(),
@@ -128,22 +139,12 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
     ] {
         assert!(text.contains(line), "eval --against lacks {line}: {text}");
     }
-    let lone = Command::new(bin)
-        .arg("eval")
-        .arg(run.join("ppo"))
-        .arg("--reward")
-        .arg(run.join("reward"))
-        .output()
-        .unwrap();
+    let lone = talaria(["eval".into(), run.join("ppo"), "--reward".into(), run.join("reward")]);
     assert!(!lone.status.success());
     assert!(String::from_utf8_lossy(&lone.stderr).contains("--reward needs --prefs"));
 
     // A second run reuses every stage and reproduces the evaluation exactly.
-    let again = Command::new(bin)
-        .args(["speedrun", "--preset", "tiny", "--out"])
-        .arg(&run)
-        .output()
-        .unwrap();
+    let again = tiny_speedrun(&run);
     let stdout = String::from_utf8_lossy(&again.stdout);
     assert!(again.status.success());
     assert_eq!(stdout.matches("reused").count(), 10, "{stdout}");
@@ -153,11 +154,7 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
 
     // A fresh run elsewhere with the same seed reproduces every measured number (timings aside).
     let fresh = tmp.path().join("fresh");
-    let third = Command::new(bin)
-        .args(["speedrun", "--preset", "tiny", "--out"])
-        .arg(&fresh)
-        .output()
-        .unwrap();
+    let third = tiny_speedrun(&fresh);
     assert!(third.status.success(), "{}", String::from_utf8_lossy(&third.stderr));
     let eval3: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fresh.join("eval.json")).unwrap()).unwrap();
