@@ -148,8 +148,8 @@ pub struct WinRate {
     pub rm_agreement: Option<f64>,
 }
 
-/// 1 when the first score is higher, 0.5 on a tie, 0 otherwise.
-fn beats(x: f64, y: f64) -> f64 {
+/// 1 when the first is higher (a score, or `true` over `false`), 0.5 on a tie, 0 otherwise.
+fn beats<T: PartialOrd>(x: T, y: T) -> f64 {
     if x > y {
         1.0
     } else if x == y {
@@ -201,7 +201,7 @@ pub fn reward_on_mistakes(prompts: &[PromptRecord], answers: &[String], rm: &Rew
     let (sr, sw) = (rm.score(&refs, 16)?, rm.score(&wrong, 16)?);
     for ((r, w), skill) in sr.iter().zip(&sw).zip(skills) {
         let e = out.by_skill.entry(skill).or_default();
-        e.0 += beats(*r as f64, *w as f64);
+        e.0 += beats(r, w);
         e.1 += 1;
     }
     Ok(out)
@@ -229,13 +229,7 @@ pub fn win_rate(prompts: &[PromptRecord], a: &[String], b: &[String], rm: Option
                 rm.score(&scored(&prompts[..n], a), 16)?,
                 rm.score(&scored(&prompts[..n], b), 16)?,
             );
-            out.by_reward_model = Some(
-                sa.iter()
-                    .zip(&sb)
-                    .map(|(x, y)| beats(*x as f64, *y as f64))
-                    .sum::<f64>()
-                    / n as f64,
-            );
+            out.by_reward_model = Some(sa.iter().zip(&sb).map(|(x, y)| beats(x, y)).sum::<f64>() / n as f64);
             out.reward_a = Some(sa.iter().map(|&x| x as f64).sum::<f64>() / n as f64);
             out.reward_b = Some(sb.iter().map(|&x| x as f64).sum::<f64>() / n as f64);
             Some((sa, sb))
@@ -248,18 +242,12 @@ pub fn win_rate(prompts: &[PromptRecord], a: &[String], b: &[String], rm: Option
             continue;
         };
         let (ca, cb) = (verify::is_correct(want, skill, x), verify::is_correct(want, skill, y));
-        judged.push(if ca == cb {
-            0.5
-        } else if ca {
-            1.0
-        } else {
-            0.0
-        });
+        judged.push(beats(ca, cb));
         if ca != cb {
             out.separated += 1;
             if let Some((sa, sb)) = &scores {
                 let (right, wrong) = if ca { (sa[i], sb[i]) } else { (sb[i], sa[i]) };
-                agreed.push(beats(right as f64, wrong as f64));
+                agreed.push(beats(right, wrong));
             }
         }
     }
