@@ -704,7 +704,13 @@ fn main() {
     // SAFETY: sets a process-wide allocator option; mimalloc allows this at any time.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
-    if let Err(e) = run(cli) {
+    // The work runs on the kernels' thread pool, except the server's, whose async runtime must not
+    // hold a worker: it gives its generation thread to the pool itself.
+    let result = match cli.command {
+        Command::Serve(_) => run(cli),
+        _ => talaria::model::fused::on_pool(|| run(cli)),
+    };
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -267,7 +267,12 @@ fn model_loss_and_gradients_agree_between_fused_f32_and_composed_f64() {
 /// `threads` threads.
 fn run_in_pool(threads: usize, cfg: &GptConfig, weights: &HashMap<String, Tensor>, ids: &Tensor) -> Vec<Vec<f32>> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-    pool.install(|| {
+    pool.install(|| run_model(cfg, weights, ids))
+}
+
+/// What [`run_in_pool`] computes, on the calling thread.
+fn run_model(cfg: &GptConfig, weights: &HashMap<String, Tensor>, ids: &Tensor) -> Vec<Vec<f32>> {
+    {
         let vars: HashMap<String, Var> = weights
             .iter()
             .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
@@ -295,7 +300,7 @@ fn run_in_pool(threads: usize, cfg: &GptConfig, weights: &HashMap<String, Tensor
         let logits = model.forward(&next, Some(&mut cache)).unwrap();
         out.push(logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         out
-    })
+    }
 }
 
 #[test]
@@ -310,11 +315,23 @@ fn results_do_not_depend_on_the_number_of_threads() {
     let data: Vec<u32> = (0..8 * 64).map(|_| rng.random_range(0..300u32)).collect();
     let ids = Tensor::from_vec(data, (8, 64), &Device::Cpu).unwrap();
     let one = run_in_pool(1, &cfg, &weights, &ids);
-    for threads in [2, 3, 4] {
-        let many = run_in_pool(threads, &cfg, &weights, &ids);
-        for (i, (a, b)) in one.iter().zip(&many).enumerate() {
-            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same, "output {i} differs between 1 and {threads} threads");
+    let same_as_one = |many: &[Vec<f32>], how: &str| {
+        for (i, (a, b)) in one.iter().zip(many).enumerate() {
+            let same = a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "output {i} differs between 1 thread and {how}");
         }
+    };
+    for threads in [2, 3, 4] {
+        same_as_one(
+            &run_in_pool(threads, &cfg, &weights, &ids),
+            &format!("{threads} threads"),
+        );
     }
+    // The binary runs its work on the global pool (`fused::on_pool`); a library caller on its own
+    // thread hands each kernel to that pool instead. Both must compute the same bits.
+    same_as_one(&run_model(&cfg, &weights, &ids), "a caller outside the pool");
+    same_as_one(
+        &talaria::model::fused::on_pool(|| run_model(&cfg, &weights, &ids)),
+        "fused::on_pool",
+    );
 }

@@ -17,6 +17,15 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Re
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+/// Runs `f` on one of rayon's worker threads and returns its result. A kernel called from any other
+/// thread hands its work to the pool and sleeps until a worker has done it: one or two thread
+/// wake-ups per op, which on a small model (decoding, above all) cost more than the op itself. From
+/// a worker, a one-task op runs inline and the rest are shared by work stealing. The results are
+/// bit-identical either way; BENCHMARKS.md ("Performance") has the measured difference.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// Rows handed to one rayon task at a time: enough work to amortise scheduling.
 fn rows_per_task(row_len: usize) -> usize {
     (16_384 / row_len.max(1)).max(1)
@@ -1241,6 +1250,14 @@ pub fn head_cross_entropy_rows(hidden: &Tensor, emb: &Tensor, targets: &Tensor) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_pool_runs_the_work_on_a_worker_thread() {
+        assert_eq!(rayon::current_thread_index(), None, "a test thread is not a worker");
+        let (index, value) = on_pool(|| (rayon::current_thread_index(), 6 * 7));
+        assert!(index.is_some(), "on_pool ran its work outside the pool");
+        assert_eq!(value, 42);
+    }
 
     #[test]
     fn exp_is_accurate_over_the_range() {

@@ -78,7 +78,7 @@ impl Worker {
         let st = stats.clone();
         std::thread::Builder::new()
             .name("talaria-generate".into())
-            .spawn(move || run(&bot, rx, &st))
+            .spawn(move || crate::model::fused::on_pool(|| run(&bot, rx, &st)))
             .expect("spawning the generation thread");
         Self { jobs, stats }
     }
