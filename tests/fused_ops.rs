@@ -272,35 +272,33 @@ fn run_in_pool(threads: usize, cfg: &GptConfig, weights: &HashMap<String, Tensor
 
 /// What [`run_in_pool`] computes, on the calling thread.
 fn run_model(cfg: &GptConfig, weights: &HashMap<String, Tensor>, ids: &Tensor) -> Vec<Vec<f32>> {
-    {
-        let vars: HashMap<String, Var> = weights
-            .iter()
-            .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
-            .collect();
-        let model = Gpt::from_weights(
-            cfg,
-            &vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect(),
-        )
-        .unwrap();
-        let (x, y) = (ids.narrow(1, 0, 63).unwrap(), ids.narrow(1, 1, 63).unwrap());
-        let loss = model.lm_loss(&x, &y, None).unwrap();
-        let grads = loss.backward().unwrap();
-        let mut names: Vec<&String> = vars.keys().collect();
-        names.sort();
-        let mut out = vec![vec![loss.to_scalar::<f32>().unwrap()]];
-        for n in names {
-            let g = grads.get(vars[n].as_tensor()).unwrap();
-            out.push(g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        }
-        // One decoding step: the few-rows product route.
-        let mut cache = model.new_cache(1, cfg.n_positions).unwrap();
-        let first = ids.narrow(0, 0, 1).unwrap().narrow(1, 0, 8).unwrap();
-        model.forward(&first, Some(&mut cache)).unwrap();
-        let next = ids.narrow(0, 0, 1).unwrap().narrow(1, 8, 1).unwrap();
-        let logits = model.forward(&next, Some(&mut cache)).unwrap();
-        out.push(logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        out
+    let vars: HashMap<String, Var> = weights
+        .iter()
+        .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
+        .collect();
+    let model = Gpt::from_weights(
+        cfg,
+        &vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect(),
+    )
+    .unwrap();
+    let (x, y) = (ids.narrow(1, 0, 63).unwrap(), ids.narrow(1, 1, 63).unwrap());
+    let loss = model.lm_loss(&x, &y, None).unwrap();
+    let grads = loss.backward().unwrap();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    let mut out = vec![vec![loss.to_scalar::<f32>().unwrap()]];
+    for n in names {
+        let g = grads.get(vars[n].as_tensor()).unwrap();
+        out.push(g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
+    // One decoding step: the few-rows product route.
+    let mut cache = model.new_cache(1, cfg.n_positions).unwrap();
+    let first = ids.narrow(0, 0, 1).unwrap().narrow(1, 0, 8).unwrap();
+    model.forward(&first, Some(&mut cache)).unwrap();
+    let next = ids.narrow(0, 0, 1).unwrap().narrow(1, 8, 1).unwrap();
+    let logits = model.forward(&next, Some(&mut cache)).unwrap();
+    out.push(logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    out
 }
 
 #[test]

@@ -18,7 +18,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Runs `f` on one of rayon's worker threads and returns its result. A kernel called from any other
-/// thread hands its work to the pool and sleeps until a worker has done it: one or two thread
+/// thread hands its work to the pool and sleeps until a worker has done it: at least two thread
 /// wake-ups per op, which on a small model (decoding, above all) cost more than the op itself. From
 /// a worker, a one-task op runs inline and the rest are shared by work stealing. The results are
 /// bit-identical either way; BENCHMARKS.md ("Performance") has the measured difference.
