@@ -456,6 +456,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             break;
         }
         // 1. Rollouts with the KV-cache engine.
+        let t_rollout = Instant::now();
         let mut rollouts = vec![];
         let mut records = vec![];
         for p in 0..cfg.prompts_per_step {
@@ -504,7 +505,9 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             }
         }
         ensure!(!rollouts.is_empty(), "no rollouts could be sampled");
+        let rollout_s = t_rollout.elapsed().as_secs_f64();
         // 2. Scores.
+        let t_score = Instant::now();
         let scores: Vec<f64> = match &reward_model {
             Some(rm) => {
                 let seqs: Vec<Vec<u32>> = rollouts.iter().map(|r| r.seq.clone()).collect();
@@ -546,7 +549,9 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             let ended: Vec<bool> = rollouts.iter().map(|r| r.ended).collect();
             rl::group_centred(&scores, &groups, &ended)
         });
+        let score_s = t_score.elapsed().as_secs_f64();
         // 3. Old log-probs, reference log-probs and values, in chunks.
+        let t_passes = Instant::now();
         for chunk in rollouts.chunks_mut(MICRO_BATCH) {
             let refs: Vec<&Rollout> = chunk.iter().collect();
             let b = batch_of(&refs, pad, &device)?;
@@ -560,6 +565,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                 r.values = v;
             }
         }
+        let passes_s = t_passes.elapsed().as_secs_f64();
         // 4. Per-token rewards: KL penalty on every token, the normalised score on the last.
         let mut kl_sum = 0.0;
         for (i, r) in rollouts.iter_mut().enumerate() {
@@ -594,6 +600,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         let n_roll = rollouts.len();
         let mean_kl = kl_sum / n_roll as f64;
         // 5. PPO epochs over minibatches.
+        let t_update = Instant::now();
         let (mut pl_sum, mut vl_sum, mut clip_sum, mut ent_sum, mut updates) = (0.0, 0.0, 0.0, 0.0, 0.0);
         let mut mb_order = EpochOrder::new(cfg.seed ^ step, n_roll, 0, 0);
         let (lr, critic_lr) = (schedule(cfg.lr).at(step), schedule(cfg.critic_lr).at(step));
@@ -649,6 +656,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                 updates += 1.0;
             }
         }
+        let update_s = t_update.elapsed().as_secs_f64();
         kl.update(mean_kl, n_roll);
         step += 1;
         let mean_len = rollouts.iter().map(|r| r.answer_len() as f64).sum::<f64>() / n_roll as f64;
@@ -681,6 +689,10 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             ("answer_len", mean_len),
             ("ended", ended),
             ("lr", lr),
+            ("rollout_s", rollout_s),
+            ("score_s", score_s),
+            ("passes_s", passes_s),
+            ("update_s", update_s),
         ];
         if records.iter().any(|(r, _)| r.answer.is_some()) {
             values.push(("train_accuracy", accuracy));
