@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde_json::json;
 
-use crate::engine::{self, GenerateOptions, Sampler, SamplingParams};
+use crate::engine::{Engine, EngineConfig, Request};
 use crate::model::{Gpt, GptConfig, init_weights};
 use crate::train::optim::{AdamW, AdamWConfig, global_norm};
 use crate::train::params::ParamSet;
@@ -19,7 +19,7 @@ use crate::train::params::ParamSet;
 pub enum BenchKind {
     /// Forward, backward, gradient clipping and an AdamW step on a batch of random tokens.
     Train,
-    /// Batch-1 greedy decoding with the KV cache.
+    /// Greedy decoding with the batched engine: `batch` sequences (ragged prompts) decoded together.
     Decode,
 }
 
@@ -30,9 +30,9 @@ pub struct BenchConfig {
     pub preset: String,
     /// Timed training steps, or decoded tokens.
     pub steps: usize,
-    /// Training batch size (sequences of the full context).
+    /// Training batch size (sequences of the full context), or sequences decoded together.
     pub batch: usize,
-    /// Decode: prompt length before the timed tokens.
+    /// Decode: prompt length before the timed tokens (sequence `i` of a batch adds `i % 4`).
     pub prompt_len: usize,
 }
 
@@ -54,6 +54,7 @@ impl BenchReport {
             "kind": match cfg.kind { BenchKind::Train => "train", BenchKind::Decode => "decode" },
             "preset": cfg.preset,
             "threads": candle_core::utils::get_num_threads(),
+            "batch": cfg.batch,
             "tokens_per_s": self.tokens_per_s,
             "gflops": self.gflops,
             "peak_matmul_gflops": self.peak_matmul_gflops,
@@ -148,31 +149,41 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         }
         BenchKind::Decode => {
             let model = Gpt::from_weights(&model_cfg, &weights)?;
+            ensure!(cfg.batch > 0, "--batch must be positive");
             ensure!(
-                cfg.prompt_len + cfg.steps < model_cfg.n_positions,
+                cfg.prompt_len + 3 + cfg.steps < model_cfg.n_positions,
                 "prompt ({}) plus decoded tokens ({}) must fit the context of {}",
-                cfg.prompt_len,
+                cfg.prompt_len + 3,
                 cfg.steps,
                 model_cfg.n_positions
             );
-            let prompt: Vec<u32> = (0..cfg.prompt_len)
-                .map(|i| (i * 7919 % model_cfg.vocab_size) as u32)
-                .collect();
-            let opts = GenerateOptions {
-                max_new_tokens: cfg.steps + 1,
-                stop_tokens: vec![],
-            };
-            let mut sampler = Sampler::new(SamplingParams::greedy(), 0)?;
-            // The first token comes from the prompt's prefill; the clock starts there, so each
-            // later interval is exactly one decode step.
-            let mut stamps = Vec::with_capacity(cfg.steps + 1);
-            engine::generate(&model, &prompt, &opts, &mut sampler, |_| {
-                stamps.push(Instant::now());
-                true
-            })?;
-            let times: Vec<f64> = stamps.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
+            let mut engine = Engine::new(
+                &model,
+                None,
+                EngineConfig {
+                    max_batch: cfg.batch,
+                    token_budget: crate::model::infer::MAX_ROWS.max(cfg.batch),
+                },
+            )?;
+            for i in 0..cfg.batch {
+                let prompt: Vec<u32> = (0..cfg.prompt_len + i % 4)
+                    .map(|j| ((i * 31 + j) * 7919 % model_cfg.vocab_size) as u32)
+                    .collect();
+                engine.admit(Request::greedy(prompt, cfg.steps + 1, vec![]))?;
+            }
+            // The prompts' prefill gives every sequence its first token; each later step is one
+            // decode step of the whole batch.
+            while engine.prefilling() > 0 {
+                engine.step()?;
+            }
+            let mut times = Vec::with_capacity(cfg.steps);
+            for _ in 0..cfg.steps {
+                let start = Instant::now();
+                engine.step()?;
+                times.push(start.elapsed().as_secs_f64());
+            }
             let total: f64 = times.iter().sum();
-            let tokens_per_s = times.len() as f64 / total;
+            let tokens_per_s = (cfg.steps * cfg.batch) as f64 / total;
             let mean_attended = cfg.prompt_len + cfg.steps / 2;
             let gflops = forward_flops_per_token(&model_cfg, mean_attended) * tokens_per_s / 1e9;
             (tokens_per_s, gflops, median(times))

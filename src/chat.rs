@@ -92,6 +92,68 @@ pub struct Rendered {
     pub mask: Vec<bool>,
 }
 
+/// The conversation without its oldest exchanges, dropping as few as `fits` allows: system
+/// messages and the last user turn always stay, and a user turn leaves together with the answers
+/// after it. Returns the kept messages and how many user turns were dropped, or `None` when even
+/// the last user turn alone does not fit; when it returns some, its last call of `fits` was on
+/// them. The one place that shortens a conversation to fit a
+/// context (prompts for generation, reward-model and DPO data).
+pub fn drop_oldest_turns(
+    messages: &[Message],
+    mut fits: impl FnMut(&[Message]) -> Result<bool>,
+) -> Result<Option<(Vec<Message>, usize)>> {
+    let system: Vec<Message> = messages.iter().filter(|m| m.role == Role::System).cloned().collect();
+    let turns: Vec<&Message> = messages.iter().filter(|m| m.role != Role::System).collect();
+    let starts: Vec<usize> = (0..turns.len()).filter(|&i| turns[i].role == Role::User).collect();
+    let candidate = |dropped: usize| -> Vec<Message> {
+        if dropped == 0 {
+            messages.to_vec()
+        } else {
+            system
+                .iter()
+                .cloned()
+                .chain(turns[starts[dropped]..].iter().map(|m| (*m).clone()))
+                .collect()
+        }
+    };
+    if starts.is_empty() {
+        return Ok(None);
+    }
+    // Keeping fewer turns never makes a conversation longer, so the fewest turns to drop can be
+    // found by bisection: a huge history costs a few renders, not one per exchange.
+    let first = candidate(0);
+    if fits(&first)? {
+        return Ok(Some((first, 0)));
+    }
+    let (mut bad, mut good, mut last) = (0, starts.len(), 0);
+    while good - bad > 1 {
+        let mid = (bad + good) / 2;
+        last = mid;
+        if fits(&candidate(mid))? {
+            good = mid;
+        } else {
+            bad = mid;
+        }
+    }
+    if good == starts.len() {
+        return Ok(None);
+    }
+    let kept = candidate(good);
+    // The last call of `fits` is always on the conversation returned (callers keep its renders).
+    if last != good {
+        fits(&kept)?;
+    }
+    Ok(Some((kept, good)))
+}
+
+/// A prompt for generation that fits the context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FittedPrompt {
+    pub ids: Vec<u32>,
+    /// Oldest exchanges left out so the prompt fits.
+    pub dropped_turns: usize,
+}
+
 /// The special-token ids of the chat format, looked up once from a tokenizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChatTemplate {
@@ -100,6 +162,9 @@ pub struct ChatTemplate {
     pub user: u32,
     pub assistant: u32,
     pub end: u32,
+    /// The most bytes one token decodes to: a text of `b` bytes is at least `b / max_token_bytes`
+    /// tokens, which lets [`ChatTemplate::fit_prompt`] skip hopeless renders of a huge history.
+    pub max_token_bytes: usize,
 }
 
 impl ChatTemplate {
@@ -116,6 +181,7 @@ impl ChatTemplate {
             user: id(tokenizer::USER)?,
             assistant: id(tokenizer::ASSISTANT)?,
             end: id(tokenizer::END)?,
+            max_token_bytes: tok.token_byte_lengths().into_iter().max().unwrap_or(1).max(1) as usize,
         })
     }
 
@@ -156,6 +222,41 @@ impl ChatTemplate {
         let mut ids = self.render(tok, messages)?.ids;
         ids.push(self.assistant);
         Ok(ids)
+    }
+
+    /// The prompt for `messages` (ending with a user message) within a context of `ctx` tokens,
+    /// leaving room for `reserve` new ones: the oldest exchanges are dropped as needed
+    /// ([`drop_oldest_turns`]); an error when the last user turn alone is too long.
+    pub fn fit_prompt(
+        &self,
+        tok: &Tokenizer,
+        messages: &[Message],
+        ctx: usize,
+        reserve: usize,
+    ) -> Result<FittedPrompt> {
+        let room = ctx.saturating_sub(reserve.max(1));
+        // The size of the last candidate tried: the last user turn alone when nothing fits.
+        let mut last = 0;
+        let fitted = drop_oldest_turns(messages, |ms| {
+            // Every message costs its opener and end tokens, and its text at least this much.
+            let bytes: usize = ms.iter().map(|m| m.content.len()).sum();
+            last = 2 * ms.len() + bytes.div_ceil(self.max_token_bytes);
+            if last > room {
+                return Ok(false);
+            }
+            last = self.render_prompt(tok, ms)?.len();
+            Ok(last <= room)
+        })?;
+        match fitted {
+            Some((ms, dropped_turns)) => Ok(FittedPrompt {
+                ids: self.render_prompt(tok, &ms)?,
+                dropped_turns,
+            }),
+            None => {
+                validate(messages)?;
+                bail!("the message is too long: at least {last} tokens, and the model's context is {ctx} tokens")
+            }
+        }
     }
 
     /// Tokens that end an assistant answer.

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use talaria::model::ops::{self, composed};
-use talaria::model::{Activation, Gpt, GptConfig, init_weights};
+use talaria::model::{Activation, Gpt, GptConfig, Segment, init_weights};
 
 mod common;
 use common::max_abs_diff;
@@ -291,12 +291,19 @@ fn run_model(cfg: &GptConfig, weights: &HashMap<String, Tensor>, ids: &Tensor) -
         let g = grads.get(vars[n].as_tensor()).unwrap();
         out.push(g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
-    // One decoding step: the few-rows product route.
-    let mut cache = model.new_cache(1, cfg.n_positions).unwrap();
-    let first = ids.narrow(0, 0, 1).unwrap().narrow(1, 0, 8).unwrap();
-    model.forward(&first, Some(&mut cache)).unwrap();
-    let next = ids.narrow(0, 0, 1).unwrap().narrow(1, 8, 1).unwrap();
-    let logits = model.forward(&next, Some(&mut cache)).unwrap();
+    // A prefill of two ragged prompts and a decoding step of both, through the inference kernels
+    // (untracked weights).
+    let infer = model.detached();
+    let mut cache = infer.new_slots(2, cfg.n_positions).unwrap();
+    let row = |b: usize, from: usize, n: usize| -> Vec<u32> {
+        ids.narrow(0, b, 1).unwrap().narrow(1, from, n).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let seg = |slot, past, len| Segment { slot, past, len };
+    let prefill = [row(0, 0, 8), row(1, 0, 5)].concat();
+    infer.forward_packed(&prefill, &[seg(0, 0, 8), seg(1, 0, 5)], &mut cache).unwrap();
+    let step = [row(0, 8, 1), row(1, 5, 1)].concat();
+    let hidden = infer.forward_packed(&step, &[seg(0, 8, 1), seg(1, 5, 1)], &mut cache).unwrap();
+    let logits = infer.lm_head_rows(&hidden).unwrap();
     out.push(logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     out
 }

@@ -1,5 +1,5 @@
 //! The GPT core: parity with Hugging Face `transformers`, checkpoint round trips, gradients,
-//! the KV cache, and clear errors on bad input.
+//! generation through the engine, and clear errors on bad input.
 //!
 //! The fixture in tests/fixtures/gpt2_tiny was written by tests/fixtures/make_gpt2_fixture.py.
 
@@ -10,7 +10,7 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
 use talaria::checkpoint::{Checkpoint, CheckpointWriter, Meta};
-use talaria::engine::{self, GenerateOptions, Sampler, SamplingParams};
+use talaria::engine::{self, Completion, EngineConfig, FinishReason, Request};
 use talaria::interop;
 use talaria::model::{Gpt, GptConfig, init_weights};
 
@@ -40,13 +40,14 @@ fn imported(dir: &Path) -> Checkpoint {
     Checkpoint::load(&out, DType::F32, &Device::Cpu).unwrap()
 }
 
+/// One greedy sequence through the engine.
+fn run1(model: &Gpt, prompt: &[u32], n: usize, stops: Vec<u32>) -> anyhow::Result<Completion> {
+    let req = Request::greedy(prompt.to_vec(), n, stops);
+    Ok(engine::generate_batch(model, None, vec![req], EngineConfig::default(), |_| {})?.remove(0).remove(0))
+}
+
 fn greedy(model: &Gpt, prompt: &[u32], n: usize) -> Vec<u32> {
-    let opts = GenerateOptions {
-        max_new_tokens: n,
-        stop_tokens: vec![],
-    };
-    let mut s = Sampler::new(SamplingParams::greedy(), 0).unwrap();
-    engine::generate(model, prompt, &opts, &mut s, |_| true).unwrap().tokens
+    run1(model, prompt, n, vec![]).unwrap().tokens
 }
 
 #[test]
@@ -63,7 +64,7 @@ fn imported_hf_model_matches_transformers_logits_and_greedy_tokens() {
             .unsqueeze(0)
             .unwrap();
         let got = model
-            .forward(&input, None)
+            .forward(&input)
             .unwrap()
             .squeeze(0)
             .unwrap()
@@ -125,14 +126,9 @@ fn generation_stops_at_the_configured_end_token() {
     let prompt = ids(&reference()["cases"][0]["prompt_ids"]);
     // Make the first greedy token the end token: generation must stop before emitting it.
     let first = greedy(&model, &prompt, 1)[0];
-    let opts = GenerateOptions {
-        max_new_tokens: 10,
-        stop_tokens: vec![first],
-    };
-    let mut s = Sampler::new(SamplingParams::greedy(), 0).unwrap();
-    let g = engine::generate(&model, &prompt, &opts, &mut s, |_| true).unwrap();
+    let g = run1(&model, &prompt, 10, vec![first]).unwrap();
     assert!(g.tokens.is_empty());
-    assert_eq!(g.finish, engine::FinishReason::Stop);
+    assert_eq!(g.finish, FinishReason::StopToken(first));
 }
 
 #[test]
@@ -278,59 +274,11 @@ fn loss_gradient_matches_finite_differences() {
 }
 
 #[test]
-fn kv_cache_gives_the_same_logits_and_tokens_as_recomputation() {
-    let cfg = GptConfig::preset("test").unwrap();
-    let w = init_weights(&cfg, 11, DType::F32, &Device::Cpu).unwrap();
-    let model = Gpt::from_weights(&cfg, &w).unwrap();
-    // Logits: a prompt fed in three chunks through the cache equals one uncached pass.
-    let seq: Vec<u32> = (0..20).map(|i| (i * 37 % cfg.vocab_size) as u32).collect();
-    let full = model
-        .forward(
-            &Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
-            None,
-        )
-        .unwrap();
-    let mut cache = model.new_cache(1, 64).unwrap();
-    let mut parts = vec![];
-    for (s, e) in [(0, 7), (7, 8), (8, 20)] {
-        let chunk = Tensor::new(&seq[s..e], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        parts.push(model.forward(&chunk, Some(&mut cache)).unwrap());
-    }
-    let cached = Tensor::cat(&parts, 1).unwrap();
-    assert!(max_abs_diff(&full, &cached) < 1e-4);
-    // Tokens: greedy and seeded sampling agree with full recomputation.
-    let opts = GenerateOptions {
-        max_new_tokens: 30,
-        stop_tokens: vec![],
-    };
-    for params in [
-        SamplingParams::greedy(),
-        SamplingParams {
-            temperature: 1.0,
-            top_k: Some(20),
-            top_p: Some(0.9),
-        },
-    ] {
-        let mut a = Sampler::new(params.clone(), 5).unwrap();
-        let mut b = Sampler::new(params, 5).unwrap();
-        let cached = engine::generate(&model, &seq[..5], &opts, &mut a, |_| true).unwrap();
-        let plain = engine::generate_uncached(&model, &seq[..5], &opts, &mut b).unwrap();
-        assert_eq!(cached.tokens, plain.tokens);
-        assert_eq!(cached.tokens.len(), 30);
-    }
-}
-
-#[test]
 fn generation_stops_when_the_context_is_full() {
     let cfg = GptConfig::preset("test").unwrap();
     let model = Gpt::from_weights(&cfg, &init_weights(&cfg, 1, DType::F32, &Device::Cpu).unwrap()).unwrap();
-    let opts = GenerateOptions {
-        max_new_tokens: 1000,
-        stop_tokens: vec![],
-    };
-    let mut s = Sampler::new(SamplingParams::greedy(), 0).unwrap();
-    let g = engine::generate(&model, &[1, 2, 3], &opts, &mut s, |_| true).unwrap();
-    assert_eq!(g.finish, engine::FinishReason::Context);
+    let g = run1(&model, &[1, 2, 3], 1000, vec![]).unwrap();
+    assert_eq!(g.finish, FinishReason::Context);
     assert_eq!(g.tokens.len() + 3, cfg.n_positions);
 }
 
@@ -402,17 +350,12 @@ fn bad_checkpoints_give_clear_errors() {
 fn prompts_beyond_the_context_or_vocabulary_are_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let model = imported(tmp.path()).model().unwrap();
-    let opts = GenerateOptions {
-        max_new_tokens: 4,
-        stop_tokens: vec![],
-    };
-    let mut s = Sampler::new(SamplingParams::greedy(), 0).unwrap();
     let long = vec![1u32; 49];
-    let e = err_of(engine::generate(&model, &long, &opts, &mut s, |_| true));
+    let e = err_of(run1(&model, &long, 4, vec![]));
     assert!(e.contains("49 tokens exceeds the model's context of 48"), "{e}");
-    let e = err_of(engine::generate(&model, &[1, 96], &opts, &mut s, |_| true));
+    let e = err_of(run1(&model, &[1, 96], 4, vec![]));
     assert!(e.contains("token id 96 is outside the vocabulary"), "{e}");
-    assert!(err_of(engine::generate(&model, &[], &opts, &mut s, |_| true)).contains("prompt is empty"));
+    assert!(err_of(run1(&model, &[], 4, vec![])).contains("prompt is empty"));
     let out = Command::new(env!("CARGO_BIN_EXE_talaria"))
         .args(["generate", "/definitely/not/here", "--prompt-ids", "1"])
         .output()

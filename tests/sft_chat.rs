@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use talaria::chat::{ChatTemplate, Message, Role};
 use talaria::checkpoint::{Checkpoint, CheckpointWriter, Meta};
 use talaria::data::conversations::read_conversations;
-use talaria::engine::{Chatbot, FinishReason, SamplingParams};
+use talaria::engine::{Chatbot, SamplingParams};
 use talaria::model::{GptConfig, init_weights};
 use talaria::tokenizer::{self, Tokenizer};
 use talaria::train::AdamWConfig;
@@ -334,11 +334,11 @@ fn sft_learns_the_demonstrations_and_the_end_of_turn() {
     assert!(after < before - 2.0, "base {before}, sft {after}");
 
     // Answers follow the format: they end with the end-of-turn token.
-    let bot = Chatbot::load(&run).unwrap();
+    let bot = Chatbot::load(&run, &Device::Cpu).unwrap();
     let mut ended = 0;
     for c in val {
         let a = bot.answer(&c[..1], &SamplingParams::greedy(), 0, 24, |_| true).unwrap();
-        ended += usize::from(a.finish == FinishReason::Stop);
+        ended += usize::from(a.finish.ended());
     }
     assert!(
         ended * 10 >= val.len() * 9,
@@ -366,7 +366,7 @@ fn terminal_chat_through_piped_stdin() {
     };
     sft(&cfg).unwrap();
 
-    let bot = Chatbot::load(&run).unwrap();
+    let bot = Chatbot::load(&run, &Device::Cpu).unwrap();
     let greedy = |q: &str| {
         let a = bot
             .answer(&[Message::new(Role::User, q)], &SamplingParams::greedy(), 0, 16, |_| {
@@ -431,6 +431,6 @@ fn chat_refuses_a_checkpoint_without_chat_tokens() {
     }
     .save(&tmp.path().join("c"))
     .unwrap();
-    let e = Chatbot::load(&tmp.path().join("c")).err().unwrap().to_string();
+    let e = Chatbot::load(&tmp.path().join("c"), &Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("no tokenizer.json"), "{e}");
 }

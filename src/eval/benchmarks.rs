@@ -10,7 +10,7 @@ use candle_core::{DType, Tensor};
 use serde_json::Value;
 
 use crate::data::conversations::for_each_json_line;
-use crate::engine::{self, GenerateOptions, Sampler, SamplingParams, TextStream};
+use crate::engine::{self, EngineConfig, Request};
 use crate::model::{Gpt, last_logits};
 use crate::tokenizer::Tokenizer;
 
@@ -100,7 +100,7 @@ pub fn mmlu_accuracy(
         }
         prompt.push_str(&format_mc(q, false));
         let ids = fit(tok.encode(&prompt)?, ctx);
-        let logits = model.forward(&Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?, None)?;
+        let logits = model.forward(&Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?)?;
         let row = last_logits(&logits)?
             .squeeze(0)?
             .to_dtype(DType::F32)?
@@ -172,24 +172,24 @@ pub fn gsm8k_accuracy(
         prefix.push_str(&format!("Question: {}\nAnswer: {}\n\n", p.question, p.solution));
     }
     let eot: Vec<u32> = tok.special_id(crate::tokenizer::EOT).into_iter().collect();
+    let requests = test
+        .iter()
+        .map(|p| {
+            let ids = fit(
+                tok.encode(&format!("{prefix}Question: {}\nAnswer:", p.question))?,
+                ctx.saturating_sub(max_new).max(1),
+            );
+            let mut r = Request::greedy(ids, max_new, eot.clone());
+            // The solution ends where the next few-shot example would begin.
+            r.stop_strings = vec!["\n\n".into()];
+            Ok(r)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let done = engine::generate_batch(model, Some(tok), requests, EngineConfig::default(), |_| {})?;
     let mut correct = 0;
-    for p in test {
-        let ids = fit(
-            tok.encode(&format!("{prefix}Question: {}\nAnswer:", p.question))?,
-            ctx.saturating_sub(max_new).max(1),
-        );
-        let opts = GenerateOptions {
-            max_new_tokens: max_new,
-            stop_tokens: eot.clone(),
-        };
-        let mut s = Sampler::new(SamplingParams::greedy(), 0)?;
-        let mut stream = TextStream::new(tok);
-        let mut text = String::new();
-        engine::generate(model, &ids, &opts, &mut s, |id| {
-            text.push_str(&stream.push(id).unwrap_or_default());
-            !text.contains("\n\n")
-        })?;
-        let got = final_answer(&text).or_else(|| {
+    for (p, c) in test.iter().zip(done) {
+        let text = &c[0].text;
+        let got = final_answer(text).or_else(|| {
             text.split(|c: char| !(c.is_ascii_digit() || c == '-' || c == '.'))
                 .rfind(|t| t.chars().any(|c| c.is_ascii_digit()))
                 .map(str::to_string)

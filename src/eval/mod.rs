@@ -2,6 +2,8 @@
 //! real benchmarks in their published formats, and the report card.
 
 pub mod benchmarks;
+pub mod checkpoint;
 pub mod report;
+pub mod run;
 pub mod tasks;
 pub mod verify;

@@ -9,7 +9,7 @@ use anyhow::Result;
 use crate::chat::ChatTemplate;
 use crate::data::prompts::PromptRecord;
 use crate::data::synth;
-use crate::engine::{self, FinishReason, GenerateOptions, Sampler, SamplingParams};
+use crate::engine::{self, EngineConfig, Request};
 use crate::eval::verify;
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
@@ -54,23 +54,35 @@ impl SkillReport {
     }
 }
 
-/// A chat model's greedy answer to a prompt; an answer that never ends is returned as is (and
-/// the verifier will normally reject it).
-pub fn chat_answer(
+/// A chat model's greedy answers to prompts, in order, and whether each ended properly (an answer
+/// that never ends is returned as is, and the verifier will normally reject it). Decoded as one
+/// batch by the engine.
+pub fn chat_answers(
     model: &Gpt,
     tok: &Tokenizer,
     template: &ChatTemplate,
-    p: &PromptRecord,
+    prompts: &[PromptRecord],
     max_new: usize,
-) -> Result<(String, bool)> {
-    let ids = template.render_prompt(tok, &p.messages)?;
-    let opts = GenerateOptions {
-        max_new_tokens: max_new,
-        stop_tokens: template.stop_tokens(tok),
-    };
-    let mut s = Sampler::new(SamplingParams::greedy(), 0)?;
-    let g = engine::generate(model, &ids, &opts, &mut s, |_| true)?;
-    Ok((tok.decode(&g.tokens)?, g.finish == FinishReason::Stop))
+) -> Result<Vec<(String, bool)>> {
+    let stops = template.stop_tokens(tok);
+    let requests = prompts
+        .iter()
+        .map(|p| {
+            Ok(Request::greedy(
+                template.render_prompt(tok, &p.messages)?,
+                max_new,
+                stops.clone(),
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let done = engine::generate_batch(model, Some(tok), requests, EngineConfig::default(), |_| {})?;
+    Ok(done
+        .into_iter()
+        .map(|mut c| {
+            let c = c.remove(0);
+            (c.text, c.finish.ended())
+        })
+        .collect())
 }
 
 /// Exact-match accuracy of a chat model, per skill.
@@ -82,8 +94,10 @@ pub fn chat_accuracy(
     max_new: usize,
 ) -> Result<SkillReport> {
     let mut r = SkillReport::default();
-    for p in prompts {
-        let (answer, ended) = chat_answer(model, tok, template, p, max_new)?;
+    for (p, (answer, ended)) in prompts
+        .iter()
+        .zip(chat_answers(model, tok, template, prompts, max_new)?)
+    {
         r.record(p, if ended { answer } else { format!("{answer} [no end]") });
     }
     Ok(r)
@@ -100,9 +114,10 @@ pub fn few_shot_accuracy(
     seed: u64,
     max_new: usize,
 ) -> Result<SkillReport> {
-    let mut r = SkillReport::default();
     let mut prefixes: BTreeMap<String, String> = BTreeMap::new();
     let eot: Vec<u32> = tok.special_id(crate::tokenizer::EOT).into_iter().collect();
+    let ctx = model.config().n_positions;
+    let (mut asked, mut requests) = (vec![], vec![]);
     for p in prompts {
         let Some(skill) = &p.skill else { continue };
         if !prefixes.contains_key(skill) {
@@ -110,23 +125,18 @@ pub fn few_shot_accuracy(
         }
         let question = &p.messages[p.messages.len() - 1].content;
         let mut ids = tok.encode(&synth::few_shot_prompt(&prefixes[skill], question))?;
-        let ctx = model.config().n_positions;
         if ids.len() + max_new > ctx {
             ids.drain(..ids.len() + max_new - ctx);
         }
-        let opts = GenerateOptions {
-            max_new_tokens: max_new,
-            stop_tokens: eot.clone(),
-        };
-        let mut s = Sampler::new(SamplingParams::greedy(), 0)?;
-        let mut text = crate::engine::TextStream::new(tok);
-        let mut so_far = String::new();
-        engine::generate(model, &ids, &opts, &mut s, |id| {
-            so_far.push_str(&text.push(id).unwrap_or_default());
-            !so_far.contains('\n')
-        })?;
-        let answer = so_far.split('\n').next().unwrap_or("").trim().to_string();
-        r.record(p, answer);
+        let mut r = Request::greedy(ids, max_new, eot.clone());
+        r.stop_strings = vec!["\n".into()];
+        requests.push(r);
+        asked.push(p);
+    }
+    let done = engine::generate_batch(model, Some(tok), requests, EngineConfig::default(), |_| {})?;
+    let mut r = SkillReport::default();
+    for (p, c) in asked.into_iter().zip(done) {
+        r.record(p, c[0].text.trim().to_string());
     }
     Ok(r)
 }

@@ -36,7 +36,7 @@ pub fn applies(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(super) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = s else {
         bail!("{op}: the fused kernel takes f32 tensors")
     };
@@ -47,7 +47,7 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
 }
 
 /// Runs `f` on the f32 contents of a CPU tensor (made contiguous first if needed).
-fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(super) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
@@ -63,7 +63,7 @@ const LN2_LO: f32 = 1.428_606_8e-6;
 /// `e^x` to about 2 ulp, branch-free so that loops calling it vectorise (libm's `expf` is an
 /// opaque call): range reduction by ln 2, then a degree-7 Taylor polynomial on [-ln2/2, ln2/2].
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(super) fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     // Round to nearest through the float adder (1.5 * 2^23), which vectorises where `round` does not.
     let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
@@ -77,7 +77,7 @@ fn exp(x: f32) -> f32 {
 
 /// Sum with eight independent accumulators (a plain fold is one serial dependency chain).
 #[inline(always)]
-fn sum(x: &[f32]) -> f32 {
+pub(super) fn sum(x: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = x.chunks_exact(8);
     let rest = chunks.remainder();
@@ -90,7 +90,7 @@ fn sum(x: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -103,7 +103,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn max(x: &[f32]) -> f32 {
+pub(super) fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = x.chunks_exact(8);
     let rest = chunks.remainder();
@@ -183,9 +183,21 @@ impl Mat {
 
 /// A raw pointer that rayon tasks may share because each writes a disjoint part of the buffer.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32, usize);
+pub(super) struct SharedMut(pub(super) *mut f32, pub(super) usize);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// Writes `v` at element `i`.
+    ///
+    /// # Safety
+    /// `i` is below the buffer's length and no other thread touches element `i` meanwhile.
+    pub(super) unsafe fn write(&self, i: usize, v: f32) {
+        debug_assert!(i < self.1);
+        // SAFETY: the caller's promise.
+        unsafe { *self.0.add(i) = v }
+    }
+}
 
 /// `dst = a b`, or `dst += a b` with `accumulate`.
 ///

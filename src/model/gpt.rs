@@ -10,8 +10,8 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
 use super::config::GptConfig;
-use super::kv_cache::KvCache;
-use super::ops;
+use super::kv_cache::{KvSlots, Segment};
+use super::{fused, infer, ops};
 
 /// Standard deviation of GPT-2's weight initialisation.
 const INIT_STD: f64 = 0.02;
@@ -182,6 +182,38 @@ impl Gpt {
         &self.cfg
     }
 
+    /// The same model with untracked tensors that share the weights' storage: it sees every
+    /// optimizer update, builds no autograd graph, and takes the inference kernels (generation
+    /// during training and PPO's rollouts use it).
+    pub fn detached(&self) -> Gpt {
+        let d = |t: &Tensor| t.detach();
+        Gpt {
+            cfg: self.cfg.clone(),
+            wte: d(&self.wte),
+            wpe: d(&self.wpe),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| Block {
+                    ln1_w: d(&b.ln1_w),
+                    ln1_b: d(&b.ln1_b),
+                    attn_w: d(&b.attn_w),
+                    attn_b: d(&b.attn_b),
+                    attn_proj_w: d(&b.attn_proj_w),
+                    attn_proj_b: d(&b.attn_proj_b),
+                    ln2_w: d(&b.ln2_w),
+                    ln2_b: d(&b.ln2_b),
+                    fc_w: d(&b.fc_w),
+                    fc_b: d(&b.fc_b),
+                    fc_proj_w: d(&b.fc_proj_w),
+                    fc_proj_b: d(&b.fc_proj_b),
+                })
+                .collect(),
+            ln_f_w: d(&self.ln_f_w),
+            ln_f_b: d(&self.ln_f_b),
+        }
+    }
+
     pub fn device(&self) -> &Device {
         self.wte.device()
     }
@@ -222,12 +254,7 @@ impl Gpt {
     /// Checks token ids against the vocabulary and the sequence against the context, so that
     /// bad input is an error naming the problem rather than an out-of-bounds panic.
     pub fn check_input(&self, ids: &[u32], past: usize) -> Result<()> {
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            bail!(
-                "token id {bad} is outside the vocabulary (size {})",
-                self.cfg.vocab_size
-            );
-        }
+        self.check_vocab(ids)?;
         let total = past + ids.len();
         if total > self.cfg.n_positions {
             bail!(
@@ -238,84 +265,117 @@ impl Gpt {
         Ok(())
     }
 
-    /// Final hidden states `[B, T, C]` (after `ln_f`) for token ids `[B, T]` (u32). With a cache,
-    /// the tokens continue the cached sequence and their keys/values are appended to it.
-    pub fn forward_hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    /// Checks token ids against the vocabulary.
+    pub fn check_vocab(&self, ids: &[u32]) -> Result<()> {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            bail!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.cfg.vocab_size
+            );
+        }
+        Ok(())
+    }
+
+    /// Final hidden states `[B, T, C]` (after `ln_f`) for token ids `[B, T]` (u32): the whole
+    /// sequences at once, as training and scoring need.
+    pub fn forward_hidden(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2().context("token ids must be a [batch, time] tensor")?;
         ensure!(t > 0, "cannot run the model on an empty sequence");
-        let past = cache.as_ref().map_or(0, |c| c.len());
         ensure!(
-            past + t <= self.cfg.n_positions,
-            "sequence of {} tokens exceeds the model's context of {} tokens",
-            past + t,
+            t <= self.cfg.n_positions,
+            "sequence of {t} tokens exceeds the model's context of {} tokens",
             self.cfg.n_positions
         );
-        if let Some(c) = cache.as_ref() {
-            ensure!(
-                c.batch() == b,
-                "KV cache holds batch {} but the input has batch {b}",
-                c.batch()
-            );
-            ensure!(past + t <= c.capacity(), "KV cache capacity {} exceeded", c.capacity());
-        }
-        let pos = Tensor::arange(past as u32, (past + t) as u32, ids.device())?;
+        let pos = Tensor::arange(0, t as u32, ids.device())?;
         let tok = self
             .wte
             .embedding(&ids.flatten_all()?)?
             .reshape((b, t, self.cfg.n_embd))?;
         let mut x = tok.broadcast_add(&self.wpe.embedding(&pos)?)?;
-        for (layer, block) in self.blocks.iter().enumerate() {
-            x = self.block_forward(block, &x, past, layer, cache.as_deref_mut())?;
+        for block in &self.blocks {
+            let a = self.ln(&x, &block.ln1_w, &block.ln1_b)?;
+            let qkv = ops::linear(&a, &block.attn_w, &block.attn_b)?;
+            let y = ops::causal_self_attention(&qkv, self.cfg.n_head)?;
+            x = self.block_rest(block, &x, &y)?;
         }
-        if let Some(c) = cache {
-            c.advance(t);
-        }
-        Ok(ops::layer_norm(
-            &x,
-            &self.ln_f_w,
-            &self.ln_f_b,
-            self.cfg.layer_norm_epsilon,
-        )?)
+        self.ln(&x, &self.ln_f_w, &self.ln_f_b)
     }
 
-    fn block_forward(
-        &self,
-        bl: &Block,
-        x: &Tensor,
-        past: usize,
-        layer: usize,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let h = self.cfg.n_head;
-        let eps = self.cfg.layer_norm_epsilon;
-        let a = ops::layer_norm(x, &bl.ln1_w, &bl.ln1_b, eps)?;
-        let qkv = ops::linear(&a, &bl.attn_w, &bl.attn_b)?;
-        let y = match cache {
-            Some(cache) => self.cached_attention(&qkv, past, layer, cache)?,
-            None => ops::causal_self_attention(&qkv, h)?,
-        };
-        let x = (x + ops::linear(&y, &bl.attn_proj_w, &bl.attn_proj_b)?)?;
-        let m = ops::layer_norm(&x, &bl.ln2_w, &bl.ln2_b, eps)?;
+    /// Final hidden states `[N, C]` (after `ln_f`) of a packed batch for the engine: `ids` holds
+    /// the new tokens of every segment in order, and segment `i` continues the sequence cached in
+    /// its slot, whose keys and values it appends there. Inference only (no backward).
+    pub fn forward_packed(&self, ids: &[u32], segs: &[Segment], cache: &mut KvSlots) -> Result<Tensor> {
+        ensure!(!ids.is_empty(), "cannot run the model on an empty batch");
+        ensure!(
+            segs.iter().map(|s| s.len).sum::<usize>() == ids.len(),
+            "the segments cover {} tokens but the batch has {}",
+            segs.iter().map(|s| s.len).sum::<usize>(),
+            ids.len()
+        );
+        self.check_vocab(ids)?;
+        cache.check(segs)?;
+        let device = self.device();
+        let pos: Vec<u32> = segs
+            .iter()
+            .flat_map(|s| (s.past..s.past + s.len).map(|p| p as u32))
+            .collect();
+        let tok = self.wte.embedding(&Tensor::new(ids, device)?)?;
+        let mut x = (tok + self.wpe.embedding(&Tensor::new(pos.as_slice(), device)?)?)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let a = self.ln(&x, &block.ln1_w, &block.ln1_b)?;
+            let qkv = ops::linear(&a, &block.attn_w, &block.attn_b)?;
+            let y = self.packed_attention(&qkv, segs, cache.layer(layer))?;
+            x = self.block_rest(block, &x, &y)?;
+        }
+        cache.advance(segs);
+        self.ln(&x, &self.ln_f_w, &self.ln_f_b)
+    }
+
+    fn ln(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(ops::layer_norm(x, w, b, self.cfg.layer_norm_epsilon)?)
+    }
+
+    /// The rest of a block after attention `y`: output projection and residual, then the MLP.
+    fn block_rest(&self, bl: &Block, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let x = (x + ops::linear(y, &bl.attn_proj_w, &bl.attn_proj_b)?)?;
+        let m = self.ln(&x, &bl.ln2_w, &bl.ln2_b)?;
         let m = ops::activation(&ops::linear(&m, &bl.fc_w, &bl.fc_b)?, self.cfg.activation)?;
         Ok((&x + ops::linear(&m, &bl.fc_proj_w, &bl.fc_proj_b)?)?)
     }
 
-    /// Attention of new tokens' `qkv` `[B, t, 3C]` over the cached keys and values of `layer`
-    /// and their own, appending their keys and values to the cache.
-    fn cached_attention(&self, qkv: &Tensor, past: usize, layer: usize, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, t, c3) = qkv.dims3()?;
-        let c = c3 / 3;
-        let (h, dh) = (self.cfg.n_head, self.cfg.head_dim());
-        let heads = |i: usize| -> candle_core::Result<Tensor> {
-            qkv.narrow(2, i * c, c)?
-                .reshape((b, t, h, dh))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-        let (k_all, v_all) = cache.append(layer, &k, &v)?;
-        let y = ops::causal_attention(&q, &k_all, &v_all, past)?;
-        Ok(y.transpose(1, 2)?.reshape((b, t, c))?)
+    /// Writes the keys and values of packed `qkv` `[N, 3C]` into the layer's KV buffer `kv` and
+    /// attends each token over its own slot, giving `[N, C]`.
+    fn packed_attention(&self, qkv: &Tensor, segs: &[Segment], kv: &Tensor) -> Result<Tensor> {
+        let h = self.cfg.n_head;
+        if fused::applies(&[qkv, kv]) {
+            kv.inplace_op2(qkv, &infer::WriteKv { segs, n_head: h })?;
+            return Ok(qkv.apply_op2_no_bwd(kv, &infer::RaggedAttention { segs, n_head: h })?);
+        }
+        // Other devices and dtypes: one segment at a time through the composed ops.
+        let (c, dh) = (self.cfg.n_embd, self.cfg.head_dim());
+        let mut ys = Vec::with_capacity(segs.len());
+        let mut at = 0;
+        for s in segs {
+            let part = qkv.narrow(0, at, s.len)?;
+            at += s.len;
+            let heads = |i: usize| -> candle_core::Result<Tensor> {
+                part.narrow(1, i * c, c)?
+                    .reshape((s.len, h, dh))?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .unsqueeze(0)
+            };
+            let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+            let (keys, values) = (kv.narrow(0, 0, 1)?.squeeze(0)?, kv.narrow(0, 1, 1)?.squeeze(0)?);
+            keys.narrow(0, s.slot, 1)?.slice_set(&k, 2, s.past)?;
+            values.narrow(0, s.slot, 1)?.slice_set(&v, 2, s.past)?;
+            let total = s.past + s.len;
+            let k_all = keys.narrow(0, s.slot, 1)?.narrow(2, 0, total)?;
+            let v_all = values.narrow(0, s.slot, 1)?.narrow(2, 0, total)?;
+            let y = ops::causal_attention(&q, &k_all, &v_all, s.past)?;
+            ys.push(y.squeeze(0)?.transpose(0, 1)?.reshape((s.len, c))?);
+        }
+        Ok(Tensor::cat(&ys, 0)?)
     }
 
     /// Logits `[B, T, V]` from hidden states `[B, T, C]` through the tied embedding matrix.
@@ -325,16 +385,21 @@ impl Gpt {
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
     }
 
+    /// Logits `[R, V]` of hidden-state rows `[R, C]` (the engine's selected positions).
+    pub fn lm_head_rows(&self, rows: &Tensor) -> Result<Tensor> {
+        Ok(ops::matmul_transposed(rows, &self.wte)?)
+    }
+
     /// Logits `[B, T, V]` for token ids `[B, T]`.
-    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let hidden = self.forward_hidden(ids, cache)?;
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids)?;
         self.lm_head(&hidden)
     }
 
     /// Mean next-token cross-entropy of `targets` `[B, T]` given `inputs` `[B, T]`, optionally
     /// weighted per position by `weights` `[B, T]` (a loss mask).
     pub fn lm_loss(&self, inputs: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
-        let hidden = self.forward_hidden(inputs, None)?;
+        let hidden = self.forward_hidden(inputs)?;
         let flat_w = weights.map(|w| w.flatten_all()).transpose()?;
         Ok(ops::head_cross_entropy(
             &hidden.reshape(((), self.cfg.n_embd))?,
@@ -344,15 +409,9 @@ impl Gpt {
         )?)
     }
 
-    /// A fresh KV cache for `batch` sequences of up to `capacity` tokens (at most the context).
-    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
-        KvCache::new(
-            &self.cfg,
-            batch,
-            capacity.min(self.cfg.n_positions),
-            self.dtype(),
-            self.device(),
-        )
+    /// A fresh KV cache of `slots` sequences of up to `capacity` tokens (at most the context).
+    pub fn new_slots(&self, slots: usize, capacity: usize) -> Result<KvSlots> {
+        KvSlots::new(&self.cfg, slots, capacity, self.dtype(), self.device())
     }
 }
 

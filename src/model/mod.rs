@@ -1,11 +1,13 @@
-//! The GPT model: configuration and presets, the decoder itself, its KV cache and numeric ops.
+//! The GPT model: configuration and presets, the decoder itself, its KV slots and numeric ops
+//! (composed, fused for training, and the inference kernels of the engine's batches).
 
 pub mod config;
 pub mod fused;
 pub mod gpt;
+pub mod infer;
 pub mod kv_cache;
 pub mod ops;
 
 pub use config::{Activation, GptConfig, PRESETS};
 pub use gpt::{Gpt, init_weights, last_logits, parameter_shapes};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvSlots, Segment};

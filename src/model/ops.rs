@@ -10,7 +10,7 @@
 use candle_core::{D, DType, Device, Result, Tensor};
 
 use super::config::Activation;
-use super::fused;
+use super::{fused, infer};
 
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
@@ -20,20 +20,31 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     composed::layer_norm(x, weight, bias, eps)
 }
 
-/// `x W + b` for `x` of any rank with `W` `[in, out]` (a Hugging Face `Conv1D`).
+/// Whether `x` (of rank 2 or more) has few enough rows, and no gradient to track, for the
+/// inference kernels of [`infer`].
+fn inference_rows(x: &Tensor, others: &[&Tensor]) -> bool {
+    let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+    rows <= infer::MAX_ROWS && !x.track_op() && others.iter().all(|t| !t.track_op())
+}
+
+/// `x W + b` for `x` of any rank with `W` `[in, out]` (a Hugging Face `Conv1D`). Untracked f32
+/// CPU tensors of a few rows (the engine's batches) take the inference kernel, whose rows never
+/// depend on each other; the rest the fused kernel with its backward.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fused::applies(&[x, w, b]) && inference_rows(x, &[w, b]) {
+        return infer::linear(x, w, b);
+    }
     if fused::applies(&[x, w, b]) {
         return fused::linear(x, w, b);
     }
     composed::linear(x, w, b)
 }
 
-/// `x E^T` for `x` `[N, C]` and `E` `[V, C]` (the tied LM head). A few rows of f32 on the CPU
-/// (decoding, no gradient needed) take the fused dot-product route; the rest a candle matmul.
+/// `x E^T` for `x` `[N, C]` and `E` `[V, C]` (the tied LM head). Untracked f32 CPU rows as in
+/// [`linear`] take the inference kernel; the rest a candle matmul.
 pub fn matmul_transposed(x: &Tensor, e: &Tensor) -> Result<Tensor> {
-    let tracked = x.track_op() || e.track_op();
-    if fused::applies(&[x, e]) && fused::is_few_rows(x.dim(0)?) && !tracked {
-        return fused::few_rows_times_transposed(x, e);
+    if fused::applies(&[x, e]) && inference_rows(x, &[e]) {
+        return infer::times_transposed(x, e);
     }
     x.matmul(&e.t()?)
 }
@@ -70,10 +81,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
 /// Causal attention of `Tq` new queries `[B, H, Tq, Dh]` at positions `past..past + Tq` over
 /// keys and values `[B, H, past + Tq, Dh]`.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
-    let tracked = q.track_op() || k.track_op() || v.track_op();
-    if fused::applies(&[q, k, v]) && fused::is_few_rows(q.dim(2)?) && !tracked {
-        return fused::decode_attention(q, k, v, past);
-    }
     if fused::applies(&[q, k, v]) {
         return fused::causal_attention(q, k, v, past);
     }

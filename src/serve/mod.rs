@@ -3,8 +3,8 @@
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
 //! `GET /health`, `POST /v1/feedback`, and the page at `/`. Requests are validated here and
-//! queued to one generation worker thread; prompts are rendered only by
-//! [`Chatbot`] and its chat template.
+//! queued to the scheduler thread ([`scheduler`]), which batches them continuously; prompts are
+//! rendered only by [`Chatbot`] and its chat template.
 //!
 //! Behaviour worth knowing as a client:
 //! - One model is served; the request's `model` is not checked and responses name the
@@ -16,14 +16,15 @@
 //!   own is a 400 with code `context_length_exceeded`.
 //! - Options the server does not implement (tools, logprobs, penalties, JSON mode, echo, ...) are
 //!   refused with a 400 when set, never silently ignored.
-//! - Generation runs one request at a time, in arrival order, with up to 64 waiting (then 503).
-//!   A streamed response starts when its request reaches the worker; a client that disconnects
-//!   stops its generation at the next token.
+//! - Requests run together: each joins the running batch at the next decode step once slots are
+//!   free (`--max-batch` sequences, `--max-batch-tokens` per step) and leaves it when it finishes;
+//!   up to `--queue` requests wait (then 503). A streamed response starts when its request joins
+//!   the batch; a client that disconnects leaves the batch at the next step.
 
 pub mod feedback;
 pub mod openai;
 mod page;
-mod worker;
+pub mod scheduler;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,7 +49,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::engine::Chatbot;
 use feedback::{Feedback, FeedbackStore};
 use openai::{ApiError, GenParams};
-use worker::{Event, Prompt, Worker};
+use scheduler::{Event, Prompt, Scheduler, SchedulerConfig};
 
 /// Largest request body accepted (413 beyond).
 pub const MAX_BODY: usize = 1 << 20;
@@ -63,10 +64,22 @@ pub struct ServeConfig {
     pub port: u16,
     /// The SQLite feedback database, created if absent.
     pub db: PathBuf,
+    pub scheduler: SchedulerConfig,
+}
+
+impl SchedulerConfig {
+    /// 16 sequences, 256 tokens per step, 64 requests waiting.
+    pub fn standard() -> Self {
+        Self {
+            max_batch: 16,
+            token_budget: crate::model::infer::MAX_ROWS,
+            queue: 64,
+        }
+    }
 }
 
 struct AppState {
-    worker: Worker,
+    scheduler: Scheduler,
     store: Arc<FeedbackStore>,
     model_id: String,
     context: usize,
@@ -75,15 +88,15 @@ struct AppState {
 type Shared = State<Arc<AppState>>;
 
 /// The complete application: routes, body limit and state.
-pub fn router(bot: Chatbot, model_id: String, store: FeedbackStore) -> Router {
+pub fn router(bot: Chatbot, model_id: String, store: FeedbackStore, sched: SchedulerConfig) -> Result<Router> {
     let context = bot.model.config().n_positions;
     let state = Arc::new(AppState {
-        worker: Worker::spawn(Arc::new(bot)),
+        scheduler: Scheduler::spawn(Arc::new(bot), sched)?,
         store: Arc::new(store),
         model_id,
         context,
     });
-    Router::new()
+    Ok(Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
@@ -94,15 +107,15 @@ pub fn router(bot: Chatbot, model_id: String, store: FeedbackStore) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(refuse_large_bodies))
-        .with_state(state)
+        .with_state(state))
 }
 
 /// Loads the model, opens the database and serves until Ctrl-C. Prints the bound address
 /// (useful with port 0) as `listening on http://ADDR`.
 pub fn serve(cfg: &ServeConfig) -> Result<()> {
-    let bot = Chatbot::load(&cfg.ckpt)?;
+    let bot = Chatbot::load(&cfg.ckpt, &candle_core::Device::Cpu)?;
     let model_id = model_id(&cfg.ckpt);
-    let store = FeedbackStore::open(&cfg.db)?;
+    let app = router(bot, model_id.clone(), FeedbackStore::open(&cfg.db)?, cfg.scheduler)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -118,7 +131,7 @@ pub fn serve(cfg: &ServeConfig) -> Result<()> {
         );
         use std::io::Write;
         std::io::stdout().flush()?;
-        axum::serve(listener, router(bot, model_id, store))
+        axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;
             })
@@ -184,13 +197,14 @@ async fn method_not_allowed(uri: Uri) -> ApiError {
         .with_code("method_not_allowed")
 }
 
-/// Liveness plus the worker's counters.
+/// Liveness plus the scheduler's counters.
 async fn health(State(s): Shared) -> Json<Value> {
-    let st = s.worker.stats();
+    let st = s.scheduler.stats();
     Json(json!({
         "status": "ok",
         "model": s.model_id,
-        "pending_requests": st.pending.load(Ordering::Relaxed),
+        "running_sequences": st.running.load(Ordering::Relaxed),
+        "waiting_requests": st.waiting.load(Ordering::Relaxed),
         "finished_requests": st.finished.load(Ordering::Relaxed),
         "generated_tokens": st.generated_tokens.load(Ordering::Relaxed),
     }))
@@ -244,11 +258,11 @@ async fn completions(State(s): Shared, b: Result<Bytes, BytesRejection>) -> Resu
 
 /// Queues the job and waits until it starts (or is refused), then answers whole or as a stream.
 async fn run(s: &AppState, api: Api, prompt: Prompt, params: GenParams) -> Result<Response, ApiError> {
-    let mut rx = s.worker.submit(prompt, params.clone())?;
+    let mut rx = s.scheduler.submit(prompt, params.clone())?;
     let prompt_tokens = match rx.recv().await {
         Some(Event::Started { prompt_tokens }) => prompt_tokens,
         Some(Event::Failed(e)) => return Err(e),
-        _ => return Err(ApiError::internal("the generation worker stopped unexpectedly")),
+        _ => return Err(ApiError::internal("the generation thread stopped unexpectedly")),
     };
     let meta = Meta {
         id: format!(
@@ -326,7 +340,7 @@ async fn whole(meta: Meta, n: usize, mut rx: UnboundedReceiver<Event>) -> Result
             Some(Event::Done) => break,
             Some(Event::Failed(e)) => return Err(e),
             Some(Event::Started { .. }) | None => {
-                return Err(ApiError::internal("the generation worker stopped unexpectedly"));
+                return Err(ApiError::internal("the generation thread stopped unexpectedly"));
             }
         }
     }
@@ -408,7 +422,7 @@ fn stream(meta: Meta, params: GenParams, rx: UnboundedReceiver<Event>) -> Respon
             }
             Some(Event::Started { .. }) | None => {
                 out.push(data(
-                    ApiError::internal("the generation worker stopped unexpectedly").body(),
+                    ApiError::internal("the generation thread stopped unexpectedly").body(),
                 ));
                 st.ended = true;
             }

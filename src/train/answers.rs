@@ -49,7 +49,7 @@ pub fn batch(seqs: &[(&[u32], usize)], pad: u32, device: &Device) -> Result<Batc
 /// Log-probabilities `[N, A]` of the answer tokens at `temperature`, and the per-position log
 /// distributions `[N * A, V]` (for the entropy).
 pub fn answer_logprobs(model: &Gpt, b: &Batch, temperature: f64) -> Result<(Tensor, Tensor)> {
-    let logits = model.forward(&b.x, None)?;
+    let logits = model.forward(&b.x)?;
     let v = logits.dim(2)?;
     let rows = logits.reshape(((), v))?.index_select(&b.rows, 0)?;
     let logp = candle_nn::ops::log_softmax(&(rows / temperature)?, D::Minus1)?;

@@ -17,7 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::chat::ChatTemplate;
 use crate::checkpoint::Checkpoint;
-use crate::engine::{self, FinishReason, GenerateOptions, Sampler, SamplingParams};
+use crate::engine::{self, EngineConfig, Request, Sampling, SamplingParams};
 use crate::eval::verify::{self, Task};
 
 /// `talaria data label` settings.
@@ -77,6 +77,14 @@ pub fn rank(skill: &str, mut scored: Vec<(String, f64)>) -> Vec<String> {
     out.into_iter().map(|(t, _)| t).collect()
 }
 
+/// An engine that holds whole prompts' worth of samples: at least 32 sequences.
+fn label_engine(samples: usize) -> EngineConfig {
+    EngineConfig {
+        max_batch: samples * (32usize.div_ceil(samples)),
+        ..EngineConfig::default()
+    }
+}
+
 /// Takes `cfg.samples` answers per prompt from the policy (the greedy one, then samples at
 /// `cfg.temperature`) and writes the labeller's rankings.
 pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
@@ -108,22 +116,9 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
             .expect("valid")
             .progress_chars("=> "),
     );
-    let opts = GenerateOptions {
-        max_new_tokens: cfg.max_new_tokens,
-        stop_tokens: template.stop_tokens(&tok),
-    };
-    let mut lines = String::new();
-    let mut summary = LabelSummary {
-        prompts: prompts.len(),
-        rankings: 0,
-        pairs: 0,
-        no_signal: 0,
-        greedy_accuracy: 0.0,
-        sample_accuracy: 0.0,
-    };
-    let (mut correct, mut sampled, mut greedy_correct) = (0usize, 0usize, 0usize);
+    let stops = template.stop_tokens(&tok);
+    let mut requests = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.iter().enumerate() {
-        let (answer, skill) = (p.answer.as_str(), p.skill.as_str());
         let ids = template.render_prompt(&tok, &p.messages)?;
         if ids.len() + 2 > ck.config.n_positions {
             bail!(
@@ -134,26 +129,43 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
                 ck.config.n_positions
             );
         }
+        // The greedy answer first, then samples; one prefill of the prompt serves them all.
+        let samples = (0..cfg.samples)
+            .map(|k| Sampling {
+                params: SamplingParams::plain(if k == 0 { 0.0 } else { cfg.temperature }),
+                seed: cfg.seed ^ (i as u64).wrapping_mul(1_000_003) ^ (k as u64).wrapping_mul(7919),
+            })
+            .collect();
+        requests.push(Request::greedy(ids, cfg.max_new_tokens, stops.clone()).with_samples(samples));
+    }
+    let answers = engine::generate_batch(&model, Some(&tok), requests, label_engine(cfg.samples), |_| pb.inc(1))?;
+    let mut lines = String::new();
+    let mut summary = LabelSummary {
+        prompts: prompts.len(),
+        rankings: 0,
+        pairs: 0,
+        no_signal: 0,
+        greedy_accuracy: 0.0,
+        sample_accuracy: 0.0,
+    };
+    let (mut correct, mut sampled, mut greedy_correct) = (0usize, 0usize, 0usize);
+    for (p, completions) in prompts.iter().zip(answers) {
+        let (answer, skill) = (p.answer.as_str(), p.skill.as_str());
         let mut scored = Vec::with_capacity(cfg.samples);
-        for k in 0..cfg.samples {
-            let seed = cfg.seed ^ (i as u64).wrapping_mul(1_000_003) ^ (k as u64).wrapping_mul(7919);
-            let temperature = if k == 0 { 0.0 } else { cfg.temperature };
-            let mut sampler = Sampler::new(SamplingParams::plain(temperature), seed)?;
-            let g = engine::generate(&model, &ids, &opts, &mut sampler, |_| true)?;
-            let text = tok.decode(&g.tokens)?;
-            let ended = g.finish == FinishReason::Stop;
-            let ok = usize::from(ended && verify::is_correct(answer, skill, &text));
+        for (k, c) in completions.into_iter().enumerate() {
+            let ended = c.finish.ended();
+            let ok = usize::from(ended && verify::is_correct(answer, skill, &c.text));
             if k == 0 {
                 greedy_correct += ok;
             } else {
                 correct += ok;
                 sampled += 1;
             }
-            if text.trim().is_empty() {
+            if c.text.trim().is_empty() {
                 continue;
             }
-            let s = score(answer, skill, &text, ended);
-            scored.push((text, s));
+            let s = score(answer, skill, &c.text, ended);
+            scored.push((c.text, s));
         }
         let ranked = rank(skill, scored);
         if ranked.len() < 2 {
@@ -165,7 +177,6 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
             lines.push_str(&serde_json::to_string(&record)?);
             lines.push('\n');
         }
-        pb.inc(1);
     }
     pb.finish_and_clear();
     summary.greedy_accuracy = greedy_correct as f64 / prompts.len().max(1) as f64;

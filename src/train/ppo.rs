@@ -19,8 +19,8 @@ use crate::chat::ChatTemplate;
 use crate::checkpoint::{self, CHECKPOINT_DIR, Checkpoint, CheckpointWriter, Meta};
 use crate::data::prompts::{PromptRecord, read_prompts};
 use crate::data::shards::{LoaderPosition, Split, TokenLoader};
-use crate::engine::{self, FinishReason, GenerateOptions, Sampler, SamplingParams};
-use crate::eval::tasks::chat_answer;
+use crate::engine::{self, EngineConfig, FinishReason, Request, Sampling, SamplingParams};
+use crate::eval::tasks::chat_answers;
 use crate::eval::verify;
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
@@ -156,7 +156,7 @@ impl Rollout {
 
 /// Critic values `[N, A]` before each answer token.
 fn answer_values(critic: &Gpt, head: &Tensor, b: &Batch) -> Result<Tensor> {
-    let hidden = critic.forward_hidden(&b.x, None)?;
+    let hidden = critic.forward_hidden(&b.x)?;
     let c = hidden.dim(2)?;
     let rows = hidden.reshape(((), c))?.index_select(&b.rows, 0)?;
     Ok(rows.matmul(&head.t()?)?.squeeze(1)?.reshape((b.n, b.a))?)
@@ -204,16 +204,25 @@ pub fn verifier_accuracy(
     prompts: &[PromptRecord],
     max_new: usize,
 ) -> Result<f64> {
-    let (mut correct, mut total) = (0, 0);
-    for p in prompts {
-        let (Some(answer), Some(skill)) = (&p.answer, &p.skill) else {
-            continue;
-        };
-        let (text, ended) = chat_answer(model, tok, template, p, max_new)?;
-        correct += usize::from(ended && verify::is_correct(answer, skill, &text));
-        total += 1;
-    }
-    Ok(correct as f64 / total.max(1) as f64)
+    let scored: Vec<&PromptRecord> = prompts
+        .iter()
+        .filter(|p| p.answer.is_some() && p.skill.is_some())
+        .collect();
+    let owned: Vec<PromptRecord> = scored.iter().map(|p| (*p).clone()).collect();
+    let answers = chat_answers(model, tok, template, &owned, max_new)?;
+    let correct = scored
+        .iter()
+        .zip(&answers)
+        .filter(|(p, (text, ended))| {
+            *ended
+                && verify::is_correct(
+                    p.answer.as_deref().unwrap_or(""),
+                    p.skill.as_deref().unwrap_or(""),
+                    text,
+                )
+        })
+        .count();
+    Ok(correct as f64 / scored.len().max(1) as f64)
 }
 
 struct Critic {
@@ -278,6 +287,13 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
     );
     let actor = ParamSet::from_weights(&actor_ck.config, &actor_ck.weights)?;
     let actor_model = actor.model()?;
+    // Rollouts and the no-gradient passes read the actor's weights untracked: the same storage,
+    // so every update shows, but the engine's inference kernels apply and no graph is built.
+    let rollout_model = actor_model.detached();
+    let rollout_engine = EngineConfig {
+        max_batch: (cfg.prompts_per_step * cfg.samples_per_prompt).max(1),
+        token_budget: crate::model::infer::MAX_ROWS.max(cfg.prompts_per_step * cfg.samples_per_prompt),
+    };
     let adam = AdamWConfig {
         weight_decay: 0.0,
         ..AdamWConfig::default()
@@ -316,6 +332,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
     };
     let critic_model = critic.params.model()?;
     let value_head = critic.params.get(SCORE_HEAD).expect("head present").clone();
+    let critic_view = critic_model.detached();
 
     let mut order = EpochOrder::new(cfg.seed, prompts.len(), 0, 0);
     let mut kl = KlController {
@@ -457,8 +474,8 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         }
         // 1. Rollouts with the KV-cache engine.
         let t_rollout = Instant::now();
-        let mut rollouts = vec![];
-        let mut records = vec![];
+        let mut recs = Vec::with_capacity(cfg.prompts_per_step);
+        let mut requests = Vec::with_capacity(cfg.prompts_per_step);
         for p in 0..cfg.prompts_per_step {
             let rec = &prompts[order.next()];
             let prompt_ids = template.render_prompt(&tok, &rec.messages)?;
@@ -469,32 +486,39 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                     sft.config.n_positions
                 );
             }
-            for k in 0..cfg.samples_per_prompt {
-                let seed = cfg.seed
-                    ^ step.wrapping_mul(1_000_003)
-                    ^ ((p * cfg.samples_per_prompt + k) as u64).wrapping_mul(7919);
-                let mut sampler = Sampler::new(SamplingParams::plain(cfg.temperature), seed)?;
-                let opts = GenerateOptions {
-                    max_new_tokens: cfg.max_new_tokens,
-                    stop_tokens: stop_tokens.clone(),
-                };
-                let g = engine::generate(&actor_model, &prompt_ids, &opts, &mut sampler, |_| true)?;
-                let ended = g.finish == FinishReason::Stop;
-                let mut seq = prompt_ids.clone();
-                seq.extend(&g.tokens);
-                if ended && seq.len() < sft.config.n_positions {
-                    seq.push(template.end);
+            let samples = (0..cfg.samples_per_prompt)
+                .map(|k| Sampling {
+                    params: SamplingParams::plain(cfg.temperature),
+                    seed: cfg.seed
+                        ^ step.wrapping_mul(1_000_003)
+                        ^ ((p * cfg.samples_per_prompt + k) as u64).wrapping_mul(7919),
+                })
+                .collect();
+            requests.push(Request::greedy(prompt_ids, cfg.max_new_tokens, stop_tokens.clone()).with_samples(samples));
+            recs.push(rec);
+        }
+        let prompt_ids: Vec<Vec<u32>> = requests.iter().map(|r| r.prompt.clone()).collect();
+        let done = engine::generate_batch(&rollout_model, Some(&tok), requests, rollout_engine, |_| {})?;
+        let mut rollouts = vec![];
+        let mut records = vec![];
+        for (p, completions) in done.into_iter().enumerate() {
+            for c in completions {
+                let mut seq = prompt_ids[p].clone();
+                seq.extend(&c.tokens);
+                // The loss scores exactly what was sampled, the stop token included.
+                if let FinishReason::StopToken(t) = c.finish {
+                    seq.push(t);
                 }
-                if seq.len() == prompt_ids.len() {
+                if seq.len() == prompt_ids[p].len() {
                     // An empty, unended answer (context already full): nothing to learn from.
                     continue;
                 }
-                records.push((rec, tok.decode(&g.tokens)?));
+                records.push((recs[p], c.text));
                 rollouts.push(Rollout {
                     group: p,
                     seq,
-                    prompt_len: prompt_ids.len(),
-                    ended,
+                    prompt_len: prompt_ids[p].len(),
+                    ended: c.finish.ended(),
                     score: 0.0,
                     logp_old: vec![],
                     logp_ref: vec![],
@@ -556,9 +580,9 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             let refs: Vec<&Rollout> = chunk.iter().collect();
             let b = batch_of(&refs, pad, &device)?;
             let lens: Vec<usize> = refs.iter().map(|r| r.answer_len()).collect();
-            let old = rows_of(&answer_logprobs(&actor_model, &b, cfg.temperature)?.0, &lens)?;
+            let old = rows_of(&answer_logprobs(&rollout_model, &b, cfg.temperature)?.0, &lens)?;
             let reference_lp = rows_of(&answer_logprobs(&reference, &b, cfg.temperature)?.0, &lens)?;
-            let values = rows_of(&answer_values(&critic_model, &value_head, &b)?, &lens)?;
+            let values = rows_of(&answer_values(&critic_view, &value_head.detach(), &b)?, &lens)?;
             for (((r, o), rl), v) in chunk.iter_mut().zip(old).zip(reference_lp).zip(values) {
                 r.logp_old = o;
                 r.logp_ref = rl;
@@ -703,7 +727,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         pb.set_message(format!("reward {mean_score:.3} kl {mean_kl:.3}"));
         if step.is_multiple_of(cfg.eval_every) || step == cfg.steps {
             if let Some(ev) = &eval_prompts {
-                let acc = verifier_accuracy(&actor_model, &tok, &template, ev, cfg.max_new_tokens)?;
+                let acc = verifier_accuracy(&rollout_model, &tok, &template, ev, cfg.max_new_tokens)?;
                 metrics.log("ppo", step, tokens_total, &[("eval_accuracy", acc)])?;
                 values.push(("eval_accuracy", acc));
             }

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::shards::{LoaderPosition, Split, TokenLoader};
-use crate::engine::{self, GenerateOptions, Sampler, SamplingParams};
+use crate::engine::{self, EngineConfig, Request, Sampling, SamplingParams};
 use crate::model::ops::target_logprobs;
 use crate::model::{Gpt, GptConfig, init_weights};
 use crate::tokenizer::Tokenizer;
@@ -50,7 +50,7 @@ struct Pretrain {
 
 /// Sum of next-token negative log-likelihoods (nats) per position `[B, T]` (no gradient needed).
 fn token_nll(model: &Gpt, x: &Tensor, y: &Tensor) -> Result<Vec<f32>> {
-    let picked = target_logprobs(&model.forward(x, None)?, y)?;
+    let picked = target_logprobs(&model.forward(x)?, y)?;
     Ok(picked.neg()?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }
 
@@ -90,22 +90,24 @@ impl Objective for Pretrain {
         }
         let mut samples = vec![];
         if let Some(tok) = &self.tokenizer {
-            for i in 0..self.samples.min(self.val.num_windows()) {
-                let prompt: Vec<u32> = self.val.window(i).into_iter().take(8).collect();
-                let opts = GenerateOptions {
-                    max_new_tokens: 32,
-                    stop_tokens: vec![],
-                };
-                let mut sampler = Sampler::new(
-                    SamplingParams {
+            let prompts: Vec<Vec<u32>> = (0..self.samples.min(self.val.num_windows()))
+                .map(|i| self.val.window(i).into_iter().take(8).collect())
+                .collect();
+            let requests = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let params = SamplingParams {
                         temperature: 0.8,
                         top_k: Some(50),
                         top_p: None,
-                    },
-                    i as u64,
-                )?;
-                let out = engine::generate(model, &prompt, &opts, &mut sampler, |_| true)?;
-                samples.push(format!("{} >>> {}", tok.decode(&prompt)?, tok.decode(&out.tokens)?));
+                    };
+                    Request::greedy(p.clone(), 32, vec![]).with_samples(vec![Sampling { params, seed: i as u64 }])
+                })
+                .collect();
+            let done = engine::generate_batch(&model.detached(), Some(tok), requests, EngineConfig::default(), |_| {})?;
+            for (p, c) in prompts.iter().zip(done) {
+                samples.push(format!("{} >>> {}", tok.decode(p)?, c[0].text));
             }
         }
         Ok(EvalReport { values, samples })

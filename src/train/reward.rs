@@ -39,8 +39,8 @@ pub struct FittedPrompt {
     pub seqs: Vec<Vec<u32>>,
 }
 
-/// The prompt with its oldest exchanges dropped, one user turn at a time, until every answer fits in `ctx`
-/// tokens after it: system messages and the last user turn always stay. `None` when even that is too long.
+/// The prompt with its oldest exchanges dropped ([`crate::chat::drop_oldest_turns`]) until every answer fits
+/// in `ctx` tokens after it. `None` when even the last user turn is too long.
 pub fn fitting_prompt(
     tok: &Tokenizer,
     template: &ChatTemplate,
@@ -48,34 +48,19 @@ pub fn fitting_prompt(
     answers: &[&str],
     ctx: usize,
 ) -> Result<Option<FittedPrompt>> {
-    let system: Vec<Message> = prompt.iter().filter(|m| m.role == Role::System).cloned().collect();
-    let turns: Vec<&Message> = prompt.iter().filter(|m| m.role != Role::System).collect();
-    let starts = (0..turns.len()).filter(|&i| turns[i].role == Role::User);
-    'start: for start in starts {
-        let candidate: Vec<Message> = if start == 0 {
-            prompt.to_vec()
-        } else {
-            system
-                .iter()
-                .cloned()
-                .chain(turns[start..].iter().map(|m| (*m).clone()))
-                .collect()
-        };
-        let mut seqs = Vec::with_capacity(answers.len());
-        for a in answers {
-            let seq = render_answer(tok, template, &candidate, a)?;
-            if seq.len() > ctx {
-                continue 'start;
-            }
-            seqs.push(seq);
-        }
-        return Ok(Some(FittedPrompt {
-            prompt: candidate,
-            shortened: start > 0,
-            seqs,
-        }));
-    }
-    Ok(None)
+    let mut seqs = vec![];
+    let kept = crate::chat::drop_oldest_turns(prompt, |candidate| {
+        seqs = answers
+            .iter()
+            .map(|a| render_answer(tok, template, candidate, a))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(seqs.iter().all(|s| s.len() <= ctx))
+    })?;
+    Ok(kept.map(|(prompt, dropped)| FittedPrompt {
+        prompt,
+        shortened: dropped > 0,
+        seqs,
+    }))
 }
 
 /// Scores `[N]` of sequences of different lengths: the head applied to the final hidden state
@@ -95,7 +80,7 @@ pub fn sequence_scores(gpt: &Gpt, head: &Tensor, seqs: &[Vec<u32>], pad: u32) ->
     }
     let device = gpt.device();
     let x = Tensor::from_vec(ids, (seqs.len(), t), device)?;
-    let hidden = gpt.forward_hidden(&x, None)?;
+    let hidden = gpt.forward_hidden(&x)?;
     let c = hidden.dim(2)?;
     let picked = hidden
         .reshape((seqs.len() * t, c))?

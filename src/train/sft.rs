@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::chat::{ChatTemplate, Message, Role};
 use crate::checkpoint::Checkpoint;
 use crate::data::conversations::read_conversations;
-use crate::engine::{self, GenerateOptions, Sampler, SamplingParams};
+use crate::engine::{self, EngineConfig, Request};
 use crate::model::Gpt;
 use crate::model::ops::target_logprobs;
 use crate::tokenizer::Tokenizer;
@@ -173,7 +173,7 @@ pub fn masked_loss(model: &Gpt, examples: &[Example], batch: usize, t: usize, pa
     while at < refs.len() {
         let (x, y, w, used) = pack(&refs[at..], batch, t, pad, model.device())?;
         at += used;
-        let picked = target_logprobs(&model.forward(&x, None)?, &y)?;
+        let picked = target_logprobs(&model.forward(&x)?, &y)?;
         nats -= (picked * &w)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         count += w.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
@@ -222,22 +222,30 @@ impl Objective for Sft {
                 masked_loss(model, &self.data.val, self.batch, self.t, self.pad)?,
             ));
         }
+        let stops = self.template.stop_tokens(&self.tokenizer);
+        let requests = self
+            .val_prompts
+            .iter()
+            .map(|msgs| {
+                Ok(Request::greedy(
+                    self.template.render_prompt(&self.tokenizer, msgs)?,
+                    48,
+                    stops.clone(),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let done = engine::generate_batch(
+            &model.detached(),
+            Some(&self.tokenizer),
+            requests,
+            EngineConfig::default(),
+            |_| {},
+        )?;
         let mut samples = vec![];
-        for msgs in &self.val_prompts {
-            let prompt = self.template.render_prompt(&self.tokenizer, msgs)?;
-            let opts = GenerateOptions {
-                max_new_tokens: 48,
-                stop_tokens: self.template.stop_tokens(&self.tokenizer),
-            };
-            let mut s = Sampler::new(SamplingParams::greedy(), 0)?;
-            let out = engine::generate(model, &prompt, &opts, &mut s, |_| true)?;
-            let ended = if out.finish == engine::FinishReason::Stop {
-                ""
-            } else {
-                " [no end token]"
-            };
+        for (msgs, c) in self.val_prompts.iter().zip(done) {
+            let ended = if c[0].finish.ended() { "" } else { " [no end token]" };
             let question = &msgs[msgs.len() - 1].content;
-            samples.push(format!("{question} >>> {}{ended}", self.tokenizer.decode(&out.tokens)?));
+            samples.push(format!("{question} >>> {}{ended}", c[0].text));
         }
         Ok(EvalReport { values, samples })
     }

@@ -1,0 +1,200 @@
+//! `talaria eval`, `talaria report` and `talaria bench`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use talaria::bench::{BenchConfig, BenchKind};
+use talaria::eval::checkpoint::{CheckpointEvalConfig, evaluate_checkpoint};
+use talaria::eval::report;
+use talaria::eval::run::evaluate_run;
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum BenchWhat {
+    /// Forward, backward and an AdamW step on batches of random tokens.
+    Train,
+    /// Greedy decoding with the batched engine and its KV cache (`--batch` sequences together).
+    Decode,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    what: BenchWhat,
+    /// Model preset (see the presets in src/model/config.rs).
+    #[arg(long, default_value = "bench")]
+    preset: String,
+    /// Timed training steps, or decode steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Training batch size in sequences of the full context (default 8), or sequences decoded
+    /// together (default 1).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Print one JSON object with the figures on the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct EvalArgs {
+    /// A speedrun directory (evaluates base, SFT, PPO/DPO and the reward model, writes eval.json),
+    /// or a single checkpoint with --prompts / --mmlu / --gsm8k.
+    target: PathBuf,
+    /// Held-out prompts with reference answers (default-world format) for a single chat checkpoint.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Few-shot prompt a base model in plain text instead of the chat template.
+    #[arg(long)]
+    few_shot: bool,
+    /// MMLU-format multiple-choice file (e.g. ../shared/data/eval/mmlu_test.jsonl).
+    #[arg(long)]
+    mmlu: Option<PathBuf>,
+    /// Few-shot examples for MMLU (MMLU-format dev file).
+    #[arg(long)]
+    mmlu_dev: Option<PathBuf>,
+    /// GSM8K-format maths file.
+    #[arg(long)]
+    gsm8k: Option<PathBuf>,
+    /// Few-shot examples for GSM8K.
+    #[arg(long)]
+    gsm8k_train: Option<PathBuf>,
+    /// Evaluate at most this many items of each benchmark file.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// With --prompts: another chat checkpoint to compare against (win-rate by the verifier, and by --reward).
+    #[arg(long, requires = "prompts")]
+    against: Option<PathBuf>,
+    /// A reward model: its pairwise accuracy on --prefs; with --prompts, how often it ranks the reference answer
+    /// above the model's wrong ones, and its verdicts on --against.
+    #[arg(long)]
+    reward: Option<PathBuf>,
+    /// Preference file for --reward.
+    #[arg(long)]
+    prefs: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl EvalArgs {
+    pub(crate) fn run(self) -> Result<()> {
+        let world = self.target.join("world");
+        if world.join("eval_prompts.jsonl").exists() && self.prompts.is_none() {
+            let e = evaluate_run(&self.target, &world, self.seed, self.max_new_tokens)?;
+            for s in &e.stages {
+                println!("{:<5} accuracy {:.1}%", s.name, s.macro_accuracy * 100.0);
+            }
+            println!("wrote {}", self.target.join("eval.json").display());
+            return Ok(());
+        }
+        let cfg = CheckpointEvalConfig {
+            target: self.target.clone(),
+            prompts: self.prompts,
+            few_shot: self.few_shot,
+            mmlu: self.mmlu,
+            mmlu_dev: self.mmlu_dev,
+            gsm8k: self.gsm8k,
+            gsm8k_train: self.gsm8k_train,
+            limit: self.limit,
+            against: self.against.clone(),
+            reward: self.reward,
+            prefs: self.prefs,
+            max_new_tokens: self.max_new_tokens,
+            seed: self.seed,
+        };
+        let e = evaluate_checkpoint(&cfg)?;
+        if let Some(r) = &e.skills {
+            for (skill, t) in &r.by_skill {
+                println!(
+                    "{skill:<14} {:>5.1}%  ({}/{})",
+                    t.accuracy() * 100.0,
+                    t.correct,
+                    t.total
+                );
+            }
+            println!("macro accuracy {:.1}%", r.macro_accuracy() * 100.0);
+        }
+        if let Some(v) = &e.mistakes
+            && let Some(acc) = v.accuracy()
+        {
+            println!(
+                "reward model scores the reference answer above this model's wrong answer on {:.1}% of {} prompts",
+                acc * 100.0,
+                v.mistakes()
+            );
+            for (skill, (right, n)) in &v.by_skill {
+                println!("  {skill:<14} {:>5.1}%  (of {n})", right / *n as f64 * 100.0);
+            }
+        }
+        if let (Some((rb, w)), Some(other)) = (&e.against, &self.against) {
+            println!(
+                "against {}: macro accuracy {:.1}%",
+                other.display(),
+                rb.macro_accuracy() * 100.0
+            );
+            println!(
+                "win-rate: {} by the verifier, {} by the reward model",
+                report::pct(w.by_verifier),
+                report::pct(w.by_reward_model)
+            );
+            if w.by_reward_model.is_some() {
+                println!(
+                    "reward model agrees with the verifier on {} of the {} prompts where one answer is right and the other wrong",
+                    report::pct(w.rm_agreement),
+                    w.separated
+                );
+            }
+        }
+        if let Some((n, acc)) = e.mmlu {
+            println!(
+                "MMLU-format accuracy on {n} questions: {:.1}% (chance 25%)",
+                acc * 100.0
+            );
+        }
+        if let Some((n, acc)) = e.gsm8k {
+            println!("GSM8K-format exact match on {n} problems: {:.1}%", acc * 100.0);
+        }
+        if let Some(m) = &e.reward {
+            println!(
+                "reward model: pairwise accuracy {:.1}% on {} pairs, mean margin {:.3}, reward/length correlation {:.3}",
+                m.accuracy * 100.0,
+                m.pairs,
+                m.margin,
+                m.length_corr
+            );
+        }
+        Ok(())
+    }
+}
+
+impl BenchArgs {
+    pub(crate) fn run(self) -> Result<()> {
+        let (kind, steps, batch) = match self.what {
+            BenchWhat::Train => (BenchKind::Train, self.steps.unwrap_or(5), self.batch.unwrap_or(8)),
+            BenchWhat::Decode => (BenchKind::Decode, self.steps.unwrap_or(200), self.batch.unwrap_or(1)),
+        };
+        let cfg = BenchConfig {
+            kind,
+            preset: self.preset,
+            steps,
+            batch,
+            prompt_len: 16,
+        };
+        let r = talaria::bench::run(&cfg)?;
+        println!("tokens/s            {:.1}", r.tokens_per_s);
+        println!(
+            "achieved GFLOP/s    {:.1} ({:.0}% of the {:.1} GFLOP/s of one 1024^3 matmul)",
+            r.gflops,
+            100.0 * r.gflops / r.peak_matmul_gflops,
+            r.peak_matmul_gflops
+        );
+        println!("peak RSS            {:.0} MiB", r.peak_rss_mib);
+        println!("median step         {:.2} ms", 1e3 * r.median_step_s);
+        if self.json {
+            println!("{}", r.to_json(&cfg));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,132 @@
+//! Evaluation of one checkpoint (`talaria eval CKPT ...`): held-out prompts of the default world
+//! (per skill, chat or few-shot), the reward model's verdicts on the model's own mistakes, a
+//! win-rate against another checkpoint, MMLU- and GSM8K-format benchmarks, and a reward model's
+//! pairwise accuracy on a preference file.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, ensure};
+use candle_core::{DType, Device};
+
+use crate::chat::ChatTemplate;
+use crate::checkpoint::Checkpoint;
+use crate::data::prompts::read_prompts;
+use crate::eval::benchmarks;
+use crate::eval::tasks::{self, MistakeVerdicts, SkillReport, WinRate};
+use crate::model::Gpt;
+use crate::tokenizer::Tokenizer;
+use crate::train::reward::{RewardMetrics, RewardModel, evaluate_reward_model};
+
+/// What to measure on a checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointEvalConfig {
+    pub target: PathBuf,
+    /// Held-out prompts with reference answers (the default world's format).
+    pub prompts: Option<PathBuf>,
+    /// Prompt a base model few-shot in plain text instead of through the chat template.
+    pub few_shot: bool,
+    pub mmlu: Option<PathBuf>,
+    pub mmlu_dev: Option<PathBuf>,
+    pub gsm8k: Option<PathBuf>,
+    pub gsm8k_train: Option<PathBuf>,
+    /// At most this many items of each benchmark file.
+    pub limit: Option<usize>,
+    /// With `prompts`: another checkpoint to compare against.
+    pub against: Option<PathBuf>,
+    /// A reward model: its accuracy on `prefs`, its verdicts on the mistakes, its win-rate verdicts.
+    pub reward: Option<PathBuf>,
+    pub prefs: Option<PathBuf>,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+}
+
+/// What was measured; a field is `None` when it was not asked for.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointEval {
+    pub skills: Option<SkillReport>,
+    /// The reward model on this model's wrong answers.
+    pub mistakes: Option<MistakeVerdicts>,
+    /// The other checkpoint's accuracy and the win-rate of this one against it.
+    pub against: Option<(SkillReport, WinRate)>,
+    /// Questions and accuracy.
+    pub mmlu: Option<(usize, f64)>,
+    pub gsm8k: Option<(usize, f64)>,
+    pub reward: Option<RewardMetrics>,
+}
+
+/// Runs every evaluation `cfg` asks for.
+pub fn evaluate_checkpoint(cfg: &CheckpointEvalConfig) -> Result<CheckpointEval> {
+    ensure!(
+        cfg.reward.is_none() || cfg.prefs.is_some() || cfg.prompts.is_some(),
+        "--reward needs --prefs (its pairwise accuracy) or --prompts (its verdicts on the model's own answers)"
+    );
+    ensure!(
+        cfg.against.is_none() || cfg.prompts.is_some(),
+        "--against needs --prompts (the prompts both models answer)"
+    );
+    let device = Device::Cpu;
+    let ck = Checkpoint::load(&cfg.target, DType::F32, &device)?;
+    let model = ck.model()?;
+    let tok = Tokenizer::from_json(
+        ck.tokenizer_json
+            .as_deref()
+            .context("the checkpoint has no tokenizer.json")?,
+    )?;
+    let rm = cfg.reward.as_deref().map(RewardModel::load).transpose()?;
+    let mut out = CheckpointEval::default();
+    if let Some(p) = &cfg.prompts {
+        let prompts = read_prompts(p)?;
+        let template = ChatTemplate::new(&tok)?;
+        // Both models of an --against comparison are prompted the same way.
+        let answer = |m: &Gpt| {
+            if cfg.few_shot {
+                tasks::few_shot_accuracy(m, &tok, &prompts, 3, cfg.seed, cfg.max_new_tokens)
+            } else {
+                tasks::chat_accuracy(m, &tok, &template, &prompts, cfg.max_new_tokens)
+            }
+        };
+        let r = answer(&model)?;
+        if let (Some(rm), Some(rm_path)) = (&rm, &cfg.reward) {
+            rm.ensure_tokenizer_of(rm_path, &cfg.target, ck.tokenizer_json.as_deref())?;
+            out.mistakes = Some(tasks::reward_on_mistakes(&prompts, &r.answers, rm)?);
+        }
+        if let Some(other) = &cfg.against {
+            let ck_b = Checkpoint::load(other, DType::F32, &device)?;
+            ensure!(
+                ck_b.tokenizer_json == ck.tokenizer_json,
+                "--against {} uses a different tokenizer from {}",
+                other.display(),
+                cfg.target.display()
+            );
+            let rb = answer(&ck_b.model()?)?;
+            let w = tasks::win_rate(&prompts, &r.answers, &rb.answers, rm.as_ref())?;
+            out.against = Some((rb, w));
+        }
+        out.skills = Some(r);
+    }
+    if let Some(p) = &cfg.mmlu {
+        let test = benchmarks::read_mmlu(p, cfg.limit)?;
+        let dev = cfg
+            .mmlu_dev
+            .as_deref()
+            .map(|d| benchmarks::read_mmlu(d, None))
+            .transpose()?
+            .unwrap_or_default();
+        out.mmlu = Some((test.len(), benchmarks::mmlu_accuracy(&model, &tok, &test, &dev, 5)?));
+    }
+    if let Some(p) = &cfg.gsm8k {
+        let test = benchmarks::read_gsm8k(p, cfg.limit)?;
+        let train = cfg
+            .gsm8k_train
+            .as_deref()
+            .map(|d| benchmarks::read_gsm8k(d, Some(8)))
+            .transpose()?
+            .unwrap_or_default();
+        let acc = benchmarks::gsm8k_accuracy(&model, &tok, &test, &train, 2, cfg.max_new_tokens)?;
+        out.gsm8k = Some((test.len(), acc));
+    }
+    if let (Some(rm), Some(p)) = (&rm, &cfg.prefs) {
+        out.reward = Some(evaluate_reward_model(rm, std::slice::from_ref(p), 16)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,499 @@
+//! Inference kernels (f32, CPU, no backward) for the engine's packed batches: rows times a weight
+//! matrix, rows times the transposed embedding (the LM head), writes of new keys and values into
+//! the KV slots, and attention of packed tokens over their own slots.
+//!
+//! Every output element is computed the same way whatever else is in the batch: a product is one
+//! fused multiply-add per term in the order of the summed index, and a tile of several rows or
+//! columns only computes several such chains side by side. So a sequence's logits never depend
+//! on the other sequences of a batch, on how a prompt was split into prefill chunks, or on the
+//! number of threads; the engine's tests check this bit for bit.
+//!
+//! Written by hand because `gemm` (candle's CPU matmul) packs the whole weight matrix on every
+//! call, which costs more than the product itself for the few rows of a decode step, and because
+//! its blocking depends on the matrix shape, so a row's rounding would change with the batch.
+
+use std::ops::Range;
+
+use candle_core::{CpuStorage, CustomOp2, InplaceOp2, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+use super::fused::{SharedMut, dot, exp, f32_slice, max, sum, with_f32};
+use super::kv_cache::Segment;
+
+/// Output columns per rayon task in [`linear`]: the task's block of `W` stays in cache while its
+/// rows pass over it.
+const COLS_PER_TASK: usize = 64;
+/// Rows per rayon task in [`linear`] and [`times_transposed`].
+const ROWS_PER_TASK: usize = 32;
+/// Rows of the embedding matrix per rayon task in [`times_transposed`].
+const EMB_ROWS_PER_TASK: usize = 256;
+/// Up to this many rows a product goes through these kernels; a larger one (a long prompt scored
+/// outside the engine) through `gemm`. The engine never exceeds it in one step.
+pub const MAX_ROWS: usize = 256;
+
+#[cfg(target_arch = "x86_64")]
+fn has_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// `a * b + c`, fused where the hardware has FMA (the same rounding as the vector tiles).
+#[inline(always)]
+fn madd(fma: bool, a: f32, b: f32, c: f32) -> f32 {
+    if fma { a.mul_add(b, c) } else { a * b + c }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows times a weight matrix
+
+/// `acc[r][v][l] = Σ_k x_r[k] · w[k·ldw + 8v + l]`, for `RT` rows and `8·CV` columns.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; every `x_r` holds `k` values and `w` holds
+/// `(k - 1)·ldw + 8·CV` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const RT: usize, const CV: usize>(
+    x: [&[f32]; RT],
+    w: &[f32],
+    ldw: usize,
+    k: usize,
+    out: &mut [[[f32; 8]; CV]; RT],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); CV]; RT];
+    let wp = w.as_ptr();
+    for kk in 0..k {
+        // SAFETY: in bounds by the caller's promise.
+        unsafe {
+            let row = wp.add(kk * ldw);
+            let mut wv = [_mm256_setzero_ps(); CV];
+            for (v, wv) in wv.iter_mut().enumerate() {
+                *wv = _mm256_loadu_ps(row.add(8 * v));
+            }
+            for r in 0..RT {
+                let a = _mm256_set1_ps(*x[r].get_unchecked(kk));
+                for v in 0..CV {
+                    acc[r][v] = _mm256_fmadd_ps(a, wv[v], acc[r][v]);
+                }
+            }
+        }
+    }
+    for r in 0..RT {
+        for v in 0..CV {
+            // SAFETY: `out[r][v]` is 8 f32s.
+            unsafe { _mm256_storeu_ps(out[r][v].as_mut_ptr(), acc[r][v]) };
+        }
+    }
+}
+
+/// The portable version of [`tile_avx2`] (a multiply and an add per term).
+fn tile_plain<const RT: usize, const CV: usize>(
+    x: [&[f32]; RT],
+    w: &[f32],
+    ldw: usize,
+    k: usize,
+    out: &mut [[[f32; 8]; CV]; RT],
+) {
+    *out = [[[0.0; 8]; CV]; RT];
+    for kk in 0..k {
+        let row = &w[kk * ldw..kk * ldw + 8 * CV];
+        for r in 0..RT {
+            let a = x[r][kk];
+            for v in 0..CV {
+                for l in 0..8 {
+                    out[r][v][l] += a * row[8 * v + l];
+                }
+            }
+        }
+    }
+}
+
+/// Computes rows `rows` and columns `cols` of `y = x W + b` into `out` (row-major `[R, n]`).
+#[allow(clippy::too_many_arguments)]
+fn linear_block(
+    out: SharedMut,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    k: usize,
+    n: usize,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    fma: bool,
+) {
+    // SAFETY (all writes below): the task owns rows x cols of `out`, which holds R x n values.
+    let put = |r: usize, c: usize, v: f32| unsafe { out.write(r * n + c, v) };
+    let mut r0 = rows.start;
+    while r0 < rows.end {
+        let g = (rows.end - r0).min(4);
+        let xr = |i: usize| &x[(r0 + i) * k..(r0 + i + 1) * k];
+        let mut c = cols.start;
+        macro_rules! tiles {
+            ($rt:literal, $cv:literal) => {
+                while c + 8 * $cv <= cols.end {
+                    let mut acc = [[[0f32; 8]; $cv]; $rt];
+                    let xs: [&[f32]; $rt] = std::array::from_fn(|i| xr(i));
+                    let ws = &w[c..(k - 1) * n + c + 8 * $cv];
+                    #[cfg(target_arch = "x86_64")]
+                    if fma {
+                        // SAFETY: FMA is present and the slices have the promised lengths.
+                        unsafe { tile_avx2::<$rt, $cv>(xs, ws, n, k, &mut acc) };
+                    } else {
+                        tile_plain::<$rt, $cv>(xs, ws, n, k, &mut acc);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    tile_plain::<$rt, $cv>(xs, ws, n, k, &mut acc);
+                    for (i, row) in acc.iter().enumerate() {
+                        for (v, lanes) in row.iter().enumerate() {
+                            for (l, a) in lanes.iter().enumerate() {
+                                let col = c + 8 * v + l;
+                                put(r0 + i, col, a + b[col]);
+                            }
+                        }
+                    }
+                    c += 8 * $cv;
+                }
+            };
+        }
+        match g {
+            4 => tiles!(4, 2),
+            3 => tiles!(3, 2),
+            2 => tiles!(2, 4),
+            _ => tiles!(1, 8),
+        }
+        // Columns left over (fewer than a tile): the same chain, one element at a time.
+        for col in c..cols.end {
+            for i in 0..g {
+                let xs = xr(i);
+                let mut a = 0f32;
+                for (kk, &xv) in xs.iter().enumerate() {
+                    a = madd(fma, xv, w[kk * n + col], a);
+                }
+                put(r0 + i, col, a + b[col]);
+            }
+        }
+        r0 += g;
+    }
+}
+
+/// `y = x W + b` for `x` `[R, K]`, `W` `[K, N]` and `b` `[N]`, all row-major.
+pub fn linear_rows(x: &[f32], w: &[f32], b: &[f32], k: usize, n: usize) -> Vec<f32> {
+    let r = x.len() / k;
+    let mut y = vec![0f32; r * n];
+    #[cfg(target_arch = "x86_64")]
+    let fma = has_fma();
+    #[cfg(not(target_arch = "x86_64"))]
+    let fma = false;
+    let out = SharedMut(y.as_mut_ptr(), y.len());
+    let col_blocks = n.div_ceil(COLS_PER_TASK);
+    let tasks = r.div_ceil(ROWS_PER_TASK) * col_blocks;
+    (0..tasks).into_par_iter().for_each(|t| {
+        let (rb, cb) = (t / col_blocks, t % col_blocks);
+        let rows = rb * ROWS_PER_TASK..((rb + 1) * ROWS_PER_TASK).min(r);
+        let cols = cb * COLS_PER_TASK..((cb + 1) * COLS_PER_TASK).min(n);
+        linear_block(out, x, w, b, k, n, rows, cols, fma);
+    });
+    y
+}
+
+/// `x W + b` of f32 CPU tensors (`x` `[.., K]`), without a backward pass.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (k, n) = w.dims2()?;
+    if x.dims().last() != Some(&k) || b.dims() != [n] {
+        bail!(
+            "infer-linear: x {:?}, weight {:?} and bias {:?} do not fit",
+            x.dims(),
+            w.dims(),
+            b.dims()
+        );
+    }
+    let y = with_f32(x, "infer-linear", |xs| {
+        with_f32(w, "infer-linear", |ws| {
+            with_f32(b, "infer-linear", |bs| Ok(linear_rows(xs, ws, bs, k, n)))
+        })
+    })?;
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = n;
+    Tensor::from_vec(y, dims, x.device())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows times the transposed embedding (the tied LM head)
+
+/// `acc[r][e] = x_r · e_e` over `c` values for `RT` rows of `x` and `ET` rows of `E`: eight lanes
+/// of fused multiply-adds in order, summed by [`hsum`], then the tail.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; every slice holds `c` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2<const RT: usize, const ET: usize>(x: [&[f32]; RT], e: [&[f32]; ET], c: usize) -> [[f32; ET]; RT] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); ET]; RT];
+    let body = c / 8 * 8;
+    let mut i = 0;
+    while i < body {
+        // SAFETY: i + 8 <= c.
+        unsafe {
+            let mut ev = [_mm256_setzero_ps(); ET];
+            for (j, ev) in ev.iter_mut().enumerate() {
+                *ev = _mm256_loadu_ps(e[j].as_ptr().add(i));
+            }
+            for r in 0..RT {
+                let xv = _mm256_loadu_ps(x[r].as_ptr().add(i));
+                for j in 0..ET {
+                    acc[r][j] = _mm256_fmadd_ps(xv, ev[j], acc[r][j]);
+                }
+            }
+        }
+        i += 8;
+    }
+    let mut out = [[0f32; ET]; RT];
+    for r in 0..RT {
+        for j in 0..ET {
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` is 8 f32s.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][j]) };
+            let mut s = hsum(&lanes);
+            for t in body..c {
+                s = x[r][t].mul_add(e[j][t], s);
+            }
+            out[r][j] = s;
+        }
+    }
+    out
+}
+
+/// The portable version of [`dots_avx2`].
+fn dots_plain<const RT: usize, const ET: usize>(x: [&[f32]; RT], e: [&[f32]; ET], c: usize) -> [[f32; ET]; RT] {
+    let mut out = [[0f32; ET]; RT];
+    let body = c / 8 * 8;
+    for r in 0..RT {
+        for j in 0..ET {
+            let mut lanes = [0f32; 8];
+            for i in (0..body).step_by(8) {
+                for l in 0..8 {
+                    lanes[l] += x[r][i + l] * e[j][i + l];
+                }
+            }
+            let mut s = hsum(&lanes);
+            for t in body..c {
+                s += x[r][t] * e[j][t];
+            }
+            out[r][j] = s;
+        }
+    }
+    out
+}
+
+/// The eight lanes summed in one fixed order.
+#[inline(always)]
+fn hsum(l: &[f32; 8]) -> f32 {
+    ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
+}
+
+/// `x E^T` for `x` `[R, C]` and `E` `[V, C]`, row-major.
+pub fn times_transposed_rows(x: &[f32], e: &[f32], c: usize) -> Vec<f32> {
+    let (r, v) = (x.len() / c, e.len() / c);
+    let mut y = vec![0f32; r * v];
+    #[cfg(target_arch = "x86_64")]
+    let fma = has_fma();
+    #[cfg(not(target_arch = "x86_64"))]
+    let fma = false;
+    let out = SharedMut(y.as_mut_ptr(), y.len());
+    let emb_blocks = v.div_ceil(EMB_ROWS_PER_TASK);
+    let tasks = r.div_ceil(ROWS_PER_TASK) * emb_blocks;
+    (0..tasks).into_par_iter().for_each(|t| {
+        let (rb, eb) = (t / emb_blocks, t % emb_blocks);
+        let rows = rb * ROWS_PER_TASK..((rb + 1) * ROWS_PER_TASK).min(r);
+        let embs = eb * EMB_ROWS_PER_TASK..((eb + 1) * EMB_ROWS_PER_TASK).min(v);
+        // SAFETY (all writes): the task owns rows x embs of `out`, which holds R x V values.
+        let put = |i: usize, j: usize, val: f32| unsafe { out.write(i * v + j, val) };
+        let xr = |i: usize| &x[i * c..(i + 1) * c];
+        let er = |j: usize| &e[j * c..(j + 1) * c];
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let g = (rows.end - r0).min(4);
+            let mut j0 = embs.start;
+            macro_rules! tiles {
+                ($rt:literal, $et:literal) => {
+                    while j0 < embs.end {
+                        let h = (embs.end - j0).min($et);
+                        // Missing embedding rows repeat the last one; their results are dropped.
+                        let xs: [&[f32]; $rt] = std::array::from_fn(|i| xr(r0 + i));
+                        let es: [&[f32]; $et] = std::array::from_fn(|j| er(j0 + j.min(h - 1)));
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: FMA is present; every slice holds `c` values.
+                        let d = if fma {
+                            unsafe { dots_avx2::<$rt, $et>(xs, es, c) }
+                        } else {
+                            dots_plain::<$rt, $et>(xs, es, c)
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let d = dots_plain::<$rt, $et>(xs, es, c);
+                        for (i, row) in d.iter().enumerate() {
+                            for (j, &val) in row.iter().take(h).enumerate() {
+                                put(r0 + i, j0 + j, val);
+                            }
+                        }
+                        j0 += $et;
+                    }
+                };
+            }
+            match g {
+                4 => tiles!(4, 2),
+                3 => tiles!(3, 2),
+                2 => tiles!(2, 4),
+                _ => tiles!(1, 8),
+            }
+            r0 += g;
+        }
+    });
+    y
+}
+
+/// `x E^T` of f32 CPU tensors `x` `[R, C]` and `E` `[V, C]`, without a backward pass.
+pub fn times_transposed(x: &Tensor, e: &Tensor) -> Result<Tensor> {
+    let (r, c) = x.dims2()?;
+    let (v, c2) = e.dims2()?;
+    if c != c2 {
+        bail!("infer-lm-head: widths {c} and {c2} differ");
+    }
+    let y = with_f32(x, "infer-lm-head", |xs| {
+        with_f32(e, "infer-lm-head", |es| Ok(times_transposed_rows(xs, es, c)))
+    })?;
+    Tensor::from_vec(y, (r, v), x.device())
+}
+
+// ---------------------------------------------------------------------------------------------
+// KV slots
+
+/// Where packed token `i` of the batch goes: its segment's slot and its position there.
+fn token_places(segs: &[Segment]) -> Vec<(usize, usize)> {
+    segs.iter()
+        .flat_map(|s| (0..s.len).map(move |j| (s.slot, s.past + j)))
+        .collect()
+}
+
+/// Copies the keys and values of packed `qkv` `[N, 3C]` into the cache `[2, S, H, cap, Dh]` at
+/// each token's slot and position.
+pub struct WriteKv<'a> {
+    pub segs: &'a [Segment],
+    pub n_head: usize,
+}
+
+impl InplaceOp2 for WriteKv<'_> {
+    fn name(&self) -> &'static str {
+        "infer-write-kv"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let CpuStorage::F32(cache) = s1 else {
+            bail!("{}: the cache must be f32", self.name())
+        };
+        let qkv = f32_slice(s2, l2, self.name())?;
+        let [two, slots, h, cap, dh] = l1.dims() else {
+            bail!(
+                "{}: the cache must be [2, slots, heads, capacity, head_dim]",
+                self.name()
+            )
+        };
+        let (n, c3) = l2.shape().dims2()?;
+        let c = h * dh;
+        if *two != 2 || *h != self.n_head || c3 != 3 * c || !l1.is_contiguous() {
+            bail!(
+                "{}: cache {:?} does not fit qkv {:?}",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let places = token_places(self.segs);
+        if places.len() != n || places.iter().any(|&(s, p)| s >= *slots || p >= *cap) {
+            bail!("{}: segments do not fit the batch or the cache", self.name());
+        }
+        let base = l1.start_offset();
+        let plane = slots * h * cap * dh;
+        for (i, &(slot, pos)) in places.iter().enumerate() {
+            let row = &qkv[i * c3..(i + 1) * c3];
+            for hi in 0..*h {
+                let at = base + ((slot * h + hi) * cap + pos) * dh;
+                cache[at..at + dh].copy_from_slice(&row[c + hi * dh..c + (hi + 1) * dh]);
+                cache[plane + at..plane + at + dh].copy_from_slice(&row[2 * c + hi * dh..2 * c + (hi + 1) * dh]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Causal attention of the packed queries in `qkv` `[N, 3C]` over their own slots of the cache
+/// `[2, S, H, cap, Dh]` (which already holds their keys and values): token `j` of a segment sees
+/// positions `0..=past + j` of its slot. Gives the merged heads `[N, C]`.
+pub struct RaggedAttention<'a> {
+    pub segs: &'a [Segment],
+    pub n_head: usize,
+}
+
+impl CustomOp2 for RaggedAttention<'_> {
+    fn name(&self) -> &'static str {
+        "infer-ragged-attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(s1, l1, self.name())?;
+        let CpuStorage::F32(cache) = s2 else {
+            bail!("{}: the cache must be f32", self.name())
+        };
+        let [_, slots, h, cap, dh] = l2.dims() else {
+            bail!(
+                "{}: the cache must be [2, slots, heads, capacity, head_dim]",
+                self.name()
+            )
+        };
+        let (n, c3) = l1.shape().dims2()?;
+        let (h, dh, cap) = (*h, *dh, *cap);
+        let c = h * dh;
+        if h != self.n_head || c3 != 3 * c || !l2.is_contiguous() {
+            bail!(
+                "{}: cache {:?} does not fit qkv {:?}",
+                self.name(),
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        let places = token_places(self.segs);
+        if places.len() != n || places.iter().any(|&(s, p)| s >= *slots || p >= cap) {
+            bail!("{}: segments do not fit the batch or the cache", self.name());
+        }
+        let base = l2.start_offset();
+        let plane = slots * h * cap * dh;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let mut y = vec![0f32; n * c];
+        y.par_chunks_mut(dh).enumerate().with_min_len(4).for_each_init(
+            || vec![0f32; cap],
+            |p, (th, y)| {
+                let (i, hi) = (th / h, th % h);
+                let (slot, pos) = places[i];
+                let q = &qkv[i * c3 + hi * dh..i * c3 + (hi + 1) * dh];
+                let start = base + (slot * h + hi) * cap * dh;
+                let p = &mut p[..pos + 1];
+                for (j, p) in p.iter_mut().enumerate() {
+                    let ko = start + j * dh;
+                    *p = dot(q, &cache[ko..ko + dh]) * scale;
+                }
+                let m = max(p);
+                p.iter_mut().for_each(|x| *x = exp(*x - m));
+                let inv = 1.0 / sum(p);
+                y.fill(0.0);
+                for (j, &pj) in p.iter().enumerate() {
+                    let vo = plane + start + j * dh;
+                    let w = pj * inv;
+                    for (y, &v) in y.iter_mut().zip(&cache[vo..vo + dh]) {
+                        *y += w * v;
+                    }
+                }
+            },
+        );
+        Ok((CpuStorage::F32(y), Shape::from((n, c))))
+    }
+}
