@@ -1,6 +1,7 @@
 //! `talaria bench`: training and decoding throughput on a preset, with achieved GFLOP/s against
-//! the measured peak of one large matmul, and the process's peak resident memory. The same
-//! figures are printed by `bench/pytorch_reference.py`, so the two can be compared side by side.
+//! the measured peak of one large matmul, and the process's peak resident memory (the same
+//! figures `bench/pytorch_reference.py` prints, so the two compare side by side); and serving
+//! throughput and latency under concurrent streaming clients.
 
 use std::time::Instant;
 
@@ -163,6 +164,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
                 EngineConfig {
                     max_batch: cfg.batch,
                     token_budget: crate::model::infer::MAX_ROWS.max(cfg.batch),
+                    capacity: None,
                 },
             )?;
             for i in 0..cfg.batch {
@@ -196,6 +198,192 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         peak_rss_mib: peak_rss_mib()?,
         median_step_s,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Serving
+
+/// `talaria bench serve`: concurrent streaming clients against an in-process server.
+#[derive(Debug, Clone)]
+pub struct ServeBenchConfig {
+    /// A chat checkpoint to serve; without one, a model of `preset` with random weights and a
+    /// byte-level tokenizer trained on the default world's text.
+    pub ckpt: Option<std::path::PathBuf>,
+    pub preset: String,
+    /// Concurrency levels, each run in turn.
+    pub clients: Vec<usize>,
+    /// Streamed requests each client sends back to back.
+    pub requests_per_client: usize,
+    pub max_tokens: usize,
+    pub scheduler: crate::serve::scheduler::SchedulerConfig,
+}
+
+/// The figures of one concurrency level.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServeLevel {
+    pub clients: usize,
+    pub requests: usize,
+    pub tokens: usize,
+    pub wall_s: f64,
+    /// Generated tokens per second over all clients.
+    pub tokens_per_s: f64,
+    pub ttft_p50_s: f64,
+    pub ttft_p95_s: f64,
+    /// Time between two streamed pieces of one answer.
+    pub itl_p50_s: f64,
+    pub itl_p95_s: f64,
+}
+
+fn percentile(xs: &mut [f64], p: f64) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    xs[((p / 100.0) * (xs.len() - 1) as f64).round() as usize]
+}
+
+/// One streamed chat completion: time to the first piece, the gaps between pieces, tokens.
+fn stream_one(url: &str, body: &serde_json::Value) -> Result<(f64, Vec<f64>, usize)> {
+    use std::io::BufRead;
+    let start = Instant::now();
+    let resp = ureq::post(&format!("{url}/v1/chat/completions"))
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string())
+        .map_err(|e| anyhow::anyhow!("request failed: {e}"))?;
+    let (mut first, mut last, mut gaps, mut tokens) = (None, None::<Instant>, vec![], 0);
+    for line in std::io::BufReader::new(resp.into_reader()).lines() {
+        let line = line?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(data)?;
+        if let Some(u) = v.get("usage").and_then(|u| u["completion_tokens"].as_u64()) {
+            tokens = u as usize;
+        }
+        let piece = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+        if !piece.is_empty() {
+            let now = Instant::now();
+            match last {
+                None => first = Some((now - start).as_secs_f64()),
+                Some(t) => gaps.push((now - t).as_secs_f64()),
+            }
+            last = Some(now);
+        }
+    }
+    Ok((first.unwrap_or(f64::NAN), gaps, tokens))
+}
+
+/// Serves the model in this process and drives it with each number of concurrent clients.
+pub fn serve_bench(cfg: &ServeBenchConfig) -> Result<Vec<ServeLevel>> {
+    ensure!(
+        !cfg.clients.is_empty() && cfg.clients.iter().all(|&c| c > 0),
+        "--clients needs positive numbers"
+    );
+    ensure!(cfg.requests_per_client > 0, "--requests must be positive");
+    let bot = match &cfg.ckpt {
+        Some(p) => crate::engine::Chatbot::load(p, &Device::Cpu)?,
+        None => random_chatbot(&cfg.preset)?,
+    };
+    let dir = std::env::temp_dir().join(format!("talaria-bench-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let store = crate::serve::feedback::FeedbackStore::open(&dir.join("feedback.sqlite"))?;
+    let app = crate::serve::router(bot, "bench".into(), store, cfg.scheduler)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let url = format!("http://{}", listener.local_addr()?);
+    rt.spawn(async move { axum::serve(listener, app).await });
+    // One client's requests, back to back.
+    let run_client = |c: usize, requests: usize| -> Result<Vec<(f64, Vec<f64>, usize)>> {
+        (0..requests)
+            .map(|r| {
+                let body = json!({
+                    "messages": [{"role": "user", "content": format!("Client {c} asks question {r}: what is {} plus {}?", c * 7, r * 3)}],
+                    "max_tokens": cfg.max_tokens,
+                    "temperature": 1.0,
+                    "seed": c * 1000 + r,
+                    "stream": true,
+                    "stream_options": {"include_usage": true},
+                    "ignore_eos": true,
+                });
+                stream_one(&url, &body)
+            })
+            .collect()
+    };
+    // Warm-up, not measured: a full batch once, so every KV slot's memory is touched.
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..cfg.scheduler.max_batch)
+            .map(|c| scope.spawn(move || run_client(c, 1)))
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("client thread").map(|_| ()))
+    })?;
+    let mut out = vec![];
+    for &clients in &cfg.clients {
+        let start = Instant::now();
+        let results: Vec<Result<Vec<(f64, Vec<f64>, usize)>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..clients)
+                .map(|c| scope.spawn(move || run_client(c, cfg.requests_per_client)))
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("client thread")).collect()
+        });
+        let wall = start.elapsed().as_secs_f64();
+        let (mut ttft, mut itl, mut tokens, mut requests) = (vec![], vec![], 0, 0);
+        for r in results {
+            for (first, gaps, n) in r? {
+                ttft.push(first);
+                itl.extend(gaps);
+                tokens += n;
+                requests += 1;
+            }
+        }
+        out.push(ServeLevel {
+            clients,
+            requests,
+            tokens,
+            wall_s: wall,
+            tokens_per_s: tokens as f64 / wall,
+            ttft_p50_s: percentile(&mut ttft, 50.0),
+            ttft_p95_s: percentile(&mut ttft, 95.0),
+            itl_p50_s: percentile(&mut itl, 50.0),
+            itl_p95_s: percentile(&mut itl, 95.0),
+        });
+    }
+    rt.shutdown_background();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(out)
+}
+
+/// A chat model of `preset` with random weights and a tokenizer of its vocabulary size trained on
+/// a small default world: what the serving benchmark measures when no checkpoint is given.
+fn random_chatbot(preset: &str) -> Result<crate::engine::Chatbot> {
+    let mut model_cfg = GptConfig::preset(preset)?;
+    let dir = std::env::temp_dir().join(format!("talaria-bench-world-{}", std::process::id()));
+    crate::data::synth::generate(&crate::data::synth::SynthConfig {
+        out: dir.clone(),
+        seed: 0,
+        scale: 0.3,
+    })?;
+    let tcfg = crate::tokenizer::TrainConfig {
+        vocab_size: model_cfg.vocab_size,
+        min_frequency: 2,
+        show_progress: false,
+    };
+    let (tok, _) = crate::tokenizer::train_from_files(
+        &[dir.join("pretrain.txt")],
+        &crate::data::readers::ReadOptions::default(),
+        &tcfg,
+    )?;
+    let _ = std::fs::remove_dir_all(&dir);
+    model_cfg.vocab_size = tok.vocab_size();
+    let weights = init_weights(&model_cfg, 0, DType::F32, &Device::Cpu)?;
+    crate::engine::Chatbot::new(Gpt::from_weights(&model_cfg, &weights)?, tok)
 }
 
 #[cfg(test)]

@@ -126,8 +126,8 @@ fn fused_self_attention_matches_composed() {
         check(
             &format!("self-attention b{b} t{t} h{h} dh{dh}"),
             &[qkv],
-            |x| ops::causal_self_attention(&x[0], h),
-            |x| composed::causal_self_attention(&x[0], h),
+            |x| ops::causal_self_attention(&x[0], h, None),
+            |x| composed::causal_self_attention(&x[0], h, None),
         );
     }
 }
@@ -296,13 +296,24 @@ fn run_model(cfg: &GptConfig, weights: &HashMap<String, Tensor>, ids: &Tensor) -
     let infer = model.detached();
     let mut cache = infer.new_slots(2, cfg.n_positions).unwrap();
     let row = |b: usize, from: usize, n: usize| -> Vec<u32> {
-        ids.narrow(0, b, 1).unwrap().narrow(1, from, n).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        ids.narrow(0, b, 1)
+            .unwrap()
+            .narrow(1, from, n)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     };
     let seg = |slot, past, len| Segment { slot, past, len };
     let prefill = [row(0, 0, 8), row(1, 0, 5)].concat();
-    infer.forward_packed(&prefill, &[seg(0, 0, 8), seg(1, 0, 5)], &mut cache).unwrap();
+    infer
+        .forward_packed(&prefill, &[seg(0, 0, 8), seg(1, 0, 5)], &mut cache)
+        .unwrap();
     let step = [row(0, 8, 1), row(1, 5, 1)].concat();
-    let hidden = infer.forward_packed(&step, &[seg(0, 8, 1), seg(1, 5, 1)], &mut cache).unwrap();
+    let hidden = infer
+        .forward_packed(&step, &[seg(0, 8, 1), seg(1, 5, 1)], &mut cache)
+        .unwrap();
     let logits = infer.lm_head_rows(&hidden).unwrap();
     out.push(logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     out
@@ -339,4 +350,86 @@ fn results_do_not_depend_on_the_number_of_threads() {
         &talaria::model::fused::on_pool(|| run_model(&cfg, &weights, &ids)),
         "fused::on_pool",
     );
+}
+
+/// The log-probabilities of `answers` to `prompts` and their gradient with respect to every weight,
+/// computed with each prompt+answer in its own row, or with each prompt once and its answers after it.
+fn answer_logprob_grads(
+    cfg: &GptConfig,
+    weights: &HashMap<String, Tensor>,
+    groups: &[(Vec<u32>, Vec<Vec<u32>>)],
+    grouped: bool,
+) -> (Vec<f32>, HashMap<String, Tensor>) {
+    use talaria::train::answers::{answer_logprobs, batch, grouped_batch};
+    let vars: HashMap<String, Var> = weights
+        .iter()
+        .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
+        .collect();
+    let model = Gpt::from_weights(
+        cfg,
+        &vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect(),
+    )
+    .unwrap();
+    let b = if grouped {
+        let g: Vec<(&[u32], Vec<&[u32]>)> = groups
+            .iter()
+            .map(|(p, ans)| (p.as_slice(), ans.iter().map(Vec::as_slice).collect()))
+            .collect();
+        grouped_batch(&g, 0, &Device::Cpu).unwrap()
+    } else {
+        let seqs: Vec<(Vec<u32>, usize)> = groups
+            .iter()
+            .flat_map(|(p, ans)| ans.iter().map(move |a| ([p.clone(), a.clone()].concat(), p.len())))
+            .collect();
+        let refs: Vec<(&[u32], usize)> = seqs.iter().map(|(s, p)| (s.as_slice(), *p)).collect();
+        batch(&refs, 0, &Device::Cpu).unwrap()
+    };
+    let lp = answer_logprobs(&model, &b, 0.7).unwrap();
+    let mask = b.mask.to_dtype(lp.dtype()).unwrap();
+    let masked = (lp * mask).unwrap();
+    let grads = masked.sum_all().unwrap().backward().unwrap();
+    let g = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), grads.get(v.as_tensor()).unwrap().clone()))
+        .collect();
+    let flat = masked.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+    (flat.to_vec1().unwrap(), g)
+}
+
+#[test]
+fn answers_sharing_their_prompt_in_one_row_get_the_same_logprobs_and_gradients() {
+    let cfg = GptConfig::preset("test").unwrap();
+    let mut rng = StdRng::seed_from_u64(21);
+    let mut toks = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect() };
+    // Prompts of different lengths; answers of different lengths, one of them a single token.
+    let groups: Vec<(Vec<u32>, Vec<Vec<u32>>)> = vec![
+        (toks(9), vec![toks(5), toks(1), toks(7)]),
+        (toks(4), vec![toks(6)]),
+        (toks(13), vec![toks(3), toks(8)]),
+    ];
+    for dtype in [DType::F32, DType::F64] {
+        let weights: HashMap<String, Tensor> = init_weights(&cfg, 8, DType::F32, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| (k, t.to_dtype(dtype).unwrap()))
+            .collect();
+        let (lp_rows, g_rows) = answer_logprob_grads(&cfg, &weights, &groups, false);
+        let (lp_grouped, g_grouped) = answer_logprob_grads(&cfg, &weights, &groups, true);
+        assert_eq!(lp_rows.len(), lp_grouped.len());
+        for (a, b) in lp_rows.iter().zip(&lp_grouped) {
+            assert!((a - b).abs() < 1e-5, "{dtype:?}: log-probability {a} vs {b}");
+        }
+        for (name, g) in &g_rows {
+            let (g, h) = (
+                g.to_dtype(DType::F32).unwrap(),
+                g_grouped[name].to_dtype(DType::F32).unwrap(),
+            );
+            let e = rel_err(&h, &g);
+            assert!(e < 1e-4, "{dtype:?} {name}: relative gradient error {e}");
+            assert!(
+                g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0,
+                "{name} gets a gradient"
+            );
+        }
+    }
 }

@@ -43,7 +43,11 @@ fn imported(dir: &Path) -> Checkpoint {
 /// One greedy sequence through the engine.
 fn run1(model: &Gpt, prompt: &[u32], n: usize, stops: Vec<u32>) -> anyhow::Result<Completion> {
     let req = Request::greedy(prompt.to_vec(), n, stops);
-    Ok(engine::generate_batch(model, None, vec![req], EngineConfig::default(), |_| {})?.remove(0).remove(0))
+    Ok(
+        engine::generate_batch(model, None, vec![req], EngineConfig::default(), |_| {})?
+            .remove(0)
+            .remove(0),
+    )
 }
 
 fn greedy(model: &Gpt, prompt: &[u32], n: usize) -> Vec<u32> {

@@ -431,6 +431,9 @@ fn chat_refuses_a_checkpoint_without_chat_tokens() {
     }
     .save(&tmp.path().join("c"))
     .unwrap();
-    let e = Chatbot::load(&tmp.path().join("c"), &Device::Cpu).err().unwrap().to_string();
+    let e = Chatbot::load(&tmp.path().join("c"), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("no tokenizer.json"), "{e}");
 }

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use talaria::bench::{BenchConfig, BenchKind};
+use talaria::bench::{BenchConfig, BenchKind, ServeBenchConfig};
 use talaria::eval::checkpoint::{CheckpointEvalConfig, evaluate_checkpoint};
 use talaria::eval::report;
 use talaria::eval::run::evaluate_run;
+use talaria::serve::scheduler::SchedulerConfig;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub(crate) enum BenchWhat {
@@ -16,6 +17,9 @@ pub(crate) enum BenchWhat {
     Train,
     /// Greedy decoding with the batched engine and its KV cache (`--batch` sequences together).
     Decode,
+    /// Concurrent streaming clients against an in-process server: aggregate tokens/s, time to
+    /// first token and inter-token latency per concurrency level.
+    Serve,
 }
 
 #[derive(Args)]
@@ -34,6 +38,21 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object with the figures on the last line.
     #[arg(long)]
     json: bool,
+    /// Serve: a chat checkpoint (default: the preset with random weights).
+    #[arg(long)]
+    ckpt: Option<PathBuf>,
+    /// Serve: concurrency levels, run in turn.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    clients: Vec<usize>,
+    /// Serve: streamed requests per client.
+    #[arg(long, default_value_t = 4)]
+    requests: usize,
+    /// Serve: tokens per answer.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Serve: the server's --max-batch.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
 }
 
 #[derive(Args)]
@@ -170,10 +189,16 @@ impl EvalArgs {
 }
 
 impl BenchArgs {
+    /// Whether this is the serving benchmark, which runs a server (see `Cli::is_server`).
+    pub(crate) fn serves(&self) -> bool {
+        matches!(self.what, BenchWhat::Serve)
+    }
+
     pub(crate) fn run(self) -> Result<()> {
         let (kind, steps, batch) = match self.what {
             BenchWhat::Train => (BenchKind::Train, self.steps.unwrap_or(5), self.batch.unwrap_or(8)),
             BenchWhat::Decode => (BenchKind::Decode, self.steps.unwrap_or(200), self.batch.unwrap_or(1)),
+            BenchWhat::Serve => return self.serve(),
         };
         let cfg = BenchConfig {
             kind,
@@ -194,6 +219,50 @@ impl BenchArgs {
         println!("median step         {:.2} ms", 1e3 * r.median_step_s);
         if self.json {
             println!("{}", r.to_json(&cfg));
+        }
+        Ok(())
+    }
+
+    fn serve(self) -> Result<()> {
+        let cfg = ServeBenchConfig {
+            ckpt: self.ckpt.clone(),
+            preset: self.preset.clone(),
+            clients: self.clients.clone(),
+            requests_per_client: self.requests,
+            max_tokens: self.max_tokens,
+            scheduler: SchedulerConfig {
+                max_batch: self.max_batch,
+                ..SchedulerConfig::standard()
+            },
+        };
+        let levels = talaria::bench::serve_bench(&cfg)?;
+        let model = self.ckpt.as_ref().map_or_else(
+            || format!("preset {} (random weights)", self.preset),
+            |p| p.display().to_string(),
+        );
+        println!(
+            "{model}, --max-batch {}, {} tokens per answer, {} streamed requests per client",
+            self.max_batch, self.max_tokens, self.requests
+        );
+        println!("clients  tokens/s  x1-client  TTFT p50/p95 (s)  inter-token p50/p95 (ms)");
+        let base = levels[0].tokens_per_s;
+        for l in &levels {
+            println!(
+                "{:>7}  {:>8.0}  {:>9.2}  {:>7.3} / {:<7.3}  {:>7.1} / {:.1}",
+                l.clients,
+                l.tokens_per_s,
+                l.tokens_per_s / base,
+                l.ttft_p50_s,
+                l.ttft_p95_s,
+                1e3 * l.itl_p50_s,
+                1e3 * l.itl_p95_s
+            );
+        }
+        if self.json {
+            println!(
+                "{}",
+                serde_json::json!({"impl": "talaria", "kind": "serve", "model": model, "levels": levels})
+            );
         }
         Ok(())
     }

@@ -79,9 +79,14 @@ enum Command {
 }
 
 impl Cli {
-    /// Whether the command serves HTTP: its async runtime must not run on the kernels' pool.
+    /// Whether the command serves HTTP: its async runtime (and the benchmark's client threads)
+    /// must not hold one of the kernels' pool threads.
     pub fn is_server(&self) -> bool {
-        matches!(self.command, Command::Serve(_))
+        match &self.command {
+            Command::Serve(_) => true,
+            Command::Bench(b) => b.serves(),
+            _ => false,
+        }
     }
 
     /// Runs the command.

@@ -53,6 +53,10 @@ pub struct Request {
     pub logprobs: Option<usize>,
     /// Log-probabilities of the prompt's tokens too (every one but the first), with alternatives.
     pub prompt_logprobs: Option<usize>,
+    /// Per sampled token (the stop token included), its log-probability and the entropy of the
+    /// distribution it was drawn from: the logits at the sequence's temperature, before any top-k or
+    /// top-p cut (what RL's loss scores).
+    pub sampled_stats: bool,
 }
 
 impl Request {
@@ -67,6 +71,7 @@ impl Request {
             stream: false,
             logprobs: None,
             prompt_logprobs: None,
+            sampled_stats: false,
         }
     }
 
@@ -128,6 +133,9 @@ pub struct Completion {
     pub logprobs: Option<Vec<TokenLogprob>>,
     /// Per prompt token (the first has none), when the request asked for them.
     pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+    /// Per token of `tokens`, then the stop token if one ended it: (log-probability, entropy) under
+    /// the sampling distribution, when the request asked for them.
+    pub sampled: Option<Vec<(f32, f32)>>,
 }
 
 /// Identifies an admitted request.
@@ -161,6 +169,9 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Tokens through the model per step at most: decode tokens first, then prompt chunks.
     pub token_budget: usize,
+    /// Positions per KV slot (`None`: the model's context): offline callers that know their
+    /// longest prompt and answer allocate only that.
+    pub capacity: Option<usize>,
 }
 
 impl EngineConfig {
@@ -182,6 +193,7 @@ impl Default for EngineConfig {
         Self {
             max_batch: 32,
             token_budget: crate::model::infer::MAX_ROWS,
+            capacity: None,
         }
     }
 }
@@ -199,6 +211,7 @@ struct Seq<'t> {
     shown: String,
     logprobs: Option<Vec<TokenLogprob>>,
     prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+    sampled: Option<Vec<(f32, f32)>>,
 }
 
 /// A request whose prompt is being prefilled into the first of its slots.
@@ -223,7 +236,8 @@ struct Limits {
 }
 
 pub struct Engine<'a> {
-    model: &'a Gpt,
+    /// The caller's model, untracked and with its matrices laid out for decoding.
+    model: Gpt,
     tokenizer: Option<&'a Tokenizer>,
     cfg: EngineConfig,
     cache: KvSlots,
@@ -236,15 +250,16 @@ pub struct Engine<'a> {
 }
 
 impl<'a> Engine<'a> {
-    /// An engine with `cfg.max_batch` slots of the model's full context.
-    pub fn new(model: &'a Gpt, tokenizer: Option<&'a Tokenizer>, cfg: EngineConfig) -> Result<Self> {
+    /// An engine with `cfg.max_batch` slots of the model's full context. It decodes with its own
+    /// copy of the weights in the kernels' layout ([`Gpt::for_decoding`]), taken now.
+    pub fn new(model: &Gpt, tokenizer: Option<&'a Tokenizer>, cfg: EngineConfig) -> Result<Self> {
         cfg.check()?;
         let ctx = model.config().n_positions;
         Ok(Self {
-            model,
+            model: model.for_decoding()?,
             tokenizer,
             cfg,
-            cache: model.new_slots(cfg.max_batch, ctx)?,
+            cache: model.new_slots(cfg.max_batch, cfg.capacity.unwrap_or(ctx).clamp(1, ctx))?,
             free: (0..cfg.max_batch).rev().collect(),
             prefilling: VecDeque::new(),
             running: vec![],
@@ -344,6 +359,7 @@ impl<'a> Engine<'a> {
                     shown: String::new(),
                     logprobs: req.logprobs.map(|_| vec![]),
                     prompt_logprobs: None,
+                    sampled: req.sampled_stats.then(Vec::new),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -504,6 +520,9 @@ impl<'a> Engine<'a> {
         let lim = self.limit(s.req);
         let token = s.sampler.sample(row);
         let logprob = lim.logprobs.map(|k| token_logprob(row, token, k));
+        if let Some(st) = s.sampled.as_mut() {
+            st.push(sampled_stats(row, token, s.sampler.params().temperature));
+        }
         if lim.stop_tokens.contains(&token) {
             return self.finish(s, FinishReason::StopToken(token));
         }
@@ -573,6 +592,7 @@ impl<'a> Engine<'a> {
                 finish: reason,
                 logprobs: s.logprobs,
                 prompt_logprobs: s.prompt_logprobs,
+                sampled: s.sampled,
             },
             rest,
         });
@@ -583,6 +603,23 @@ impl<'a> Engine<'a> {
             }
         }
     }
+}
+
+/// The log-probability of `token` under `softmax(logits / temperature)` (temperature 1 for greedy
+/// decoding) and that distribution's entropy.
+fn sampled_stats(logits: &[f32], token: u32, temperature: f64) -> (f32, f32) {
+    let inv = if temperature > 0.0 { 1.0 / temperature } else { 1.0 };
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let (mut z, mut ez) = (0f64, 0f64);
+    for &l in logits.iter().filter(|l| l.is_finite()) {
+        let a = (l as f64 - max) * inv;
+        let e = a.exp();
+        z += e;
+        ez += e * a;
+    }
+    let lse = z.ln();
+    let logprob = (logits[token as usize] as f64 - max) * inv - lse;
+    (logprob as f32, (lse - ez / z) as f32)
 }
 
 /// The log-probability of `token` in `logits` at temperature 1, with the `k` most likely tokens.
@@ -617,6 +654,17 @@ pub fn generate_batch(
     cfg: EngineConfig,
     mut on_done: impl FnMut(usize),
 ) -> Result<Vec<Vec<Completion>>> {
+    // Slots as long as the longest prompt and answer need (never shorter than the context would
+    // make a sequence stop).
+    let longest = requests
+        .iter()
+        .map(|r| r.prompt.len() + r.max_new_tokens)
+        .max()
+        .unwrap_or(1);
+    let cfg = EngineConfig {
+        capacity: Some(cfg.capacity.unwrap_or(usize::MAX).min(longest)),
+        ..cfg
+    };
     let mut engine = Engine::new(model, tokenizer, cfg)?;
     for (i, r) in requests.iter().enumerate() {
         engine
@@ -670,6 +718,7 @@ pub fn generate_streaming(
     let cfg = EngineConfig {
         max_batch: n,
         token_budget: crate::model::infer::MAX_ROWS.max(n),
+        capacity: None,
     };
     let mut engine = Engine::new(model, tokenizer, cfg)?;
     let id = engine.admit(request)?;

@@ -302,6 +302,8 @@ macro_rules! multiversion {
     };
 }
 
+pub(super) use multiversion;
+
 multiversion! {
     fn axpy_rows(acc: &mut [f32], x: &[f32], w: &[f32]) {
         let n = acc.len();
@@ -522,9 +524,58 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// values side by side, heads within each) to the merged heads `[B, T, C]`, one (batch, head)
 /// pair per rayon task. Scores and probabilities live in a per-task `T x T` scratch buffer; only
 /// each row's log-sum-exp is kept, and the backward pass recomputes the probabilities from it.
+///
+/// With `branches`, a row holds a prompt followed by several answers to it, each answer seeing the
+/// prompt and itself but not the other answers ([`Branches`]).
 struct CausalSelfAttention {
     n_head: usize,
+    branches: Option<Branches>,
     lse: Mutex<Vec<f32>>,
+}
+
+/// Which keys each query of a `[B, T]` batch sees, beyond plain causality: query `(b, i)` sees keys
+/// `0..prefix` and `start..=i` for its `(prefix, start)` entry (plain causal is `(0, 0)`). A row
+/// that packs a prompt of `P` tokens and answers after it gives the prompt's tokens `(0, 0)` and
+/// an answer starting at `s` the entry `(P, s)`, so each answer attends to the prompt and to its own
+/// earlier tokens: the prompt is computed once for all its answers, with the same results as each
+/// prompt and answer alone.
+#[derive(Debug, Clone)]
+pub struct Branches(pub std::sync::Arc<Vec<(u32, u32)>>);
+
+impl Branches {
+    /// The visible ranges of query `i` of row `b` in a batch of `t` positions.
+    fn of(&self, b: usize, t: usize, i: usize) -> (usize, usize) {
+        let (p, s) = self.0[b * t + i];
+        (p as usize, s as usize)
+    }
+}
+
+/// Softmax over the visible entries `0..prefix` and `start..=i` of a score row (scaled by `scale`),
+/// the rest of the row set to 0; returns its log-sum-exp.
+fn visible_softmax(row: &mut [f32], i: usize, (prefix, start): (usize, usize), scale: f32) -> f32 {
+    let (vis, hidden) = row.split_at_mut(i + 1);
+    hidden.fill(0.0);
+    if start <= prefix {
+        let m = max(vis) * scale;
+        for x in vis.iter_mut() {
+            *x = exp(*x * scale - m);
+        }
+        let total = sum(vis);
+        let inv = 1.0 / total;
+        vis.iter_mut().for_each(|x| *x *= inv);
+        return m + total.ln();
+    }
+    let (head, rest) = vis.split_at_mut(prefix);
+    let (gap, own) = rest.split_at_mut(start - prefix);
+    gap.fill(0.0);
+    let m = max(head).max(max(own)) * scale;
+    for x in head.iter_mut().chain(own.iter_mut()) {
+        *x = exp(*x * scale - m);
+    }
+    let total = sum(head) + sum(own);
+    let inv = 1.0 / total;
+    head.iter_mut().chain(own.iter_mut()).for_each(|x| *x *= inv);
+    m + total.ln()
 }
 
 /// Shapes of one attention call: batch, time, width, heads, head width, 1/sqrt(head width).
@@ -589,16 +640,8 @@ impl CustomOp1 for CausalSelfAttention {
                 let [q, k, v] = d.qkv(bi, hi);
                 gemm_into(p, sq, qkv, q, qkv, k.t(), false, Parallelism::None);
                 for (i, (row, lse)) in p.chunks_exact_mut(t).zip(lse).enumerate() {
-                    let (vis, hidden) = row.split_at_mut(i + 1);
-                    let m = max(vis) * d.scale;
-                    for x in vis.iter_mut() {
-                        *x = exp(*x * d.scale - m);
-                    }
-                    let total = sum(vis);
-                    let inv = 1.0 / total;
-                    vis.iter_mut().for_each(|x| *x *= inv);
-                    hidden.fill(0.0);
-                    *lse = m + total.ln();
+                    let vis = self.branches.as_ref().map_or((0, 0), |b| b.of(bi, t, i));
+                    *lse = visible_softmax(row, i, vis, d.scale);
                 }
                 // SAFETY: each task writes only its own (batch, head) column block of `y`.
                 unsafe { gemm_shared(out, d.merged(bi, hi), p, sq, qkv, v, false, Parallelism::None) };
@@ -630,6 +673,12 @@ impl CustomOp1 for CausalSelfAttention {
                             let (vis, hidden) = row.split_at_mut(i + 1);
                             vis.iter_mut().for_each(|x| *x = exp(*x * d.scale - lse));
                             hidden.fill(0.0);
+                            if let Some(b) = &self.branches {
+                                let (prefix, start) = b.of(bi, t, i);
+                                if start > prefix {
+                                    row[prefix..start].fill(0.0);
+                                }
+                            }
                         }
                         // SAFETY (all three): each task writes only its own (batch, head)
                         // column blocks of `dqkv`, which are disjoint from every other task's.
@@ -656,10 +705,20 @@ impl CustomOp1 for CausalSelfAttention {
 }
 
 /// Causal self-attention of an f32 CPU `qkv` `[B, T, 3C]` with `n_head` heads, giving the
-/// merged heads `[B, T, C]`, with backward.
-pub fn causal_self_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+/// merged heads `[B, T, C]`, with backward; `branches` narrows what each query sees.
+pub fn causal_self_attention(qkv: &Tensor, n_head: usize, branches: Option<&Branches>) -> Result<Tensor> {
+    if let Some(b) = branches {
+        let (bt, t) = (qkv.dim(0)? * qkv.dim(1)?, qkv.dim(1)?);
+        if b.0.len() != bt || b.0.iter().enumerate().any(|(n, &(p, s))| s as usize > n % t || p > s) {
+            bail!(
+                "fused attention: the branches do not describe a [{}, {t}] batch",
+                qkv.dim(0)?
+            );
+        }
+    }
     qkv.contiguous()?.apply_op1(CausalSelfAttention {
         n_head,
+        branches: branches.cloned(),
         lse: Mutex::new(Vec::new()),
     })
 }

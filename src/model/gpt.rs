@@ -90,6 +90,14 @@ struct Block {
     fc_proj_b: Tensor,
 }
 
+/// A block's weight matrices laid out for the decoding kernels ([`infer::Packed`]).
+struct PackedBlock {
+    attn: infer::Packed,
+    attn_proj: infer::Packed,
+    fc: infer::Packed,
+    fc_proj: infer::Packed,
+}
+
 /// A GPT-2 language model. Its tensors may be candle `Var`s (training updates them in place) or
 /// plain tensors loaded from a checkpoint.
 pub struct Gpt {
@@ -99,6 +107,8 @@ pub struct Gpt {
     blocks: Vec<Block>,
     ln_f_w: Tensor,
     ln_f_b: Tensor,
+    /// Copies of the block matrices for [`Gpt::forward_packed`], made by [`Gpt::for_decoding`].
+    packed: Option<std::sync::Arc<Vec<PackedBlock>>>,
 }
 
 impl Gpt {
@@ -175,6 +185,7 @@ impl Gpt {
             blocks,
             ln_f_w,
             ln_f_b,
+            packed: None,
         })
     }
 
@@ -211,7 +222,31 @@ impl Gpt {
                 .collect(),
             ln_f_w: d(&self.ln_f_w),
             ln_f_b: d(&self.ln_f_b),
+            packed: None,
         }
+    }
+
+    /// An untracked model whose block matrices are also laid out for the decoding kernels (f32 on
+    /// the CPU; elsewhere the same as [`Gpt::detached`]). The layout is a copy: a model whose
+    /// weights change afterwards (PPO's actor) makes a new one after each update.
+    pub fn for_decoding(&self) -> Result<Gpt> {
+        let mut m = self.detached();
+        if fused::applies(&[&self.wte]) {
+            let blocks = m
+                .blocks
+                .iter()
+                .map(|b| {
+                    Ok(PackedBlock {
+                        attn: infer::Packed::new(&b.attn_w)?,
+                        attn_proj: infer::Packed::new(&b.attn_proj_w)?,
+                        fc: infer::Packed::new(&b.fc_w)?,
+                        fc_proj: infer::Packed::new(&b.fc_proj_w)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            m.packed = Some(std::sync::Arc::new(blocks));
+        }
+        Ok(m)
     }
 
     pub fn device(&self) -> &Device {
@@ -291,11 +326,33 @@ impl Gpt {
             .wte
             .embedding(&ids.flatten_all()?)?
             .reshape((b, t, self.cfg.n_embd))?;
-        let mut x = tok.broadcast_add(&self.wpe.embedding(&pos)?)?;
+        self.blocks_and_head(tok.broadcast_add(&self.wpe.embedding(&pos)?)?, None)
+    }
+
+    /// [`Gpt::forward_hidden`] for rows that pack a prompt and several answers to it: every token
+    /// has its own position `pos` `[B, T]` (u32), and `branches` says what it attends to, so each
+    /// answer sees the prompt and itself, as if alone. A prompt shared by its answers is computed
+    /// once for all of them, forward and backward.
+    pub fn forward_hidden_branched(&self, ids: &Tensor, pos: &Tensor, branches: &ops::Branches) -> Result<Tensor> {
+        let (b, t) = ids.dims2().context("token ids must be a [batch, time] tensor")?;
+        ensure!(t > 0, "cannot run the model on an empty sequence");
+        let max_pos = pos.max_all()?.to_scalar::<u32>()? as usize;
+        ensure!(
+            max_pos < self.cfg.n_positions,
+            "position {max_pos} is beyond the model's context of {} tokens",
+            self.cfg.n_positions
+        );
+        let c = self.cfg.n_embd;
+        let tok = self.wte.embedding(&ids.flatten_all()?)?.reshape((b, t, c))?;
+        let p = self.wpe.embedding(&pos.flatten_all()?)?.reshape((b, t, c))?;
+        self.blocks_and_head((tok + p)?, Some(branches))
+    }
+
+    fn blocks_and_head(&self, mut x: Tensor, branches: Option<&ops::Branches>) -> Result<Tensor> {
         for block in &self.blocks {
             let a = self.ln(&x, &block.ln1_w, &block.ln1_b)?;
             let qkv = ops::linear(&a, &block.attn_w, &block.attn_b)?;
-            let y = ops::causal_self_attention(&qkv, self.cfg.n_head)?;
+            let y = ops::causal_self_attention(&qkv, self.cfg.n_head, branches)?;
             x = self.block_rest(block, &x, &y)?;
         }
         self.ln(&x, &self.ln_f_w, &self.ln_f_b)
@@ -321,11 +378,21 @@ impl Gpt {
             .collect();
         let tok = self.wte.embedding(&Tensor::new(ids, device)?)?;
         let mut x = (tok + self.wpe.embedding(&Tensor::new(pos.as_slice(), device)?)?)?;
-        for (layer, block) in self.blocks.iter().enumerate() {
-            let a = self.ln(&x, &block.ln1_w, &block.ln1_b)?;
-            let qkv = ops::linear(&a, &block.attn_w, &block.attn_b)?;
+        for (layer, bl) in self.blocks.iter().enumerate() {
+            let pb = self.packed.as_ref().map(|p| &p[layer]);
+            let lin = |x: &Tensor, w: &Tensor, b: &Tensor, p: Option<&infer::Packed>| -> Result<Tensor> {
+                match p {
+                    Some(p) if x.dim(0)? <= infer::MAX_ROWS => Ok(p.linear(x, b)?),
+                    _ => Ok(ops::linear(x, w, b)?),
+                }
+            };
+            let a = self.ln(&x, &bl.ln1_w, &bl.ln1_b)?;
+            let qkv = lin(&a, &bl.attn_w, &bl.attn_b, pb.map(|p| &p.attn))?;
             let y = self.packed_attention(&qkv, segs, cache.layer(layer))?;
-            x = self.block_rest(block, &x, &y)?;
+            let x1 = (&x + lin(&y, &bl.attn_proj_w, &bl.attn_proj_b, pb.map(|p| &p.attn_proj))?)?;
+            let m = self.ln(&x1, &bl.ln2_w, &bl.ln2_b)?;
+            let m = ops::activation(&lin(&m, &bl.fc_w, &bl.fc_b, pb.map(|p| &p.fc))?, self.cfg.activation)?;
+            x = (&x1 + lin(&m, &bl.fc_proj_w, &bl.fc_proj_b, pb.map(|p| &p.fc_proj))?)?;
         }
         cache.advance(segs);
         self.ln(&x, &self.ln_f_w, &self.ln_f_b)
@@ -383,6 +450,12 @@ impl Gpt {
         let (b, t, c) = hidden.dims3()?;
         let logits = ops::matmul_transposed(&hidden.reshape((b * t, c))?, &self.wte)?;
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
+    }
+
+    /// Log-probabilities `[R]` of `targets` `[R]` (u32) under the logits of hidden-state rows
+    /// `[R, C]`, with a backward pass; on f32 CPU tensors the logits are never held whole.
+    pub fn head_target_logprobs(&self, rows: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        Ok(ops::head_target_logprobs(rows, &self.wte, targets)?)
     }
 
     /// Logits `[R, V]` of hidden-state rows `[R, C]` (the engine's selected positions).

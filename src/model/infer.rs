@@ -17,7 +17,7 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp2, InplaceOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::fused::{SharedMut, dot, exp, f32_slice, max, sum, with_f32};
+use super::fused::{SharedMut, dot, exp, f32_slice, max, multiversion, sum, with_f32};
 use super::kv_cache::Segment;
 
 /// Output columns per rayon task in [`linear`]: the task's block of `W` stays in cache while its
@@ -108,50 +108,81 @@ fn tile_plain<const RT: usize, const CV: usize>(
     }
 }
 
-/// Computes rows `rows` and columns `cols` of `y = x W + b` into `out` (row-major `[R, n]`).
+/// A weight matrix `[K, N]` as the kernels read it.
+#[derive(Debug, Clone, Copy)]
+enum Weights<'a> {
+    /// Row-major `[K, N]`.
+    Dense(&'a [f32]),
+    /// [`Packed`]'s layout.
+    Blocked(&'a [f32]),
+}
+
+impl<'a> Weights<'a> {
+    /// Column block `cb` (of [`COLS_PER_TASK`]): its first element, the distance between two of its
+    /// rows, and how many columns a tile may read (the block padded, or the columns that exist).
+    fn block(self, cb: usize, k: usize, n: usize) -> (&'a [f32], usize, usize) {
+        let c0 = cb * COLS_PER_TASK;
+        match self {
+            Weights::Dense(w) => (&w[c0..], n, COLS_PER_TASK.min(n - c0)),
+            Weights::Blocked(w) => (
+                &w[cb * k * COLS_PER_TASK..(cb + 1) * k * COLS_PER_TASK],
+                COLS_PER_TASK,
+                COLS_PER_TASK,
+            ),
+        }
+    }
+}
+
+/// Computes rows `rows` of column block `cb` of `y = x W + b` into `out` (row-major `[R, n]`).
 #[allow(clippy::too_many_arguments)]
 fn linear_block(
     out: SharedMut,
     x: &[f32],
-    w: &[f32],
+    w: Weights,
     b: &[f32],
     k: usize,
     n: usize,
     rows: Range<usize>,
-    cols: Range<usize>,
+    cb: usize,
     fma: bool,
 ) {
-    // SAFETY (all writes below): the task owns rows x cols of `out`, which holds R x n values.
-    let put = |r: usize, c: usize, v: f32| unsafe { out.write(r * n + c, v) };
+    let (wb, ldw, readable) = w.block(cb, k, n);
+    let c0 = cb * COLS_PER_TASK;
+    let width = COLS_PER_TASK.min(n - c0);
+    // SAFETY (all writes below): the task owns these rows and columns of `out` (R x n values).
+    let put = |r: usize, j: usize, v: f32| {
+        if j < width {
+            unsafe { out.write(r * n + c0 + j, v + b[c0 + j]) }
+        }
+    };
     let mut r0 = rows.start;
     while r0 < rows.end {
         let g = (rows.end - r0).min(4);
         let xr = |i: usize| &x[(r0 + i) * k..(r0 + i + 1) * k];
-        let mut c = cols.start;
+        let mut j = 0;
         macro_rules! tiles {
             ($rt:literal, $cv:literal) => {
-                while c + 8 * $cv <= cols.end {
+                while j + 8 * $cv <= readable {
                     let mut acc = [[[0f32; 8]; $cv]; $rt];
                     let xs: [&[f32]; $rt] = std::array::from_fn(|i| xr(i));
-                    let ws = &w[c..(k - 1) * n + c + 8 * $cv];
+                    let ws = &wb[j..(k - 1) * ldw + j + 8 * $cv];
                     #[cfg(target_arch = "x86_64")]
                     if fma {
                         // SAFETY: FMA is present and the slices have the promised lengths.
-                        unsafe { tile_avx2::<$rt, $cv>(xs, ws, n, k, &mut acc) };
+                        unsafe { tile_avx2::<$rt, $cv>(xs, ws, ldw, k, &mut acc) };
                     } else {
-                        tile_plain::<$rt, $cv>(xs, ws, n, k, &mut acc);
+                        tile_plain::<$rt, $cv>(xs, ws, ldw, k, &mut acc);
                     }
                     #[cfg(not(target_arch = "x86_64"))]
-                    tile_plain::<$rt, $cv>(xs, ws, n, k, &mut acc);
+                    tile_plain::<$rt, $cv>(xs, ws, ldw, k, &mut acc);
                     for (i, row) in acc.iter().enumerate() {
                         for (v, lanes) in row.iter().enumerate() {
                             for (l, a) in lanes.iter().enumerate() {
-                                let col = c + 8 * v + l;
-                                put(r0 + i, col, a + b[col]);
+                                put(r0 + i, j + 8 * v + l, *a);
                             }
                         }
                     }
-                    c += 8 * $cv;
+                    j += 8 * $cv;
                 }
             };
         }
@@ -162,22 +193,20 @@ fn linear_block(
             _ => tiles!(1, 8),
         }
         // Columns left over (fewer than a tile): the same chain, one element at a time.
-        for col in c..cols.end {
+        for jj in j..width {
             for i in 0..g {
-                let xs = xr(i);
                 let mut a = 0f32;
-                for (kk, &xv) in xs.iter().enumerate() {
-                    a = madd(fma, xv, w[kk * n + col], a);
+                for (kk, &xv) in xr(i).iter().enumerate() {
+                    a = madd(fma, xv, wb[kk * ldw + jj], a);
                 }
-                put(r0 + i, col, a + b[col]);
+                put(r0 + i, jj, a);
             }
         }
         r0 += g;
     }
 }
 
-/// `y = x W + b` for `x` `[R, K]`, `W` `[K, N]` and `b` `[N]`, all row-major.
-pub fn linear_rows(x: &[f32], w: &[f32], b: &[f32], k: usize, n: usize) -> Vec<f32> {
+fn linear_any(x: &[f32], w: Weights, b: &[f32], k: usize, n: usize) -> Vec<f32> {
     let r = x.len() / k;
     let mut y = vec![0f32; r * n];
     #[cfg(target_arch = "x86_64")]
@@ -190,10 +219,65 @@ pub fn linear_rows(x: &[f32], w: &[f32], b: &[f32], k: usize, n: usize) -> Vec<f
     (0..tasks).into_par_iter().for_each(|t| {
         let (rb, cb) = (t / col_blocks, t % col_blocks);
         let rows = rb * ROWS_PER_TASK..((rb + 1) * ROWS_PER_TASK).min(r);
-        let cols = cb * COLS_PER_TASK..((cb + 1) * COLS_PER_TASK).min(n);
-        linear_block(out, x, w, b, k, n, rows, cols, fma);
+        linear_block(out, x, w, b, k, n, rows, cb, fma);
     });
     y
+}
+
+/// `y = x W + b` for `x` `[R, K]`, `W` `[K, N]` and `b` `[N]`, all row-major.
+pub fn linear_rows(x: &[f32], w: &[f32], b: &[f32], k: usize, n: usize) -> Vec<f32> {
+    linear_any(x, Weights::Dense(w), b, k, n)
+}
+
+/// A weight matrix re-laid out for decoding: blocks of 64 columns, each a contiguous row-major
+/// `[K, 64]` (the last one zero-padded), so a task streams its block from memory in order
+/// instead of reading a 256-byte piece of every row. Products through it equal those through the
+/// row-major matrix bit for bit.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl Packed {
+    /// Packs an f32 `[K, N]` matrix.
+    pub fn new(w: &Tensor) -> Result<Self> {
+        let (k, n) = w.dims2()?;
+        let blocks = n.div_ceil(COLS_PER_TASK);
+        let mut data = vec![0f32; blocks * k * COLS_PER_TASK];
+        with_f32(w, "infer-pack", |ws| {
+            for (cb, block) in data.chunks_exact_mut(k * COLS_PER_TASK).enumerate() {
+                let c0 = cb * COLS_PER_TASK;
+                let width = COLS_PER_TASK.min(n - c0);
+                for (kk, row) in block.chunks_exact_mut(COLS_PER_TASK).enumerate() {
+                    row[..width].copy_from_slice(&ws[kk * n + c0..kk * n + c0 + width]);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(Self { k, n, data })
+    }
+
+    /// `x W + b` for f32 CPU `x` `[.., K]` and `b` `[N]`.
+    pub fn linear(&self, x: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (k, n) = (self.k, self.n);
+        if x.dims().last() != Some(&k) || b.dims() != [n] {
+            bail!(
+                "infer-linear: x {:?} and bias {:?} do not fit a packed [{k}, {n}] weight",
+                x.dims(),
+                b.dims()
+            );
+        }
+        let y = with_f32(x, "infer-linear", |xs| {
+            with_f32(b, "infer-linear", |bs| {
+                Ok(linear_any(xs, Weights::Blocked(&self.data), bs, k, n))
+            })
+        })?;
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = n;
+        Tensor::from_vec(y, dims, x.device())
+    }
 }
 
 /// `x W + b` of f32 CPU tensors (`x` `[.., K]`), without a backward pass.
@@ -476,24 +560,32 @@ impl CustomOp2 for RaggedAttention<'_> {
                 let (slot, pos) = places[i];
                 let q = &qkv[i * c3 + hi * dh..i * c3 + (hi + 1) * dh];
                 let start = base + (slot * h + hi) * cap * dh;
-                let p = &mut p[..pos + 1];
-                for (j, p) in p.iter_mut().enumerate() {
-                    let ko = start + j * dh;
-                    *p = dot(q, &cache[ko..ko + dh]) * scale;
-                }
-                let m = max(p);
-                p.iter_mut().for_each(|x| *x = exp(*x - m));
-                let inv = 1.0 / sum(p);
-                y.fill(0.0);
-                for (j, &pj) in p.iter().enumerate() {
-                    let vo = plane + start + j * dh;
-                    let w = pj * inv;
-                    for (y, &v) in y.iter_mut().zip(&cache[vo..vo + dh]) {
-                        *y += w * v;
-                    }
-                }
+                let keys = &cache[start..start + (pos + 1) * dh];
+                let values = &cache[plane + start..plane + start + (pos + 1) * dh];
+                attend(y, q, keys, values, &mut p[..pos + 1], scale);
             },
         );
         Ok((CpuStorage::F32(y), Shape::from((n, c))))
+    }
+}
+
+multiversion! {
+    fn attend(y: &mut [f32], q: &[f32], keys: &[f32], values: &[f32], p: &mut [f32], scale: f32) {
+        // One query over its visible keys and values (`p.len()` rows of `q.len()`): scores,
+        // softmax, weighted sum.
+        let dh = q.len();
+        for (p, k) in p.iter_mut().zip(keys.chunks_exact(dh)) {
+            *p = dot(q, k) * scale;
+        }
+        let m = max(p);
+        p.iter_mut().for_each(|x| *x = exp(*x - m));
+        let inv = 1.0 / sum(p);
+        y.fill(0.0);
+        for (&pj, v) in p.iter().zip(values.chunks_exact(dh)) {
+            let w = pj * inv;
+            for (y, &v) in y.iter_mut().zip(v) {
+                *y += w * v;
+            }
+        }
     }
 }

@@ -10,6 +10,7 @@
 use candle_core::{D, DType, Device, Result, Tensor};
 
 use super::config::Activation;
+pub use super::fused::Branches;
 use super::{fused, infer};
 
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
@@ -94,12 +95,13 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Resu
 }
 
 /// Causal self-attention with `n_head` heads from the fused projection `qkv` `[B, T, 3C]` (all
-/// queries, then keys, then values) to the merged heads `[B, T, C]`, without a KV cache.
-pub fn causal_self_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+/// queries, then keys, then values) to the merged heads `[B, T, C]`, without a KV cache;
+/// `branches` lets several answers in a row share the prompt before them ([`Branches`]).
+pub fn causal_self_attention(qkv: &Tensor, n_head: usize, branches: Option<&Branches>) -> Result<Tensor> {
     if fused::applies(&[qkv]) {
-        return fused::causal_self_attention(qkv, n_head);
+        return fused::causal_self_attention(qkv, n_head, branches);
     }
-    composed::causal_self_attention(qkv, n_head)
+    composed::causal_self_attention(qkv, n_head, branches)
 }
 
 /// Mean cross-entropy of `logits` `[N, V]` against `targets` `[N]` (u32), optionally weighted per
@@ -119,6 +121,16 @@ pub fn head_cross_entropy(hidden: &Tensor, emb: &Tensor, targets: &Tensor, weigh
         return composed::cross_entropy(&hidden.matmul(&emb.t()?)?, targets, weights);
     }
     weighted_mean(&fused::head_cross_entropy_rows(hidden, emb, targets)?, weights)
+}
+
+/// Log-probabilities `[N]` of `targets` `[N]` (u32) under the logits `hidden E^T` (`hidden`
+/// `[N, C]`, tied embedding `E` `[V, C]`): the fused head cross-entropy, negated, on f32 CPU
+/// tensors; composed ops elsewhere. Both have a backward pass.
+pub fn head_target_logprobs(hidden: &Tensor, emb: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if fused::applies(&[hidden, emb]) {
+        return fused::head_cross_entropy_rows(hidden, emb, targets)?.neg();
+    }
+    target_logprobs(&hidden.matmul(&emb.t()?)?, targets)
 }
 
 /// Log-probabilities of `targets` (u32, the shape of `logits` without its last dimension) under
@@ -161,8 +173,9 @@ pub mod composed {
         y.reshape(out)
     }
 
-    /// Splits `qkv` `[B, T, 3C]` into heads, attends causally and merges the heads again.
-    pub fn causal_self_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+    /// Splits `qkv` `[B, T, 3C]` into heads, attends causally (within `branches` when given) and
+    /// merges the heads again.
+    pub fn causal_self_attention(qkv: &Tensor, n_head: usize, branches: Option<&super::Branches>) -> Result<Tensor> {
         let (b, t, c3) = qkv.dims3()?;
         let c = c3 / 3;
         let heads = |i: usize| -> Result<Tensor> {
@@ -171,8 +184,27 @@ pub mod composed {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let mask = super::causal_mask(t, 0, qkv.dtype(), qkv.device())?;
-        let y = attention(&heads(0)?, &heads(1)?, &heads(2)?, Some(&mask))?;
+        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let y = match branches {
+            None => attention(&q, &k, &v, Some(&super::causal_mask(t, 0, qkv.dtype(), qkv.device())?))?,
+            Some(br) => {
+                // One additive [T, T] mask per row: key j is visible to query i when it lies in
+                // 0..prefix or start..=i.
+                let mut data = vec![f32::NEG_INFINITY; b * t * t];
+                for bi in 0..b {
+                    for i in 0..t {
+                        let (p, s) = br.0[bi * t + i];
+                        for j in (0..p as usize).chain(s as usize..=i) {
+                            data[(bi * t + i) * t + j] = 0.0;
+                        }
+                    }
+                }
+                let mask = Tensor::from_vec(data, (b, 1, t, t), qkv.device())?.to_dtype(qkv.dtype())?;
+                let dh = q.dim(D::Minus1)?;
+                let scores = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?.broadcast_add(&mask)?;
+                super::softmax_last_dim(&scores)?.matmul(&v)?
+            }
+        };
         y.transpose(1, 2)?.reshape((b, t, c))
     }
 

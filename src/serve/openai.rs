@@ -183,6 +183,9 @@ pub struct GenParams {
     pub stream: bool,
     /// `stream_options.include_usage`: end the stream with a chunk carrying `usage`.
     pub include_usage: bool,
+    /// vLLM's `ignore_eos` extension: keep generating past the end-of-turn and end-of-text
+    /// tokens, to `max_tokens` (load tests use it for answers of a known length).
+    pub ignore_eos: bool,
 }
 
 impl GenParams {
@@ -259,6 +262,7 @@ impl GenParams {
             seed,
             stream: boolean(obj, "stream")?,
             include_usage,
+            ignore_eos: boolean(obj, "ignore_eos")?,
         })
     }
 }

@@ -96,6 +96,7 @@ impl Scheduler {
         EngineConfig {
             max_batch: cfg.max_batch,
             token_budget: cfg.token_budget,
+            capacity: None,
         }
         .check()?;
         let (jobs, rx) = sync_channel(cfg.queue);
@@ -159,6 +160,7 @@ fn run(bot: &Chatbot, cfg: SchedulerConfig, rx: Receiver<Job>, stats: &Stats) {
     let ecfg = EngineConfig {
         max_batch: cfg.max_batch,
         token_budget: cfg.token_budget,
+        capacity: None,
     };
     let mut engine = match Engine::new(&bot.model, Some(&bot.tokenizer), ecfg) {
         Ok(e) => e,
@@ -325,6 +327,9 @@ fn prepare(bot: &Chatbot, job: Job, stats: &Stats) -> Option<Waiting> {
     match request {
         Ok(mut request) => {
             request.stop_strings = p.stop.clone();
+            if p.ignore_eos {
+                request.stop_tokens.clear();
+            }
             request.stream = true;
             Some(Waiting {
                 request,

@@ -65,7 +65,7 @@ impl Dpo {
             .chain(pairs.iter().map(|p| (p.rejected.as_slice(), p.prompt_len)))
             .collect();
         let b = batch(&seqs, self.pad, model.device())?;
-        let (lp, _) = answer_logprobs(model, &b, 1.0)?;
+        let lp = answer_logprobs(model, &b, 1.0)?;
         Ok(((lp * &b.mask)?.sum(1)?, b.mask.sum(1)?))
     }
 

@@ -24,10 +24,10 @@ use crate::eval::tasks::chat_answers;
 use crate::eval::verify;
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
-use crate::train::answers::{Batch, answer_logprobs, batch};
+use crate::train::answers::{Batch, answer_logprobs, answer_rows, grouped_batch, last_token_scores};
 use crate::train::metrics::MetricsLog;
 use crate::train::order::EpochOrder;
-use crate::train::reward::{RewardModel, SCORE_HEAD, sequence_scores};
+use crate::train::reward::{RewardModel, SCORE_HEAD};
 use crate::train::rl::{self, KlController, RunningStats};
 use crate::train::{AdamW, AdamWConfig, LrSchedule, ParamSet, accumulate, clip_scale, global_norm};
 
@@ -141,7 +141,10 @@ struct Rollout {
     prompt_len: usize,
     ended: bool,
     score: f64,
+    /// Log-probabilities of the answer tokens when sampled (the policy before this step's update).
     logp_old: Vec<f64>,
+    /// Entropy of the sampling distribution at each answer token.
+    entropy: Vec<f64>,
     logp_ref: Vec<f64>,
     values: Vec<f64>,
     adv: Vec<f64>,
@@ -156,16 +159,24 @@ impl Rollout {
 
 /// Critic values `[N, A]` before each answer token.
 fn answer_values(critic: &Gpt, head: &Tensor, b: &Batch) -> Result<Tensor> {
-    let hidden = critic.forward_hidden(&b.x)?;
-    let c = hidden.dim(2)?;
-    let rows = hidden.reshape(((), c))?.index_select(&b.rows, 0)?;
+    let rows = answer_rows(critic, b)?;
     Ok(rows.matmul(&head.t()?)?.squeeze(1)?.reshape((b.n, b.a))?)
 }
 
-/// The rollouts' prompt + answer sequences as one padded batch.
-fn batch_of(rollouts: &[&Rollout], pad: u32, device: &Device) -> Result<Batch> {
-    let seqs: Vec<(&[u32], usize)> = rollouts.iter().map(|r| (r.seq.as_slice(), r.prompt_len)).collect();
-    batch(&seqs, pad, device)
+/// The rollouts as one batch, one row per prompt: the prompt once, then each of its answers
+/// (`refs` holds a prompt's rollouts next to each other).
+fn batch_of(refs: &[&Rollout], pad: u32, device: &Device) -> Result<Batch> {
+    let mut groups: Vec<(&[u32], Vec<&[u32]>)> = vec![];
+    let mut last_group = None;
+    for r in refs {
+        let (prompt, answer) = r.seq.split_at(r.prompt_len);
+        if last_group != Some(r.group) {
+            groups.push((prompt, vec![]));
+            last_group = Some(r.group);
+        }
+        groups.last_mut().expect("pushed above").1.push(answer);
+    }
+    grouped_batch(&groups, pad, device)
 }
 
 fn rows_of(t: &Tensor, lens: &[usize]) -> Result<Vec<Vec<f64>>> {
@@ -185,6 +196,67 @@ fn to_tensor(rows: &[&[f64]], a: usize, device: &Device) -> Result<Tensor> {
 
 /// Sequences per forward/backward pass; larger minibatches accumulate gradients over such chunks.
 const MICRO_BATCH: usize = 32;
+
+/// The reward model's score of every rollout, a prompt's answers in one row. An answer that ended
+/// is scored as the reward model was trained, closed by `end` (`<|end|>`) whichever stop token the
+/// policy sampled.
+fn reward_scores(rm: &RewardModel, rollouts: &[Rollout], end: u32, device: &Device) -> Result<Vec<f64>> {
+    let mut out = vec![0.0; rollouts.len()];
+    for chunk in by_prompt(&(0..rollouts.len()).collect::<Vec<_>>(), rollouts) {
+        let answers: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|&i| {
+                let r = &rollouts[i];
+                let mut a = r.seq[r.prompt_len..].to_vec();
+                if let (true, Some(last)) = (r.ended, a.last_mut()) {
+                    *last = end;
+                }
+                a
+            })
+            .collect();
+        let mut groups: Vec<(&[u32], Vec<&[u32]>)> = vec![];
+        let mut last_group = None;
+        for (&i, a) in chunk.iter().zip(&answers) {
+            let r = &rollouts[i];
+            if last_group != Some(r.group) {
+                groups.push((&r.seq[..r.prompt_len], vec![]));
+                last_group = Some(r.group);
+            }
+            groups.last_mut().expect("pushed above").1.push(a);
+        }
+        let b = grouped_batch(&groups, rm.pad(), device)?;
+        let scores = last_token_scores(&rm.gpt, &rm.head, &b)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        for (&i, sc) in chunk.iter().zip(scores) {
+            out[i] = sc;
+        }
+    }
+    Ok(out)
+}
+
+/// The rollouts `idx` in chunks of whole prompts (each prompt computed once for all its answers),
+/// at most [`MICRO_BATCH`] answers a chunk unless one prompt alone has more. The sum of a
+/// minibatch's chunk losses does not depend on how it is chunked.
+fn by_prompt(idx: &[usize], rollouts: &[Rollout]) -> Vec<Vec<usize>> {
+    let mut sorted = idx.to_vec();
+    sorted.sort_by_key(|&i| (rollouts[i].group, i));
+    let mut chunks: Vec<Vec<usize>> = vec![];
+    let mut at = 0;
+    while at < sorted.len() {
+        let g = rollouts[sorted[at]].group;
+        let end = sorted[at..]
+            .iter()
+            .position(|&i| rollouts[i].group != g)
+            .map_or(sorted.len(), |e| at + e);
+        match chunks.last_mut() {
+            Some(c) if c.len() + (end - at) <= MICRO_BATCH => c.extend_from_slice(&sorted[at..end]),
+            _ => chunks.push(sorted[at..end].to_vec()),
+        }
+        at = end;
+    }
+    chunks
+}
 
 /// What a finished (or interrupted) PPO run reports.
 #[derive(Debug, Clone)]
@@ -293,6 +365,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
     let rollout_engine = EngineConfig {
         max_batch: (cfg.prompts_per_step * cfg.samples_per_prompt).max(1),
         token_budget: crate::model::infer::MAX_ROWS.max(cfg.prompts_per_step * cfg.samples_per_prompt),
+        capacity: None,
     };
     let adam = AdamWConfig {
         weight_decay: 0.0,
@@ -494,7 +567,9 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                         ^ ((p * cfg.samples_per_prompt + k) as u64).wrapping_mul(7919),
                 })
                 .collect();
-            requests.push(Request::greedy(prompt_ids, cfg.max_new_tokens, stop_tokens.clone()).with_samples(samples));
+            let mut r = Request::greedy(prompt_ids, cfg.max_new_tokens, stop_tokens.clone()).with_samples(samples);
+            r.sampled_stats = true;
+            requests.push(r);
             recs.push(rec);
         }
         let prompt_ids: Vec<Vec<u32>> = requests.iter().map(|r| r.prompt.clone()).collect();
@@ -513,6 +588,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                     // An empty, unended answer (context already full): nothing to learn from.
                     continue;
                 }
+                let sampled = c.sampled.unwrap_or_default();
                 records.push((recs[p], c.text));
                 rollouts.push(Rollout {
                     group: p,
@@ -520,7 +596,8 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                     prompt_len: prompt_ids[p].len(),
                     ended: c.finish.ended(),
                     score: 0.0,
-                    logp_old: vec![],
+                    logp_old: sampled.iter().map(|s| s.0 as f64).collect(),
+                    entropy: sampled.iter().map(|s| s.1 as f64).collect(),
                     logp_ref: vec![],
                     values: vec![],
                     adv: vec![],
@@ -533,18 +610,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         // 2. Scores.
         let t_score = Instant::now();
         let scores: Vec<f64> = match &reward_model {
-            Some(rm) => {
-                let seqs: Vec<Vec<u32>> = rollouts.iter().map(|r| r.seq.clone()).collect();
-                let mut out = vec![];
-                for chunk in seqs.chunks(16) {
-                    out.extend(
-                        sequence_scores(&rm.gpt, &rm.head, chunk, pad)?
-                            .to_dtype(DType::F64)?
-                            .to_vec1::<f64>()?,
-                    );
-                }
-                out
-            }
+            Some(rm) => reward_scores(rm, &rollouts, template.end, &device)?,
             None => records
                 .iter()
                 .map(|(rec, text)| {
@@ -574,19 +640,18 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             rl::group_centred(&scores, &groups, &ended)
         });
         let score_s = t_score.elapsed().as_secs_f64();
-        // 3. Old log-probs, reference log-probs and values, in chunks.
+        // 3. Reference log-probs and values, a prompt's answers together (the old log-probs came
+        // with the samples).
         let t_passes = Instant::now();
-        for chunk in rollouts.chunks_mut(MICRO_BATCH) {
-            let refs: Vec<&Rollout> = chunk.iter().collect();
+        for chunk in by_prompt(&(0..rollouts.len()).collect::<Vec<_>>(), &rollouts) {
+            let refs: Vec<&Rollout> = chunk.iter().map(|&i| &rollouts[i]).collect();
             let b = batch_of(&refs, pad, &device)?;
             let lens: Vec<usize> = refs.iter().map(|r| r.answer_len()).collect();
-            let old = rows_of(&answer_logprobs(&rollout_model, &b, cfg.temperature)?.0, &lens)?;
-            let reference_lp = rows_of(&answer_logprobs(&reference, &b, cfg.temperature)?.0, &lens)?;
+            let reference_lp = rows_of(&answer_logprobs(&reference, &b, cfg.temperature)?, &lens)?;
             let values = rows_of(&answer_values(&critic_view, &value_head.detach(), &b)?, &lens)?;
-            for (((r, o), rl), v) in chunk.iter_mut().zip(old).zip(reference_lp).zip(values) {
-                r.logp_old = o;
-                r.logp_ref = rl;
-                r.values = v;
+            for ((&i, rl), v) in chunk.iter().zip(reference_lp).zip(values) {
+                rollouts[i].logp_ref = rl;
+                rollouts[i].values = v;
             }
         }
         let passes_s = t_passes.elapsed().as_secs_f64();
@@ -625,7 +690,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         let mean_kl = kl_sum / n_roll as f64;
         // 5. PPO epochs over minibatches.
         let t_update = Instant::now();
-        let (mut pl_sum, mut vl_sum, mut clip_sum, mut ent_sum, mut updates) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        let (mut pl_sum, mut vl_sum, mut clip_sum, mut updates) = (0.0, 0.0, 0.0, 0.0);
         let mut mb_order = EpochOrder::new(cfg.seed ^ step, n_roll, 0, 0);
         let (lr, critic_lr) = (schedule(cfg.lr).at(step), schedule(cfg.critic_lr).at(step));
         for _ in 0..cfg.ppo_epochs {
@@ -635,8 +700,8 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                 // MICRO_BATCH sequences, each weighted by its share of the minibatch's answer tokens.
                 let mb_tokens: usize = mb.iter().map(|&i| rollouts[i].answer_len()).sum();
                 let (mut actor_grads, mut critic_grads) = (None, None);
-                let (mut clip_mb, mut ent_mb) = (0.0, 0.0);
-                for chunk in mb.chunks(MICRO_BATCH) {
+                let mut clip_mb = 0.0;
+                for chunk in by_prompt(mb, &rollouts) {
                     let refs: Vec<&Rollout> = chunk.iter().map(|&i| &rollouts[i]).collect();
                     let share = refs.iter().map(|r| r.answer_len()).sum::<usize>() as f64 / mb_tokens as f64;
                     let b = batch_of(&refs, pad, &device)?;
@@ -646,18 +711,13 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                     let (old, adv) = (rows(|r| &r.logp_old)?, rows(|r| &r.adv)?);
                     let (ret, vold) = (rows(|r| &r.ret)?, rows(|r| &r.values)?);
                     // Actor.
-                    let (logp, dist) = answer_logprobs(&actor_model, &b, cfg.temperature)?;
+                    let logp = answer_logprobs(&actor_model, &b, cfg.temperature)?;
                     let (mut loss, clip_frac) = rl::policy_loss(&logp, &old, &adv, &b.mask, cfg.clip)?;
                     if let Some(loader) = ptx.as_mut() {
                         let (x, y) = loader.next_batch(refs.len().max(1), &device)?;
                         loss = (loss + (actor_model.lm_loss(&x, &y, None)? * cfg.ptx_coef)?)?;
                     }
                     let loss = (loss * share)?;
-                    let entropy = {
-                        let e = (dist.exp()? * &dist)?.sum(1)?.neg()?.reshape((b.n, b.a))?;
-                        (e * &b.mask)?.sum_all()?.to_scalar::<f32>()? as f64
-                            / b.mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64
-                    };
                     pl_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                     accumulate(&mut actor_grads, actor.grads(&loss.backward()?)?)?;
                     // Critic.
@@ -666,7 +726,6 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                     vl_sum += vloss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                     accumulate(&mut critic_grads, critic.params.grads(&vloss.backward()?)?)?;
                     clip_mb += clip_frac * share;
-                    ent_mb += entropy * share;
                 }
                 for (opt, grads, lr) in [
                     (&mut actor_opt, actor_grads, lr),
@@ -676,7 +735,6 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                     opt.step(&grads, lr, clip_scale(global_norm(&grads)?, cfg.grad_clip))?;
                 }
                 clip_sum += clip_mb;
-                ent_sum += ent_mb;
                 updates += 1.0;
             }
         }
@@ -684,6 +742,9 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         kl.update(mean_kl, n_roll);
         step += 1;
         let mean_len = rollouts.iter().map(|r| r.answer_len() as f64).sum::<f64>() / n_roll as f64;
+        // Mean entropy per answer token of the distributions the answers were sampled from.
+        let entropy = rollouts.iter().flat_map(|r| &r.entropy).sum::<f64>()
+            / rollouts.iter().map(|r| r.entropy.len()).sum::<usize>().max(1) as f64;
         let ended = rollouts.iter().filter(|r| r.ended).count() as f64 / n_roll as f64;
         let first = *first_len.get_or_insert(mean_len);
         let mean_score = rollouts.iter().map(|r| r.score).sum::<f64>() / n_roll as f64;
@@ -706,7 +767,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             ("reward", mean_score),
             ("kl", mean_kl),
             ("kl_coef", kl.coef),
-            ("entropy", ent_sum / updates),
+            ("entropy", entropy),
             ("clip_frac", clip_sum / updates),
             ("value_loss", vl_sum / updates),
             ("policy_loss", pl_sum / updates),

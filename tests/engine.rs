@@ -1,0 +1,366 @@
+//! The batched engine: ragged batches decode exactly as each prompt alone, the KV slots match full
+//! recomputation, seeded samples do not depend on the rest of the batch, cancellation frees slots,
+//! finish reasons name the stop that fired, and the inference kernels match the composed ops.
+
+use candle_core::{D, DType, Device, Tensor};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use talaria::engine::{
+    Completion, Engine, EngineConfig, Event, FinishReason, Request, Sampling, SamplingParams, generate_batch,
+};
+use talaria::model::ops::composed;
+use talaria::model::{Gpt, GptConfig, Segment, infer, init_weights};
+use talaria::tokenizer::Tokenizer;
+
+mod common;
+use common::max_abs_diff;
+
+fn model(seed: u64) -> Gpt {
+    let cfg = GptConfig::preset("test").unwrap();
+    Gpt::from_weights(&cfg, &init_weights(&cfg, seed, DType::F32, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn prompt(seed: usize, len: usize, vocab: usize) -> Vec<u32> {
+    (0..len).map(|j| ((seed * 131 + j * 37 + 7) % vocab) as u32).collect()
+}
+
+fn alone(m: &Gpt, req: Request) -> Vec<Completion> {
+    generate_batch(m, None, vec![req], EngineConfig::default(), |_| {})
+        .unwrap()
+        .remove(0)
+}
+
+fn sampled(seed: u64) -> Sampling {
+    Sampling {
+        params: SamplingParams {
+            temperature: 1.0,
+            top_k: Some(40),
+            top_p: Some(0.95),
+        },
+        seed,
+    }
+}
+
+/// Logits `[V]` of the last position of `seq` by one full forward pass without a cache.
+fn full_logits(m: &Gpt, seq: &[u32]) -> Vec<f32> {
+    let x = Tensor::new(seq, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let l = m.forward(&x).unwrap();
+    l.narrow(1, seq.len() - 1, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn ragged_batches_decode_each_prompt_exactly_as_alone() {
+    let m = model(3);
+    let v = m.config().vocab_size;
+    // Prompts of different lengths, different budgets (some finish early), one stop token that
+    // some sequences hit, and a small batch so later requests join while others run.
+    let requests: Vec<Request> = (0..9)
+        .map(|i| Request::greedy(prompt(i, 1 + 3 * i, v), 4 + 5 * (i % 3), vec![(i * 11 % v) as u32]))
+        .collect();
+    let cfg = EngineConfig {
+        max_batch: 3,
+        token_budget: 8,
+        capacity: None,
+    };
+    let batched = generate_batch(&m, None, requests.clone(), cfg, |_| {}).unwrap();
+    let mut lengths = vec![];
+    for (r, got) in requests.into_iter().zip(batched) {
+        let want = alone(&m, r);
+        assert_eq!(got, want);
+        lengths.push(got[0].tokens.len());
+    }
+    assert!(
+        lengths.iter().any(|&l| l < 14),
+        "some sequences finish early: {lengths:?}"
+    );
+}
+
+#[test]
+fn a_batchs_logits_match_full_recomputation_bit_for_bit_across_batch_shapes() {
+    let m = model(5);
+    let v = m.config().vocab_size;
+    let seqs: Vec<Vec<u32>> = (0..5).map(|i| prompt(i, 6 + 4 * i, v)).collect();
+    // Prefill every sequence but its last token in chunks, then decode the last tokens together.
+    let mut cache = m.new_slots(5, 64).unwrap();
+    for (slot, s) in seqs.iter().enumerate() {
+        let body = &s[..s.len() - 1];
+        for (at, chunk) in body.chunks(5).enumerate().map(|(i, c)| (i * 5, c)) {
+            let seg = Segment {
+                slot,
+                past: at,
+                len: chunk.len(),
+            };
+            m.forward_packed(chunk, &[seg], &mut cache).unwrap();
+        }
+    }
+    let last: Vec<u32> = seqs.iter().map(|s| *s.last().unwrap()).collect();
+    let segs: Vec<Segment> = seqs
+        .iter()
+        .enumerate()
+        .map(|(slot, s)| Segment {
+            slot,
+            past: s.len() - 1,
+            len: 1,
+        })
+        .collect();
+    let hidden = m.forward_packed(&last, &segs, &mut cache).unwrap();
+    let batched = m.lm_head_rows(&hidden).unwrap().to_vec2::<f32>().unwrap();
+    for (i, s) in seqs.iter().enumerate() {
+        // The cache agrees with recomputation from scratch (up to the other kernels' rounding)...
+        let full = full_logits(&m, s);
+        let worst = full
+            .iter()
+            .zip(&batched[i])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "sequence {i}: max |cached - full| = {worst}");
+        // ...and equals, bit for bit, the same sequence prefilled whole and decoded alone.
+        let mut one = m.new_slots(1, 64).unwrap();
+        let body = &s[..s.len() - 1];
+        m.forward_packed(
+            body,
+            &[Segment {
+                slot: 0,
+                past: 0,
+                len: body.len(),
+            }],
+            &mut one,
+        )
+        .unwrap();
+        let h = m
+            .forward_packed(
+                &[last[i]],
+                &[Segment {
+                    slot: 0,
+                    past: body.len(),
+                    len: 1,
+                }],
+                &mut one,
+            )
+            .unwrap();
+        let solo = m.lm_head_rows(&h).unwrap().to_vec2::<f32>().unwrap().remove(0);
+        assert!(
+            solo.iter().zip(&batched[i]).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "sequence {i}: batched logits differ from decoding alone"
+        );
+    }
+}
+
+#[test]
+fn seeded_samples_are_reproducible_and_independent_of_the_batch() {
+    let m = model(7);
+    let v = m.config().vocab_size;
+    let p = prompt(1, 9, v);
+    let req = Request::greedy(p.clone(), 12, vec![]).with_samples((0..4).map(sampled).collect());
+    let once = alone(&m, req.clone());
+    assert_eq!(once, alone(&m, req.clone()), "the same seeds give the same samples");
+    let distinct: std::collections::HashSet<&Vec<u32>> = once.iter().map(|c| &c.tokens).collect();
+    assert!(distinct.len() > 1, "different seeds give different samples");
+    // The same request among others, admitted in another order, in a smaller batch.
+    let mut others: Vec<Request> = (2..6)
+        .map(|i| Request::greedy(prompt(i, 3 + i, v), 10, vec![]).with_samples(vec![sampled(100 + i as u64)]))
+        .collect();
+    others.insert(2, req);
+    let cfg = EngineConfig {
+        max_batch: 6,
+        token_budget: 16,
+        capacity: None,
+    };
+    let together = generate_batch(&m, None, others, cfg, |_| {}).unwrap();
+    assert_eq!(together[2], once);
+    // One sample alone with the seed of sample 2 draws what sample 2 drew.
+    let single = alone(&m, Request::greedy(p, 12, vec![]).with_samples(vec![sampled(2)]));
+    assert_eq!(single[0], once[2]);
+}
+
+#[test]
+fn finish_reasons_name_the_stop_that_fired() {
+    let m = model(9);
+    let v = m.config().vocab_size;
+    let p = prompt(4, 6, v);
+    let free = alone(&m, Request::greedy(p.clone(), 20, vec![])).remove(0);
+    assert_eq!(free.finish, FinishReason::Length);
+    assert_eq!(free.tokens.len(), 20);
+    // A stop token: the output ends before it, and the reason names it.
+    let t = free.tokens[5];
+    let first = free.tokens.iter().position(|&x| x == t).unwrap();
+    let unused = (0..v as u32).find(|x| !free.tokens.contains(x)).unwrap();
+    let stopped = alone(&m, Request::greedy(p.clone(), 20, vec![unused, t])).remove(0);
+    assert_eq!(stopped.finish, FinishReason::StopToken(t));
+    assert_eq!(stopped.tokens, free.tokens[..first]);
+    // The context: a prompt near the end of the 64 positions.
+    let long = prompt(5, 60, v);
+    let ctx = alone(&m, Request::greedy(long, 20, vec![])).remove(0);
+    assert_eq!(ctx.finish, FinishReason::Context);
+    assert_eq!(ctx.tokens.len(), 4);
+    // Stop strings need text: a byte-level tokenizer and a model over its vocabulary.
+    let tok = test_tokenizer(v);
+    let mut cfg = GptConfig::preset("test").unwrap();
+    cfg.vocab_size = tok.vocab_size();
+    let m = Gpt::from_weights(&cfg, &init_weights(&cfg, 9, DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let p = tok.encode("the cat sat").unwrap();
+    let free = alone(&m, Request::greedy(p.clone(), 20, vec![])).remove(0);
+    let text = tok.decode(&free.tokens).unwrap();
+    let stop: String = text.chars().skip(3).take(2).collect();
+    assert_eq!(stop.chars().count(), 2, "{text:?}");
+    let mut req = Request::greedy(p, 20, vec![]);
+    req.stop_strings = vec!["\u{1F600} never".into(), stop.clone()];
+    let got = generate_batch(&m, Some(&tok), vec![req], EngineConfig::default(), |_| {})
+        .unwrap()
+        .remove(0)
+        .remove(0);
+    assert_eq!(got.finish, FinishReason::StopString(stop.clone()));
+    let cut = text.find(&stop).unwrap();
+    assert_eq!(got.text, text[..cut]);
+}
+
+/// A byte-level BPE whose ids cover `vocab` (the test model's vocabulary).
+fn test_tokenizer(vocab: usize) -> Tokenizer {
+    let cfg = talaria::tokenizer::TrainConfig {
+        vocab_size: vocab,
+        min_frequency: 1,
+        show_progress: false,
+    };
+    let text: Vec<String> = (0..400)
+        .map(|i| format!("the cat {i} sat on mat number {} and ran", i * 7))
+        .collect();
+    let (tok, _) = talaria::tokenizer::train_bpe(&cfg, text.into_iter().map(Ok)).unwrap();
+    assert!(tok.vocab_size() <= vocab);
+    tok
+}
+
+#[test]
+fn cancelling_a_request_frees_its_slots_at_once() {
+    let m = model(11);
+    let v = m.config().vocab_size;
+    let mut e = Engine::new(
+        &m,
+        None,
+        EngineConfig {
+            max_batch: 4,
+            token_budget: 32,
+            capacity: None,
+        },
+    )
+    .unwrap();
+    let a = e
+        .admit(Request::greedy(prompt(1, 5, v), 40, vec![]).with_samples(vec![Sampling::greedy(); 3]))
+        .unwrap();
+    assert_eq!(e.free_slots(), 1);
+    assert!(
+        e.admit(Request::greedy(prompt(2, 5, v), 4, vec![]).with_samples(vec![Sampling::greedy(); 2]))
+            .is_err(),
+        "two samples do not fit one free slot"
+    );
+    e.step().unwrap();
+    e.step().unwrap();
+    assert_eq!(e.running(), 3);
+    e.cancel(a);
+    assert_eq!(e.free_slots(), 4);
+    let events = e.step().unwrap();
+    let cancelled: Vec<&Completion> = events
+        .iter()
+        .filter_map(|ev| match ev {
+            Event::Finished { req, completion, .. } if *req == a => Some(completion),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cancelled.len(), 3);
+    assert!(
+        cancelled
+            .iter()
+            .all(|c| c.finish == FinishReason::Cancelled && c.tokens.len() == 2)
+    );
+    assert!(e.is_idle());
+    // The freed slots serve a new request that decodes as if alone.
+    let req = Request::greedy(prompt(3, 7, v), 6, vec![]).with_samples(vec![Sampling::greedy(); 4]);
+    let b = e.admit(req.clone()).unwrap();
+    let mut done = vec![None; 4];
+    while !e.is_idle() {
+        for ev in e.step().unwrap() {
+            if let Event::Finished {
+                req, index, completion, ..
+            } = ev
+            {
+                assert_eq!(req, b);
+                done[index] = Some(completion);
+            }
+        }
+    }
+    let want = alone(&m, req);
+    assert_eq!(done.into_iter().map(Option::unwrap).collect::<Vec<_>>(), want);
+}
+
+#[test]
+fn log_probabilities_are_those_of_the_full_distribution() {
+    let m = model(13);
+    let v = m.config().vocab_size;
+    let p = prompt(6, 8, v);
+    let mut req = Request::greedy(p.clone(), 5, vec![]).with_samples(vec![sampled(1)]);
+    req.logprobs = Some(3);
+    req.prompt_logprobs = Some(2);
+    let c = alone(&m, req).remove(0);
+    let seq: Vec<u32> = p.iter().chain(&c.tokens).copied().collect();
+    let x = Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logp = candle_nn::ops::log_softmax(&m.forward(&x).unwrap(), D::Minus1)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let prompt_lp = c.prompt_logprobs.unwrap();
+    assert_eq!(prompt_lp.len(), p.len());
+    assert!(prompt_lp[0].is_none(), "the first prompt token has no log-probability");
+    for (i, lp) in prompt_lp.iter().enumerate().skip(1) {
+        let lp = lp.as_ref().unwrap();
+        assert_eq!(lp.token, p[i]);
+        assert!((lp.logprob - logp[i - 1][p[i] as usize]).abs() < 1e-4);
+        assert_eq!(lp.top.len(), 2);
+    }
+    let gen_lp = c.logprobs.unwrap();
+    assert_eq!(gen_lp.len(), c.tokens.len());
+    for (k, lp) in gen_lp.iter().enumerate() {
+        let row = &logp[p.len() - 1 + k];
+        assert!((lp.logprob - row[lp.token as usize]).abs() < 1e-4);
+        // Best first, and the best is the row's maximum.
+        let best = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert!((lp.top[0].1 - best).abs() < 1e-4 && lp.top[0].1 >= lp.top[1].1 && lp.top[1].1 >= lp.top[2].1);
+    }
+}
+
+#[test]
+fn the_inference_kernels_match_the_composed_ops() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut randn = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    };
+    // Row counts around the tile sizes, columns that are not multiples of the vector width.
+    for (r, k, n) in [
+        (1, 7, 5),
+        (2, 33, 70),
+        (3, 64, 96),
+        (5, 20, 131),
+        (9, 48, 64),
+        (70, 40, 200),
+    ] {
+        let (x, w, b) = (randn(&[r, k]), randn(&[k, n]), randn(&[n]));
+        let want = composed::linear(&x, &w, &b).unwrap();
+        let got = infer::linear(&x, &w, &b).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-4, "linear {r}x{k}x{n}");
+        let e = randn(&[n, k]);
+        let want = x.matmul(&e.t().unwrap()).unwrap();
+        let got = infer::times_transposed(&x, &e).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-4, "lm head {r}x{k}x{n}");
+        // Each row is computed the same whatever the other rows are.
+        let top = x.narrow(0, 0, 1).unwrap();
+        let alone = infer::linear(&top, &w, &b).unwrap();
+        let in_batch = infer::linear(&x, &w, &b).unwrap().narrow(0, 0, 1).unwrap();
+        assert_eq!(max_abs_diff(&alone, &in_batch), 0.0, "rows of {r}x{k}x{n}");
+    }
+}
