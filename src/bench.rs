@@ -242,8 +242,12 @@ fn percentile(xs: &mut [f64], p: f64) -> f64 {
     xs[((p / 100.0) * (xs.len() - 1) as f64).round() as usize]
 }
 
-/// One streamed chat completion: time to the first piece, the gaps between pieces, tokens.
-fn stream_one(url: &str, body: &serde_json::Value) -> Result<(f64, Vec<f64>, usize)> {
+/// What a client saw of one streamed answer: time to the first piece, the gaps between pieces,
+/// and the tokens the server reported.
+type Streamed = (f64, Vec<f64>, usize);
+
+/// One streamed chat completion.
+fn stream_one(url: &str, body: &serde_json::Value) -> Result<Streamed> {
     use std::io::BufRead;
     let start = Instant::now();
     let resp = ureq::post(&format!("{url}/v1/chat/completions"))
@@ -299,7 +303,7 @@ pub fn serve_bench(cfg: &ServeBenchConfig) -> Result<Vec<ServeLevel>> {
     let url = format!("http://{}", listener.local_addr()?);
     rt.spawn(async move { axum::serve(listener, app).await });
     // One client's requests, back to back.
-    let run_client = |c: usize, requests: usize| -> Result<Vec<(f64, Vec<f64>, usize)>> {
+    let run_client = |c: usize, requests: usize| -> Result<Vec<Streamed>> {
         (0..requests)
             .map(|r| {
                 let body = json!({
@@ -327,7 +331,7 @@ pub fn serve_bench(cfg: &ServeBenchConfig) -> Result<Vec<ServeLevel>> {
     let mut out = vec![];
     for &clients in &cfg.clients {
         let start = Instant::now();
-        let results: Vec<Result<Vec<(f64, Vec<f64>, usize)>>> = std::thread::scope(|scope| {
+        let results: Vec<Result<Vec<Streamed>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..clients)
                 .map(|c| scope.spawn(move || run_client(c, cfg.requests_per_client)))
                 .collect();

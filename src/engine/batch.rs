@@ -179,6 +179,11 @@ impl EngineConfig {
     pub fn check(&self) -> Result<()> {
         ensure!(self.max_batch > 0, "the batch must hold at least one sequence");
         ensure!(
+            self.token_budget <= 8192,
+            "the token budget per step ({}) is above 8192 tokens",
+            self.token_budget
+        );
+        ensure!(
             self.token_budget >= self.max_batch,
             "the token budget per step ({}) must cover a decode step of the whole batch ({})",
             self.token_budget,

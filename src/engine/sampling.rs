@@ -81,6 +81,9 @@ impl Sampler {
             return argmax(logits);
         }
         let inv_t = 1.0 / p.temperature;
+        if p.top_k.is_none() && p.top_p.is_none() {
+            return self.sample_plain(logits, inv_t as f32);
+        }
         let mut cand: Vec<(u32, f64)> = logits
             .iter()
             .enumerate()
@@ -124,6 +127,45 @@ impl Sampler {
             u -= p;
         }
         cand[probs.len() - 1].0
+    }
+}
+
+impl Sampler {
+    /// A draw from the whole distribution `softmax(logits / t)` (`inv_t` = 1 / t), in vocabulary
+    /// order: one vectorised pass for the weights, then a scan. Non-finite logits weigh nothing.
+    fn sample_plain(&mut self, logits: &[f32], inv_t: f32) -> u32 {
+        let m = logits
+            .iter()
+            .copied()
+            .filter(|l| l.is_finite())
+            .fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            return argmax(logits);
+        }
+        let mut w = vec![0f32; logits.len()];
+        weights(&mut w, logits, m, inv_t);
+        let total: f64 = w.iter().map(|&x| x as f64).sum();
+        let mut u = self.rng.random::<f64>() * total;
+        let mut last = 0;
+        for (i, &x) in w.iter().enumerate() {
+            if x > 0.0 {
+                if u < x as f64 {
+                    return i as u32;
+                }
+                u -= x as f64;
+                last = i;
+            }
+        }
+        last as u32
+    }
+}
+
+/// `w[i] = e^((l[i] - m) / t)`, 0 for a non-finite logit, with the branch-free exponential the
+/// kernels use (libm's would be one opaque call per vocabulary entry and token).
+fn weights(w: &mut [f32], logits: &[f32], m: f32, inv_t: f32) {
+    for (w, &l) in w.iter_mut().zip(logits) {
+        let e = crate::model::fused::exp((l - m) * inv_t);
+        *w = if l.is_finite() { e } else { 0.0 };
     }
 }
 

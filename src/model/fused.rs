@@ -63,7 +63,7 @@ const LN2_LO: f32 = 1.428_606_8e-6;
 /// `e^x` to about 2 ulp, branch-free so that loops calling it vectorise (libm's `expf` is an
 /// opaque call): range reduction by ln 2, then a degree-7 Taylor polynomial on [-ln2/2, ln2/2].
 #[inline(always)]
-pub(super) fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     // Round to nearest through the float adder (1.5 * 2^23), which vectorises where `round` does not.
     let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;

@@ -382,8 +382,8 @@ impl Gpt {
             let pb = self.packed.as_ref().map(|p| &p[layer]);
             let lin = |x: &Tensor, w: &Tensor, b: &Tensor, p: Option<&infer::Packed>| -> Result<Tensor> {
                 match p {
-                    Some(p) if x.dim(0)? <= infer::MAX_ROWS => Ok(p.linear(x, b)?),
-                    _ => Ok(ops::linear(x, w, b)?),
+                    Some(p) => Ok(p.linear(x, b)?),
+                    None => Ok(ops::linear(x, w, b)?),
                 }
             };
             let a = self.ln(&x, &bl.ln1_w, &bl.ln1_b)?;
@@ -458,8 +458,12 @@ impl Gpt {
         Ok(ops::head_target_logprobs(rows, &self.wte, targets)?)
     }
 
-    /// Logits `[R, V]` of hidden-state rows `[R, C]` (the engine's selected positions).
+    /// Logits `[R, V]` of hidden-state rows `[R, C]` (the engine's selected positions), each row
+    /// computed the same whatever the others are (the inference kernel, on f32 CPU tensors).
     pub fn lm_head_rows(&self, rows: &Tensor) -> Result<Tensor> {
+        if fused::applies(&[rows, &self.wte]) {
+            return Ok(infer::times_transposed(rows, &self.wte)?);
+        }
         Ok(ops::matmul_transposed(rows, &self.wte)?)
     }
 

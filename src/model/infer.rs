@@ -27,8 +27,9 @@ const COLS_PER_TASK: usize = 64;
 const ROWS_PER_TASK: usize = 32;
 /// Rows of the embedding matrix per rayon task in [`times_transposed`].
 const EMB_ROWS_PER_TASK: usize = 256;
-/// Up to this many rows a product goes through these kernels; a larger one (a long prompt scored
-/// outside the engine) through `gemm`. The engine never exceeds it in one step.
+/// Untracked products of up to this many rows outside the engine go through these kernels, larger
+/// ones (scoring whole batches) through `gemm`; the engine's packed weights always take them. Also
+/// the engine's default token budget per step.
 pub const MAX_ROWS: usize = 256;
 
 #[cfg(target_arch = "x86_64")]
