@@ -379,7 +379,7 @@ fn random_chatbot(preset: &str) -> Result<crate::engine::Chatbot> {
         min_frequency: 2,
         show_progress: false,
     };
-    let (tok, _) = crate::tokenizer::train_from_files(
+    let (tok, _) = crate::data::bpe::train_from_files(
         &[dir.join("pretrain.txt")],
         &crate::data::readers::ReadOptions::default(),
         &tcfg,

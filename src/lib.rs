@@ -1,7 +1,20 @@
-//! Talaria: the complete ChatGPT recipe in one Rust library and binary.
+//! Talaria: the complete ChatGPT recipe in one Rust library and binary. `docs/architecture.md`
+//! walks through the pipeline and says which module owns each format.
 //!
-//! Data flows one way: text -> [`tokenizer`] -> [`model`] -> [`checkpoint`] -> [`engine`].
-//! [`interop`] converts checkpoints to and from Hugging Face `transformers`.
+//! Each module imports only from those listed before it (`tests/layers.rs` checks this), so data
+//! flows one way:
+//!
+//! 1. [`tokenizer`] (byte-level BPE, the special tokens), then [`chat`] (the one chat template);
+//! 2. [`model`] (the GPT, its kernels and KV slots), [`checkpoint`] (the one checkpoint format),
+//!    [`interop`] (Hugging Face import and export), [`metrics`] (`metrics.jsonl` and its plots);
+//! 3. [`data`]: corpus readers, tokenizer training on files, token shards, demonstration,
+//!    preference and prompt files, and the default world with its verifier;
+//! 4. [`engine`]: batched generation for every caller;
+//! 5. [`train`]: the training loop and the stages (pretraining, SFT, labelling, reward model, PPO,
+//!    DPO);
+//! 6. [`eval`] (task accuracy, win-rates, benchmarks, the report), [`serve`] (the HTTP API and its
+//!    scheduler), [`terminal`] (`talaria chat`);
+//! 7. [`speedrun`] (the whole chain) and [`bench`] (throughput and latency benchmarks).
 
 pub mod bench;
 pub mod chat;
@@ -10,6 +23,7 @@ pub mod data;
 pub mod engine;
 pub mod eval;
 pub mod interop;
+pub mod metrics;
 pub mod model;
 pub mod serve;
 pub mod speedrun;

@@ -245,156 +245,246 @@ fn train_cfg(out: &Path, steps: u64, lr: f64, seed: u64, resume: bool, progress:
     }
 }
 
-/// Runs the whole recipe.
+/// Runs the whole recipe, one stage after the other; each stage's inputs are the outputs (and
+/// keys) of the stages before it.
 pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
-    let p = &cfg.preset;
-    let out = &cfg.out;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let started = Instant::now();
-    let seed = cfg.seed;
-    // The settings the report lists (`report::SETTINGS_FILE`).
-    let settings = serde_json::to_string_pretty(&json!({"seed": seed, "preset": p}))?;
-    let settings_path = out.join(SETTINGS_FILE);
-    std::fs::write(&settings_path, settings).with_context(|| format!("writing {}", settings_path.display()))?;
-    let world = out.join("world");
-    let k_world = key_of(&json!(["synth", seed, p.synth_scale, synth::GENERATOR_VERSION]));
-    stage(1, "synth", &world, &k_world, |_| {
-        let s = synth::generate(&SynthConfig {
-            out: world.clone(),
-            seed,
-            scale: p.synth_scale,
-        })?;
-        Ok(json!({"files": s.files.len(), "skills": s.skills.len()}))
-    })?;
+    let run = Chain::start(cfg)?;
+    let world = run.synth()?;
+    let tokenizer = run.tokenizer(&world)?;
+    let data = run.data(&world, &tokenizer)?;
+    let base = run.pretrain(&data)?;
+    let sft = run.sft(&world, &base)?;
+    let rankings = run.label(&world, &sft)?;
+    let rm = run.reward(&world, &sft, &rankings)?;
+    let ppo = run.ppo(8, "ppo", &world, &sft, Some(&rm), &cfg.preset.ppo)?;
+    run.ppo(9, "ppo-verifier", &world, &sft, None, &cfg.preset.ppo_verifier)?;
+    run.dpo(&sft, &rankings)?;
+    let eval = run.evaluate(&world)?;
+    let report = write_report(&cfg.out)?;
+    println!("[12/{STAGES}] report       {}", report.display());
+    let wall = started.elapsed();
+    print_summary(&eval, wall);
+    Ok(SpeedrunOutcome {
+        report,
+        chat_checkpoint: ppo.dir,
+        eval,
+        wall_s: wall.as_secs_f64(),
+    })
+}
 
-    let tok_dir = out.join("tokenizer");
-    let k_tok = key_of(&json!(["tokenizer", k_world, p.vocab_size]));
-    stage(2, "tokenizer", &tok_dir, &k_tok, |_| {
-        let tcfg = tokenizer::TrainConfig {
-            vocab_size: p.vocab_size,
-            min_frequency: 2,
-            show_progress: false,
+/// A finished stage: its directory and its key (a hash of its settings and of its inputs' keys).
+struct Done {
+    dir: PathBuf,
+    key: String,
+}
+
+/// The speedrun's settings, and one method per stage.
+struct Chain<'c> {
+    cfg: &'c SpeedrunConfig,
+}
+
+impl<'c> Chain<'c> {
+    /// Creates the run directory and writes the settings the report lists (`report::SETTINGS_FILE`).
+    fn start(cfg: &'c SpeedrunConfig) -> Result<Self> {
+        let out = &cfg.out;
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let settings = serde_json::to_string_pretty(&json!({"seed": cfg.seed, "preset": cfg.preset}))?;
+        let path = out.join(SETTINGS_FILE);
+        std::fs::write(&path, settings).with_context(|| format!("writing {}", path.display()))?;
+        Ok(Self { cfg })
+    }
+
+    fn p(&self) -> &SpeedrunPreset {
+        &self.cfg.preset
+    }
+
+    fn train_cfg(&self, out: &Path, steps: u64, lr: f64, resume: bool) -> TrainConfig {
+        train_cfg(out, steps, lr, self.cfg.seed, resume, self.cfg.progress)
+    }
+
+    /// 1. The default world: corpus, demonstrations, preferences, prompt files.
+    fn synth(&self) -> Result<Done> {
+        let (p, seed) = (self.p(), self.cfg.seed);
+        let dir = self.cfg.out.join("world");
+        let key = key_of(&json!(["synth", seed, p.synth_scale, synth::GENERATOR_VERSION]));
+        stage(1, "synth", &dir, &key, |_| {
+            let s = synth::generate(&SynthConfig {
+                out: dir.clone(),
+                seed,
+                scale: p.synth_scale,
+            })?;
+            Ok(json!({"files": s.files.len(), "skills": s.skills.len()}))
+        })?;
+        Ok(Done { dir, key })
+    }
+
+    /// 2. A byte-level BPE trained on the world's pretraining text.
+    fn tokenizer(&self, world: &Done) -> Result<Done> {
+        let p = self.p();
+        let dir = self.cfg.out.join("tokenizer");
+        let key = key_of(&json!(["tokenizer", world.key, p.vocab_size]));
+        stage(2, "tokenizer", &dir, &key, |_| {
+            let tcfg = tokenizer::TrainConfig {
+                vocab_size: p.vocab_size,
+                min_frequency: 2,
+                show_progress: false,
+            };
+            let corpus = [world.dir.join("pretrain.txt")];
+            let (tok, s) = crate::data::bpe::train_from_files(&corpus, &ReadOptions::default(), &tcfg)?;
+            tok.save(&dir.join("tokenizer.json"))?;
+            Ok(json!({"vocab_size": s.train.vocab_size, "bytes_per_token": s.bytes_per_token()}))
+        })?;
+        Ok(Done { dir, key })
+    }
+
+    /// 3. The pretraining text as train/validation token shards.
+    fn data(&self, world: &Done, tokenizer: &Done) -> Result<Done> {
+        let dir = self.cfg.out.join("data");
+        let key = key_of(&json!(["data", tokenizer.key]));
+        stage(3, "data", &dir, &key, |_| {
+            let mut pc = PrepareConfig::new(
+                vec![world.dir.join("pretrain.txt")],
+                tokenizer.dir.join("tokenizer.json"),
+                dir.clone(),
+            );
+            pc.seed = self.cfg.seed;
+            pc.show_progress = false;
+            let s = prepare::prepare(&pc)?;
+            Ok(json!({"train_tokens": s.meta.splits.train.tokens, "val_tokens": s.meta.splits.val.tokens}))
+        })?;
+        Ok(Done { dir, key })
+    }
+
+    /// 4. The base model, by next-token prediction.
+    fn pretrain(&self, data: &Done) -> Result<Done> {
+        let p = self.p();
+        let dir = self.cfg.out.join("pretrain");
+        let key = key_of(&json!([
+            "pretrain",
+            data.key,
+            p.model,
+            p.seq_len,
+            p.pretrain_steps,
+            p.pretrain_batch,
+            p.pretrain_lr,
+            self.cfg.seed
+        ]));
+        stage(4, "pretrain", &dir, &key, |resume| {
+            let o = pretrain::pretrain(&PretrainConfig {
+                data: data.dir.clone(),
+                model: p.model.into(),
+                tokenizer: None,
+                init: None,
+                batch_size: p.pretrain_batch,
+                seq_len: Some(p.seq_len),
+                val_batches: 8,
+                samples: 1,
+                train: self.train_cfg(&dir, p.pretrain_steps, p.pretrain_lr, resume),
+            })?;
+            Ok(json!({"steps": o.steps, "last_eval": o.last_eval}))
+        })?;
+        Ok(Done { dir, key })
+    }
+
+    /// 5. The chat model, fine-tuned on the world's demonstrations.
+    fn sft(&self, world: &Done, base: &Done) -> Result<Done> {
+        let p = self.p();
+        let dir = self.cfg.out.join("sft");
+        let key = key_of(&json!(["sft", base.key, p.sft_steps, p.sft_batch, p.sft_lr]));
+        stage(5, "sft", &dir, &key, |resume| {
+            let o = sft::sft(&SftConfig {
+                init: base.dir.clone(),
+                data: vec![world.dir.join("sft_train.jsonl")],
+                val_data: vec![world.dir.join("sft_val.jsonl")],
+                val_fraction: 0.0,
+                batch_size: p.sft_batch,
+                seq_len: Some(p.seq_len),
+                train: self.train_cfg(&dir, p.sft_steps, p.sft_lr, resume),
+            })?;
+            Ok(json!({"steps": o.steps, "last_eval": o.last_eval}))
+        })?;
+        Ok(Done { dir, key })
+    }
+
+    /// 6. The SFT model answers the labeller's prompts several times (greedy, then sampled) and the
+    /// simulated labeller ranks the answers: comparisons of the policy's own outputs, as InstructGPT
+    /// collected them. The result is the rankings file.
+    fn label(&self, world: &Done, sft: &Done) -> Result<Done> {
+        let p = self.p();
+        let dir = self.cfg.out.join("label");
+        let rankings = dir.join("rankings.jsonl");
+        let key = key_of(&json!([
+            "label-greedy-first",
+            sft.key,
+            p.label_samples,
+            p.max_new_tokens,
+            self.cfg.seed
+        ]));
+        stage(6, "label", &dir, &key, |_| {
+            let s = comparisons::label(&LabelConfig {
+                policy: sft.dir.clone(),
+                prompts: world.dir.join("label_prompts.jsonl"),
+                out: rankings.clone(),
+                samples: p.label_samples,
+                temperature: 1.0,
+                max_new_tokens: p.max_new_tokens,
+                seed: self.cfg.seed,
+                progress: self.cfg.progress,
+            })?;
+            Ok(serde_json::to_value(s)?)
+        })?;
+        Ok(Done { dir: rankings, key })
+    }
+
+    /// 7. The reward model, from the SFT model, on the world's pairs and rankings and the labelled
+    /// comparisons.
+    fn reward(&self, world: &Done, sft: &Done, rankings: &Done) -> Result<Done> {
+        let p = self.p();
+        let dir = self.cfg.out.join("reward");
+        let key = key_of(&json!([
+            "reward",
+            sft.key,
+            rankings.key,
+            p.reward_steps,
+            p.reward_batch,
+            p.reward_lr
+        ]));
+        stage(7, "reward", &dir, &key, |resume| {
+            let o = reward::train_reward_model(&RewardConfig {
+                init: sft.dir.clone(),
+                data: vec![
+                    world.dir.join("prefs_train.jsonl"),
+                    world.dir.join("rankings_train.jsonl"),
+                    rankings.dir.clone(),
+                ],
+                val_data: vec![world.dir.join("prefs_val.jsonl")],
+                val_fraction: 0.0,
+                batch_size: p.reward_batch,
+                train: self.train_cfg(&dir, p.reward_steps, p.reward_lr, resume),
+            })?;
+            Ok(json!({"steps": o.steps, "last_eval": o.last_eval}))
+        })?;
+        Ok(Done { dir, key })
+    }
+
+    /// 8 and 9. PPO from the SFT model, driven by the reward model `rm` (the RLHF stage) or, without
+    /// one, by the world's verifier, at the settings `pp`.
+    fn ppo(&self, n: usize, name: &str, world: &Done, sft: &Done, rm: Option<&Done>, pp: &PpoPreset) -> Result<Done> {
+        let p = self.p();
+        let dir = self.cfg.out.join(name.replace('-', "_"));
+        let (reward, k_reward) = match rm {
+            Some(rm) => (RewardSpec::Model(rm.dir.clone()), rm.key.as_str()),
+            None => (RewardSpec::Verifier, "verifier"),
         };
-        let (tok, s) = tokenizer::train_from_files(&[world.join("pretrain.txt")], &ReadOptions::default(), &tcfg)?;
-        tok.save(&tok_dir.join("tokenizer.json"))?;
-        Ok(json!({"vocab_size": s.train.vocab_size, "bytes_per_token": s.bytes_per_token()}))
-    })?;
-
-    let data = out.join("data");
-    let k_data = key_of(&json!(["data", k_tok]));
-    stage(3, "data", &data, &k_data, |_| {
-        let mut pc = PrepareConfig::new(
-            vec![world.join("pretrain.txt")],
-            tok_dir.join("tokenizer.json"),
-            data.clone(),
-        );
-        pc.seed = seed;
-        pc.show_progress = false;
-        let s = prepare::prepare(&pc)?;
-        Ok(json!({"train_tokens": s.meta.splits.train.tokens, "val_tokens": s.meta.splits.val.tokens}))
-    })?;
-
-    let pre = out.join("pretrain");
-    let k_pre = key_of(&json!([
-        "pretrain",
-        k_data,
-        p.model,
-        p.seq_len,
-        p.pretrain_steps,
-        p.pretrain_batch,
-        p.pretrain_lr,
-        seed
-    ]));
-    stage(4, "pretrain", &pre, &k_pre, |resume| {
-        let o = pretrain::pretrain(&PretrainConfig {
-            data: data.clone(),
-            model: p.model.into(),
-            tokenizer: None,
-            init: None,
-            batch_size: p.pretrain_batch,
-            seq_len: Some(p.seq_len),
-            val_batches: 8,
-            samples: 1,
-            train: train_cfg(&pre, p.pretrain_steps, p.pretrain_lr, seed, resume, cfg.progress),
-        })?;
-        Ok(json!({"steps": o.steps, "last_eval": o.last_eval}))
-    })?;
-
-    let sft_dir = out.join("sft");
-    let k_sft = key_of(&json!(["sft", k_pre, p.sft_steps, p.sft_batch, p.sft_lr]));
-    stage(5, "sft", &sft_dir, &k_sft, |resume| {
-        let o = sft::sft(&SftConfig {
-            init: pre.clone(),
-            data: vec![world.join("sft_train.jsonl")],
-            val_data: vec![world.join("sft_val.jsonl")],
-            val_fraction: 0.0,
-            batch_size: p.sft_batch,
-            seq_len: Some(p.seq_len),
-            train: train_cfg(&sft_dir, p.sft_steps, p.sft_lr, seed, resume, cfg.progress),
-        })?;
-        Ok(json!({"steps": o.steps, "last_eval": o.last_eval}))
-    })?;
-
-    // The SFT model answers the labeller's prompts several times (greedy, then sampled) and the simulated
-    // labeller ranks the answers: comparison data on the policy's own outputs, as InstructGPT collected it.
-    let label_dir = out.join("label");
-    let rankings = label_dir.join("rankings.jsonl");
-    let k_label = key_of(&json!([
-        "label-greedy-first",
-        k_sft,
-        p.label_samples,
-        p.max_new_tokens,
-        seed
-    ]));
-    stage(6, "label", &label_dir, &k_label, |_| {
-        let s = comparisons::label(&LabelConfig {
-            policy: sft_dir.clone(),
-            prompts: world.join("label_prompts.jsonl"),
-            out: rankings.clone(),
-            samples: p.label_samples,
-            temperature: 1.0,
-            max_new_tokens: p.max_new_tokens,
-            seed,
-            progress: cfg.progress,
-        })?;
-        Ok(serde_json::to_value(s)?)
-    })?;
-
-    let rm_dir = out.join("reward");
-    let k_rm = key_of(&json!([
-        "reward",
-        k_sft,
-        k_label,
-        p.reward_steps,
-        p.reward_batch,
-        p.reward_lr
-    ]));
-    stage(7, "reward", &rm_dir, &k_rm, |resume| {
-        let o = reward::train_reward_model(&RewardConfig {
-            init: sft_dir.clone(),
-            data: vec![
-                world.join("prefs_train.jsonl"),
-                world.join("rankings_train.jsonl"),
-                rankings.clone(),
-            ],
-            val_data: vec![world.join("prefs_val.jsonl")],
-            val_fraction: 0.0,
-            batch_size: p.reward_batch,
-            train: train_cfg(&rm_dir, p.reward_steps, p.reward_lr, seed, resume, cfg.progress),
-        })?;
-        Ok(json!({"steps": o.steps, "last_eval": o.last_eval}))
-    })?;
-
-    // PPO twice from the same SFT model: driven by the reward model (the RLHF stage), then by the verifier.
-    let ppo_stage = |n: usize, name: &str, dir: &Path, reward: RewardSpec, k_reward: &str, pp: &PpoPreset| {
-        let key = key_of(&json!(["ppo", k_sft, k_reward, pp, p.max_new_tokens]));
-        stage(n, name, dir, &key, |resume| {
+        let key = key_of(&json!(["ppo", sft.key, k_reward, pp, p.max_new_tokens]));
+        stage(n, name, &dir, &key, |resume| {
             let o = ppo::ppo(&PpoConfig {
-                policy: sft_dir.clone(),
+                policy: sft.dir.clone(),
                 reward,
-                prompts: world.join("rl_prompts.jsonl"),
+                prompts: world.dir.join("rl_prompts.jsonl"),
                 eval_prompts: None,
-                out: dir.to_path_buf(),
+                out: dir.clone(),
                 steps: pp.steps,
                 prompts_per_step: pp.prompts,
                 samples_per_prompt: pp.samples,
@@ -418,70 +508,58 @@ pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
                 ptx_data: None,
                 ptx_coef: 0.0,
                 grad_clip: 1.0,
-                seed,
+                seed: self.cfg.seed,
                 eval_every: pp.steps.max(1),
                 save_every: (pp.steps / 4).max(1),
                 resume,
                 stop_at: None,
-                progress: cfg.progress,
+                progress: self.cfg.progress,
             })?;
             Ok(json!({"steps": o.steps, "last": o.last}))
-        })
-    };
-    let ppo_dir = out.join("ppo");
-    ppo_stage(8, "ppo", &ppo_dir, RewardSpec::Model(rm_dir.clone()), &k_rm, &p.ppo)?;
-    let verifier_dir = out.join("ppo_verifier");
-    ppo_stage(
-        9,
-        "ppo-verifier",
-        &verifier_dir,
-        RewardSpec::Verifier,
-        "verifier",
-        &p.ppo_verifier,
-    )?;
-
-    // DPO, the lighter alternative to PPO: the same SFT model learns from the labeller's rankings of its own
-    // answers directly, with no reward model and no sampling. Evaluated beside PPO.
-    let dpo_dir = out.join("dpo");
-    let k_dpo = key_of(&json!([
-        "dpo",
-        k_sft,
-        k_label,
-        p.dpo_steps,
-        p.dpo_lr,
-        p.dpo_beta,
-        p.dpo_nll_coef
-    ]));
-    stage(10, "dpo", &dpo_dir, &k_dpo, |resume| {
-        let o = dpo::dpo(&DpoConfig {
-            policy: sft_dir.clone(),
-            data: vec![rankings.clone()],
-            val_data: vec![],
-            val_fraction: 0.05,
-            beta: p.dpo_beta,
-            nll_coef: p.dpo_nll_coef,
-            batch_size: 8,
-            train: train_cfg(&dpo_dir, p.dpo_steps, p.dpo_lr, seed, resume, cfg.progress),
         })?;
-        Ok(json!({"steps": o.steps, "last_eval": o.last_eval}))
-    })?;
+        Ok(Done { dir, key })
+    }
 
-    let eval_start = Instant::now();
-    let eval = evaluate_run(out, &world, seed, p.max_new_tokens)?;
-    println!(
-        "[11/{STAGES}] eval         done in {:.0}s",
-        eval_start.elapsed().as_secs_f64()
-    );
-    let report = write_report(out)?;
-    println!("[12/{STAGES}] report       {}", report.display());
-    let wall = started.elapsed();
-    print_summary(&eval, wall);
-    Ok(SpeedrunOutcome {
-        report,
-        chat_checkpoint: ppo_dir,
-        eval,
-        wall_s: wall.as_secs_f64(),
-    })
+    /// 10. DPO, the lighter alternative to PPO: the same SFT model learns from the labeller's rankings
+    /// of its own answers directly, with no reward model and no sampling. Evaluated beside PPO.
+    fn dpo(&self, sft: &Done, rankings: &Done) -> Result<Done> {
+        let p = self.p();
+        let dir = self.cfg.out.join("dpo");
+        let key = key_of(&json!([
+            "dpo",
+            sft.key,
+            rankings.key,
+            p.dpo_steps,
+            p.dpo_lr,
+            p.dpo_beta,
+            p.dpo_nll_coef
+        ]));
+        stage(10, "dpo", &dir, &key, |resume| {
+            let o = dpo::dpo(&DpoConfig {
+                policy: sft.dir.clone(),
+                data: vec![rankings.dir.clone()],
+                val_data: vec![],
+                val_fraction: 0.05,
+                beta: p.dpo_beta,
+                nll_coef: p.dpo_nll_coef,
+                batch_size: 8,
+                train: self.train_cfg(&dir, p.dpo_steps, p.dpo_lr, resume),
+            })?;
+            Ok(json!({"steps": o.steps, "last_eval": o.last_eval}))
+        })?;
+        Ok(Done { dir, key })
+    }
+
+    /// 11. Every model on the held-out prompts (`eval.json`).
+    fn evaluate(&self, world: &Done) -> Result<EvalSummary> {
+        let start = Instant::now();
+        let eval = evaluate_run(&self.cfg.out, &world.dir, self.cfg.seed, self.p().max_new_tokens)?;
+        println!(
+            "[11/{STAGES}] eval         done in {:.0}s",
+            start.elapsed().as_secs_f64()
+        );
+        Ok(eval)
+    }
 }
 
 fn print_summary(eval: &EvalSummary, wall: Duration) {

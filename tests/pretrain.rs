@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use talaria::checkpoint::{self, Checkpoint};
 use talaria::data::shards::write_shard;
+use talaria::metrics::read_metrics;
 use talaria::model::{Gpt, GptConfig};
-use talaria::train::metrics::read_metrics;
 use talaria::train::pretrain::{PretrainConfig, pretrain};
 use talaria::train::trainer::{self, EvalReport, Init, Objective, TrainConfig};
 use talaria::train::{AdamWConfig, ParamSet};
@@ -56,23 +56,7 @@ impl Objective for FixedBatches {
 }
 
 fn train_config(out: &Path, steps: u64) -> TrainConfig {
-    TrainConfig {
-        out: out.to_path_buf(),
-        steps: Some(steps),
-        time_budget: None,
-        lr: 3e-3,
-        min_lr: 3e-4,
-        warmup: 5,
-        adamw: AdamWConfig::default(),
-        grad_clip: Some(1.0),
-        grad_accum: 1,
-        eval_every: 1000,
-        save_every: 1000,
-        seed: 1,
-        resume: false,
-        stop_at: None,
-        progress: false,
-    }
+    common::train_cfg(out, steps, 3e-3)
 }
 
 fn losses(run: &Path) -> Vec<f64> {

@@ -6,18 +6,16 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use talaria::chat::{ChatTemplate, Message, Role};
-use talaria::checkpoint::{CheckpointWriter, Meta};
 use talaria::data::preferences::read_preferences;
 use talaria::data::prompts::PromptRecord;
 use talaria::data::readers::ReadOptions;
 use talaria::data::synth::{self, SynthConfig};
 use talaria::eval::tasks::{reward_on_mistakes, win_rate};
+use talaria::metrics::read_metrics;
 use talaria::model::{Gpt, GptConfig, init_weights};
 use talaria::tokenizer::{self, Tokenizer};
-use talaria::train::AdamWConfig;
 use talaria::train::comparisons::{LabelConfig, label};
 use talaria::train::dpo::{DpoConfig, dpo};
-use talaria::train::metrics::read_metrics;
 use talaria::train::ppo::{PpoConfig, RewardSpec, ppo};
 use talaria::train::reward::{
     RewardConfig, RewardModel, fitting_prompt, render_answer, sequence_scores, train_reward_model,
@@ -30,21 +28,10 @@ use common::max_abs_diff;
 
 fn train_cfg(out: &Path, steps: u64, lr: f64) -> TrainConfig {
     TrainConfig {
-        out: out.to_path_buf(),
-        steps: Some(steps),
-        time_budget: None,
-        lr,
-        min_lr: lr / 10.0,
         warmup: 2,
-        adamw: AdamWConfig::default(),
-        grad_clip: Some(1.0),
-        grad_accum: 1,
         eval_every: steps,
-        save_every: 1000,
         seed: 9,
-        resume: false,
-        stop_at: None,
-        progress: false,
+        ..common::train_cfg(out, steps, lr)
     }
 }
 
@@ -74,25 +61,13 @@ fn fixture() -> &'static Fixture {
             show_progress: false,
         };
         let (tok, _) =
-            tokenizer::train_from_files(&[world.join("pretrain.txt")], &ReadOptions::default(), &tcfg).unwrap();
+            talaria::data::bpe::train_from_files(&[world.join("pretrain.txt")], &ReadOptions::default(), &tcfg)
+                .unwrap();
         let mut cfg = GptConfig::preset("tiny").unwrap();
         cfg.vocab_size = tok.vocab_size();
         let w = init_weights(&cfg, 2, DType::F32, &Device::Cpu).unwrap();
         let base = dir.path().join("base");
-        let json = tok.to_json().unwrap();
-        let meta = Meta {
-            stage: "pretrain".into(),
-            ..Meta::default()
-        };
-        CheckpointWriter {
-            config: &cfg,
-            weights: &w,
-            tokenizer_json: Some(&json),
-            meta: &meta,
-            optimizer: None,
-        }
-        .save(&base)
-        .unwrap();
+        common::save_checkpoint(&base, &cfg, &w, Some(&tok.to_json().unwrap()), "pretrain");
         let sft_dir = dir.path().join("sft");
         sft(&SftConfig {
             init: base,
@@ -408,20 +383,13 @@ fn ppo_with_the_verifier_and_clear_errors() {
         "score.weight".into(),
         Tensor::zeros((1, cfg.n_embd), DType::F32, &Device::Cpu).unwrap(),
     );
-    let json = tok.to_json().unwrap();
-    let meta = Meta {
-        stage: "reward".into(),
-        ..Meta::default()
-    };
-    CheckpointWriter {
-        config: &cfg,
-        weights: &w,
-        tokenizer_json: Some(&json),
-        meta: &meta,
-        optimizer: None,
-    }
-    .save(&other.join("checkpoint"))
-    .unwrap();
+    common::save_checkpoint(
+        &other.join("checkpoint"),
+        &cfg,
+        &w,
+        Some(&tok.to_json().unwrap()),
+        "reward",
+    );
     let e = format!(
         "{:#}",
         ppo(&ppo_cfg(f, &tmp.path().join("x"), RewardSpec::Model(other), 1)).unwrap_err()
@@ -508,7 +476,7 @@ fn the_labeller_ranks_the_policys_own_answers() {
     let prefs = read_preferences(&out).unwrap();
     assert_eq!(prefs.groups.len(), s.rankings);
     assert_eq!(prefs.groups.iter().map(|g| g.pairs().len()).sum::<usize>(), s.pairs);
-    let tasks = talaria::eval::verify::Task::load_jsonl(&f.world.join("label_prompts.jsonl")).unwrap();
+    let tasks = talaria::data::synth::verify::Task::load_jsonl(&f.world.join("label_prompts.jsonl")).unwrap();
     for g in &prefs.groups {
         let t = tasks.iter().find(|t| t.messages == g.prompt).unwrap();
         let scores: Vec<f64> = g.ranked.iter().map(|a| t.reward(a)).collect();

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use serde_json::{Value, json};
-use talaria::checkpoint::{CheckpointWriter, Meta};
 use talaria::data::conversations::read_conversations;
 use talaria::model::{GptConfig, init_weights};
 use talaria::serve::feedback::{Feedback, FeedbackStore};
 use talaria::tokenizer::{self, Tokenizer};
+
+mod common;
 
 /// Context of the test model: long enough that a generation lasts a moment, so a client can
 /// leave in the middle of one.
@@ -68,18 +69,7 @@ fn chat_checkpoint(dir: &Path, preset: &str) -> PathBuf {
     }
     let weights = init_weights(&cfg, 7, DType::F32, &Device::Cpu).unwrap();
     let path = dir.join("tiny-chat");
-    CheckpointWriter {
-        config: &cfg,
-        weights: &weights,
-        tokenizer_json: Some(&json),
-        meta: &Meta {
-            stage: "sft".into(),
-            ..Meta::default()
-        },
-        optimizer: None,
-    }
-    .save(&path)
-    .unwrap();
+    common::save_checkpoint(&path, &cfg, &weights, Some(&json), "sft");
     path
 }
 

@@ -7,14 +7,15 @@ use std::process::{Command, Stdio};
 
 use candle_core::{DType, Device};
 use talaria::chat::{ChatTemplate, Message, Role};
-use talaria::checkpoint::{Checkpoint, CheckpointWriter, Meta};
+use talaria::checkpoint::Checkpoint;
 use talaria::data::conversations::read_conversations;
 use talaria::engine::{Chatbot, SamplingParams};
 use talaria::model::{GptConfig, init_weights};
 use talaria::tokenizer::{self, Tokenizer};
-use talaria::train::AdamWConfig;
 use talaria::train::sft::{SftConfig, load_sft_data, masked_loss, sft};
 use talaria::train::trainer::TrainConfig;
+
+mod common;
 
 const COLOURS: [&str; 8] = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"];
 const THINGS: [&str; 8] = ["apple", "river", "house", "cloud", "stone", "bird", "lamp", "tree"];
@@ -70,21 +71,8 @@ fn corpus() -> Vec<String> {
 
 fn train_cfg(out: &Path, steps: u64, lr: f64) -> TrainConfig {
     TrainConfig {
-        out: out.to_path_buf(),
-        steps: Some(steps),
-        time_budget: None,
-        lr,
-        min_lr: lr / 10.0,
-        warmup: 5,
-        adamw: AdamWConfig::default(),
-        grad_clip: Some(1.0),
-        grad_accum: 1,
-        eval_every: 1000,
-        save_every: 1000,
         seed: 3,
-        resume: false,
-        stop_at: None,
-        progress: false,
+        ..common::train_cfg(out, steps, lr)
     }
 }
 
@@ -94,20 +82,7 @@ fn base_checkpoint(dir: &Path, tok: &Tokenizer) -> PathBuf {
     cfg.vocab_size = tok.vocab_size();
     let w = init_weights(&cfg, 5, DType::F32, &Device::Cpu).unwrap();
     let path = dir.join("base");
-    let json = tok.to_json().unwrap();
-    let meta = Meta {
-        stage: "pretrain".into(),
-        ..Meta::default()
-    };
-    CheckpointWriter {
-        config: &cfg,
-        weights: &w,
-        tokenizer_json: Some(&json),
-        meta: &meta,
-        optimizer: None,
-    }
-    .save(&path)
-    .unwrap();
+    common::save_checkpoint(&path, &cfg, &w, Some(&tok.to_json().unwrap()), "pretrain");
     path
 }
 
@@ -418,19 +393,7 @@ fn chat_refuses_a_checkpoint_without_chat_tokens() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = GptConfig::preset("test").unwrap();
     let w = init_weights(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
-    let meta = Meta {
-        stage: "pretrain".into(),
-        ..Meta::default()
-    };
-    CheckpointWriter {
-        config: &cfg,
-        weights: &w,
-        tokenizer_json: None,
-        meta: &meta,
-        optimizer: None,
-    }
-    .save(&tmp.path().join("c"))
-    .unwrap();
+    common::save_checkpoint(&tmp.path().join("c"), &cfg, &w, None, "pretrain");
     let e = Chatbot::load(&tmp.path().join("c"), &Device::Cpu)
         .err()
         .unwrap()

@@ -5,7 +5,7 @@
 use std::ffi::OsStr;
 use std::process::{Command, Output};
 
-use talaria::train::metrics::read_metrics;
+use talaria::metrics::read_metrics;
 
 /// Runs the `talaria` binary with `args`.
 fn talaria<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(args: I) -> Output {

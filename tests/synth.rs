@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde_json::Value;
+use talaria::data::synth::verify::{Task, is_correct, normalise};
 use talaria::data::synth::{self, END_OF_TEXT, Skill, SynthConfig, SynthSummary};
-use talaria::eval::verify::{Task, is_correct, normalise};
 
 const FILES: [&str; 10] = [
     "pretrain.txt",

@@ -93,7 +93,7 @@ fn train_small(dir: &Path, vocab_size: usize) -> Tokenizer {
         min_frequency: 2,
         show_progress: false,
     };
-    tokenizer::train_from_files(&[small_corpus(dir)], &ReadOptions::default(), &cfg)
+    talaria::data::bpe::train_from_files(&[small_corpus(dir)], &ReadOptions::default(), &cfg)
         .unwrap()
         .0
 }
@@ -144,7 +144,7 @@ fn trained_tokenizer_encodes_like_python_tokenizers() {
         show_progress: false,
     };
     let file = data.join(trained["file"].as_str().unwrap());
-    let (tok, summary) = tokenizer::train_from_files(&[file], &ReadOptions::default(), &cfg).unwrap();
+    let (tok, summary) = talaria::data::bpe::train_from_files(&[file], &ReadOptions::default(), &cfg).unwrap();
     assert_eq!(tok.vocab_size() as u64, trained["actual_vocab_size"].as_u64().unwrap());
     assert_eq!(summary.train.documents, 1, "tinyshakespeare has no separator lines");
     assert!(summary.bytes_per_token() > 2.0, "{summary:?}");
@@ -309,7 +309,7 @@ fn bad_tokenizer_inputs_are_clear_errors() {
         min_frequency: 2,
         show_progress: false,
     };
-    let e = err_of(tokenizer::train_from_files(
+    let e = err_of(talaria::data::bpe::train_from_files(
         std::slice::from_ref(&corpus),
         &ReadOptions::default(),
         &small,
@@ -322,7 +322,7 @@ fn bad_tokenizer_inputs_are_clear_errors() {
         vocab_size: 300,
         ..small
     };
-    let e = err_of(tokenizer::train_from_files(
+    let e = err_of(talaria::data::bpe::train_from_files(
         &[corpus, bad.clone()],
         &ReadOptions::default(),
         &ok,

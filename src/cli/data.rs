@@ -181,7 +181,7 @@ impl TokenizerCmd {
                     min_frequency,
                     show_progress: progress(),
                 };
-                let (tok, s) = tokenizer::train_from_files(&input, &read.options(), &cfg)?;
+                let (tok, s) = talaria::data::bpe::train_from_files(&input, &read.options(), &cfg)?;
                 tok.save(&out)?;
                 println!(
                     "trained on {} documents, {:.2} MB in {:.1}s: vocab {} (asked {vocab_size}), {:.2} bytes/token on the training text{} -> {}",

@@ -112,3 +112,27 @@ impl Chatbot {
         })
     }
 }
+
+/// A chat model's greedy answers to conversations (each ending with a user turn), in order, and
+/// whether each ended properly (an answer that never ends is returned as it is). Decoded as one batch.
+pub fn chat_answers(
+    model: &Gpt,
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    conversations: &[&[Message]],
+    max_new: usize,
+) -> Result<Vec<(String, bool)>> {
+    let stops = template.stop_tokens(tok);
+    let requests = conversations
+        .iter()
+        .map(|m| Ok(Request::greedy(template.render_prompt(tok, m)?, max_new, stops.clone())))
+        .collect::<Result<Vec<_>>>()?;
+    let done = batch::generate_batch(model, Some(tok), requests, batch::EngineConfig::default(), |_| {})?;
+    Ok(done
+        .into_iter()
+        .map(|mut c| {
+            let c = c.remove(0);
+            (c.text, c.finish.ended())
+        })
+        .collect())
+}

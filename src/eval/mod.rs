@@ -6,4 +6,3 @@ pub mod checkpoint;
 pub mod report;
 pub mod run;
 pub mod tasks;
-pub mod verify;

@@ -4,13 +4,11 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
-use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::train::metrics::{METRICS_FILE, read_metrics};
+use crate::metrics::{FONT_PATHS, METRICS_FILE, Series, line_plot, series};
 
 /// How one model did on the held-out evaluation.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -72,99 +70,6 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>)
         serde_json::Value::String(t) => out.push((prefix.to_string(), t.clone())),
         other => out.push((prefix.to_string(), other.to_string())),
     }
-}
-
-const FONT_PATHS: [&str; 3] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/Library/Fonts/Arial.ttf",
-];
-
-/// Registers a system font for plot labels once; `false` when none is found.
-fn font_ready() -> bool {
-    static READY: OnceLock<bool> = OnceLock::new();
-    *READY.get_or_init(|| {
-        FONT_PATHS.iter().any(|p| {
-            std::fs::read(p).ok().is_some_and(|bytes| {
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok()
-            })
-        })
-    })
-}
-
-/// One curve: (step, value) points.
-pub type Series = Vec<(f64, f64)>;
-
-/// Draws one or more `(x, y)` series as a line chart PNG. Returns `false` (and draws nothing)
-/// when no font is available for the labels.
-pub fn line_plot(path: &Path, title: &str, x_label: &str, series: &[(&str, Series)]) -> Result<bool> {
-    if !font_ready() {
-        return Ok(false);
-    }
-    let points: Vec<&(f64, f64)> = series
-        .iter()
-        .flat_map(|(_, s)| s.iter())
-        .filter(|(_, y)| y.is_finite())
-        .collect();
-    if points.is_empty() {
-        return Ok(false);
-    }
-    let (x0, x1) = points
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), (x, _)| (a.min(*x), b.max(*x)));
-    let (y0, y1) = points
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), (_, y)| (a.min(*y), b.max(*y)));
-    let pad = ((y1 - y0) * 0.05).max(1e-6);
-    let root = BitMapBackend::new(path, (720, 420)).into_drawing_area();
-    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(56)
-        .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_label)
-        .label_style(("sans-serif", 14))
-        .draw()
-        .map_err(|e| err(&e))?;
-    let colours = [BLUE, RED, GREEN, MAGENTA, CYAN];
-    for (i, (name, s)) in series.iter().enumerate() {
-        let c = colours[i % colours.len()];
-        chart
-            .draw_series(LineSeries::new(
-                s.iter().copied().filter(|(_, y)| y.is_finite()),
-                c.stroke_width(2),
-            ))
-            .map_err(|e| err(&e))?
-            .label(*name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(true)
-}
-
-/// `(step, value)` of one metric of a stage's metrics file.
-pub fn series(metrics: &Path, stage: &str, key: &str) -> Result<Series> {
-    if !metrics.exists() {
-        return Ok(vec![]);
-    }
-    Ok(read_metrics(metrics, Some(stage))?
-        .iter()
-        .filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?)))
-        .collect())
 }
 
 /// A share as a percentage with one decimal, or "–" when there is none.

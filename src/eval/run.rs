@@ -13,8 +13,8 @@ use crate::checkpoint::Checkpoint;
 use crate::data::prompts::read_prompts;
 use crate::eval::report::{EvalSummary, StageEval};
 use crate::eval::tasks::{SkillReport, chat_accuracy, few_shot_accuracy, reward_on_mistakes, win_rate};
+use crate::metrics::{METRICS_FILE, read_metrics};
 use crate::tokenizer::Tokenizer;
-use crate::train::metrics::{METRICS_FILE, read_metrics};
 use crate::train::reward::{RewardModel, evaluate_reward_model};
 
 /// The summary a speedrun stage writes into its directory when it finishes (its key, wall time and outcome).

@@ -9,8 +9,8 @@ use anyhow::Result;
 use crate::chat::ChatTemplate;
 use crate::data::prompts::PromptRecord;
 use crate::data::synth;
+use crate::data::synth::verify;
 use crate::engine::{self, EngineConfig, Request};
-use crate::eval::verify;
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
 use crate::train::reward::RewardModel;
@@ -54,37 +54,6 @@ impl SkillReport {
     }
 }
 
-/// A chat model's greedy answers to prompts, in order, and whether each ended properly (an answer
-/// that never ends is returned as is, and the verifier will normally reject it). Decoded as one
-/// batch by the engine.
-pub fn chat_answers(
-    model: &Gpt,
-    tok: &Tokenizer,
-    template: &ChatTemplate,
-    prompts: &[PromptRecord],
-    max_new: usize,
-) -> Result<Vec<(String, bool)>> {
-    let stops = template.stop_tokens(tok);
-    let requests = prompts
-        .iter()
-        .map(|p| {
-            Ok(Request::greedy(
-                template.render_prompt(tok, &p.messages)?,
-                max_new,
-                stops.clone(),
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let done = engine::generate_batch(model, Some(tok), requests, EngineConfig::default(), |_| {})?;
-    Ok(done
-        .into_iter()
-        .map(|mut c| {
-            let c = c.remove(0);
-            (c.text, c.finish.ended())
-        })
-        .collect())
-}
-
 /// Exact-match accuracy of a chat model, per skill.
 pub fn chat_accuracy(
     model: &Gpt,
@@ -94,9 +63,10 @@ pub fn chat_accuracy(
     max_new: usize,
 ) -> Result<SkillReport> {
     let mut r = SkillReport::default();
+    let convs: Vec<&[crate::chat::Message]> = prompts.iter().map(|p| p.messages.as_slice()).collect();
     for (p, (answer, ended)) in prompts
         .iter()
-        .zip(chat_answers(model, tok, template, prompts, max_new)?)
+        .zip(engine::chat_answers(model, tok, template, &convs, max_new)?)
     {
         r.record(p, if ended { answer } else { format!("{answer} [no end]") });
     }

@@ -17,8 +17,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::chat::ChatTemplate;
 use crate::checkpoint::Checkpoint;
+use crate::data::synth::verify::{self, Task};
 use crate::engine::{self, EngineConfig, Request, Sampling, SamplingParams};
-use crate::eval::verify::{self, Task};
 
 /// `talaria data label` settings.
 #[derive(Debug, Clone)]

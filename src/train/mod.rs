@@ -1,10 +1,9 @@
-//! Training: parameters, the optimizer and learning-rate schedule, the shared loop, metrics, and
-//! the stages that run on it.
+//! Training: parameters, the optimizer and learning-rate schedule, the shared loop, and the stages
+//! that run on it.
 
 pub mod answers;
 pub mod comparisons;
 pub mod dpo;
-pub mod metrics;
 pub mod optim;
 pub mod order;
 pub mod params;

@@ -19,13 +19,12 @@ use crate::chat::ChatTemplate;
 use crate::checkpoint::{self, CHECKPOINT_DIR, Checkpoint, CheckpointWriter, Meta};
 use crate::data::prompts::{PromptRecord, read_prompts};
 use crate::data::shards::{LoaderPosition, Split, TokenLoader};
+use crate::data::synth::verify;
 use crate::engine::{self, EngineConfig, FinishReason, Request, Sampling, SamplingParams};
-use crate::eval::tasks::chat_answers;
-use crate::eval::verify;
+use crate::metrics::MetricsLog;
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
 use crate::train::answers::{Batch, answer_logprobs, answer_rows, grouped_batch, last_token_scores};
-use crate::train::metrics::MetricsLog;
 use crate::train::order::EpochOrder;
 use crate::train::reward::{RewardModel, SCORE_HEAD};
 use crate::train::rl::{self, KlController, RunningStats};
@@ -280,8 +279,8 @@ pub fn verifier_accuracy(
         .iter()
         .filter(|p| p.answer.is_some() && p.skill.is_some())
         .collect();
-    let owned: Vec<PromptRecord> = scored.iter().map(|p| (*p).clone()).collect();
-    let answers = chat_answers(model, tok, template, &owned, max_new)?;
+    let convs: Vec<&[crate::chat::Message]> = scored.iter().map(|p| p.messages.as_slice()).collect();
+    let answers = engine::chat_answers(model, tok, template, &convs, max_new)?;
     let correct = scored
         .iter()
         .zip(&answers)
@@ -297,273 +296,308 @@ pub fn verifier_accuracy(
     Ok(correct as f64 / scored.len().max(1) as f64)
 }
 
-struct Critic {
-    params: ParamSet,
-    opt: AdamW,
+/// The models of a PPO run: the frozen reference, the actor and critic being trained (with
+/// untracked views of them for the no-gradient work), and the reward source.
+struct Models {
+    tok_json: String,
+    tok: Tokenizer,
+    template: ChatTemplate,
+    reference: Gpt,
+    actor: ParamSet,
+    actor_model: Gpt,
+    /// The actor's weights untracked, sharing their storage: rollouts and evaluation see every
+    /// update, take the inference kernels and build no graph.
+    rollout_model: Gpt,
+    critic: ParamSet,
+    critic_model: Gpt,
+    critic_view: Gpt,
+    value_head: Tensor,
+    reward_model: Option<RewardModel>,
+}
+
+/// Everything a resumed run restores besides the weights and optimizers.
+struct Progress {
+    step: u64,
+    tokens: u64,
+    order: EpochOrder,
+    kl: KlController,
+    stats: RunningStats,
+    first_len: Option<f64>,
+    ptx: Option<TokenLoader>,
+}
+
+/// One step's sampled answers, and for each the index of its prompt record and its decoded text.
+struct StepBatch {
+    rollouts: Vec<Rollout>,
+    records: Vec<(usize, String)>,
+    /// Whether each answer is right by the verifier (for the training-accuracy metric).
+    correct: Vec<bool>,
+    mean_kl: f64,
+    times: [f64; 4],
+}
+
+/// What a step's PPO epochs measured.
+struct UpdateStats {
+    lr: f64,
+    seconds: f64,
+    policy_loss: f64,
+    value_loss: f64,
+    clip_frac: f64,
+}
+
+/// A PPO run in progress.
+struct Ppo<'c> {
+    cfg: &'c PpoConfig,
+    device: Device,
+    m: Models,
+    actor_opt: AdamW,
+    critic_opt: AdamW,
+    at: Progress,
+    prompts: Vec<PromptRecord>,
+    eval_prompts: Option<Vec<PromptRecord>>,
+    ckpt_dir: PathBuf,
+    critic_dir: PathBuf,
+    metrics: MetricsLog,
+    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pb: ProgressBar,
+    started: Instant,
+    last: Vec<(String, f64)>,
 }
 
 /// Runs PPO; the tuned actor ends up in `out/checkpoint`, the critic in `out/critic`.
 pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
     cfg.validate()?;
-    let device = Device::Cpu;
-    let sft = Checkpoint::load(&cfg.policy, DType::F32, &device)?;
-    let (tok_json, tok) = sft.tokenizer(&cfg.policy)?;
-    let template = ChatTemplate::new(&tok)?;
-    let reference = sft.model()?;
-    let prompts = read_prompts(&cfg.prompts)?;
-    let eval_prompts = cfg.eval_prompts.as_deref().map(read_prompts).transpose()?;
-    let reward_model = match &cfg.reward {
-        RewardSpec::Model(p) => {
-            let rm = RewardModel::load(p)?;
-            rm.ensure_tokenizer_of(p, &cfg.policy, Some(&tok_json))?;
-            Some(rm)
+    let mut run = Ppo::start(cfg)?;
+    let interrupted = loop {
+        if run.at.step >= cfg.steps {
+            break false;
         }
-        RewardSpec::Verifier => {
-            if let Some(bad) = prompts.iter().position(|p| p.answer.is_none() || p.skill.is_none()) {
-                bail!(
-                    "--reward verifier needs prompts with \"answer\" and \"skill\"; {} record {} has none",
-                    cfg.prompts.display(),
-                    bad + 1
-                );
+        if cfg.stop_at.is_some_and(|s| run.at.step >= s) || run.flag.load(Ordering::SeqCst) {
+            break true;
+        }
+        let mut batch = run.rollouts()?;
+        run.score(&mut batch)?;
+        run.reference_and_values(&mut batch)?;
+        run.advantages(&mut batch);
+        let update = run.update(&batch)?;
+        run.report(&batch, &update)?;
+        if run.at.step.is_multiple_of(cfg.save_every) && run.at.step < cfg.steps {
+            run.save()?;
+        }
+    };
+    run.finish(interrupted)
+}
+
+impl<'c> Ppo<'c> {
+    /// Loads the SFT model (reference and, unless resuming, actor), the reward source and the
+    /// critic (from the reward model, or from SFT with a zero head for the verifier), or the saved
+    /// actor, critic, optimizers and position of a run to resume.
+    fn start(cfg: &'c PpoConfig) -> Result<Self> {
+        let device = Device::Cpu;
+        let sft = Checkpoint::load(&cfg.policy, DType::F32, &device)?;
+        let (tok_json, tok) = sft.tokenizer(&cfg.policy)?;
+        let template = ChatTemplate::new(&tok)?;
+        let reference = sft.model()?;
+        let prompts = read_prompts(&cfg.prompts)?;
+        let eval_prompts = cfg.eval_prompts.as_deref().map(read_prompts).transpose()?;
+        let reward_model = match &cfg.reward {
+            RewardSpec::Model(p) => {
+                let rm = RewardModel::load(p)?;
+                rm.ensure_tokenizer_of(p, &cfg.policy, Some(&tok_json))?;
+                Some(rm)
             }
-            None
-        }
-    };
-    let ckpt_dir = cfg.out.join(CHECKPOINT_DIR);
-    let critic_dir = cfg.out.join("critic");
-    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
-    if !cfg.resume && ckpt_dir.exists() {
-        bail!(
-            "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
-            cfg.out.display()
-        );
-    }
-    // Actor from SFT (or the saved actor), critic from the reward model (or the saved critic).
-    let (actor_ck, critic_ck) = if cfg.resume {
-        ensure!(
-            ckpt_dir.join(checkpoint::CONFIG_FILE).exists(),
-            "--resume: {} has no checkpoint",
-            cfg.out.display()
-        );
-        (
-            Checkpoint::load(&ckpt_dir, DType::F32, &device)?,
-            Some(Checkpoint::load(&critic_dir, DType::F32, &device)?),
-        )
-    } else {
-        (Checkpoint::load(&cfg.policy, DType::F32, &device)?, None)
-    };
-    ensure!(
-        actor_ck.config == sft.config,
-        "--resume: the saved actor is a different model from {}",
-        cfg.policy.display()
-    );
-    let actor = ParamSet::from_weights(&actor_ck.config, &actor_ck.weights)?;
-    let actor_model = actor.model()?;
-    // Rollouts and the no-gradient passes read the actor's weights untracked: the same storage,
-    // so every update shows, but the engine's inference kernels apply and no graph is built.
-    let rollout_model = actor_model.detached();
-    let rollout_engine = EngineConfig {
-        max_batch: (cfg.prompts_per_step * cfg.samples_per_prompt).max(1),
-        token_budget: crate::model::infer::MAX_ROWS.max(cfg.prompts_per_step * cfg.samples_per_prompt),
-        capacity: None,
-    };
-    let adam = AdamWConfig {
-        weight_decay: 0.0,
-        ..AdamWConfig::default()
-    };
-    let mut actor_opt = AdamW::new(actor.vars(), adam)?;
-    let critic_weights = match (&critic_ck, &reward_model) {
-        (Some(c), _) => c.weights.clone(),
-        (None, Some(rm)) => {
-            let mut w = rm.gpt.weights();
-            w.insert(SCORE_HEAD.into(), rm.head.clone());
-            w
-        }
-        // With the verifier as reward, the critic starts from the SFT model with a zero head.
-        (None, None) => {
-            let mut w = sft.weights.clone();
-            w.insert(
-                SCORE_HEAD.into(),
-                Tensor::zeros((1, sft.config.n_embd), DType::F32, &device)?,
+            RewardSpec::Verifier => {
+                if let Some(bad) = prompts.iter().position(|p| p.answer.is_none() || p.skill.is_none()) {
+                    bail!(
+                        "--reward verifier needs prompts with \"answer\" and \"skill\"; {} record {} has none",
+                        cfg.prompts.display(),
+                        bad + 1
+                    );
+                }
+                None
+            }
+        };
+        let ckpt_dir = cfg.out.join(CHECKPOINT_DIR);
+        let critic_dir = cfg.out.join("critic");
+        std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
+        if !cfg.resume && ckpt_dir.exists() {
+            bail!(
+                "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+                cfg.out.display()
             );
-            w
         }
-    };
-    let critic_cfg = critic_ck.as_ref().map_or_else(
-        || {
-            reward_model
-                .as_ref()
-                .map_or(sft.config.clone(), |rm| rm.gpt.config().clone())
-        },
-        |c| c.config.clone(),
-    );
-    let critic_params = ParamSet::with_heads(&critic_cfg, &critic_weights, &[SCORE_HEAD])?;
-    let critic_opt = AdamW::new(critic_params.vars(), adam)?;
-    let mut critic = Critic {
-        params: critic_params,
-        opt: critic_opt,
-    };
-    let critic_model = critic.params.model()?;
-    let value_head = critic.params.get(SCORE_HEAD).expect("head present").clone();
-    let critic_view = critic_model.detached();
-
-    let mut order = EpochOrder::new(cfg.seed, prompts.len(), 0, 0);
-    let mut kl = KlController {
-        coef: cfg.kl_coef,
-        target: cfg.kl_target,
-        horizon: cfg.kl_horizon,
-    };
-    let mut stats = RunningStats::default();
-    let mut step = 0u64;
-    let mut first_len: Option<f64> = None;
-    let mut tokens_total = 0u64;
-    let mut ptx = cfg
-        .ptx_data
-        .as_deref()
-        .map(|d| TokenLoader::open(d, Split::Train, sft.config.n_positions, cfg.seed))
-        .transpose()?;
-    if cfg.resume {
-        let st = &actor_ck.meta.state;
-        ensure!(
-            actor_ck.meta.stage == "ppo",
-            "--resume: {} is a {} checkpoint",
-            ckpt_dir.display(),
-            actor_ck.meta.stage
-        );
-        step = actor_ck.meta.step;
-        order.restore(&st["prompt_order"])?;
-        kl.coef = st["kl_coef"].as_f64().context("saved state lacks kl_coef")?;
-        stats = serde_json::from_value(st["reward_stats"].clone()).context("saved state lacks reward_stats")?;
-        first_len = st["first_answer_len"].as_f64();
-        tokens_total = actor_ck.meta.tokens;
-        if let (Some(l), Some(pos)) = (ptx.as_mut(), st.get("ptx_position")) {
-            let pos: LoaderPosition = serde_json::from_value(pos.clone())?;
-            l.restore(pos)?;
-        }
-        actor_opt.load_state(
-            &Checkpoint::load_optimizer(&ckpt_dir, &device)?.context("--resume: no actor optimizer state")?,
-        )?;
-        critic.opt.load_state(
-            &Checkpoint::load_optimizer(&critic_dir, &device)?.context("--resume: no critic optimizer state")?,
-        )?;
-    }
-
-    let mut metrics = MetricsLog::open(&cfg.out, "ppo", step)?;
-    let stop = crate::train::trainer::interrupt_flag();
-    stop.store(false, Ordering::SeqCst);
-    let started = Instant::now();
-    let pb = if cfg.progress {
-        ProgressBar::new(cfg.steps)
-    } else {
-        ProgressBar::hidden()
-    };
-    pb.set_style(
-        ProgressStyle::with_template("ppo [{bar:30}] {pos}/{len} {msg} ETA {eta}")
-            .expect("valid")
-            .progress_chars("=> "),
-    );
-    pb.set_position(step);
-    let stop_tokens = template.stop_tokens(&tok);
-    let pad = template.end;
-    let schedule = |lr: f64| LrSchedule {
-        max_lr: lr,
-        min_lr: lr,
-        warmup: cfg.warmup,
-        total: cfg.steps,
-    };
-
-    let save = |step: u64,
-                tokens: u64,
-                order: &EpochOrder,
-                kl: &KlController,
-                stats: &RunningStats,
-                first_len: Option<f64>,
-                ptx: Option<&TokenLoader>,
-                actor_opt: &AdamW,
-                critic: &Critic|
-     -> Result<()> {
-        let state = json!({
-            "prompt_order": order.state(),
-            "kl_coef": kl.coef,
-            "reward_stats": stats,
-            "first_answer_len": first_len,
-            "ptx_position": ptx.map(|l| l.position()),
-        });
-        let meta = Meta {
-            stage: "ppo".into(),
-            step,
-            tokens,
-            seed: Some(cfg.seed),
-            parent: Some(cfg.policy.display().to_string()),
-            state,
-            ..Meta::default()
-        };
-        // The critic first: a crash between the two leaves an older actor, never a newer one
-        // paired with a stale critic state.
-        let cmeta = Meta {
-            stage: "ppo-critic".into(),
-            ..meta.clone()
-        };
-        CheckpointWriter {
-            config: critic.params.config(),
-            weights: &critic.params.weights(),
-            tokenizer_json: Some(&tok_json),
-            meta: &cmeta,
-            optimizer: Some(&critic.opt.state()?),
-        }
-        .save(&critic_dir)?;
-        CheckpointWriter {
-            config: actor.config(),
-            weights: &actor.weights(),
-            tokenizer_json: Some(&tok_json),
-            meta: &meta,
-            optimizer: Some(&actor_opt.state()?),
-        }
-        .save(&ckpt_dir)
-    };
-
-    // The one way to checkpoint the run's current state (inside the loop and at its end).
-    macro_rules! save_now {
-        () => {
-            save(
-                step,
-                tokens_total,
-                &order,
-                &kl,
-                &stats,
-                first_len,
-                ptx.as_ref(),
-                &actor_opt,
-                &critic,
+        // Actor from SFT (or the saved actor), critic from the reward model (or the saved critic).
+        let (actor_ck, critic_ck) = if cfg.resume {
+            ensure!(
+                ckpt_dir.join(checkpoint::CONFIG_FILE).exists(),
+                "--resume: {} has no checkpoint",
+                cfg.out.display()
+            );
+            (
+                Checkpoint::load(&ckpt_dir, DType::F32, &device)?,
+                Some(Checkpoint::load(&critic_dir, DType::F32, &device)?),
             )
+        } else {
+            (Checkpoint::load(&cfg.policy, DType::F32, &device)?, None)
         };
-    }
-    let mut last = vec![];
-    let mut interrupted = false;
-    while step < cfg.steps {
-        if cfg.stop_at.is_some_and(|s| step >= s) || stop.load(Ordering::SeqCst) {
-            interrupted = true;
-            break;
+        ensure!(
+            actor_ck.config == sft.config,
+            "--resume: the saved actor is a different model from {}",
+            cfg.policy.display()
+        );
+        let actor = ParamSet::from_weights(&actor_ck.config, &actor_ck.weights)?;
+        let actor_model = actor.model()?;
+        let rollout_model = actor_model.detached();
+        let adam = AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        };
+        let mut actor_opt = AdamW::new(actor.vars(), adam)?;
+        let critic_weights = match (&critic_ck, &reward_model) {
+            (Some(c), _) => c.weights.clone(),
+            (None, Some(rm)) => {
+                let mut w = rm.gpt.weights();
+                w.insert(SCORE_HEAD.into(), rm.head.clone());
+                w
+            }
+            // With the verifier as reward, the critic starts from the SFT model with a zero head.
+            (None, None) => {
+                let mut w = sft.weights.clone();
+                w.insert(
+                    SCORE_HEAD.into(),
+                    Tensor::zeros((1, sft.config.n_embd), DType::F32, &device)?,
+                );
+                w
+            }
+        };
+        let critic_cfg = critic_ck.as_ref().map_or_else(
+            || {
+                reward_model
+                    .as_ref()
+                    .map_or(sft.config.clone(), |rm| rm.gpt.config().clone())
+            },
+            |c| c.config.clone(),
+        );
+        let critic = ParamSet::with_heads(&critic_cfg, &critic_weights, &[SCORE_HEAD])?;
+        let mut critic_opt = AdamW::new(critic.vars(), adam)?;
+        let critic_model = critic.model()?;
+        let value_head = critic.get(SCORE_HEAD).expect("head present").clone();
+        let critic_view = critic_model.detached();
+
+        let mut at = Progress {
+            step: 0,
+            tokens: 0,
+            order: EpochOrder::new(cfg.seed, prompts.len(), 0, 0),
+            kl: KlController {
+                coef: cfg.kl_coef,
+                target: cfg.kl_target,
+                horizon: cfg.kl_horizon,
+            },
+            stats: RunningStats::default(),
+            first_len: None,
+            ptx: cfg
+                .ptx_data
+                .as_deref()
+                .map(|d| TokenLoader::open(d, Split::Train, sft.config.n_positions, cfg.seed))
+                .transpose()?,
+        };
+        if cfg.resume {
+            let st = &actor_ck.meta.state;
+            ensure!(
+                actor_ck.meta.stage == "ppo",
+                "--resume: {} is a {} checkpoint",
+                ckpt_dir.display(),
+                actor_ck.meta.stage
+            );
+            at.step = actor_ck.meta.step;
+            at.order.restore(&st["prompt_order"])?;
+            at.kl.coef = st["kl_coef"].as_f64().context("saved state lacks kl_coef")?;
+            at.stats = serde_json::from_value(st["reward_stats"].clone()).context("saved state lacks reward_stats")?;
+            at.first_len = st["first_answer_len"].as_f64();
+            at.tokens = actor_ck.meta.tokens;
+            if let (Some(l), Some(pos)) = (at.ptx.as_mut(), st.get("ptx_position")) {
+                let pos: LoaderPosition = serde_json::from_value(pos.clone())?;
+                l.restore(pos)?;
+            }
+            actor_opt.load_state(
+                &Checkpoint::load_optimizer(&ckpt_dir, &device)?.context("--resume: no actor optimizer state")?,
+            )?;
+            critic_opt.load_state(
+                &Checkpoint::load_optimizer(&critic_dir, &device)?.context("--resume: no critic optimizer state")?,
+            )?;
         }
-        // 1. Rollouts with the KV-cache engine.
-        let t_rollout = Instant::now();
+        let metrics = MetricsLog::open(&cfg.out, "ppo", at.step)?;
+        let flag = crate::train::trainer::interrupt_flag();
+        flag.store(false, Ordering::SeqCst);
+        let pb = if cfg.progress {
+            ProgressBar::new(cfg.steps)
+        } else {
+            ProgressBar::hidden()
+        };
+        pb.set_style(
+            ProgressStyle::with_template("ppo [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+                .expect("valid")
+                .progress_chars("=> "),
+        );
+        pb.set_position(at.step);
+        Ok(Self {
+            cfg,
+            device,
+            m: Models {
+                tok_json,
+                tok,
+                template,
+                reference,
+                actor,
+                actor_model,
+                rollout_model,
+                critic,
+                critic_model,
+                critic_view,
+                value_head,
+                reward_model,
+            },
+            actor_opt,
+            critic_opt,
+            at,
+            prompts,
+            eval_prompts,
+            ckpt_dir,
+            critic_dir,
+            metrics,
+            flag,
+            pb,
+            started: Instant::now(),
+            last: vec![],
+        })
+    }
+
+    /// 1. The next prompts, each answered `samples_per_prompt` times by the batched engine, with
+    /// the log-probability of every sampled token (the old policy's) and its entropy.
+    fn rollouts(&mut self) -> Result<StepBatch> {
+        let cfg = self.cfg;
+        let t = Instant::now();
+        let ctx = self.m.reference.config().n_positions;
+        let stop_tokens = self.m.template.stop_tokens(&self.m.tok);
         let mut recs = Vec::with_capacity(cfg.prompts_per_step);
         let mut requests = Vec::with_capacity(cfg.prompts_per_step);
         for p in 0..cfg.prompts_per_step {
-            let rec = &prompts[order.next()];
-            let prompt_ids = template.render_prompt(&tok, &rec.messages)?;
-            if prompt_ids.len() + 2 > sft.config.n_positions {
+            let rec = self.at.order.next();
+            let prompt_ids = self
+                .m
+                .template
+                .render_prompt(&self.m.tok, &self.prompts[rec].messages)?;
+            if prompt_ids.len() + 2 > ctx {
                 bail!(
-                    "a prompt of {} tokens leaves no room for an answer in the context of {}",
-                    prompt_ids.len(),
-                    sft.config.n_positions
+                    "a prompt of {} tokens leaves no room for an answer in the context of {ctx}",
+                    prompt_ids.len()
                 );
             }
             let samples = (0..cfg.samples_per_prompt)
                 .map(|k| Sampling {
                     params: SamplingParams::plain(cfg.temperature),
                     seed: cfg.seed
-                        ^ step.wrapping_mul(1_000_003)
+                        ^ self.at.step.wrapping_mul(1_000_003)
                         ^ ((p * cfg.samples_per_prompt + k) as u64).wrapping_mul(7919),
                 })
                 .collect();
@@ -573,7 +607,13 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             recs.push(rec);
         }
         let prompt_ids: Vec<Vec<u32>> = requests.iter().map(|r| r.prompt.clone()).collect();
-        let done = engine::generate_batch(&rollout_model, Some(&tok), requests, rollout_engine, |_| {})?;
+        let n = cfg.prompts_per_step * cfg.samples_per_prompt;
+        let engine_cfg = EngineConfig {
+            max_batch: n.max(1),
+            token_budget: crate::model::infer::MAX_ROWS.max(n),
+            capacity: None,
+        };
+        let done = engine::generate_batch(&self.m.rollout_model, Some(&self.m.tok), requests, engine_cfg, |_| {})?;
         let mut rollouts = vec![];
         let mut records = vec![];
         for (p, completions) in done.into_iter().enumerate() {
@@ -606,14 +646,33 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             }
         }
         ensure!(!rollouts.is_empty(), "no rollouts could be sampled");
-        let rollout_s = t_rollout.elapsed().as_secs_f64();
-        // 2. Scores.
-        let t_score = Instant::now();
-        let scores: Vec<f64> = match &reward_model {
-            Some(rm) => reward_scores(rm, &rollouts, template.end, &device)?,
-            None => records
+        let correct = records
+            .iter()
+            .map(|(i, text)| {
+                let rec: &PromptRecord = &self.prompts[*i];
+                matches!((&rec.answer, &rec.skill), (Some(a), Some(s)) if verify::is_correct(a, s, text))
+            })
+            .collect();
+        Ok(StepBatch {
+            rollouts,
+            records,
+            correct,
+            mean_kl: 0.0,
+            times: [t.elapsed().as_secs_f64(), 0.0, 0.0, 0.0],
+        })
+    }
+
+    /// 2. Each answer's score by the reward model or the verifier, into the running reward
+    /// statistics.
+    fn score(&mut self, b: &mut StepBatch) -> Result<()> {
+        let t = Instant::now();
+        let scores: Vec<f64> = match &self.m.reward_model {
+            Some(rm) => reward_scores(rm, &b.rollouts, self.m.template.end, &self.device)?,
+            None => b
+                .records
                 .iter()
-                .map(|(rec, text)| {
+                .map(|(i, text)| {
+                    let rec = &self.prompts[*i];
                     verify::reward(
                         rec.answer.as_deref().unwrap_or(""),
                         rec.skill.as_deref().unwrap_or(""),
@@ -622,42 +681,54 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                 })
                 .collect(),
         };
-        let correct: Vec<bool> = records
-            .iter()
-            .map(
-                |(rec, text)| matches!((&rec.answer, &rec.skill), (Some(a), Some(s)) if verify::is_correct(a, s, text)),
-            )
-            .collect();
-        for (r, s) in rollouts.iter_mut().zip(&scores) {
+        for (r, s) in b.rollouts.iter_mut().zip(&scores) {
             r.score = *s;
             if r.ended {
-                stats.push(*s);
+                self.at.stats.push(*s);
             }
         }
+        b.times[1] = t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// 3. The reference model's log-probabilities and the critic's values at every answer token,
+    /// a prompt's answers together.
+    fn reference_and_values(&self, b: &mut StepBatch) -> Result<()> {
+        let t = Instant::now();
+        let pad = self.m.template.end;
+        let head = self.m.value_head.detach();
+        for chunk in by_prompt(&(0..b.rollouts.len()).collect::<Vec<_>>(), &b.rollouts) {
+            let refs: Vec<&Rollout> = chunk.iter().map(|&i| &b.rollouts[i]).collect();
+            let batch = batch_of(&refs, pad, &self.device)?;
+            let lens: Vec<usize> = refs.iter().map(|r| r.answer_len()).collect();
+            let reference_lp = rows_of(
+                &answer_logprobs(&self.m.reference, &batch, self.cfg.temperature)?,
+                &lens,
+            )?;
+            let values = rows_of(&answer_values(&self.m.critic_view, &head, &batch)?, &lens)?;
+            for ((&i, rl), v) in chunk.iter().zip(reference_lp).zip(values) {
+                b.rollouts[i].logp_ref = rl;
+                b.rollouts[i].values = v;
+            }
+        }
+        b.times[2] = t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// 4. Per-token rewards (the KL penalty to the reference on every token, the normalised score,
+    /// centred on its prompt's answers with `prompt_baseline`, on the last), GAE advantages and
+    /// returns, and the advantages whitened over the whole step.
+    fn advantages(&self, b: &mut StepBatch) {
+        let cfg = self.cfg;
+        let stats = &self.at.stats;
         let baseline_free: Option<Vec<f64>> = cfg.prompt_baseline.then(|| {
-            let groups: Vec<usize> = rollouts.iter().map(|r| r.group).collect();
-            let ended: Vec<bool> = rollouts.iter().map(|r| r.ended).collect();
+            let scores: Vec<f64> = b.rollouts.iter().map(|r| r.score).collect();
+            let groups: Vec<usize> = b.rollouts.iter().map(|r| r.group).collect();
+            let ended: Vec<bool> = b.rollouts.iter().map(|r| r.ended).collect();
             rl::group_centred(&scores, &groups, &ended)
         });
-        let score_s = t_score.elapsed().as_secs_f64();
-        // 3. Reference log-probs and values, a prompt's answers together (the old log-probs came
-        // with the samples).
-        let t_passes = Instant::now();
-        for chunk in by_prompt(&(0..rollouts.len()).collect::<Vec<_>>(), &rollouts) {
-            let refs: Vec<&Rollout> = chunk.iter().map(|&i| &rollouts[i]).collect();
-            let b = batch_of(&refs, pad, &device)?;
-            let lens: Vec<usize> = refs.iter().map(|r| r.answer_len()).collect();
-            let reference_lp = rows_of(&answer_logprobs(&reference, &b, cfg.temperature)?, &lens)?;
-            let values = rows_of(&answer_values(&critic_view, &value_head.detach(), &b)?, &lens)?;
-            for ((&i, rl), v) in chunk.iter().zip(reference_lp).zip(values) {
-                rollouts[i].logp_ref = rl;
-                rollouts[i].values = v;
-            }
-        }
-        let passes_s = t_passes.elapsed().as_secs_f64();
-        // 4. Per-token rewards: KL penalty on every token, the normalised score on the last.
         let mut kl_sum = 0.0;
-        for (i, r) in rollouts.iter_mut().enumerate() {
+        for (i, r) in b.rollouts.iter_mut().enumerate() {
             let kls: Vec<f64> = r
                 .logp_old
                 .iter()
@@ -665,7 +736,7 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                 .map(|(a, b)| rl::kl_k1(*a, *b))
                 .collect();
             kl_sum += kls.iter().sum::<f64>();
-            let mut rewards: Vec<f64> = kls.iter().map(|k| -kl.coef * k).collect();
+            let mut rewards: Vec<f64> = kls.iter().map(|k| -self.at.kl.coef * k).collect();
             let final_reward = if !r.ended {
                 cfg.no_end_penalty
             } else if let Some(centred) = &baseline_free {
@@ -678,58 +749,73 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
             r.adv = adv;
             r.ret = ret;
         }
-        let mut all_adv: Vec<f64> = rollouts.iter().flat_map(|r| r.adv.clone()).collect();
+        let mut all_adv: Vec<f64> = b.rollouts.iter().flat_map(|r| r.adv.clone()).collect();
         rl::whiten(&mut all_adv);
         let mut at = 0;
-        for r in rollouts.iter_mut() {
+        for r in b.rollouts.iter_mut() {
             let n = r.adv.len();
             r.adv = all_adv[at..at + n].to_vec();
             at += n;
         }
+        b.mean_kl = kl_sum / b.rollouts.len() as f64;
+    }
+
+    /// 5. PPO epochs over shuffled minibatches: for each, one AdamW step of the actor on the
+    /// clipped policy loss (plus PPO-ptx) and one of the critic on the clipped value loss, their
+    /// gradients accumulated over chunks of whole prompts.
+    fn update(&mut self, b: &StepBatch) -> Result<UpdateStats> {
+        let cfg = self.cfg;
+        let t = Instant::now();
+        let device = self.device.clone();
+        let pad = self.m.template.end;
+        let schedule = |lr: f64| LrSchedule {
+            max_lr: lr,
+            min_lr: lr,
+            warmup: cfg.warmup,
+            total: cfg.steps,
+        };
+        let step = self.at.step;
+        let rollouts = &b.rollouts;
         let n_roll = rollouts.len();
-        let mean_kl = kl_sum / n_roll as f64;
-        // 5. PPO epochs over minibatches.
-        let t_update = Instant::now();
         let (mut pl_sum, mut vl_sum, mut clip_sum, mut updates) = (0.0, 0.0, 0.0, 0.0);
         let mut mb_order = EpochOrder::new(cfg.seed ^ step, n_roll, 0, 0);
         let (lr, critic_lr) = (schedule(cfg.lr).at(step), schedule(cfg.critic_lr).at(step));
         for _ in 0..cfg.ppo_epochs {
             let idx: Vec<usize> = (0..n_roll).map(|_| mb_order.next()).collect();
             for mb in idx.chunks(cfg.minibatch) {
-                // One optimizer step per minibatch; its gradient is accumulated over chunks of at most
-                // MICRO_BATCH sequences, each weighted by its share of the minibatch's answer tokens.
+                // Each chunk's losses are weighted by its share of the minibatch's answer tokens.
                 let mb_tokens: usize = mb.iter().map(|&i| rollouts[i].answer_len()).sum();
                 let (mut actor_grads, mut critic_grads) = (None, None);
                 let mut clip_mb = 0.0;
-                for chunk in by_prompt(mb, &rollouts) {
+                for chunk in by_prompt(mb, rollouts) {
                     let refs: Vec<&Rollout> = chunk.iter().map(|&i| &rollouts[i]).collect();
                     let share = refs.iter().map(|r| r.answer_len()).sum::<usize>() as f64 / mb_tokens as f64;
-                    let b = batch_of(&refs, pad, &device)?;
+                    let batch = batch_of(&refs, pad, &device)?;
                     let rows = |f: fn(&Rollout) -> &[f64]| {
-                        to_tensor(&refs.iter().map(|r| f(r)).collect::<Vec<_>>(), b.a, &device)
+                        to_tensor(&refs.iter().map(|r| f(r)).collect::<Vec<_>>(), batch.a, &device)
                     };
                     let (old, adv) = (rows(|r| &r.logp_old)?, rows(|r| &r.adv)?);
                     let (ret, vold) = (rows(|r| &r.ret)?, rows(|r| &r.values)?);
                     // Actor.
-                    let logp = answer_logprobs(&actor_model, &b, cfg.temperature)?;
-                    let (mut loss, clip_frac) = rl::policy_loss(&logp, &old, &adv, &b.mask, cfg.clip)?;
-                    if let Some(loader) = ptx.as_mut() {
+                    let logp = answer_logprobs(&self.m.actor_model, &batch, cfg.temperature)?;
+                    let (mut loss, clip_frac) = rl::policy_loss(&logp, &old, &adv, &batch.mask, cfg.clip)?;
+                    if let Some(loader) = self.at.ptx.as_mut() {
                         let (x, y) = loader.next_batch(refs.len().max(1), &device)?;
-                        loss = (loss + (actor_model.lm_loss(&x, &y, None)? * cfg.ptx_coef)?)?;
+                        loss = (loss + (self.m.actor_model.lm_loss(&x, &y, None)? * cfg.ptx_coef)?)?;
                     }
                     let loss = (loss * share)?;
                     pl_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                    accumulate(&mut actor_grads, actor.grads(&loss.backward()?)?)?;
+                    accumulate(&mut actor_grads, self.m.actor.grads(&loss.backward()?)?)?;
                     // Critic.
-                    let values = answer_values(&critic_model, &value_head, &b)?;
-                    let vloss = (rl::value_loss(&values, &vold, &ret, &b.mask, cfg.value_clip)? * share)?;
+                    let values = answer_values(&self.m.critic_model, &self.m.value_head, &batch)?;
+                    let vloss = (rl::value_loss(&values, &vold, &ret, &batch.mask, cfg.value_clip)? * share)?;
                     vl_sum += vloss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                    accumulate(&mut critic_grads, critic.params.grads(&vloss.backward()?)?)?;
+                    accumulate(&mut critic_grads, self.m.critic.grads(&vloss.backward()?)?)?;
                     clip_mb += clip_frac * share;
                 }
                 for (opt, grads, lr) in [
-                    (&mut actor_opt, actor_grads, lr),
-                    (&mut critic.opt, critic_grads, critic_lr),
+                    (&mut self.actor_opt, actor_grads, lr),
+                    (&mut self.critic_opt, critic_grads, critic_lr),
                 ] {
                     let grads = grads.expect("a minibatch holds at least one chunk");
                     opt.step(&grads, lr, clip_scale(global_norm(&grads)?, cfg.grad_clip))?;
@@ -738,17 +824,34 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
                 updates += 1.0;
             }
         }
-        let update_s = t_update.elapsed().as_secs_f64();
-        kl.update(mean_kl, n_roll);
-        step += 1;
-        let mean_len = rollouts.iter().map(|r| r.answer_len() as f64).sum::<f64>() / n_roll as f64;
+        self.at.kl.update(b.mean_kl, n_roll);
+        self.at.step += 1;
+        self.at.tokens += rollouts.iter().map(|r| r.answer_len() as u64).sum::<u64>();
+        Ok(UpdateStats {
+            lr,
+            seconds: t.elapsed().as_secs_f64(),
+            policy_loss: pl_sum / updates,
+            value_loss: vl_sum / updates,
+            clip_frac: clip_sum / updates,
+        })
+    }
+
+    /// The step's figures to `metrics.jsonl` and the progress bar, warnings about the known
+    /// failures, and the held-out verifier accuracy at evaluation steps.
+    fn report(&mut self, b: &StepBatch, u: &UpdateStats) -> Result<()> {
+        let (cfg, step) = (self.cfg, self.at.step);
+        let rollouts = &b.rollouts;
+        let n_roll = rollouts.len() as f64;
+        let mean_kl = b.mean_kl;
+        let mean_len = rollouts.iter().map(|r| r.answer_len() as f64).sum::<f64>() / n_roll;
         // Mean entropy per answer token of the distributions the answers were sampled from.
         let entropy = rollouts.iter().flat_map(|r| &r.entropy).sum::<f64>()
             / rollouts.iter().map(|r| r.entropy.len()).sum::<usize>().max(1) as f64;
-        let ended = rollouts.iter().filter(|r| r.ended).count() as f64 / n_roll as f64;
-        let first = *first_len.get_or_insert(mean_len);
-        let mean_score = rollouts.iter().map(|r| r.score).sum::<f64>() / n_roll as f64;
-        let accuracy = correct.iter().filter(|c| **c).count() as f64 / correct.len().max(1) as f64;
+        let ended = rollouts.iter().filter(|r| r.ended).count() as f64 / n_roll;
+        let first = *self.at.first_len.get_or_insert(mean_len);
+        let mean_score = rollouts.iter().map(|r| r.score).sum::<f64>() / n_roll;
+        let accuracy = b.correct.iter().filter(|c| **c).count() as f64 / b.correct.len().max(1) as f64;
+        let pb = &self.pb;
         if mean_kl < -1e-3 {
             pb.suspend(|| eprintln!("ppo step {step}: warning: negative KL estimate {mean_kl:.4} (too few samples or a sampling/loss temperature mismatch)"));
         }
@@ -766,53 +869,106 @@ pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
         let mut values = vec![
             ("reward", mean_score),
             ("kl", mean_kl),
-            ("kl_coef", kl.coef),
+            ("kl_coef", self.at.kl.coef),
             ("entropy", entropy),
-            ("clip_frac", clip_sum / updates),
-            ("value_loss", vl_sum / updates),
-            ("policy_loss", pl_sum / updates),
+            ("clip_frac", u.clip_frac),
+            ("value_loss", u.value_loss),
+            ("policy_loss", u.policy_loss),
             ("answer_len", mean_len),
             ("ended", ended),
-            ("lr", lr),
-            ("rollout_s", rollout_s),
-            ("score_s", score_s),
-            ("passes_s", passes_s),
-            ("update_s", update_s),
+            ("lr", u.lr),
+            ("rollout_s", b.times[0]),
+            ("score_s", b.times[1]),
+            ("passes_s", b.times[2]),
+            ("update_s", u.seconds),
         ];
-        if records.iter().any(|(r, _)| r.answer.is_some()) {
+        if b.records.iter().any(|(i, _)| self.prompts[*i].answer.is_some()) {
             values.push(("train_accuracy", accuracy));
         }
-        tokens_total += rollouts.iter().map(|r| r.answer_len() as u64).sum::<u64>();
-        metrics.log("ppo", step, tokens_total, &values)?;
+        self.metrics.log("ppo", step, self.at.tokens, &values)?;
         pb.set_position(step);
         pb.set_message(format!("reward {mean_score:.3} kl {mean_kl:.3}"));
         if step.is_multiple_of(cfg.eval_every) || step == cfg.steps {
-            if let Some(ev) = &eval_prompts {
-                let acc = verifier_accuracy(&rollout_model, &tok, &template, ev, cfg.max_new_tokens)?;
-                metrics.log("ppo", step, tokens_total, &[("eval_accuracy", acc)])?;
+            if let Some(ev) = &self.eval_prompts {
+                let acc = verifier_accuracy(
+                    &self.m.rollout_model,
+                    &self.m.tok,
+                    &self.m.template,
+                    ev,
+                    cfg.max_new_tokens,
+                )?;
+                self.metrics
+                    .log("ppo", step, self.at.tokens, &[("eval_accuracy", acc)])?;
                 values.push(("eval_accuracy", acc));
             }
             let line: Vec<String> = values.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
             pb.suspend(|| eprintln!("ppo step {step}: {}", line.join(" | ")));
         }
-        last = values.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        if step.is_multiple_of(cfg.save_every) && step < cfg.steps {
-            save_now!()?;
+        self.last = values.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        Ok(())
+    }
+
+    /// Checkpoints the critic, then the actor, with their optimizers and the run's position.
+    fn save(&self) -> Result<()> {
+        let cfg = self.cfg;
+        let at = &self.at;
+        let state = json!({
+            "prompt_order": at.order.state(),
+            "kl_coef": at.kl.coef,
+            "reward_stats": at.stats,
+            "first_answer_len": at.first_len,
+            "ptx_position": at.ptx.as_ref().map(|l| l.position()),
+        });
+        let meta = Meta {
+            stage: "ppo".into(),
+            step: at.step,
+            tokens: at.tokens,
+            seed: Some(cfg.seed),
+            parent: Some(cfg.policy.display().to_string()),
+            state,
+            ..Meta::default()
+        };
+        // The critic first: a crash between the two leaves an older actor, never a newer one
+        // paired with a stale critic state.
+        let cmeta = Meta {
+            stage: "ppo-critic".into(),
+            ..meta.clone()
+        };
+        CheckpointWriter {
+            config: self.m.critic.config(),
+            weights: &self.m.critic.weights(),
+            tokenizer_json: Some(&self.m.tok_json),
+            meta: &cmeta,
+            optimizer: Some(&self.critic_opt.state()?),
         }
+        .save(&self.critic_dir)?;
+        CheckpointWriter {
+            config: self.m.actor.config(),
+            weights: &self.m.actor.weights(),
+            tokenizer_json: Some(&self.m.tok_json),
+            meta: &meta,
+            optimizer: Some(&self.actor_opt.state()?),
+        }
+        .save(&self.ckpt_dir)
     }
-    pb.finish_and_clear();
-    save_now!()?;
-    if interrupted {
-        eprintln!(
-            "ppo: stopped at step {step}; checkpoint saved in {} (continue with --resume)",
-            ckpt_dir.display()
-        );
+
+    /// The last checkpoint and what the run reports.
+    fn finish(self, interrupted: bool) -> Result<PpoOutcome> {
+        self.pb.finish_and_clear();
+        self.save()?;
+        if interrupted {
+            eprintln!(
+                "ppo: stopped at step {}; checkpoint saved in {} (continue with --resume)",
+                self.at.step,
+                self.ckpt_dir.display()
+            );
+        }
+        Ok(PpoOutcome {
+            steps: self.at.step,
+            interrupted,
+            last: self.last,
+            wall_s: self.started.elapsed().as_secs_f64(),
+            checkpoint: self.ckpt_dir,
+        })
     }
-    Ok(PpoOutcome {
-        steps: step,
-        interrupted,
-        checkpoint: ckpt_dir,
-        last,
-        wall_s: started.elapsed().as_secs_f64(),
-    })
 }

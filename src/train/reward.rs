@@ -18,6 +18,7 @@ use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
 use crate::train::ParamSet;
 use crate::train::order::{EpochOrder, hold_out};
+use crate::train::rl::neg_log_sigmoid;
 use crate::train::trainer::{self, EvalReport, Init, Objective, TrainConfig, TrainOutcome};
 
 /// The scalar head, `[1, n_embd]`, named as in `transformers`' `GPT2ForSequenceClassification`.
@@ -232,11 +233,6 @@ fn evaluate_groups(gpt: &Gpt, head: &Tensor, groups: &[Group], pad: u32, batch: 
         length_corr: pearson(&rewards, &lengths),
         pairs,
     })
-}
-
-/// `-log sigmoid(x)` computed stably as `relu(-x) + log(1 + exp(-|x|))`.
-pub fn neg_log_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
-    x.neg()?.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
 }
 
 struct RewardObjective {

@@ -6,8 +6,6 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::train::reward::neg_log_sigmoid;
-
 /// GAE over one answer: per-token `rewards` and `values` (the critic's estimate before each
 /// token). Returns (advantages, returns = advantages + values). The value after the last token
 /// is 0 (the episode ends).
@@ -162,6 +160,11 @@ pub fn dpo_loss(pi_c: &Tensor, pi_r: &Tensor, ref_c: &Tensor, ref_r: &Tensor, be
 /// token counts `[N]`: the term RPO adds to the DPO loss for the chosen answers.
 pub fn answer_nll(logprob_sums: &Tensor, lengths: &Tensor) -> Result<Tensor> {
     Ok((logprob_sums.sum_all()?.neg()? / lengths.sum_all()?)?)
+}
+
+/// `-log sigmoid(x)` computed stably as `relu(-x) + log(1 + exp(-|x|))`.
+pub fn neg_log_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.neg()?.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 use crate::checkpoint::{CHECKPOINT_DIR, Checkpoint, CheckpointWriter, Meta};
+use crate::metrics::MetricsLog;
 use crate::model::Gpt;
-use crate::train::metrics::MetricsLog;
 use crate::train::{AdamW, AdamWConfig, LrSchedule, ParamSet, accumulate, clip_scale, global_norm};
 
 /// What every stage's loop needs to know.
@@ -147,228 +147,346 @@ pub(crate) fn interrupt_flag() -> Arc<AtomicBool> {
     .clone()
 }
 
-/// Runs `objective` from `init` (or from the checkpoint in `cfg.out` when resuming).
+/// Runs `objective` from `init` (or from the checkpoint in `cfg.out` when resuming): the loop
+/// nanoGPT's train.py has, step by step.
 pub fn train(cfg: &TrainConfig, init: Init, objective: &mut dyn Objective) -> Result<TrainOutcome> {
     cfg.validate()?;
-    let stage = objective.stage();
-    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
-    let ckpt_dir = cfg.out.join(CHECKPOINT_DIR);
-    let device = Device::Cpu;
+    let mut run = Run::start(cfg, init, objective)?;
+    let interrupted = loop {
+        match run.stop_reason() {
+            Some(Stop::Done) => break false,
+            Some(Stop::Interrupted) => break true,
+            None => {}
+        }
+        run.step(objective)?;
+        run.calibrate_time_budget();
+        run.log()?;
+        if run.eval_due() {
+            run.evaluate(objective)?;
+        }
+        if run.save_due() {
+            run.save(objective)?;
+        }
+    };
+    run.finish(objective, interrupted)
+}
 
-    let (params, tokenizer_json, parent, mut step, mut tokens, mut total, elapsed_before, opt_state) = if cfg.resume {
-        ensure!(
-            ckpt_dir.join("config.json").exists(),
-            "--resume: {} has no checkpoint to resume",
-            cfg.out.display()
-        );
-        let ck = Checkpoint::load(&ckpt_dir, DType::F32, &device)?;
-        ensure!(
-            ck.meta.stage == stage,
-            "--resume: {} holds a {} checkpoint, not {stage}",
-            ckpt_dir.display(),
-            ck.meta.stage
-        );
-        ensure!(
-            ck.config == *init.params.config(),
-            "--resume: the checkpoint in {} is a different model shape from the one requested",
-            ckpt_dir.display()
-        );
-        let st = &ck.meta.state;
-        objective
-            .restore(&st["objective"])
-            .context("restoring the data position")?;
-        let opt = Checkpoint::load_optimizer(&ckpt_dir, &device)?
-            .with_context(|| format!("--resume: {} has no optimizer state", ckpt_dir.display()))?;
-        (
-            ParamSet::with_heads(&ck.config, &ck.weights, &init.params.head_names())?,
-            ck.tokenizer_json,
-            ck.meta.parent,
-            ck.meta.step,
-            ck.meta.tokens,
-            st["schedule_steps"].as_u64(),
-            st["elapsed_s"].as_f64().unwrap_or(0.0),
-            Some(opt),
-        )
-    } else {
-        if ckpt_dir.exists() {
-            bail!(
-                "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+/// Why a loop stops.
+enum Stop {
+    /// The schedule (or the time budget) is done.
+    Done,
+    /// Ctrl-C or `stop_at`: the run can be resumed.
+    Interrupted,
+}
+
+/// A training run in progress: the model and optimizer, where it is, and how it reports.
+struct Run<'c> {
+    cfg: &'c TrainConfig,
+    stage: &'static str,
+    ckpt_dir: PathBuf,
+    params: ParamSet,
+    model: Gpt,
+    opt: AdamW,
+    tokenizer_json: Option<String>,
+    parent: Option<String>,
+    step: u64,
+    tokens: u64,
+    /// The schedule's length (`None` until a time budget is calibrated).
+    total: Option<u64>,
+    /// Wall time of the earlier sessions of a resumed run, and when this one started.
+    elapsed_before: f64,
+    started: Instant,
+    calibrate_at: u64,
+    metrics: MetricsLog,
+    flag: Arc<AtomicBool>,
+    pb: ProgressBar,
+    /// The last step's learning rate, gradient norm, loss and tokens.
+    lr: f64,
+    grad_norm: f64,
+    last_loss: f64,
+    step_tokens: u64,
+    last_eval: Vec<(String, f64)>,
+    /// Tokens since `window.0`, for the tokens/s figure.
+    window: (Instant, u64),
+}
+
+impl<'c> Run<'c> {
+    /// A fresh run from `init`, or the checkpoint in `cfg.out` with its optimizer and data position.
+    fn start(cfg: &'c TrainConfig, init: Init, objective: &mut dyn Objective) -> Result<Self> {
+        let stage = objective.stage();
+        std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
+        let ckpt_dir = cfg.out.join(CHECKPOINT_DIR);
+        let device = Device::Cpu;
+        let (params, tokenizer_json, parent, step, tokens, total, elapsed_before, opt_state) = if cfg.resume {
+            ensure!(
+                ckpt_dir.join("config.json").exists(),
+                "--resume: {} has no checkpoint to resume",
                 cfg.out.display()
             );
+            let ck = Checkpoint::load(&ckpt_dir, DType::F32, &device)?;
+            ensure!(
+                ck.meta.stage == stage,
+                "--resume: {} holds a {} checkpoint, not {stage}",
+                ckpt_dir.display(),
+                ck.meta.stage
+            );
+            ensure!(
+                ck.config == *init.params.config(),
+                "--resume: the checkpoint in {} is a different model shape from the one requested",
+                ckpt_dir.display()
+            );
+            let st = &ck.meta.state;
+            objective
+                .restore(&st["objective"])
+                .context("restoring the data position")?;
+            let opt = Checkpoint::load_optimizer(&ckpt_dir, &device)?
+                .with_context(|| format!("--resume: {} has no optimizer state", ckpt_dir.display()))?;
+            (
+                ParamSet::with_heads(&ck.config, &ck.weights, &init.params.head_names())?,
+                ck.tokenizer_json,
+                ck.meta.parent,
+                ck.meta.step,
+                ck.meta.tokens,
+                st["schedule_steps"].as_u64(),
+                st["elapsed_s"].as_f64().unwrap_or(0.0),
+                Some(opt),
+            )
+        } else {
+            if ckpt_dir.exists() {
+                bail!(
+                    "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+                    cfg.out.display()
+                );
+            }
+            (
+                init.params,
+                init.tokenizer_json,
+                init.parent,
+                0,
+                0,
+                cfg.steps,
+                0.0,
+                None,
+            )
+        };
+        let mut opt = AdamW::new(params.vars(), cfg.adamw)?;
+        if let Some(state) = &opt_state {
+            opt.load_state(state)?;
         }
-        (
-            init.params,
-            init.tokenizer_json,
-            init.parent,
-            0,
-            0,
-            cfg.steps,
-            0.0,
-            None,
-        )
-    };
-    let mut opt = AdamW::new(params.vars(), cfg.adamw)?;
-    if let Some(state) = &opt_state {
-        opt.load_state(state)?;
-    }
-    let model = params.model()?;
-    let mut metrics = MetricsLog::open(&cfg.out, stage, step)?;
-    let flag = interrupt_flag();
-    flag.store(false, Ordering::SeqCst);
-
-    let started = Instant::now();
-    let elapsed = |t: &Instant| elapsed_before + t.elapsed().as_secs_f64();
-    let calibrate_at = step + 3;
-    let pb = if cfg.progress {
-        ProgressBar::new(total.unwrap_or(0))
-    } else {
-        ProgressBar::hidden()
-    };
-    pb.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_prefix(stage);
-    pb.set_position(step);
-
-    let save = |step: u64, tokens: u64, total: Option<u64>, opt: &AdamW, objective: &dyn Objective, el: f64| {
-        let meta = Meta {
-            stage: stage.to_string(),
+        let model = params.model()?;
+        let metrics = MetricsLog::open(&cfg.out, stage, step)?;
+        let flag = interrupt_flag();
+        flag.store(false, Ordering::SeqCst);
+        let pb = if cfg.progress {
+            ProgressBar::new(total.unwrap_or(0))
+        } else {
+            ProgressBar::hidden()
+        };
+        pb.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        pb.set_prefix(stage);
+        pb.set_position(step);
+        Ok(Self {
+            cfg,
+            stage,
+            ckpt_dir,
+            params,
+            model,
+            opt,
+            tokenizer_json,
+            parent,
             step,
             tokens,
-            seed: Some(cfg.seed),
-            parent: parent.clone(),
-            state: json!({"objective": objective.state(), "schedule_steps": total, "elapsed_s": el}),
-            talaria_version: String::new(),
-        };
-        CheckpointWriter {
-            config: params.config(),
-            weights: &params.weights(),
-            tokenizer_json: tokenizer_json.as_deref(),
-            meta: &meta,
-            optimizer: Some(&opt.state()?),
-        }
-        .save(&ckpt_dir)
-    };
+            total,
+            elapsed_before,
+            started: Instant::now(),
+            calibrate_at: step + 3,
+            metrics,
+            flag,
+            pb,
+            lr: 0.0,
+            grad_norm: 0.0,
+            last_loss: f64::NAN,
+            step_tokens: 0,
+            last_eval: vec![],
+            window: (Instant::now(), 0),
+        })
+    }
 
-    let mut last_loss = f64::NAN;
-    let mut last_eval: Vec<(String, f64)> = vec![];
-    let mut interrupted = false;
-    let mut window = (Instant::now(), 0u64);
-    loop {
-        if let Some(t) = total
-            && step >= t
-        {
-            break;
+    /// Wall seconds over every session of the run.
+    fn elapsed(&self) -> f64 {
+        self.elapsed_before + self.started.elapsed().as_secs_f64()
+    }
+
+    fn stop_reason(&self) -> Option<Stop> {
+        if self.total.is_some_and(|t| self.step >= t) {
+            return Some(Stop::Done);
         }
-        if let Some(budget) = cfg.time_budget
-            && elapsed(&started) >= budget.as_secs_f64()
-        {
-            break;
+        if self.cfg.time_budget.is_some_and(|b| self.elapsed() >= b.as_secs_f64()) {
+            return Some(Stop::Done);
         }
-        if cfg.stop_at.is_some_and(|s| step >= s) || flag.load(Ordering::SeqCst) {
-            interrupted = true;
-            break;
+        if self.cfg.stop_at.is_some_and(|s| self.step >= s) || self.flag.load(Ordering::SeqCst) {
+            return Some(Stop::Interrupted);
         }
+        None
+    }
+
+    /// One optimizer step: the gradients of `grad_accum` micro-batches summed, the global norm
+    /// clipped, AdamW at the scheduled learning rate.
+    fn step(&mut self, objective: &mut dyn Objective) -> Result<()> {
+        let cfg = self.cfg;
         let schedule = LrSchedule {
             max_lr: cfg.lr,
             min_lr: cfg.min_lr,
             warmup: cfg.warmup,
-            total: total.unwrap_or(u64::MAX),
+            total: self.total.unwrap_or(u64::MAX),
         };
-        let lr = schedule.at(step);
+        self.lr = schedule.at(self.step);
         let mut sum: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
         let mut step_tokens = 0;
         for _ in 0..cfg.grad_accum {
-            let (loss, n) = objective.loss(&model, &params)?;
+            let (loss, n) = objective.loss(&self.model, &self.params)?;
             let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             ensure!(
                 l.is_finite(),
-                "{stage} loss became {l} at step {step}: lower --lr or check the data"
+                "{} loss became {l} at step {}: lower --lr or check the data",
+                self.stage,
+                self.step
             );
             loss_sum += l;
             step_tokens += n as u64;
-            let grads = params.grads(&loss.backward()?)?;
+            let grads = self.params.grads(&loss.backward()?)?;
             accumulate(&mut sum, grads)?;
         }
         let grads = sum.expect("grad_accum >= 1");
         let inv_accum = 1.0 / cfg.grad_accum as f64;
-        let norm = global_norm(&grads)? * inv_accum;
-        let clip = cfg.grad_clip.map_or(1.0, |max| clip_scale(norm, max));
-        opt.step(&grads, lr, inv_accum * clip)?;
-        step += 1;
-        tokens += step_tokens;
-        last_loss = loss_sum * inv_accum;
+        self.grad_norm = global_norm(&grads)? * inv_accum;
+        let clip = cfg.grad_clip.map_or(1.0, |max| clip_scale(self.grad_norm, max));
+        self.opt.step(&grads, self.lr, inv_accum * clip)?;
+        self.step += 1;
+        self.tokens += step_tokens;
+        self.step_tokens = step_tokens;
+        self.last_loss = loss_sum * inv_accum;
+        Ok(())
+    }
 
-        if total.is_none() && step == calibrate_at {
-            let per_step = elapsed(&started) / step as f64;
-            let budget = cfg.time_budget.expect("validated").as_secs_f64();
-            total = Some(step.max((budget / per_step) as u64));
-            pb.set_length(total.unwrap_or(0));
+    /// With a time budget, fixes the schedule's length from the speed of the first steps.
+    fn calibrate_time_budget(&mut self) {
+        if self.total.is_none() && self.step == self.calibrate_at {
+            let per_step = self.elapsed() / self.step as f64;
+            let budget = self.cfg.time_budget.expect("validated").as_secs_f64();
+            self.total = Some(self.step.max((budget / per_step) as u64));
+            self.pb.set_length(self.total.unwrap_or(0));
         }
-        window.1 += step_tokens;
-        let tps = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
-        if window.0.elapsed() > Duration::from_secs(10) {
-            window = (Instant::now(), 0);
+    }
+
+    /// The step's loss, learning rate, gradient norm and throughput to `metrics.jsonl` and the bar.
+    fn log(&mut self) -> Result<()> {
+        self.window.1 += self.step_tokens;
+        let tps = self.window.1 as f64 / self.window.0.elapsed().as_secs_f64().max(1e-9);
+        if self.window.0.elapsed() > Duration::from_secs(10) {
+            self.window = (Instant::now(), 0);
         }
-        metrics.log(
-            stage,
-            step,
-            tokens,
+        self.metrics.log(
+            self.stage,
+            self.step,
+            self.tokens,
             &[
-                ("loss", last_loss),
-                ("lr", lr),
-                ("grad_norm", norm),
+                ("loss", self.last_loss),
+                ("lr", self.lr),
+                ("grad_norm", self.grad_norm),
                 ("tokens_per_s", tps),
             ],
         )?;
-        pb.set_position(step);
-        pb.set_message(format!("loss {last_loss:.4} | {tps:.0} tok/s"));
+        self.pb.set_position(self.step);
+        self.pb
+            .set_message(format!("loss {:.4} | {tps:.0} tok/s", self.last_loss));
+        Ok(())
+    }
 
-        let done = total.is_some_and(|t| step >= t);
-        if step % cfg.eval_every == 0 || done {
-            let report = objective.evaluate(&model, &params)?;
-            let line: Vec<String> = report.values.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
-            pb.suspend(|| {
-                eprintln!("{stage} step {step}: loss {last_loss:.4} | {}", line.join(" | "));
-                for s in &report.samples {
-                    eprintln!("  sample: {}", s.replace('\n', "\\n"));
-                }
-            });
-            metrics.log(stage, step, tokens, &report.values)?;
-            last_eval = report.values.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        }
-        if step % cfg.save_every == 0 && !done {
-            save(step, tokens, total, &opt, &*objective, elapsed(&started))?;
-        }
+    fn done(&self) -> bool {
+        self.total.is_some_and(|t| self.step >= t)
     }
-    pb.finish_and_clear();
-    save(step, tokens, total, &opt, &*objective, elapsed(&started))?;
-    plot_loss(&cfg.out, stage)?;
-    if interrupted {
-        eprintln!(
-            "{stage}: stopped at step {step}; checkpoint saved in {} (continue with --resume)",
-            ckpt_dir.display()
-        );
+
+    fn eval_due(&self) -> bool {
+        self.step % self.cfg.eval_every == 0 || self.done()
     }
-    Ok(TrainOutcome {
-        steps: step,
-        tokens,
-        last_loss,
-        last_eval,
-        interrupted,
-        checkpoint: ckpt_dir,
-        wall_s: elapsed(&started),
-    })
+
+    fn save_due(&self) -> bool {
+        self.step % self.cfg.save_every == 0 && !self.done()
+    }
+
+    /// The objective's held-out evaluation, printed and logged.
+    fn evaluate(&mut self, objective: &mut dyn Objective) -> Result<()> {
+        let report = objective.evaluate(&self.model, &self.params)?;
+        let line: Vec<String> = report.values.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+        let (stage, step, loss) = (self.stage, self.step, self.last_loss);
+        self.pb.suspend(|| {
+            eprintln!("{stage} step {step}: loss {loss:.4} | {}", line.join(" | "));
+            for s in &report.samples {
+                eprintln!("  sample: {}", s.replace('\n', "\\n"));
+            }
+        });
+        self.metrics.log(stage, step, self.tokens, &report.values)?;
+        self.last_eval = report.values.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        Ok(())
+    }
+
+    /// Writes the checkpoint: weights, optimizer state, data position and schedule.
+    fn save(&self, objective: &dyn Objective) -> Result<()> {
+        let meta = Meta {
+            stage: self.stage.to_string(),
+            step: self.step,
+            tokens: self.tokens,
+            seed: Some(self.cfg.seed),
+            parent: self.parent.clone(),
+            state: json!({"objective": objective.state(), "schedule_steps": self.total, "elapsed_s": self.elapsed()}),
+            talaria_version: String::new(),
+        };
+        CheckpointWriter {
+            config: self.params.config(),
+            weights: &self.params.weights(),
+            tokenizer_json: self.tokenizer_json.as_deref(),
+            meta: &meta,
+            optimizer: Some(&self.opt.state()?),
+        }
+        .save(&self.ckpt_dir)
+    }
+
+    /// The last checkpoint, the loss plot, and what the run reports.
+    fn finish(self, objective: &dyn Objective, interrupted: bool) -> Result<TrainOutcome> {
+        self.pb.finish_and_clear();
+        self.save(objective)?;
+        plot_loss(&self.cfg.out, self.stage)?;
+        if interrupted {
+            eprintln!(
+                "{}: stopped at step {}; checkpoint saved in {} (continue with --resume)",
+                self.stage,
+                self.step,
+                self.ckpt_dir.display()
+            );
+        }
+        Ok(TrainOutcome {
+            steps: self.step,
+            tokens: self.tokens,
+            last_loss: self.last_loss,
+            last_eval: self.last_eval.clone(),
+            interrupted,
+            wall_s: self.elapsed(),
+            checkpoint: self.ckpt_dir,
+        })
+    }
 }
 
 /// Draws `RUN/loss.png`: training and validation loss per step (skipped, with a note, when no
 /// font is available for the labels).
 fn plot_loss(out: &std::path::Path, stage: &str) -> Result<()> {
-    use crate::eval::report::{line_plot, series};
-    let metrics = out.join(crate::train::metrics::METRICS_FILE);
+    use crate::metrics::{line_plot, series};
+    let metrics = out.join(crate::metrics::METRICS_FILE);
     let s = vec![
         ("train", series(&metrics, stage, "loss")?),
         ("validation", series(&metrics, stage, "val_loss")?),

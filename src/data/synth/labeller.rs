@@ -227,7 +227,7 @@ pub fn ranking(task: &Task, ctx: &Ctx, rng: &mut Rng) -> Ranking {
 mod tests {
     use super::*;
     use crate::data::synth::skills::{Bucket, Skill};
-    use crate::eval::verify::{is_correct, normalise};
+    use crate::data::synth::verify::{is_correct, normalise};
 
     #[test]
     fn policy_prefers_correct_then_polite() {

@@ -9,6 +9,7 @@
 mod corpus;
 mod labeller;
 mod skills;
+pub mod verify;
 mod world;
 
 use std::collections::{BTreeMap, HashSet};
@@ -19,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::chat::Role;
-use crate::eval::verify::Task as PromptRecord;
+use crate::data::synth::verify::Task as PromptRecord;
 pub use skills::Skill;
 use skills::{Bucket, Ctx, Task};
 

@@ -366,7 +366,7 @@ impl Ctx {
                     }
                 },
             };
-            if !crate::eval::verify::is_correct(&task.answer, task.skill.name(), &candidate) {
+            if !crate::data::synth::verify::is_correct(&task.answer, task.skill.name(), &candidate) {
                 return candidate;
             }
         }
@@ -493,7 +493,7 @@ fn drop_letter(s: &str, rng: &mut Rng) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::verify::is_correct;
+    use crate::data::synth::verify::is_correct;
 
     #[test]
     fn near_misses_are_wrong_and_references_right() {
