@@ -303,7 +303,7 @@ impl<'c> Chain<'c> {
         train_cfg(out, steps, lr, self.cfg.seed, resume, self.cfg.progress)
     }
 
-    /// 1. The default world: corpus, demonstrations, preferences, prompt files.
+    /// Stage 1: the default world: corpus, demonstrations, preferences, prompt files.
     fn synth(&self) -> Result<Done> {
         let (p, seed) = (self.p(), self.cfg.seed);
         let dir = self.cfg.out.join("world");
@@ -319,7 +319,7 @@ impl<'c> Chain<'c> {
         Ok(Done { dir, key })
     }
 
-    /// 2. A byte-level BPE trained on the world's pretraining text.
+    /// Stage 2: a byte-level BPE trained on the world's pretraining text.
     fn tokenizer(&self, world: &Done) -> Result<Done> {
         let p = self.p();
         let dir = self.cfg.out.join("tokenizer");
@@ -338,7 +338,7 @@ impl<'c> Chain<'c> {
         Ok(Done { dir, key })
     }
 
-    /// 3. The pretraining text as train/validation token shards.
+    /// Stage 3: the pretraining text as train/validation token shards.
     fn data(&self, world: &Done, tokenizer: &Done) -> Result<Done> {
         let dir = self.cfg.out.join("data");
         let key = key_of(&json!(["data", tokenizer.key]));
@@ -356,7 +356,7 @@ impl<'c> Chain<'c> {
         Ok(Done { dir, key })
     }
 
-    /// 4. The base model, by next-token prediction.
+    /// Stage 4: the base model, by next-token prediction.
     fn pretrain(&self, data: &Done) -> Result<Done> {
         let p = self.p();
         let dir = self.cfg.out.join("pretrain");
@@ -387,7 +387,7 @@ impl<'c> Chain<'c> {
         Ok(Done { dir, key })
     }
 
-    /// 5. The chat model, fine-tuned on the world's demonstrations.
+    /// Stage 5: the chat model, fine-tuned on the world's demonstrations.
     fn sft(&self, world: &Done, base: &Done) -> Result<Done> {
         let p = self.p();
         let dir = self.cfg.out.join("sft");
@@ -407,7 +407,7 @@ impl<'c> Chain<'c> {
         Ok(Done { dir, key })
     }
 
-    /// 6. The SFT model answers the labeller's prompts several times (greedy, then sampled) and the
+    /// Stage 6: the SFT model answers the labeller's prompts several times (greedy, then sampled) and the
     /// simulated labeller ranks the answers: comparisons of the policy's own outputs, as InstructGPT
     /// collected them. The result is the rankings file.
     fn label(&self, world: &Done, sft: &Done) -> Result<Done> {
@@ -437,7 +437,7 @@ impl<'c> Chain<'c> {
         Ok(Done { dir: rankings, key })
     }
 
-    /// 7. The reward model, from the SFT model, on the world's pairs and rankings and the labelled
+    /// Stage 7: the reward model, from the SFT model, on the world's pairs and rankings and the labelled
     /// comparisons.
     fn reward(&self, world: &Done, sft: &Done, rankings: &Done) -> Result<Done> {
         let p = self.p();
@@ -468,7 +468,7 @@ impl<'c> Chain<'c> {
         Ok(Done { dir, key })
     }
 
-    /// 8 and 9. PPO from the SFT model, driven by the reward model `rm` (the RLHF stage) or, without
+    /// Stages 8 and 9: pPO from the SFT model, driven by the reward model `rm` (the RLHF stage) or, without
     /// one, by the world's verifier, at the settings `pp`.
     fn ppo(&self, n: usize, name: &str, world: &Done, sft: &Done, rm: Option<&Done>, pp: &PpoPreset) -> Result<Done> {
         let p = self.p();
@@ -520,7 +520,7 @@ impl<'c> Chain<'c> {
         Ok(Done { dir, key })
     }
 
-    /// 10. DPO, the lighter alternative to PPO: the same SFT model learns from the labeller's rankings
+    /// Stage 10: dPO, the lighter alternative to PPO: the same SFT model learns from the labeller's rankings
     /// of its own answers directly, with no reward model and no sampling. Evaluated beside PPO.
     fn dpo(&self, sft: &Done, rankings: &Done) -> Result<Done> {
         let p = self.p();
@@ -550,7 +550,7 @@ impl<'c> Chain<'c> {
         Ok(Done { dir, key })
     }
 
-    /// 11. Every model on the held-out prompts (`eval.json`).
+    /// Stage 11: every model on the held-out prompts (`eval.json`).
     fn evaluate(&self, world: &Done) -> Result<EvalSummary> {
         let start = Instant::now();
         let eval = evaluate_run(&self.cfg.out, &world.dir, self.cfg.seed, self.p().max_new_tokens)?;

@@ -76,13 +76,19 @@ fn modules_import_only_from_the_layers_below_them() {
             }
         }
     }
-    assert!(checked > 40, "only {checked} source files found under {}", src.display());
+    assert!(
+        checked > 40,
+        "only {checked} source files found under {}",
+        src.display()
+    );
     assert!(wrong.is_empty(), "imports against the layering:\n{}", wrong.join("\n"));
 }
 
 #[test]
 fn the_checker_sees_an_upward_import() {
-    let refs = references("use crate::engine::Chatbot;\nfn f() { crate::model::x(); }\n#[cfg(test)]\nmod tests { use crate::serve; }");
+    let refs = references(
+        "use crate::engine::Chatbot;\nfn f() { crate::model::x(); }\n#[cfg(test)]\nmod tests { use crate::serve; }",
+    );
     assert_eq!(refs, BTreeSet::from(["engine".to_string(), "model".to_string()]));
     assert!(rank("engine") > rank("model"));
 }

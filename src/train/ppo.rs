@@ -572,7 +572,7 @@ impl<'c> Ppo<'c> {
         })
     }
 
-    /// 1. The next prompts, each answered `samples_per_prompt` times by the batched engine, with
+    /// Step 1: the next prompts, each answered `samples_per_prompt` times by the batched engine, with
     /// the log-probability of every sampled token (the old policy's) and its entropy.
     fn rollouts(&mut self) -> Result<StepBatch> {
         let cfg = self.cfg;
@@ -662,7 +662,7 @@ impl<'c> Ppo<'c> {
         })
     }
 
-    /// 2. Each answer's score by the reward model or the verifier, into the running reward
+    /// Step 2: each answer's score by the reward model or the verifier, into the running reward
     /// statistics.
     fn score(&mut self, b: &mut StepBatch) -> Result<()> {
         let t = Instant::now();
@@ -691,7 +691,7 @@ impl<'c> Ppo<'c> {
         Ok(())
     }
 
-    /// 3. The reference model's log-probabilities and the critic's values at every answer token,
+    /// Step 3: the reference model's log-probabilities and the critic's values at every answer token,
     /// a prompt's answers together.
     fn reference_and_values(&self, b: &mut StepBatch) -> Result<()> {
         let t = Instant::now();
@@ -715,7 +715,7 @@ impl<'c> Ppo<'c> {
         Ok(())
     }
 
-    /// 4. Per-token rewards (the KL penalty to the reference on every token, the normalised score,
+    /// Step 4: per-token rewards (the KL penalty to the reference on every token, the normalised score,
     /// centred on its prompt's answers with `prompt_baseline`, on the last), GAE advantages and
     /// returns, and the advantages whitened over the whole step.
     fn advantages(&self, b: &mut StepBatch) {
@@ -760,7 +760,7 @@ impl<'c> Ppo<'c> {
         b.mean_kl = kl_sum / b.rollouts.len() as f64;
     }
 
-    /// 5. PPO epochs over shuffled minibatches: for each, one AdamW step of the actor on the
+    /// Step 5: pPO epochs over shuffled minibatches: for each, one AdamW step of the actor on the
     /// clipped policy loss (plus PPO-ptx) and one of the critic on the clipped value loss, their
     /// gradients accumulated over chunks of whole prompts.
     fn update(&mut self, b: &StepBatch) -> Result<UpdateStats> {

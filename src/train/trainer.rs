@@ -413,11 +413,11 @@ impl<'c> Run<'c> {
     }
 
     fn eval_due(&self) -> bool {
-        self.step % self.cfg.eval_every == 0 || self.done()
+        self.step.is_multiple_of(self.cfg.eval_every) || self.done()
     }
 
     fn save_due(&self) -> bool {
-        self.step % self.cfg.save_every == 0 && !self.done()
+        self.step.is_multiple_of(self.cfg.save_every) && !self.done()
     }
 
     /// The objective's held-out evaluation, printed and logged.
