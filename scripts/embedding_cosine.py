@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Mean pairwise cosine similarity of the token embeddings of the ten digits and of the 26 lower-case
-letters in a Talaria checkpoint: the measurement behind BENCHMARKS.md "collapsed digit embeddings".
+letters in a Talaria checkpoint: the measurement behind "Digit names in the pretraining corpus" in
+docs/tuning-history.md.
 
 Usage: python3 scripts/embedding_cosine.py CHECKPOINT_DIR [CHECKPOINT_DIR...]
 Needs numpy. Reads CHECKPOINT_DIR/model.safetensors and CHECKPOINT_DIR/tokenizer.json.

@@ -1,14 +1,16 @@
 //! `talaria speedrun`: the whole recipe end to end on the built-in default world — synth →
 //! tokenizer → data prepare → pretrain → SFT → label → reward model → PPO (on the reward model, then on the
-//! verifier) → DPO → eval → report —
+//! gold labeller) → [label → reward model → PPO again, per extra RLHF round] → DPO → eval → report —
 //! one line per stage. A finished stage is reused when its inputs and settings are unchanged (its key, a hash
 //! of both, is stored beside it), and an interrupted training stage resumes from its checkpoint.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -48,9 +50,9 @@ pub struct SpeedrunPreset {
     pub reward_lr: f64,
     /// PPO driven by the reward model: the RLHF stage, whose policy the run ends with.
     pub ppo: PpoPreset,
-    /// PPO driven by the default world's verifier (the true reward), at settings tuned for it: the gap
+    /// PPO driven by the default world's gold labeller (the true reward), at settings tuned for it: the gap
     /// between the two runs is what the reward model leaves on the table.
-    pub ppo_verifier: PpoPreset,
+    pub ppo_gold: PpoPreset,
     /// DPO on the labeller's rankings of the SFT model's answers (the stage after PPO).
     pub dpo_steps: u64,
     pub dpo_lr: f64,
@@ -92,7 +94,7 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
         "cpu" => Ok(SpeedrunPreset {
             name: "cpu",
             synth_scale: 1.0,
-            // Nearly character-level: reversing and spelling need to see letters (DESIGN.md section 10).
+            // Nearly character-level: reversing and spelling need to see letters (docs/default-world.md).
             vocab_size: 300,
             model: "cpu",
             seq_len: 128,
@@ -106,7 +108,7 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             reward_steps: 500,
             reward_batch: 16,
             reward_lr: 5e-4,
-            // Measured on this world (BENCHMARKS.md): driven by the reward model, greedy accuracy peaks after
+            // Measured on this world (docs/tuning-history.md): driven by the reward model, greedy accuracy peaks after
             // about 20 steps at lr 1e-5 (KL ~0.2 per answer) and then falls as the policy exploits the reward
             // model's preference for short answers; rollouts at temperature 1 are mostly worse than the greedy
             // answer, so they sample at 0.7.
@@ -120,9 +122,9 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
                 temperature: 0.7,
             },
             // The true reward cannot be exploited, so it takes a larger learning rate, a weaker KL penalty, two
-            // epochs per batch and twice the steps (its best held-out evaluation in BENCHMARKS.md was the last,
+            // epochs per batch and twice the steps (its best held-out evaluation in docs/tuning-history.md was the last,
             // at step 40).
-            ppo_verifier: PpoPreset {
+            ppo_gold: PpoPreset {
                 steps: 40,
                 prompts: 16,
                 samples: 8,
@@ -154,7 +156,7 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             reward_batch: 8,
             reward_lr: 5e-4,
             ppo: TINY_PPO,
-            ppo_verifier: TINY_PPO,
+            ppo_gold: TINY_PPO,
             dpo_steps: 10,
             dpo_lr: 5e-5,
             dpo_beta: 0.1,
@@ -171,6 +173,9 @@ pub struct SpeedrunConfig {
     pub preset: SpeedrunPreset,
     pub out: PathBuf,
     pub seed: u64,
+    /// RLHF rounds: from the second on, the labeller ranks the last PPO policy's samples, the reward model
+    /// trains further on them and PPO continues from that policy (InstructGPT's iterated collection).
+    pub rl_rounds: usize,
     pub progress: bool,
 }
 
@@ -188,20 +193,47 @@ fn key_of(parts: &Value) -> String {
     digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Stages in a run: synth, tokenizer, data, pretrain, SFT, label, reward, PPO, PPO on the verifier, DPO, eval,
-/// report.
-const STAGES: usize = 12;
+/// Stages in a run: synth, tokenizer, data, pretrain, SFT, label, reward, PPO, PPO on the gold labeller, then
+/// label, reward and PPO again for each further RLHF round, DPO, eval, report.
+pub fn stages(rl_rounds: usize) -> usize {
+    12 + 3 * rl_rounds.saturating_sub(1)
+}
+
 const KEY_FILE: &str = ".stage-key";
 
+/// A hex digest of a file's bytes, read in blocks.
+fn file_digest(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect())
+}
+
 /// Runs a stage unless a finished one with the same key exists. A partial run with the same
-/// key is resumed (`f` gets `resume = true`); a stale one is removed first.
-fn stage(n: usize, name: &str, dir: &Path, key: &str, f: impl FnOnce(bool) -> Result<Value>) -> Result<(Value, f64)> {
+/// key is resumed (`f` gets `resume = true`); a stale one is removed first. `at` is the stage's position
+/// out of `total`.
+fn stage(
+    (n, total): (usize, usize),
+    name: &str,
+    dir: &Path,
+    key: &str,
+    f: impl FnOnce(bool) -> Result<Value>,
+) -> Result<(Value, f64)> {
     let done = dir.join(DONE_FILE);
     if let Ok(text) = std::fs::read_to_string(&done)
         && let Ok(v) = serde_json::from_str::<Value>(&text)
         && v["key"] == key
     {
-        println!("[{n}/{STAGES}] {name:<12} reused ({})", dir.display());
+        println!("[{n}/{total}] {name:<12} reused ({})", dir.display());
         return Ok((v["summary"].clone(), v["wall_s"].as_f64().unwrap_or(0.0)));
     }
     let pending = std::fs::read_to_string(dir.join(KEY_FILE)).ok();
@@ -219,7 +251,7 @@ fn stage(n: usize, name: &str, dir: &Path, key: &str, f: impl FnOnce(bool) -> Re
         serde_json::to_string_pretty(&json!({"key": key, "wall_s": wall, "summary": summary}))?,
     )?;
     println!(
-        "[{n}/{STAGES}] {name:<12} done in {wall:.0}s{}",
+        "[{n}/{total}] {name:<12} done in {wall:.0}s{}",
         if resume { " (resumed)" } else { "" }
     );
     Ok((summary, wall))
@@ -248,21 +280,39 @@ fn train_cfg(out: &Path, steps: u64, lr: f64, seed: u64, resume: bool, progress:
 /// Runs the whole recipe, one stage after the other; each stage's inputs are the outputs (and
 /// keys) of the stages before it.
 pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
+    ensure!(cfg.rl_rounds >= 1, "--rl-rounds must be at least 1");
     let started = Instant::now();
+    let p = &cfg.preset;
     let run = Chain::start(cfg)?;
     let world = run.synth()?;
     let tokenizer = run.tokenizer(&world)?;
     let data = run.data(&world, &tokenizer)?;
     let base = run.pretrain(&data)?;
     let sft = run.sft(&world, &base)?;
-    let rankings = run.label(&world, &sft)?;
-    let rm = run.reward(&world, &sft, &rankings)?;
-    let ppo = run.ppo(8, "ppo", &world, &sft, Some(&rm), &cfg.preset.ppo)?;
-    run.ppo(9, "ppo-verifier", &world, &sft, None, &cfg.preset.ppo_verifier)?;
+    let rankings = run.label("label", &world, &sft)?;
+    let rm = run.reward("reward", &world, &sft, &[&rankings], p.reward_steps)?;
+    let mut ppo = run.ppo("ppo", &world, &sft, &sft, Some(&rm), None, &p.ppo)?;
+    run.ppo("ppo-gold", &world, &sft, &sft, None, Some(&rm), &p.ppo_gold)?;
+    let (mut rm, mut all_rankings) = (rm, vec![rankings.clone()]);
+    for round in 2..=cfg.rl_rounds {
+        let ranked = run.label(&format!("label-round{round}"), &world, &ppo)?;
+        all_rankings.push(ranked);
+        let refs: Vec<&Done> = all_rankings.iter().collect();
+        rm = run.reward(&format!("reward-round{round}"), &world, &rm, &refs, p.reward_steps / 2)?;
+        ppo = run.ppo(
+            &format!("ppo-round{round}"),
+            &world,
+            &ppo,
+            &sft,
+            Some(&rm),
+            None,
+            &p.ppo,
+        )?;
+    }
     run.dpo(&sft, &rankings)?;
     let eval = run.evaluate(&world)?;
     let report = write_report(&cfg.out)?;
-    println!("[12/{STAGES}] report       {}", report.display());
+    println!("[{0}/{0}] report       {1}", run.total, report.display());
     let wall = started.elapsed();
     print_summary(&eval, wall);
     Ok(SpeedrunOutcome {
@@ -274,6 +324,7 @@ pub fn speedrun(cfg: &SpeedrunConfig) -> Result<SpeedrunOutcome> {
 }
 
 /// A finished stage: its directory and its key (a hash of its settings and of its inputs' keys).
+#[derive(Clone)]
 struct Done {
     dir: PathBuf,
     key: String,
@@ -282,6 +333,9 @@ struct Done {
 /// The speedrun's settings, and one method per stage.
 struct Chain<'c> {
     cfg: &'c SpeedrunConfig,
+    /// Stages started so far, and in all.
+    at: Cell<usize>,
+    total: usize,
 }
 
 impl<'c> Chain<'c> {
@@ -292,7 +346,17 @@ impl<'c> Chain<'c> {
         let settings = serde_json::to_string_pretty(&json!({"seed": cfg.seed, "preset": cfg.preset}))?;
         let path = out.join(SETTINGS_FILE);
         std::fs::write(&path, settings).with_context(|| format!("writing {}", path.display()))?;
-        Ok(Self { cfg })
+        Ok(Self {
+            cfg,
+            at: Cell::new(0),
+            total: stages(cfg.rl_rounds),
+        })
+    }
+
+    /// The next stage's position: (its number, the number of stages).
+    fn next(&self) -> (usize, usize) {
+        self.at.set(self.at.get() + 1);
+        (self.at.get(), self.total)
     }
 
     fn p(&self) -> &SpeedrunPreset {
@@ -308,7 +372,7 @@ impl<'c> Chain<'c> {
         let (p, seed) = (self.p(), self.cfg.seed);
         let dir = self.cfg.out.join("world");
         let key = key_of(&json!(["synth", seed, p.synth_scale, synth::GENERATOR_VERSION]));
-        stage(1, "synth", &dir, &key, |_| {
+        stage(self.next(), "synth", &dir, &key, |_| {
             let s = synth::generate(&SynthConfig {
                 out: dir.clone(),
                 seed,
@@ -319,12 +383,14 @@ impl<'c> Chain<'c> {
         Ok(Done { dir, key })
     }
 
-    /// Stage 2: a byte-level BPE trained on the world's pretraining text.
+    /// Stage 2: a byte-level BPE trained on the world's pretraining text. Its key is the text's digest, so
+    /// the tokenizer, data and base model survive a change of the world that leaves the corpus alone.
     fn tokenizer(&self, world: &Done) -> Result<Done> {
         let p = self.p();
         let dir = self.cfg.out.join("tokenizer");
-        let key = key_of(&json!(["tokenizer", world.key, p.vocab_size]));
-        stage(2, "tokenizer", &dir, &key, |_| {
+        let corpus = file_digest(&world.dir.join("pretrain.txt"))?;
+        let key = key_of(&json!(["tokenizer", corpus, p.vocab_size]));
+        stage(self.next(), "tokenizer", &dir, &key, |_| {
             let tcfg = tokenizer::TrainConfig {
                 vocab_size: p.vocab_size,
                 min_frequency: 2,
@@ -342,7 +408,7 @@ impl<'c> Chain<'c> {
     fn data(&self, world: &Done, tokenizer: &Done) -> Result<Done> {
         let dir = self.cfg.out.join("data");
         let key = key_of(&json!(["data", tokenizer.key]));
-        stage(3, "data", &dir, &key, |_| {
+        stage(self.next(), "data", &dir, &key, |_| {
             let mut pc = PrepareConfig::new(
                 vec![world.dir.join("pretrain.txt")],
                 tokenizer.dir.join("tokenizer.json"),
@@ -370,7 +436,7 @@ impl<'c> Chain<'c> {
             p.pretrain_lr,
             self.cfg.seed
         ]));
-        stage(4, "pretrain", &dir, &key, |resume| {
+        stage(self.next(), "pretrain", &dir, &key, |resume| {
             let o = pretrain::pretrain(&PretrainConfig {
                 data: data.dir.clone(),
                 model: p.model.into(),
@@ -391,8 +457,8 @@ impl<'c> Chain<'c> {
     fn sft(&self, world: &Done, base: &Done) -> Result<Done> {
         let p = self.p();
         let dir = self.cfg.out.join("sft");
-        let key = key_of(&json!(["sft", base.key, p.sft_steps, p.sft_batch, p.sft_lr]));
-        stage(5, "sft", &dir, &key, |resume| {
+        let key = key_of(&json!(["sft", world.key, base.key, p.sft_steps, p.sft_batch, p.sft_lr]));
+        stage(self.next(), "sft", &dir, &key, |resume| {
             let o = sft::sft(&SftConfig {
                 init: base.dir.clone(),
                 data: vec![world.dir.join("sft_train.jsonl")],
@@ -407,23 +473,24 @@ impl<'c> Chain<'c> {
         Ok(Done { dir, key })
     }
 
-    /// Stage 6: the SFT model answers the labeller's prompts several times (greedy, then sampled) and the
-    /// simulated labeller ranks the answers: comparisons of the policy's own outputs, as InstructGPT
-    /// collected them. The result is the rankings file.
-    fn label(&self, world: &Done, sft: &Done) -> Result<Done> {
+    /// The policy (SFT, or the last PPO policy in a later round) answers the labeller's prompts several times
+    /// (greedy, then sampled) and the gold labeller ranks the answers: comparisons of the policy's own
+    /// outputs, as InstructGPT collected them. The result is the rankings file.
+    fn label(&self, name: &str, world: &Done, policy: &Done) -> Result<Done> {
         let p = self.p();
-        let dir = self.cfg.out.join("label");
+        let dir = self.cfg.out.join(name.replace('-', "_"));
         let rankings = dir.join("rankings.jsonl");
         let key = key_of(&json!([
-            "label-greedy-first",
-            sft.key,
+            "label-gold",
+            world.key,
+            policy.key,
             p.label_samples,
             p.max_new_tokens,
             self.cfg.seed
         ]));
-        stage(6, "label", &dir, &key, |_| {
+        stage(self.next(), name, &dir, &key, |_| {
             let s = comparisons::label(&LabelConfig {
-                policy: sft.dir.clone(),
+                policy: policy.dir.clone(),
                 prompts: world.dir.join("label_prompts.jsonl"),
                 out: rankings.clone(),
                 samples: p.label_samples,
@@ -437,53 +504,71 @@ impl<'c> Chain<'c> {
         Ok(Done { dir: rankings, key })
     }
 
-    /// Stage 7: the reward model, from the SFT model, on the world's pairs and rankings and the labelled
-    /// comparisons.
-    fn reward(&self, world: &Done, sft: &Done, rankings: &Done) -> Result<Done> {
+    /// The reward model, from `init` (the SFT model, or the last reward model in a later round), on the
+    /// world's pairs and rankings and every round's labelled comparisons so far.
+    fn reward(&self, name: &str, world: &Done, init: &Done, rankings: &[&Done], steps: u64) -> Result<Done> {
         let p = self.p();
-        let dir = self.cfg.out.join("reward");
-        let key = key_of(&json!([
-            "reward",
-            sft.key,
-            rankings.key,
-            p.reward_steps,
-            p.reward_batch,
-            p.reward_lr
-        ]));
-        stage(7, "reward", &dir, &key, |resume| {
+        let dir = self.cfg.out.join(name.replace('-', "_"));
+        let ranked: Vec<&str> = rankings.iter().map(|r| r.key.as_str()).collect();
+        let key = key_of(&json!(["reward", init.key, ranked, steps, p.reward_batch, p.reward_lr]));
+        stage(self.next(), name, &dir, &key, |resume| {
+            let mut data = vec![
+                world.dir.join("prefs_train.jsonl"),
+                world.dir.join("rankings_train.jsonl"),
+            ];
+            data.extend(rankings.iter().map(|r| r.dir.clone()));
             let o = reward::train_reward_model(&RewardConfig {
-                init: sft.dir.clone(),
-                data: vec![
-                    world.dir.join("prefs_train.jsonl"),
-                    world.dir.join("rankings_train.jsonl"),
-                    rankings.dir.clone(),
-                ],
+                init: init.dir.clone(),
+                data,
                 val_data: vec![world.dir.join("prefs_val.jsonl")],
                 val_fraction: 0.0,
                 batch_size: p.reward_batch,
-                train: self.train_cfg(&dir, p.reward_steps, p.reward_lr, resume),
+                train: self.train_cfg(&dir, steps, p.reward_lr, resume),
             })?;
             Ok(json!({"steps": o.steps, "last_eval": o.last_eval}))
         })?;
         Ok(Done { dir, key })
     }
 
-    /// Stages 8 and 9: pPO from the SFT model, driven by the reward model `rm` (the RLHF stage) or, without
-    /// one, by the world's verifier, at the settings `pp`.
-    fn ppo(&self, n: usize, name: &str, world: &Done, sft: &Done, rm: Option<&Done>, pp: &PpoPreset) -> Result<Done> {
+    /// PPO from `policy` with a KL penalty to `reference` (the SFT model), driven by the reward model `rm`
+    /// (the RLHF stage) or, without one, by the gold labeller, at the settings `pp`. Held-out prompts are
+    /// probed along the way for Gao et al.'s picture: the gold score and the reward model's (`rm`, or
+    /// `monitor` when the gold labeller drives) against the exact KL to the reference.
+    #[allow(clippy::too_many_arguments)]
+    fn ppo(
+        &self,
+        name: &str,
+        world: &Done,
+        policy: &Done,
+        reference: &Done,
+        rm: Option<&Done>,
+        monitor: Option<&Done>,
+        pp: &PpoPreset,
+    ) -> Result<Done> {
         let p = self.p();
         let dir = self.cfg.out.join(name.replace('-', "_"));
         let (reward, k_reward) = match rm {
             Some(rm) => (RewardSpec::Model(rm.dir.clone()), rm.key.as_str()),
-            None => (RewardSpec::Verifier, "verifier"),
+            None => (RewardSpec::Gold, "gold"),
         };
-        let key = key_of(&json!(["ppo", sft.key, k_reward, pp, p.max_new_tokens]));
-        stage(n, name, &dir, &key, |resume| {
+        let key = key_of(&json!([
+            "ppo",
+            world.key,
+            policy.key,
+            reference.key,
+            k_reward,
+            monitor.map(|m| &m.key),
+            pp,
+            p.max_new_tokens
+        ]));
+        stage(self.next(), name, &dir, &key, |resume| {
             let o = ppo::ppo(&PpoConfig {
-                policy: sft.dir.clone(),
+                policy: policy.dir.clone(),
+                reference: (policy.key != reference.key).then(|| reference.dir.clone()),
                 reward,
+                monitor: monitor.map(|m| m.dir.clone()),
                 prompts: world.dir.join("rl_prompts.jsonl"),
-                eval_prompts: None,
+                eval_prompts: Some(world.dir.join("eval_prompts.jsonl")),
                 out: dir.clone(),
                 steps: pp.steps,
                 prompts_per_step: pp.prompts,
@@ -509,7 +594,7 @@ impl<'c> Chain<'c> {
                 ptx_coef: 0.0,
                 grad_clip: 1.0,
                 seed: self.cfg.seed,
-                eval_every: pp.steps.max(1),
+                eval_every: (pp.steps / 5).max(1),
                 save_every: (pp.steps / 4).max(1),
                 resume,
                 stop_at: None,
@@ -520,7 +605,7 @@ impl<'c> Chain<'c> {
         Ok(Done { dir, key })
     }
 
-    /// Stage 10: dPO, the lighter alternative to PPO: the same SFT model learns from the labeller's rankings
+    /// DPO, the lighter alternative to PPO: the same SFT model learns from the labeller's rankings
     /// of its own answers directly, with no reward model and no sampling. Evaluated beside PPO.
     fn dpo(&self, sft: &Done, rankings: &Done) -> Result<Done> {
         let p = self.p();
@@ -534,7 +619,7 @@ impl<'c> Chain<'c> {
             p.dpo_beta,
             p.dpo_nll_coef
         ]));
-        stage(10, "dpo", &dir, &key, |resume| {
+        stage(self.next(), "dpo", &dir, &key, |resume| {
             let o = dpo::dpo(&DpoConfig {
                 policy: sft.dir.clone(),
                 data: vec![rankings.dir.clone()],
@@ -550,12 +635,13 @@ impl<'c> Chain<'c> {
         Ok(Done { dir, key })
     }
 
-    /// Stage 11: every model on the held-out prompts (`eval.json`).
+    /// Every model on the held-out sets (`eval.json`).
     fn evaluate(&self, world: &Done) -> Result<EvalSummary> {
         let start = Instant::now();
+        let (n, total) = self.next();
         let eval = evaluate_run(&self.cfg.out, &world.dir, self.cfg.seed, self.p().max_new_tokens)?;
         println!(
-            "[11/{STAGES}] eval         done in {:.0}s",
+            "[{n}/{total}] eval         done in {:.0}s",
             start.elapsed().as_secs_f64()
         );
         Ok(eval)
@@ -565,15 +651,24 @@ impl<'c> Chain<'c> {
 fn print_summary(eval: &EvalSummary, wall: Duration) {
     let by_name: BTreeMap<&str, &StageEval> = eval.stages.iter().map(|s| (s.name.as_str(), s)).collect();
     let acc = |n: &str| pct(by_name.get(n).map(|s| s.macro_accuracy));
+    let gold = |n: &str| {
+        by_name
+            .get(n)
+            .and_then(|s| s.behaviour.as_ref())
+            .map_or("–".into(), |b| format!("{:.2}", b.seen.gold))
+    };
     println!(
-        "held-out accuracy: base {} -> sft {} -> ppo {} (ppo on the verifier {}, dpo {}); reward model accuracy {} on held-out pairs, {} on SFT's own mistakes; total {:.1} min",
+        "held-out strict accuracy: base {} -> sft {} -> ppo {} (ppo on the gold labeller {}, dpo {}); mean gold score sft {} -> ppo {} (gold-driven {}); reward model accuracy {} on held-out pairs, {} on SFT's answers differing in behaviour; total {:.1} min",
         acc("base"),
         acc("sft"),
         acc("ppo"),
-        acc("ppo_verifier"),
+        acc("ppo_gold"),
         acc("dpo"),
+        gold("sft"),
+        gold("ppo"),
+        gold("ppo_gold"),
         pct(eval.reward_accuracy),
-        pct(eval.reward_on_sft_mistakes),
+        pct(eval.reward_on_policy_behaviour),
         wall.as_secs_f64() / 60.0
     );
 }

@@ -268,7 +268,9 @@ fn the_reward_model_learns_the_labeller_and_flags_length_bias() {
 fn ppo_cfg(f: &Fixture, out: &Path, reward: RewardSpec, steps: u64) -> PpoConfig {
     PpoConfig {
         policy: f.sft.clone(),
+        reference: None,
         reward,
+        monitor: None,
         prompts: f.world.join("rl_prompts.jsonl"),
         eval_prompts: Some(f.world.join("eval_prompts.jsonl")),
         out: out.to_path_buf(),
@@ -326,7 +328,8 @@ fn ppo_logs_every_quantity_and_resumes_exactly() {
         assert_eq!(v.len(), 4, "{key}");
         assert!(v.iter().all(|x| x.is_finite()), "{key}: {v:?}");
     }
-    assert_eq!(metric(&whole, "ppo", "eval_accuracy").len(), 1);
+    // Probed before the first update and at the end.
+    assert_eq!(metric(&whole, "ppo", "eval_accuracy").len(), 2);
     assert!(
         metric(&whole, "ppo", "kl").iter().all(|k| k.abs() < 5.0),
         "KL must stay bounded"
@@ -361,6 +364,24 @@ fn ppo_with_the_verifier_and_clear_errors() {
         r.iter().all(|x| (0.0..=1.0).contains(x)),
         "verifier rewards are 0 or 1 on average: {r:?}"
     );
+
+    // The gold labeller drives while the reward model only watches; the exact KL starts at zero when the
+    // reference is the starting policy, and above zero from a policy that has moved away from it.
+    let gold = tmp.path().join("gold");
+    let mut c = ppo_cfg(f, &gold, RewardSpec::Gold, 2);
+    c.monitor = Some(f.reward.clone());
+    ppo(&c).unwrap();
+    assert!(metric(&gold, "ppo", "reward").iter().all(|x| x.is_finite()));
+    let (rm, kl) = (metric(&gold, "ppo", "eval_rm"), metric(&gold, "ppo", "eval_kl"));
+    assert_eq!((rm.len(), kl.len(), metric(&gold, "ppo", "eval_gold").len()), (2, 2, 2));
+    assert!(kl[0].abs() < 1e-6 && kl[1] > 0.0, "{kl:?}");
+    let moved = tmp.path().join("moved");
+    let mut c = ppo_cfg(f, &moved, RewardSpec::Gold, 1);
+    c.policy = run.clone();
+    c.reference = Some(f.sft.clone());
+    ppo(&c).unwrap();
+    let kl = metric(&moved, "ppo", "eval_kl");
+    assert!(kl[0] > 1e-4, "a moved policy is away from its reference: {kl:?}");
 
     // A reward model with another tokenizer.
     let other = tmp.path().join("other_rm");
@@ -401,7 +422,7 @@ fn ppo_with_the_verifier_and_clear_errors() {
     std::fs::write(&plain, "\"Tell me a story.\"\n").unwrap();
     let mut c = ppo_cfg(f, &tmp.path().join("y"), RewardSpec::Verifier, 1);
     c.prompts = plain;
-    assert!(format!("{:#}", ppo(&c).unwrap_err()).contains("needs prompts with"));
+    assert!(format!("{:#}", ppo(&c).unwrap_err()).contains("need prompts with"));
     let mut c = ppo_cfg(f, &tmp.path().join("z"), RewardSpec::Verifier, 1);
     c.temperature = 0.0;
     assert!(format!("{:#}", ppo(&c).unwrap_err()).contains("--temperature must be positive"));
@@ -427,8 +448,12 @@ fn dpo_learns_the_preferences() {
     .unwrap();
     let acc = metric(&run, "dpo", "accuracy");
     let margin = metric(&run, "dpo", "margin");
+    let val = metric(&run, "dpo", "val_loss");
     assert_eq!(acc.len(), 2);
-    assert!(acc[1] > 0.6, "held-out implicit-reward accuracy {acc:?}");
+    // Before the first step the policy is its reference and every pair's loss is ln 2 = 0.693; the
+    // tiny model learns the pairs that differ in form (padding, repetition), not all that differ in content.
+    assert!(val[1] < 0.6 && val[1] < val[0], "held-out DPO loss {val:?}");
+    assert!(acc[1] > 0.5, "held-out implicit-reward accuracy {acc:?}");
     assert!(margin[1] > 0.0, "{margin:?}");
     // Every parameter moved away from the reference (gradients reached them all).
     let a = talaria::checkpoint::Checkpoint::load(&run, DType::F32, &Device::Cpu).unwrap();
@@ -455,36 +480,58 @@ fn the_labeller_ranks_the_policys_own_answers() {
         progress: false,
     };
     let s = label(&cfg).unwrap();
-    assert_eq!(s.prompts, 56);
+    let prompts = talaria::data::prompts::read_prompts(&f.world.join("label_prompts.jsonl")).unwrap();
+    assert_eq!(s.prompts, prompts.len());
     assert_eq!(s.rankings + s.no_signal, s.prompts);
     assert!(s.rankings > 0 && (0.0..=1.0).contains(&s.sample_accuracy), "{s:?}");
-    // The first answer is the greedy one: its accuracy is what evaluation measures on the same prompts.
+    // The first answer is the greedy one: its content accuracy, as the gold labeller reads it, is what
+    // evaluation measures on the same prompts.
     let model = talaria::checkpoint::Checkpoint::load(&f.sft, DType::F32, &Device::Cpu)
         .unwrap()
         .model()
         .unwrap();
-    let prompts = talaria::data::prompts::read_prompts(&f.world.join("label_prompts.jsonl")).unwrap();
     let template = ChatTemplate::new(&f.tok).unwrap();
-    let greedy = talaria::eval::tasks::chat_accuracy(&model, &f.tok, &template, &prompts, 12).unwrap();
-    let (right, total) = greedy
-        .by_skill
-        .values()
-        .fold((0, 0), |(r, t), x| (r + x.correct, t + x.total));
-    assert_eq!(total, s.prompts);
-    assert_eq!(s.greedy_accuracy, right as f64 / total as f64, "{s:?}");
+    let convs: Vec<&[Message]> = prompts.iter().map(|p| p.messages.as_slice()).collect();
+    let greedy = talaria::engine::chat_answers(&model, &f.tok, &template, &convs, 12).unwrap();
+    let right = talaria::eval::behaviour::judgements(&prompts, &greedy)
+        .iter()
+        .filter(|j| j.content)
+        .count();
+    assert_eq!(s.greedy_accuracy, right as f64 / prompts.len() as f64, "{s:?}");
     // The file reads back as preference groups, and every ranking is strictly ordered by the labeller.
     let prefs = read_preferences(&out).unwrap();
     assert_eq!(prefs.groups.len(), s.rankings);
     assert_eq!(prefs.groups.iter().map(|g| g.pairs().len()).sum::<usize>(), s.pairs);
     let tasks = talaria::data::synth::verify::Task::load_jsonl(&f.world.join("label_prompts.jsonl")).unwrap();
-    for g in &prefs.groups {
+    // Each ranking comes with the gold labeller's scores, strictly decreasing, and each score is the
+    // judgement of its answer as text (ended, or cut off at the token limit).
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), prefs.groups.len());
+    for (g, r) in prefs.groups.iter().zip(&records) {
         let t = tasks.iter().find(|t| t.messages == g.prompt).unwrap();
-        let scores: Vec<f64> = g.ranked.iter().map(|a| t.reward(a)).collect();
-        // Equal scores are kept once, so at most one answer never ended (score -1) and it comes last; the
-        // rest, judged here as text, are in strictly decreasing order of the labeller's score.
-        assert!(scores.len() >= 2);
-        let ended = &scores[..scores.len() - 1];
-        assert!(ended.windows(2).all(|w| w[0] > w[1]), "{g:?} {scores:?}");
+        let scores: Vec<f64> = r["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(scores.len(), g.ranked.len());
+        assert!(scores.windows(2).all(|w| w[0] > w[1]), "{g:?} {scores:?}");
+        for (a, s) in g.ranked.iter().zip(&scores) {
+            let judged = |ended| talaria::data::synth::gold::judge(&t.messages, &t.answer, &t.skill, a, ended).score;
+            // (JSON reads floats back to within an ulp or so.)
+            let near = |x: f64| (x - s).abs() < 1e-9;
+            assert!(
+                near(judged(true)) || near(judged(false)),
+                "{a:?} scored {s}, judged {} or {}",
+                judged(true),
+                judged(false)
+            );
+        }
     }
     // Same seed, same file.
     let again = tmp.path().join("again.jsonl");

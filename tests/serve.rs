@@ -963,29 +963,3 @@ fn the_page_chats_and_records_a_comparison_in_headless_chromium() {
 fn which(program: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).exists()))
 }
-
-/// Sustained load for BENCHMARKS.md: 8 clients for 20 s through `scripts/serve_load.py`, with
-/// whole answers and then streamed.
-/// `TALARIA_SERVE_BENCH_PRESET` picks the model shape (default `test`).
-#[test]
-#[ignore = "a benchmark: run with --ignored --nocapture"]
-fn serving_throughput() {
-    let preset = std::env::var("TALARIA_SERVE_BENCH_PRESET").unwrap_or_else(|_| "test".into());
-    let s = Server::start_preset(&preset);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/serve_load.py");
-    println!("preset {preset}");
-    for mode in [None, Some("--stream")] {
-        let mut args = vec![
-            script,
-            &s.url,
-            "--clients",
-            "8",
-            "--seconds",
-            "20",
-            "--max-tokens",
-            "64",
-        ];
-        args.extend(mode);
-        run_checker("python3", &args).unwrap();
-    }
-}

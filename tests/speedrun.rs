@@ -43,7 +43,7 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "label",
         "reward",
         "ppo",
-        "ppo-verifier",
+        "ppo-gold",
         "dpo",
     ]
     .iter()
@@ -63,7 +63,11 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "reward/checkpoint/model.safetensors",
         "ppo/checkpoint/model.safetensors",
         "ppo/critic/model.safetensors",
-        "ppo_verifier/checkpoint/model.safetensors",
+        "ppo_gold/checkpoint/model.safetensors",
+        "world/eval_heldout_prompts.jsonl",
+        "world/eval_challenge.jsonl",
+        "world/eval_correction.jsonl",
+        "world/eval_unknown.jsonl",
         "dpo/checkpoint/model.safetensors",
         "eval.json",
         "report.md",
@@ -76,7 +80,9 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         ("sft", "sft", "val_loss"),
         ("reward", "reward", "accuracy"),
         ("ppo", "ppo", "kl"),
-        ("ppo_verifier", "ppo", "train_accuracy"),
+        ("ppo", "ppo", "eval_gold"),
+        ("ppo", "ppo", "eval_sqrt_kl"),
+        ("ppo_gold", "ppo", "eval_rm"),
         ("dpo", "dpo", "margin"),
     ] {
         let rows = read_metrics(&run.join(dir).join("metrics.jsonl"), Some(stage)).unwrap();
@@ -90,14 +96,20 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "| base |",
         "| sft |",
         "| ppo |",
-        "| ppo_verifier |",
+        "| ppo_gold |",
+        "## Behaviour",
+        "keeps a right answer after \"Are you sure?\"",
+        "invents facts about strangers",
+        "held-out phrasings: strict (macro)",
+        "### Content accuracy per skill",
+        "reward model on the SFT model's own held-out answers that differ in behaviour",
         "| dpo |",
         "reward model held-out pairwise accuracy",
         "RM agrees with verifier",
         "reward model on the SFT model's own mistakes",
         "## Settings",
         "| preset.ppo.steps | 3 |",
-        "| preset.ppo_verifier.temperature | 1.0 |",
+        "| preset.ppo_gold.temperature | 1.0 |",
         "| seed | 0 |",
     ] {
         assert!(report.contains(row), "report lacks {row}");
@@ -106,10 +118,23 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
     let stages = eval["stages"].as_array().unwrap();
     let names: Vec<&str> = stages.iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["base", "sft", "ppo", "ppo_verifier", "dpo"]);
+    assert_eq!(names, ["base", "sft", "ppo", "ppo_gold", "dpo"]);
     for s in &stages[2..4] {
         assert!(s["separated_from_sft"].is_u64(), "{s}");
         assert!(s["kl_to_sft"].as_f64().is_some_and(f64::is_finite), "{s}");
+        assert!(s["win_vs_sft_gold"].as_f64().is_some_and(f64::is_finite), "{s}");
+        let b = &s["behaviour"];
+        for key in [
+            "keeps_when_challenged",
+            "fixes_when_corrected",
+            "invents_about_strangers",
+        ] {
+            assert!(b[key].as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)), "{key}: {b}");
+        }
+        assert!(
+            b["heldout"]["strict"].is_f64() && b["sampled"]["padded"].is_f64(),
+            "{b}"
+        );
     }
     assert!(stdout.contains("talaria chat"), "the end of the run says how to chat");
 
@@ -168,11 +193,63 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         v
     };
     assert_eq!(without_timings(&eval), without_timings(&eval3));
-    for stage in ["pretrain", "sft", "reward", "ppo", "ppo_verifier", "dpo"] {
+    for stage in ["pretrain", "sft", "reward", "ppo", "ppo_gold", "dpo"] {
         let read = |d: &std::path::Path| std::fs::read(d.join(stage).join("checkpoint/model.safetensors")).unwrap();
         assert!(
             read(&run) == read(&fresh),
             "{stage} weights differ between two runs with one seed"
         );
     }
+
+    // A second RLHF round on top: the first nine stages and DPO are reused, the labeller ranks PPO's
+    // answers, the reward model trains further and PPO continues.
+    let round2 = talaria([
+        OsStr::new("speedrun"),
+        "--preset".as_ref(),
+        "tiny".as_ref(),
+        "--rl-rounds".as_ref(),
+        "2".as_ref(),
+        "--out".as_ref(),
+        run.as_os_str(),
+    ]);
+    let stdout = String::from_utf8_lossy(&round2.stdout);
+    assert!(
+        round2.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&round2.stderr)
+    );
+    for line in [
+        "[9/15] ppo-gold     reused",
+        "[10/15] label-round2",
+        "[11/15] reward-round2",
+        "[12/15] ppo-round2",
+        "[13/15] dpo          reused",
+    ] {
+        assert!(stdout.contains(line), "{line}: {stdout}");
+    }
+    assert!(
+        stdout.contains("talaria chat") && stdout.contains("ppo_round2"),
+        "{stdout}"
+    );
+    let eval4: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
+    let names: Vec<&str> = eval4["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["base", "sft", "ppo", "ppo_round2", "ppo_gold", "dpo"]);
+    let rounds = read_metrics(&run.join("reward_round2/metrics.jsonl"), Some("reward")).unwrap();
+    assert!(
+        rounds.iter().any(|r| r["accuracy"].is_f64()),
+        "the second reward model logged no accuracy"
+    );
+    let bad = talaria(["speedrun", "--preset", "tiny", "--rl-rounds", "0"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--rl-rounds"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
 }

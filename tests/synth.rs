@@ -6,10 +6,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde_json::Value;
+use talaria::data::synth::gold;
 use talaria::data::synth::verify::{Task, is_correct, normalise};
 use talaria::data::synth::{self, END_OF_TEXT, Skill, SynthConfig, SynthSummary};
 
-const FILES: [&str; 10] = [
+const FILES: [&str; 14] = [
     "pretrain.txt",
     "sft_train.jsonl",
     "sft_val.jsonl",
@@ -19,8 +20,32 @@ const FILES: [&str; 10] = [
     "rl_prompts.jsonl",
     "eval_prompts.jsonl",
     "label_prompts.jsonl",
+    "eval_heldout_prompts.jsonl",
+    "eval_challenge.jsonl",
+    "eval_correction.jsonl",
+    "eval_unknown.jsonl",
     "manifest.json",
 ];
+
+/// Files of prompts with a reference answer and a skill (`unknown`, with an empty answer, for the
+/// questions about people and towns the world does not have).
+const PROMPT_FILES: [&str; 7] = [
+    "rl_prompts.jsonl",
+    "eval_prompts.jsonl",
+    "label_prompts.jsonl",
+    "eval_heldout_prompts.jsonl",
+    "eval_challenge.jsonl",
+    "eval_correction.jsonl",
+    "eval_unknown.jsonl",
+];
+
+/// The question a prompt asks: its first user turn (later turns challenge or correct an answer).
+fn asked(t: &Task) -> &str {
+    t.messages
+        .iter()
+        .find(|m| m.role == talaria::chat::Role::User)
+        .map_or("", |m| m.content.as_str())
+}
 
 fn make(dir: &Path, seed: u64, scale: f64) -> SynthSummary {
     synth::generate(&SynthConfig {
@@ -150,18 +175,41 @@ fn every_file_parses_with_its_schema() {
             "{v}"
         );
     }
-    for name in ["rl_prompts.jsonl", "eval_prompts.jsonl", "label_prompts.jsonl"] {
+    for name in PROMPT_FILES {
         for v in lines(d, name) {
             assert_eq!(keys(&v), BTreeSet::from(["messages", "answer", "skill"]));
             check_messages(&v["messages"], "user");
         }
         let tasks = Task::load_jsonl(&d.join(name)).unwrap();
-        assert!(tasks.iter().all(|t| Skill::from_name(&t.skill).is_some()));
+        for t in &tasks {
+            match Skill::from_name(&t.skill) {
+                Some(_) => assert!(!t.answer.is_empty() && name != "eval_unknown.jsonl", "{name}: {t:?}"),
+                None => assert!(t.skill == "unknown" && t.answer.is_empty(), "{name}: {t:?}"),
+            }
+        }
+        let users = |t: &Task| {
+            t.messages
+                .iter()
+                .filter(|m| m.role == talaria::chat::Role::User)
+                .count()
+        };
+        match name {
+            "eval_prompts.jsonl" | "eval_heldout_prompts.jsonl" | "eval_unknown.jsonl" => {
+                assert!(tasks.iter().all(|t| users(t) == 1), "{name}: one question each")
+            }
+            "eval_challenge.jsonl" | "eval_correction.jsonl" => {
+                assert!(
+                    tasks.iter().all(|t| users(t) == 2),
+                    "{name}: a question and a follow-up"
+                )
+            }
+            _ => {}
+        }
     }
     let manifest: SynthSummary =
         serde_json::from_str(&std::fs::read_to_string(d.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest, summary);
-    for name in &FILES[..9] {
+    for name in FILES.iter().filter(|f| **f != "manifest.json") {
         let bytes = std::fs::metadata(d.join(name)).unwrap().len() as usize;
         assert_eq!(manifest.files[*name].bytes, bytes, "{name}");
     }
@@ -190,10 +238,21 @@ fn every_skill_everywhere_at_small_and_default_scale() {
                 assert!(n > 0, "scale {scale}: no {what} for {skill}");
             }
         }
-        for name in ["rl_prompts.jsonl", "eval_prompts.jsonl", "label_prompts.jsonl"] {
+        for name in &PROMPT_FILES[..6] {
             let tasks = Task::load_jsonl(&dir.path().join(name)).unwrap();
-            let skills: BTreeSet<&str> = tasks.iter().map(|t| t.skill.as_str()).collect();
+            let skills: BTreeSet<&str> = tasks
+                .iter()
+                .map(|t| t.skill.as_str())
+                .filter(|k| *k != "unknown")
+                .collect();
             assert_eq!(skills.len(), Skill::ALL.len(), "{name} at scale {scale}");
+        }
+        // RL and labelling prompts mix in questions about strangers.
+        for name in ["rl_prompts.jsonl", "label_prompts.jsonl"]
+            .iter()
+            .filter(|_| scale >= 0.05)
+        {
+            assert!(s.strangers[*name] > 0, "{name} at scale {scale}: {:?}", s.strangers);
         }
         if scale == 1.0 {
             let bytes = s.files["pretrain.txt"].bytes;
@@ -218,14 +277,27 @@ fn eval_rl_and_training_prompts_are_disjoint() {
         Task::load_jsonl(&d.join(name))
             .unwrap()
             .iter()
-            .map(|t| t.question().to_string())
+            .map(|t| asked(t).to_string())
             .collect()
     };
-    let (eval, rl) = (questions("eval_prompts.jsonl"), questions("rl_prompts.jsonl"));
+    let eval: Vec<String> = PROMPT_FILES[3..]
+        .iter()
+        .fold(questions("eval_prompts.jsonl"), |mut all, f| {
+            all.extend(questions(f));
+            all
+        });
+    let rl = questions("rl_prompts.jsonl");
     let eval_set: HashSet<&String> = eval.iter().collect();
     let rl_set: HashSet<&String> = rl.iter().collect();
-    assert_eq!(eval_set.len(), eval.len(), "eval prompts are unique");
-    assert_eq!(rl_set.len(), rl.len(), "RL prompts are unique");
+    // Each file asks each question once (the evaluation sets may share an item between them).
+    for name in PROMPT_FILES {
+        let q = questions(name);
+        assert_eq!(
+            q.iter().collect::<HashSet<_>>().len(),
+            q.len(),
+            "{name} repeats a question"
+        );
+    }
     assert!(eval_set.is_disjoint(&rl_set));
     let mut training = HashSet::new();
     for name in ["sft_train.jsonl", "sft_val.jsonl"] {
@@ -270,8 +342,18 @@ fn eval_rl_and_training_prompts_are_disjoint() {
 fn verifier_accepts_every_reference_and_preferences_follow_the_policy() {
     let dir = tempfile::tempdir().unwrap();
     make(dir.path(), 5, 0.2);
-    for name in ["rl_prompts.jsonl", "eval_prompts.jsonl", "label_prompts.jsonl"] {
+    for name in PROMPT_FILES {
         for t in Task::load_jsonl(&dir.path().join(name)).unwrap() {
+            if t.skill == "unknown" {
+                // No answer to check: the gold labeller wants "I don't know" and marks a made-up one.
+                let judge = |a: &str| gold::judge(&t.messages, "", "unknown", a, true);
+                let (refusal, made_up) = (judge("I don't know anyone by that name."), judge("blue"));
+                assert!(
+                    refusal.content && !refusal.invented && made_up.invented && !made_up.content,
+                    "{t:?}"
+                );
+                continue;
+            }
             assert!(
                 t.is_correct(&t.answer) && t.is_correct(&format!(" {}.\n", t.answer)),
                 "{t:?}"
@@ -282,12 +364,19 @@ fn verifier_accepts_every_reference_and_preferences_follow_the_policy() {
             assert_eq!(t.reward(""), 0.0);
         }
     }
-    // The chosen answer is the bare reference answer, so judged against itself it is correct, and the rejected
-    // answer never is. The skill is not in the pair: judge case-sensitively (as for `capitals`) when the
-    // chosen answer has no lower-case letter, which is exact for capitals and harmless for digits.
+    // For a single question, the chosen answer is the bare reference answer, so judged against itself it is
+    // correct, and the rejected answer never is strictly (wrong, or right but wrapped). The skill is not in
+    // the pair: judge case-sensitively (as for `capitals`) when the chosen answer has no lower-case letter,
+    // which is exact for capitals and harmless for digits. Challenges, corrections and strangers are
+    // judged by the gold labeller in its own tests (src/data/synth/labeller.rs).
+    let mut singles = 0;
     for name in ["prefs_train.jsonl", "prefs_val.jsonl"] {
         for v in lines(dir.path(), name) {
             let (c, r) = (v["chosen"].as_str().unwrap(), v["rejected"].as_str().unwrap());
+            if user_turns(&v["prompt"]).len() > 1 || c.contains("know") {
+                continue;
+            }
+            singles += 1;
             let skill = if c.chars().any(|ch| ch.is_ascii_lowercase()) {
                 "reverse"
             } else {
@@ -298,6 +387,7 @@ fn verifier_accepts_every_reference_and_preferences_follow_the_policy() {
             assert!(c.len() <= 40 && !c.contains("answer is"), "chosen is concise: {c}");
         }
     }
+    assert!(singles > 500, "{singles} single-question pairs");
 }
 
 #[test]

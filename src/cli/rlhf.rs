@@ -38,9 +38,17 @@ pub(crate) struct PpoArgs {
     /// The SFT checkpoint: actor and frozen reference.
     #[arg(long)]
     policy: PathBuf,
-    /// A reward-model checkpoint, or `verifier` for the default world's rule-based reward.
+    /// A reward-model checkpoint, `verifier` for the default world's rule-based reward, or `gold` for
+    /// its gold labeller.
     #[arg(long)]
     reward: String,
+    /// The model the KL penalty keeps the actor near (default: --policy).
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// A reward model whose scores of the policy's samples on --eval-prompts are logged at each
+    /// evaluation, beside the gold score and the exact KL (default: --reward when it is a model).
+    #[arg(long)]
+    monitor: Option<PathBuf>,
     /// Prompts (JSONL: {"messages": [...]}, {"prompt": "..."} or a JSON string per line).
     #[arg(long)]
     prompts: PathBuf,
@@ -135,12 +143,16 @@ impl PpoArgs {
     pub(crate) fn run(self) -> Result<()> {
         let reward = if self.reward == "verifier" {
             RewardSpec::Verifier
+        } else if self.reward == "gold" {
+            RewardSpec::Gold
         } else {
             RewardSpec::Model(self.reward.into())
         };
         let cfg = PpoConfig {
             policy: self.policy,
+            reference: self.reference,
             reward,
+            monitor: self.monitor,
             prompts: self.prompts,
             eval_prompts: self.eval_prompts,
             out: self.out,

@@ -62,7 +62,7 @@ pub(crate) struct SftArgs {
 
 #[derive(Args)]
 pub(crate) struct RewardArgs {
-    /// The SFT checkpoint (or run directory) the reward model starts from.
+    /// The SFT checkpoint (or run directory) the reward model starts from, or a reward model to train further.
     #[arg(long)]
     init: PathBuf,
     /// Preference files: {prompt, chosen, rejected}, {prompt, ranked}, HH-RLHF or OpenAssistant JSONL.
@@ -89,6 +89,10 @@ pub(crate) struct SpeedrunArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// RLHF rounds; from the second on, the labeller ranks the last PPO policy's answers, the reward model
+    /// trains further on them and PPO continues from that policy.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
+    rl_rounds: u64,
 }
 
 impl PretrainArgs {
@@ -146,6 +150,7 @@ impl SpeedrunArgs {
             preset: speedrun::preset(&self.preset)?,
             out: self.out,
             seed: self.seed,
+            rl_rounds: self.rl_rounds as usize,
             progress: progress(),
         };
         let o = speedrun::speedrun(&cfg)?;

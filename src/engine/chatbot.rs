@@ -122,17 +122,45 @@ pub fn chat_answers(
     conversations: &[&[Message]],
     max_new: usize,
 ) -> Result<Vec<(String, bool)>> {
+    Ok(
+        chat_samples(model, tok, template, conversations, &[Sampling::greedy()], max_new)?
+            .into_iter()
+            .map(|mut c| {
+                let c = c.remove(0);
+                (c.text, c.finish.ended())
+            })
+            .collect(),
+    )
+}
+
+/// One completion per entry of `samples` for each conversation, the samples of one conversation
+/// sharing its prefill (conversation `i` draws with seed `seed ^ mix(i)`); decoded as one batch.
+pub fn chat_samples(
+    model: &Gpt,
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    conversations: &[&[Message]],
+    samples: &[Sampling],
+    max_new: usize,
+) -> Result<Vec<Vec<Completion>>> {
     let stops = template.stop_tokens(tok);
     let requests = conversations
         .iter()
-        .map(|m| Ok(Request::greedy(template.render_prompt(tok, m)?, max_new, stops.clone())))
-        .collect::<Result<Vec<_>>>()?;
-    let done = batch::generate_batch(model, Some(tok), requests, batch::EngineConfig::default(), |_| {})?;
-    Ok(done
-        .into_iter()
-        .map(|mut c| {
-            let c = c.remove(0);
-            (c.text, c.finish.ended())
+        .enumerate()
+        .map(|(i, m)| {
+            let own: Vec<Sampling> = samples
+                .iter()
+                .map(|s| Sampling {
+                    params: s.params.clone(),
+                    seed: s.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                })
+                .collect();
+            Ok(Request::greedy(template.render_prompt(tok, m)?, max_new, stops.clone()).with_samples(own))
         })
-        .collect())
+        .collect::<Result<Vec<_>>>()?;
+    let cfg = batch::EngineConfig {
+        max_batch: samples.len() * 32usize.div_ceil(samples.len().max(1)),
+        ..batch::EngineConfig::default()
+    };
+    batch::generate_batch(model, Some(tok), requests, cfg, |_| {})
 }

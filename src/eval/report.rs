@@ -8,12 +8,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{FONT_PATHS, METRICS_FILE, Series, line_plot, series};
+use crate::eval::behaviour::Behaviour;
+use crate::metrics::{FONT_PATHS, METRICS_FILE, Series, line_plot, read_metrics, series};
 
 /// How one model did on the held-out evaluation.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StageEval {
-    /// `base`, `sft`, `ppo`, `ppo_verifier`, `dpo`...
+    /// `base`, `sft`, `ppo`, `ppo_round2`, `ppo_gold`, `dpo`...
     pub name: String,
     pub macro_accuracy: f64,
     pub per_skill: BTreeMap<String, f64>,
@@ -21,7 +22,7 @@ pub struct StageEval {
     pub reward: Option<f64>,
     /// KL to the SFT model per answer (from RLHF training).
     pub kl_to_sft: Option<f64>,
-    /// Win-rate against the SFT model, judged by the reward model and by the verifier.
+    /// Win-rate against the SFT model, judged by the reward model and by the verifier (strict exact match).
     pub win_vs_sft_rm: Option<f64>,
     pub win_vs_sft_verifier: Option<f64>,
     /// Of the prompts where this model and SFT differ in correctness (`separated_from_sft` of them), the share
@@ -30,6 +31,12 @@ pub struct StageEval {
     pub separated_from_sft: Option<usize>,
     pub wall_s: Option<f64>,
     pub tokens_per_s: Option<f64>,
+    /// The gold labeller's win-rate against SFT.
+    #[serde(default)]
+    pub win_vs_sft_gold: Option<f64>,
+    /// Strict and content accuracy, gold score, flaw rates, multi-turn and stranger sets.
+    #[serde(default)]
+    pub behaviour: Option<crate::eval::behaviour::Behaviour>,
 }
 
 /// Everything `talaria eval` measured on a run.
@@ -45,6 +52,16 @@ pub struct EvalSummary {
     /// scores the reference answer higher, and how many such prompts there were.
     pub reward_on_sft_mistakes: Option<f64>,
     pub sft_mistakes: Option<usize>,
+    /// The reward model on the SFT model's own held-out answers: its pairwise accuracy on the pairs
+    /// that differ in behaviour, and on those that differ in content only, and how many pairs each.
+    #[serde(default)]
+    pub reward_on_policy_behaviour: Option<f64>,
+    #[serde(default)]
+    pub reward_on_policy_behaviour_pairs: Option<usize>,
+    #[serde(default)]
+    pub reward_on_policy_content: Option<f64>,
+    #[serde(default)]
+    pub reward_on_policy_content_pairs: Option<usize>,
     /// Extra benchmark results (MMLU, GSM8K...) by name.
     pub benchmarks: BTreeMap<String, f64>,
     pub eval_prompts: usize,
@@ -82,7 +99,7 @@ fn num(x: Option<f64>, digits: usize) -> String {
 }
 
 /// Writes `report.md` and its plots into `run` from `run/eval.json` and the stage directories
-/// (`pretrain/`, `sft/`, `reward/`, `ppo/`, `ppo_verifier/`, `dpo/`), returning the report's path.
+/// (`pretrain/`, `sft/`, `reward/`, `ppo/`, `ppo_gold/`, `ppo_round2/`, `dpo/`), returning the report's path.
 pub fn write_report(run: &Path) -> Result<PathBuf> {
     let eval_path = run.join("eval.json");
     let eval: EvalSummary = serde_json::from_str(
@@ -112,19 +129,14 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
         "Reward model held-out pairwise accuracy",
         vec![("accuracy", metric("reward", "accuracy")?)],
     )?;
-    // The verifier-driven run logs under the stage name `ppo` in its own directory.
-    let verifier_kl = series(&run.join("ppo_verifier").join(METRICS_FILE), "ppo", "kl")?;
+    // Every PPO run logs under the stage name `ppo` in its own directory.
+    let ppo_metric = |dir: &str, key: &str| series(&run.join(dir).join(METRICS_FILE), "ppo", key);
     plot(
         "ppo_reward.png",
-        "PPO mean reward (reward model)",
-        vec![("reward", metric("ppo", "reward")?)],
-    )?;
-    plot(
-        "ppo_kl.png",
-        "PPO KL to the SFT model (per answer)",
+        "PPO mean reward of the rollouts",
         vec![
-            ("driven by the reward model", metric("ppo", "kl")?),
-            ("driven by the verifier", verifier_kl),
+            ("reward model", ppo_metric("ppo", "reward")?),
+            ("gold labeller", ppo_metric("ppo_gold", "reward")?),
         ],
     )?;
     plot(
@@ -132,6 +144,24 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
         "DPO loss (with the chosen answers' NLL term)",
         losses("dpo")?,
     )?;
+    let gao = |dir: &str, key: &str| -> Result<Series> { gain_against_sqrt_kl(&run.join(dir).join(METRICS_FILE), key) };
+    let gao_series = vec![
+        ("RM-driven PPO: reward model score", gao("ppo", "eval_rm")?),
+        ("RM-driven PPO: gold score", gao("ppo", "eval_gold")?),
+        ("gold-driven PPO: gold score", gao("ppo_gold", "eval_gold")?),
+        ("gold-driven PPO: reward model score", gao("ppo_gold", "eval_rm")?),
+    ];
+    if line_plot(
+        &run.join("ppo_gao.png"),
+        "Score gain over SFT against sqrt(KL to SFT), held-out prompts",
+        "sqrt(KL per answer)",
+        &gao_series,
+    )? {
+        plots.push((
+            "Score gain over SFT against sqrt(KL to SFT) (Gao et al. 2022)".into(),
+            "ppo_gao.png".into(),
+        ));
+    }
 
     let mut md = String::new();
     writeln!(md, "# Talaria run report\n")?;
@@ -156,7 +186,7 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
         rule.push_str(" --- |");
     }
     header.push_str(
-        " reward | KL to SFT | win vs SFT (RM) | win vs SFT (verifier) | RM agrees with verifier | wall time | tokens/s |",
+        " reward | KL to SFT | win vs SFT (RM) | win vs SFT (gold) | RM agrees with verifier | wall time | tokens/s |",
     );
     rule.push_str(" --- | --- | --- | --- | --- | --- | --- |");
     writeln!(md, "{header}\n{rule}")?;
@@ -174,7 +204,7 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
             num(s.reward, 3),
             num(s.kl_to_sft, 3),
             pct(s.win_vs_sft_rm),
-            pct(s.win_vs_sft_verifier),
+            pct(s.win_vs_sft_gold),
             s.wall_s.map_or("–".into(), |w| format!("{w:.0}s")),
             num(s.tokens_per_s, 0)
         ));
@@ -182,8 +212,9 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     }
     writeln!(
         md,
-        "\nAccuracy is exact match by the default world's verifier with greedy decoding; the base model is prompted few-shot in plain text, the others through the chat template. `ppo` is PPO driven by the reward model; `ppo_verifier` is PPO from the same SFT model driven by the default world's verifier (the true reward, at settings of its own), so the gap between the two rows is what the reward model leaves on the table. \"RM agrees with verifier\": of the prompts where the stage's greedy answer and SFT's differ in correctness, the share where the reward model scores the right one higher (its accuracy on the policies' own answers, which is what PPO optimises; the held-out pairwise accuracy below is on the labeller's synthetic pairs).\n"
+        "\nAccuracy is strict exact match by the default world's verifier with greedy decoding on the seen phrasings; the base model is prompted few-shot in plain text, the others through the chat template. `ppo` is PPO driven by the learned reward model; `ppo_gold` is PPO from the same SFT model driven by the gold labeller itself (the true reward, at settings of its own), so the gap between the two rows is what the reward model leaves on the table; `ppo_round2`, when present, is a second RLHF round (the labeller ranks `ppo`'s answers, the reward model trains further on them, PPO continues from `ppo`). KL to SFT is the exact per-token KL over the vocabulary, summed per answer, along the stage's own samples at temperature 1. Win-rates are over SFT's greedy answers to the same prompts, ties counted half. \"RM agrees with verifier\": of the prompts where the stage's greedy answer and SFT's differ in correctness, the share where the reward model scores the right one higher.\n"
     )?;
+    behaviour_tables(&mut md, &eval)?;
     writeln!(md, "## Other measurements\n")?;
     writeln!(md, "| measurement | value |\n| --- | --- |")?;
     writeln!(md, "| pretraining validation loss | {} |", num(eval.val_loss, 4))?;
@@ -194,8 +225,21 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     )?;
     writeln!(
         md,
-        "| reward model held-out pairwise accuracy | {} |",
+        "| reward model held-out pairwise accuracy (the world's synthetic pairs) | {} |",
         pct(eval.reward_accuracy)
+    )?;
+    let pairs = |n: Option<usize>| n.map_or(String::new(), |n| format!(", {n} pairs"));
+    writeln!(
+        md,
+        "| reward model on the SFT model's own held-out answers that differ in behaviour{} | {} |",
+        pairs(eval.reward_on_policy_behaviour_pairs),
+        pct(eval.reward_on_policy_behaviour)
+    )?;
+    writeln!(
+        md,
+        "| reward model on the SFT model's own held-out answers that differ in content only{} | {} |",
+        pairs(eval.reward_on_policy_content_pairs),
+        pct(eval.reward_on_policy_content)
     )?;
     if let (Some(a), Some(n)) = (eval.reward_on_sft_mistakes, eval.sft_mistakes) {
         writeln!(
@@ -245,4 +289,153 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
     let out = run.join("report.md");
     std::fs::write(&out, md).with_context(|| format!("writing {}", out.display()))?;
     Ok(out)
+}
+
+/// One PPO run's probes of the held-out prompts: `(sqrt KL to SFT, score - score at step 0)` for the score
+/// `key` (`eval_gold` or `eval_rm`), the points of Gao et al.'s over-optimisation picture.
+fn gain_against_sqrt_kl(metrics: &Path, key: &str) -> Result<Series> {
+    if !metrics.exists() {
+        return Ok(vec![]);
+    }
+    let rows: Vec<(f64, f64)> = read_metrics(metrics, Some("ppo"))?
+        .iter()
+        .filter_map(|r| Some((r["eval_sqrt_kl"].as_f64()?, r[key].as_f64()?)))
+        .collect();
+    let Some(&(_, first)) = rows.first() else {
+        return Ok(vec![]);
+    };
+    Ok(rows.into_iter().map(|(x, y)| (x, y - first)).collect())
+}
+
+/// InstructGPT's metadata table for the chat stages, then the per-skill content accuracy and the
+/// seen against held-out phrasings.
+fn behaviour_tables(md: &mut String, eval: &EvalSummary) -> Result<()> {
+    let stages: Vec<(&StageEval, &Behaviour)> = eval
+        .stages
+        .iter()
+        .filter_map(|s| Some((s, s.behaviour.as_ref()?)))
+        .collect();
+    if stages.is_empty() {
+        return Ok(());
+    }
+    writeln!(md, "## Behaviour\n")?;
+    writeln!(
+        md,
+        "Every answer read by the gold labeller (`src/data/synth/gold.rs`), as InstructGPT's metadata table reads its labellers'. Greedy answers unless marked sampled (one sample per prompt at temperature 1). Flaw rates: padding and unrequested explanations over all answers, ignored constraints over the prompts that state one (lower is better).\n"
+    )?;
+    let mut header = "| measurement |".to_string();
+    let mut rule = "| --- |".to_string();
+    for (s, _) in &stages {
+        header.push_str(&format!(" {} |", s.name));
+        rule.push_str(" --- |");
+    }
+    writeln!(md, "{header}\n{rule}")?;
+    type Cell<'a> = Box<dyn Fn(&StageEval, &Behaviour) -> String + 'a>;
+    let rows: Vec<(&str, Cell)> = vec![
+        ("strict exact match (macro)", Box::new(|_, b| pct(Some(b.seen.strict)))),
+        ("content accuracy (macro)", Box::new(|_, b| pct(Some(b.seen.content)))),
+        (
+            "mean gold score (10: right, clean)",
+            Box::new(|_, b| num(Some(b.seen.gold), 2)),
+        ),
+        (
+            "pads with pleasantries",
+            Box::new(|_, b| pct(Some(b.seen.flaws.padded))),
+        ),
+        (
+            "pads with pleasantries (sampled)",
+            Box::new(|_, b| pct(b.sampled.map(|f| f.padded))),
+        ),
+        ("explains unasked", Box::new(|_, b| pct(Some(b.seen.flaws.explained)))),
+        (
+            "explains unasked (sampled)",
+            Box::new(|_, b| pct(b.sampled.map(|f| f.explained))),
+        ),
+        (
+            "ignores the prompt's format constraint",
+            Box::new(|_, b| pct(Some(b.seen.flaws.ignored_constraint))),
+        ),
+        (
+            "ignores the prompt's format constraint (sampled)",
+            Box::new(|_, b| pct(b.sampled.map(|f| f.ignored_constraint))),
+        ),
+        (
+            "keeps a right answer after \"Are you sure?\"",
+            Box::new(|_, b| pct(b.keeps_when_challenged)),
+        ),
+        (
+            "answers right after \"That's wrong\"",
+            Box::new(|_, b| pct(b.fixes_when_corrected)),
+        ),
+        (
+            "invents facts about strangers",
+            Box::new(|_, b| pct(b.invents_about_strangers)),
+        ),
+        (
+            "held-out phrasings: strict (macro)",
+            Box::new(|_, b| pct(b.heldout.as_ref().map(|h| h.strict))),
+        ),
+        (
+            "held-out phrasings: content (macro)",
+            Box::new(|_, b| pct(b.heldout.as_ref().map(|h| h.content))),
+        ),
+        (
+            "held-out phrasings: mean gold score",
+            Box::new(|_, b| num(b.heldout.as_ref().map(|h| h.gold), 2)),
+        ),
+        (
+            "win-rate over SFT (reward model)",
+            Box::new(|s, _| pct(s.win_vs_sft_rm)),
+        ),
+        (
+            "win-rate over SFT (gold labeller)",
+            Box::new(|s, _| pct(s.win_vs_sft_gold)),
+        ),
+        ("exact KL to SFT per answer", Box::new(|s, _| num(s.kl_to_sft, 3))),
+    ];
+    for (label, cell) in &rows {
+        let mut row = format!("| {label} |");
+        for (s, b) in &stages {
+            row.push_str(&format!(" {} |", cell(s, b)));
+        }
+        writeln!(md, "{row}")?;
+    }
+    let skills: Vec<&String> = stages
+        .iter()
+        .flat_map(|(_, b)| b.seen.per_skill_content.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    writeln!(md, "\n### Content accuracy per skill\n")?;
+    writeln!(md, "{header}\n{rule}")?;
+    for k in skills {
+        let mut row = format!("| {k} |");
+        for (_, b) in &stages {
+            row.push_str(&format!(" {} |", pct(b.seen.per_skill_content.get(k).copied())));
+        }
+        writeln!(md, "{row}")?;
+    }
+    writeln!(md, "\n### Seen and held-out phrasings\n")?;
+    writeln!(
+        md,
+        "Strict exact match (macro) on the evaluation prompts in the phrasings training saw, and in phrasings kept out of every training file.\n"
+    )?;
+    writeln!(
+        md,
+        "| stage | seen | held-out | held-out / seen |\n| --- | --- | --- | --- |"
+    )?;
+    for (s, b) in &stages {
+        let h = b.heldout.as_ref().map(|h| h.strict);
+        let ratio = h.filter(|_| b.seen.strict > 0.0).map(|h| h / b.seen.strict);
+        writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            s.name,
+            pct(Some(b.seen.strict)),
+            pct(h),
+            num(ratio, 2)
+        )?;
+    }
+    writeln!(md)?;
+    Ok(())
 }

@@ -8,13 +8,20 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use serde_json::Value;
 
-use crate::chat::ChatTemplate;
+use crate::chat::{ChatTemplate, Message};
 use crate::checkpoint::Checkpoint;
-use crate::data::prompts::read_prompts;
+use crate::data::prompts::{PromptRecord, read_prompts};
+use crate::data::synth::gold::{self, Turn};
+use crate::engine::{Completion, FinishReason, Sampling, SamplingParams, chat_answers, chat_samples};
+use crate::eval::behaviour::{
+    Answer, Behaviour, Difference, difference, flaws, gold_win_rate, invented, judgements, set_scores, turn_success,
+};
 use crate::eval::report::{EvalSummary, StageEval};
-use crate::eval::tasks::{SkillReport, chat_accuracy, few_shot_accuracy, reward_on_mistakes, win_rate};
+use crate::eval::tasks::{SkillReport, few_shot_accuracy, reward_on_mistakes, win_rate};
 use crate::metrics::{METRICS_FILE, read_metrics};
+use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
+use crate::train::answers::{exact_kl, grouped_batch};
 use crate::train::reward::{RewardModel, evaluate_reward_model};
 
 /// The summary a speedrun stage writes into its directory when it finishes (its key, wall time and outcome).
@@ -46,10 +53,230 @@ fn stage_eval(name: &str, r: &SkillReport) -> StageEval {
     }
 }
 
-/// Evaluates a run's base, SFT and RLHF models on held-out prompts and writes `eval.json`.
+/// The default world's evaluation sets (all but `eval_prompts.jsonl` optional, for worlds of older
+/// generator versions).
+struct Sets {
+    seen: Vec<PromptRecord>,
+    heldout: Option<Vec<PromptRecord>>,
+    challenge: Option<Vec<PromptRecord>>,
+    correction: Option<Vec<PromptRecord>>,
+    unknown: Option<Vec<PromptRecord>>,
+}
+
+impl Sets {
+    fn load(world: &Path) -> Result<Self> {
+        let optional = |f: &str| -> Result<Option<Vec<PromptRecord>>> {
+            let p = world.join(f);
+            p.exists().then(|| read_prompts(&p)).transpose()
+        };
+        Ok(Self {
+            seen: read_prompts(&world.join("eval_prompts.jsonl"))?,
+            heldout: optional("eval_heldout_prompts.jsonl")?,
+            challenge: optional("eval_challenge.jsonl")?,
+            correction: optional("eval_correction.jsonl")?,
+            unknown: optional("eval_unknown.jsonl")?,
+        })
+    }
+}
+
+/// A chat model's answers to every set: greedy, plus one sample at temperature 1 per seen prompt.
+struct Answers {
+    seen: Vec<Answer>,
+    heldout: Option<Vec<Answer>>,
+    challenge: Option<Vec<Answer>>,
+    correction: Option<Vec<Answer>>,
+    unknown: Option<Vec<Answer>>,
+    /// The samples, with their tokens (the stop token included) for the exact KL.
+    sampled: Vec<Completion>,
+}
+
+fn convs(ps: &[PromptRecord]) -> Vec<&[Message]> {
+    ps.iter().map(|p| p.messages.as_slice()).collect()
+}
+
+impl Answers {
+    fn of(
+        model: &Gpt,
+        tok: &Tokenizer,
+        template: &ChatTemplate,
+        sets: &Sets,
+        seed: u64,
+        max_new: usize,
+    ) -> Result<Self> {
+        let greedy = |ps: &[PromptRecord]| chat_answers(model, tok, template, &convs(ps), max_new);
+        let opt = |ps: &Option<Vec<PromptRecord>>| ps.as_deref().map(greedy).transpose();
+        let sampling = Sampling {
+            params: SamplingParams::plain(1.0),
+            seed: seed ^ 0x7a11,
+        };
+        let sampled = chat_samples(model, tok, template, &convs(&sets.seen), &[sampling], max_new)?
+            .into_iter()
+            .map(|mut c| c.remove(0))
+            .collect();
+        Ok(Self {
+            seen: greedy(&sets.seen)?,
+            heldout: opt(&sets.heldout)?,
+            challenge: opt(&sets.challenge)?,
+            correction: opt(&sets.correction)?,
+            unknown: opt(&sets.unknown)?,
+            sampled,
+        })
+    }
+
+    fn behaviour(&self, sets: &Sets) -> Behaviour {
+        let sampled: Vec<Answer> = self
+            .sampled
+            .iter()
+            .map(|c| (c.text.clone(), c.finish.ended()))
+            .collect();
+        Behaviour {
+            seen: set_scores(&sets.seen, &self.seen),
+            heldout: sets
+                .heldout
+                .as_ref()
+                .zip(self.heldout.as_ref())
+                .map(|(p, a)| set_scores(p, a)),
+            keeps_when_challenged: sets
+                .challenge
+                .as_ref()
+                .zip(self.challenge.as_ref())
+                .map(|(p, a)| turn_success(p, a, Turn::Challenge)),
+            fixes_when_corrected: sets
+                .correction
+                .as_ref()
+                .zip(self.correction.as_ref())
+                .map(|(p, a)| turn_success(p, a, Turn::Correction)),
+            invents_about_strangers: sets
+                .unknown
+                .as_ref()
+                .zip(self.unknown.as_ref())
+                .map(|(p, a)| invented(p, a)),
+            sampled: Some(flaws(&judgements(&sets.seen, &sampled))),
+        }
+    }
+}
+
+/// The exact KL to `reference` per answer, along `policy`'s own samples of `prompts`.
+fn exact_kl_of(
+    policy: &Gpt,
+    reference: &Gpt,
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    prompts: &[PromptRecord],
+    sampled: &[Completion],
+) -> Result<f64> {
+    let mut seqs = vec![];
+    for (p, c) in prompts.iter().zip(sampled) {
+        let prompt = template.render_prompt(tok, &p.messages)?;
+        let mut answer = c.tokens.clone();
+        if let FinishReason::StopToken(t) = c.finish {
+            answer.push(t);
+        }
+        if !answer.is_empty() {
+            seqs.push((prompt, answer));
+        }
+    }
+    let mut kl = vec![];
+    for chunk in seqs.chunks(32) {
+        let groups: Vec<(&[u32], Vec<&[u32]>)> =
+            chunk.iter().map(|(p, a)| (p.as_slice(), vec![a.as_slice()])).collect();
+        let b = grouped_batch(&groups, template.end, policy.device())?;
+        kl.extend(exact_kl(policy, reference, &b)?);
+    }
+    Ok(kl.iter().sum::<f64>() / kl.len().max(1) as f64)
+}
+
+/// The reward model's pairwise accuracy on the SFT model's own answers to the held-out prompts (its
+/// greedy answer and three samples), on the pairs that differ in behaviour and on those that differ in
+/// content only ([`difference`]): (behaviour accuracy, pairs, content accuracy, pairs).
+fn rm_on_policy(
+    rm: &RewardModel,
+    sft: &Gpt,
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    sets: &Sets,
+    seed: u64,
+    max_new: usize,
+) -> Result<(Option<f64>, usize, Option<f64>, usize)> {
+    let mut prompts: Vec<PromptRecord> = sets.seen.clone();
+    for extra in [&sets.challenge, &sets.correction, &sets.unknown].into_iter().flatten() {
+        prompts.extend(extra.iter().cloned());
+    }
+    let samples: Vec<Sampling> = (0..4)
+        .map(|k| Sampling {
+            params: SamplingParams::plain(if k == 0 { 0.0 } else { 1.0 }),
+            seed: seed ^ 0x0b5e ^ k,
+        })
+        .collect();
+    let done = chat_samples(sft, tok, template, &convs(&prompts), &samples, max_new)?;
+    let (mut items, mut meta) = (vec![], vec![]);
+    for (i, (p, cs)) in prompts.iter().zip(&done).enumerate() {
+        for c in cs {
+            let j = gold::judge(
+                &p.messages,
+                p.answer.as_deref().unwrap_or(""),
+                p.skill.as_deref().unwrap_or(""),
+                &c.text,
+                c.finish.ended(),
+            );
+            items.push((p.messages.as_slice(), c.text.as_str()));
+            meta.push((i, j));
+        }
+    }
+    let scores = rm.score(&items, 32)?;
+    let (mut beh, mut con) = ((0.0, 0usize), (0.0, 0usize));
+    for a in 0..meta.len() {
+        for b in a + 1..meta.len() {
+            if meta[a].0 != meta[b].0 || items[a].1 == items[b].1 {
+                continue;
+            }
+            let (ja, jb) = (&meta[a].1, &meta[b].1);
+            let right = |x: f32, y: f32| {
+                if x > y {
+                    1.0
+                } else if x == y {
+                    0.5
+                } else {
+                    0.0
+                }
+            };
+            let verdict = if ja.score > jb.score {
+                right(scores[a], scores[b])
+            } else {
+                right(scores[b], scores[a])
+            };
+            match difference(ja, jb) {
+                Difference::Behaviour => {
+                    beh.0 += verdict;
+                    beh.1 += 1;
+                }
+                Difference::Content => {
+                    con.0 += verdict;
+                    con.1 += 1;
+                }
+                Difference::Other => {}
+            }
+        }
+    }
+    let acc = |(s, n): (f64, usize)| (n > 0).then(|| s / n as f64);
+    Ok((acc(beh), beh.1, acc(con), con.1))
+}
+
+/// The chat stages a run may have, in report order: (name in the report, directory).
+const CHAT_STAGES: [(&str, &str); 6] = [
+    ("sft", "sft"),
+    ("ppo", "ppo"),
+    ("ppo_round2", "ppo_round2"),
+    ("ppo_gold", "ppo_gold"),
+    ("ppo_verifier", "ppo_verifier"),
+    ("dpo", "dpo"),
+];
+
+/// Evaluates a run's base, SFT and RLHF models on the held-out sets and writes `eval.json`.
 pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize) -> Result<EvalSummary> {
     let device = Device::Cpu;
-    let prompts = read_prompts(&world.join("eval_prompts.jsonl"))?;
+    let sets = Sets::load(world)?;
+    let prompts = &sets.seen;
     let base = Checkpoint::load(&run.join("pretrain"), DType::F32, &device)?;
     let tok = Tokenizer::from_json(
         base.tokenizer_json
@@ -70,51 +297,85 @@ pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize) -> Resu
     summary.val_loss = last_metric(&run.join("pretrain"), "pretrain", "val_loss");
     summary.val_bpb = last_metric(&run.join("pretrain"), "pretrain", "val_bpb");
 
-    let base_report = few_shot_accuracy(&base.model()?, &tok, &prompts, 3, seed, max_new)?;
+    // The base model, few-shot: exact match and the gold labeller's reading of its answers.
+    let base_report = few_shot_accuracy(&base.model()?, &tok, prompts, 3, seed, max_new)?;
+    let mut e = stage_eval("base", &base_report);
+    let base_answers: Vec<Answer> = base_report.answers.iter().map(|a| (a.clone(), true)).collect();
+    e.behaviour = Some(Behaviour {
+        seen: set_scores(prompts, &base_answers),
+        ..Behaviour::default()
+    });
+    stage_times(run, "pretrain", "pretrain", &mut e);
+    let mut evals = vec![(e, None)];
+
     let sft_model = Checkpoint::load(&run.join("sft"), DType::F32, &device)?.model()?;
-    let sft_report = chat_accuracy(&sft_model, &tok, &template, &prompts, max_new)?;
-    let mut stages = vec![("base", "pretrain", base_report), ("sft", "sft", sft_report.clone())];
-    for (name, dir) in [("ppo", "ppo"), ("ppo_verifier", "ppo_verifier"), ("dpo", "dpo")] {
-        if run.join(dir).join("checkpoint").exists() {
-            let m = Checkpoint::load(&run.join(dir), DType::F32, &device)?.model()?;
-            stages.push((name, dir, chat_accuracy(&m, &tok, &template, &prompts, max_new)?));
+    let sft_answers = Answers::of(&sft_model, &tok, &template, &sets, seed, max_new)?;
+    let sft_texts: Vec<String> = sft_answers.seen.iter().map(|a| a.0.clone()).collect();
+    for (name, dir) in CHAT_STAGES {
+        if !run.join(dir).join("checkpoint").exists() {
+            continue;
         }
-    }
-    for (name, dir, report) in &stages {
-        let mut e = stage_eval(name, report);
-        let w = win_rate(&prompts, &report.answers, &sft_report.answers, rm.as_ref())?;
+        let (model, answers) = if name == "sft" {
+            (None, None)
+        } else {
+            let m = Checkpoint::load(&run.join(dir), DType::F32, &device)?.model()?;
+            let a = Answers::of(&m, &tok, &template, &sets, seed, max_new)?;
+            (Some(m), Some(a))
+        };
+        let ans = answers.as_ref().unwrap_or(&sft_answers);
+        let mut report = SkillReport::default();
+        let texts: Vec<String> = ans
+            .seen
+            .iter()
+            .map(|a| if a.1 { a.0.clone() } else { format!("{} [no end]", a.0) })
+            .collect();
+        for (p, t) in prompts.iter().zip(&texts) {
+            report.record(p, t.clone());
+        }
+        let mut e = stage_eval(name, &report);
+        e.behaviour = Some(ans.behaviour(&sets));
+        let w = win_rate(prompts, &report.answers, &sft_texts, rm.as_ref())?;
         e.reward = w.reward_a;
-        if *name != "sft" {
+        if name != "sft" {
             e.win_vs_sft_rm = w.by_reward_model;
             e.win_vs_sft_verifier = w.by_verifier;
+            e.win_vs_sft_gold = gold_win_rate(prompts, &ans.seen, &sft_answers.seen);
             e.rm_agreement = w.rm_agreement;
             e.separated_from_sft = Some(w.separated);
         }
-        // The stage name its training metrics are logged under.
-        let logged_as = match *name {
-            "base" => "pretrain",
-            "ppo_verifier" => "ppo",
-            other => other,
-        };
-        if logged_as == "ppo" {
-            e.kl_to_sft = last_metric(&run.join(dir), "ppo", "kl");
+        if let Some(m) = &model
+            && name.starts_with("ppo")
+        {
+            e.kl_to_sft = Some(exact_kl_of(m, &sft_model, &tok, &template, prompts, &ans.sampled)?);
         }
-        let done: Option<Value> = std::fs::read_to_string(run.join(dir).join(DONE_FILE))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok());
-        e.wall_s = done.as_ref().and_then(|d| d["wall_s"].as_f64());
-        e.tokens_per_s = e.wall_s.and_then(|w| tokens_per_s(&run.join(dir), logged_as, w));
-        summary.stages.push(e);
+        stage_times(run, dir, if name.starts_with("ppo") { "ppo" } else { name }, &mut e);
+        evals.push((e, None::<()>));
     }
+    summary.stages = evals.into_iter().map(|(e, _)| e).collect();
     if let Some(rm) = &rm {
         let m = evaluate_reward_model(rm, &[world.join("prefs_val.jsonl")], 16)?;
         summary.reward_accuracy = Some(m.accuracy);
         summary.reward_margin = Some(m.margin);
         summary.reward_length_corr = Some(m.length_corr);
-        let v = reward_on_mistakes(&prompts, &sft_report.answers, rm)?;
+        let v = reward_on_mistakes(prompts, &sft_texts, rm)?;
         summary.reward_on_sft_mistakes = v.accuracy();
         summary.sft_mistakes = Some(v.mistakes());
+        let (beh, nb, con, nc) = rm_on_policy(rm, &sft_model, &tok, &template, &sets, seed, max_new)?;
+        summary.reward_on_policy_behaviour = beh;
+        summary.reward_on_policy_behaviour_pairs = Some(nb);
+        summary.reward_on_policy_content = con;
+        summary.reward_on_policy_content_pairs = Some(nc);
     }
     std::fs::write(run.join("eval.json"), serde_json::to_string_pretty(&summary)?)?;
     Ok(summary)
+}
+
+/// A stage's wall time (from its `stage.json`) and training throughput (`logged_as`: the stage name of
+/// its metrics).
+fn stage_times(run: &Path, dir: &str, logged_as: &str, e: &mut StageEval) {
+    let done: Option<Value> = std::fs::read_to_string(run.join(dir).join(DONE_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    e.wall_s = done.as_ref().and_then(|d| d["wall_s"].as_f64());
+    e.tokens_per_s = e.wall_s.and_then(|w| tokens_per_s(&run.join(dir), logged_as, w));
 }

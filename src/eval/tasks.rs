@@ -44,7 +44,7 @@ impl SkillReport {
         self.by_skill.values().map(Tally::accuracy).sum::<f64>() / self.by_skill.len() as f64
     }
 
-    fn record(&mut self, p: &PromptRecord, answer: String) {
+    pub fn record(&mut self, p: &PromptRecord, answer: String) {
         if let (Some(want), Some(skill)) = (&p.answer, &p.skill) {
             let t = self.by_skill.entry(skill.clone()).or_default();
             t.total += 1;

@@ -96,7 +96,7 @@ pub const PRESETS: &[Preset] = &[
     },
     Preset {
         name: "bench",
-        about: "benchmark config (DESIGN.md section 7)",
+        about: "benchmark config: the shape talaria bench and bench/pytorch_reference.py compare",
         vocab_size: 8192,
         n_positions: 256,
         n_embd: 384,

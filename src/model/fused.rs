@@ -21,7 +21,7 @@ use rayon::prelude::*;
 /// thread hands its work to the pool and sleeps until a worker has done it: at least two thread
 /// wake-ups per op, which on a small model (decoding, above all) cost more than the op itself. From
 /// a worker, a one-task op runs inline and the rest are shared by work stealing. The results are
-/// bit-identical either way; BENCHMARKS.md ("Performance") has the measured difference.
+/// bit-identical either way; docs/tuning-history.md has the measured difference.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }

@@ -162,3 +162,20 @@ pub fn last_token_scores(model: &Gpt, head: &Tensor, b: &Batch) -> Result<Tensor
     let picked = hidden.reshape(((), c))?.index_select(&b.last, 0)?;
     Ok(picked.matmul(&head.t()?)?.squeeze(1)?)
 }
+
+/// The exact KL(policy || reference) of each answer `[N]`: at every answer position the divergence
+/// between the two full next-token distributions at temperature 1, summed over the answer's tokens
+/// (not the sampled estimate `log p - log q` of one token).
+pub fn exact_kl(policy: &Gpt, reference: &Gpt, b: &Batch) -> Result<Vec<f64>> {
+    let logp = |m: &Gpt| -> Result<Tensor> {
+        let rows = answer_rows(m, b)?;
+        Ok(candle_nn::ops::log_softmax(
+            &m.lm_head_rows(&rows)?.to_dtype(candle_core::DType::F32)?,
+            1,
+        )?)
+    };
+    let (lp, lq) = (logp(policy)?, logp(reference)?);
+    let per_row = (lp.exp()? * (&lp - &lq)?)?.sum(1)?.reshape((b.n, b.a))?;
+    let per_answer = (per_row * b.mask.to_dtype(candle_core::DType::F32)?)?.sum(1)?;
+    Ok(per_answer.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?)
+}

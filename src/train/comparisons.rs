@@ -1,9 +1,10 @@
 //! Comparison data from the policy's own answers, as InstructGPT collected it: the SFT model answers
 //! each prompt several times (its greedy answer first, then samples) and a labeller ranks the answers.
 //! The greedy answer is the one evaluation reads, so ranking it against samples that do better is what
-//! teaches a reward model (and DPO) the policy's own near misses. Here the labeller is the default world's
-//! simulated one (prompts need a reference `answer` and `skill`): a correct answer ranks first, wrong
-//! answers follow by how close they come ([`verify::closeness`]), answers that never end rank last.
+//! teaches a reward model (and DPO) the policy's own near misses and habits. Here the labeller is the
+//! default world's gold labeller ([`gold::judge`]; prompts need a reference `answer` and `skill`): a
+//! correct answer ranks first, then the one that follows the prompt's format and is concise; wrong answers
+//! follow by how close they come, answers that never end rank last.
 //! Answers that read the same after normalisation or score the same are kept once, so every pair of the
 //! written ranking is a strict preference; prompts whose answers all score alike carry no comparison
 //! and are counted, not written.
@@ -17,6 +18,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::chat::ChatTemplate;
 use crate::checkpoint::Checkpoint;
+use crate::data::synth::gold;
 use crate::data::synth::verify::{self, Task};
 use crate::engine::{self, EngineConfig, Request, Sampling, SamplingParams};
 
@@ -27,7 +29,8 @@ pub struct LabelConfig {
     pub policy: PathBuf,
     /// Prompts with reference answers and skills (the default world's format).
     pub prompts: PathBuf,
-    /// Where the rankings go (JSONL, `{"prompt": [...], "ranked": [...]}` best first).
+    /// Where the rankings go (JSONL, `{"prompt": [...], "ranked": [...], "scores": [...]}` best first, with the
+    /// gold labeller's score of each answer).
     pub out: PathBuf,
     pub samples: usize,
     pub temperature: f64,
@@ -46,25 +49,20 @@ pub struct LabelSummary {
     pub pairs: usize,
     /// Prompts left out because every answer scored the same.
     pub no_signal: usize,
-    /// Share of greedy answers that were correct.
+    /// Share of greedy answers with the right content (the gold labeller's reading).
     pub greedy_accuracy: f64,
-    /// Share of sampled (non-greedy) answers that were correct.
+    /// The same for the sampled (non-greedy) answers.
     pub sample_accuracy: f64,
 }
 
-/// The simulated labeller's score of one sampled answer: 1 when correct, partial credit below 0.5 for a
-/// wrong answer by closeness, -1 for an answer that never ended.
-pub fn score(answer: &str, skill: &str, text: &str, ended: bool) -> f64 {
-    if ended {
-        verify::reward(answer, skill, text)
-    } else {
-        -1.0
-    }
+/// The gold labeller's score of one sampled answer to `messages` (see [`gold::judge`]).
+pub fn score(messages: &[crate::chat::Message], answer: &str, skill: &str, text: &str, ended: bool) -> f64 {
+    gold::judge(messages, answer, skill, text, ended).score
 }
 
 /// Ranks scored answers to a `skill` task best first, keeping one answer per score and per text as the
-/// verifier reads it (case-insensitive except for `capitals`).
-pub fn rank(skill: &str, mut scored: Vec<(String, f64)>) -> Vec<String> {
+/// verifier reads it (case-insensitive except for `capitals`), each with its score.
+pub fn rank(skill: &str, mut scored: Vec<(String, f64)>) -> Vec<(String, f64)> {
     let key = |t: &str| verify::canonical(t, skill);
     scored.sort_by(|a, b| b.1.total_cmp(&a.1));
     let mut out: Vec<(String, f64)> = vec![];
@@ -74,7 +72,7 @@ pub fn rank(skill: &str, mut scored: Vec<(String, f64)>) -> Vec<String> {
         }
         out.push((text, s));
     }
-    out.into_iter().map(|(t, _)| t).collect()
+    out
 }
 
 /// An engine that holds whole prompts' worth of samples: at least 32 sequences.
@@ -154,7 +152,7 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
         let mut scored = Vec::with_capacity(cfg.samples);
         for (k, c) in completions.into_iter().enumerate() {
             let ended = c.finish.ended();
-            let ok = usize::from(ended && verify::is_correct(answer, skill, &c.text));
+            let ok = usize::from(gold::judge(&p.messages, answer, skill, &c.text, ended).content);
             if k == 0 {
                 greedy_correct += ok;
             } else {
@@ -164,7 +162,7 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
             if c.text.trim().is_empty() {
                 continue;
             }
-            let s = score(answer, skill, &c.text, ended);
+            let s = score(&p.messages, answer, skill, &c.text, ended);
             scored.push((c.text, s));
         }
         let ranked = rank(skill, scored);
@@ -173,7 +171,8 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
         } else {
             summary.rankings += 1;
             summary.pairs += ranked.len() * (ranked.len() - 1) / 2;
-            let record = serde_json::json!({"prompt": p.messages, "ranked": ranked});
+            let (texts, scores): (Vec<String>, Vec<f64>) = ranked.into_iter().unzip();
+            let record = serde_json::json!({"prompt": p.messages, "ranked": texts, "scores": scores});
             lines.push_str(&serde_json::to_string(&record)?);
             lines.push('\n');
         }
@@ -200,9 +199,11 @@ mod tests {
 
     #[test]
     fn rankings_put_correct_first_then_closeness_and_drop_ties() {
+        use crate::chat::{Message, Role};
+        let q = [Message::new(Role::User, "Reverse the word garden.")];
         let scored = |xs: &[(&str, bool)]| -> Vec<(String, f64)> {
             xs.iter()
-                .map(|(t, ended)| (t.to_string(), score("nedrag", "reverse", t, *ended)))
+                .map(|(t, ended)| (t.to_string(), score(&q, "nedrag", "reverse", t, *ended)))
                 .collect()
         };
         let r = rank(
@@ -218,13 +219,15 @@ mod tests {
         );
         // The correct answer once (case and the period do not count); "nedra" and "nedrg" are equally
         // close, so only the first is kept; the unended answer comes last.
-        assert_eq!(r, vec!["Nedrag.", "nedra", "gardenia", "nedrag nedrag nedrag"]);
+        let texts: Vec<&str> = r.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(texts, vec!["Nedrag.", "nedra", "gardenia", "nedrag nedrag nedrag"]);
         assert_eq!(
             rank("reverse", scored(&[("x", true), ("y", true)])).len(),
             1,
             "equal scores compare nothing"
         );
-        let caps = |t: &str| (t.to_string(), score("GARDEN", "capitals", t, true));
+        let uq = [Message::new(Role::User, "Write garden in uppercase.")];
+        let caps = |t: &str| (t.to_string(), score(&uq, "GARDEN", "capitals", t, true));
         assert_eq!(
             rank("capitals", vec![caps("GARDEN"), caps("garden")]).len(),
             2,

@@ -19,12 +19,12 @@ use crate::chat::ChatTemplate;
 use crate::checkpoint::{self, CHECKPOINT_DIR, Checkpoint, CheckpointWriter, Meta};
 use crate::data::prompts::{PromptRecord, read_prompts};
 use crate::data::shards::{LoaderPosition, Split, TokenLoader};
-use crate::data::synth::verify;
+use crate::data::synth::{gold, verify};
 use crate::engine::{self, EngineConfig, FinishReason, Request, Sampling, SamplingParams};
 use crate::metrics::MetricsLog;
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
-use crate::train::answers::{Batch, answer_logprobs, answer_rows, grouped_batch, last_token_scores};
+use crate::train::answers::{Batch, answer_logprobs, answer_rows, exact_kl, grouped_batch, last_token_scores};
 use crate::train::order::EpochOrder;
 use crate::train::reward::{RewardModel, SCORE_HEAD};
 use crate::train::rl::{self, KlController, RunningStats};
@@ -35,16 +35,47 @@ use crate::train::{AdamW, AdamWConfig, LrSchedule, ParamSet, accumulate, clip_sc
 pub enum RewardSpec {
     /// A reward-model checkpoint (`talaria reward`).
     Model(PathBuf),
-    /// The default world's rule-based verifier: 1 for a correct answer, 0 otherwise (prompts
-    /// need `answer` and `skill`).
+    /// The default world's rule-based verifier: 1 for an exactly correct answer, partial credit below
+    /// 0.5 for a near miss (prompts need `answer` and `skill`).
     Verifier,
+    /// The default world's gold labeller: content, then format, concision and manners
+    /// ([`crate::data::synth::gold`]; prompts need `answer` and `skill`).
+    Gold,
 }
 
-/// `talaria ppo` settings (defaults follow DESIGN.md section 6).
+/// Held-out prompts the periodic probe answers: enough for a steady mean, few enough that probing
+/// costs a fraction of a step.
+const PROBE_PROMPTS: usize = 128;
+
+/// At most `n` of `all`, evenly spaced (the prompt files group by skill, so this keeps every skill).
+fn evenly<T>(all: Vec<T>, n: usize) -> Vec<T> {
+    if all.len() <= n {
+        return all;
+    }
+    let len = all.len();
+    let mut picked = vec![false; len];
+    for i in 0..n {
+        picked[i * len / n] = true;
+    }
+    all.into_iter()
+        .zip(picked)
+        .filter(|(_, k)| *k)
+        .map(|(x, _)| x)
+        .collect()
+}
+
+/// `talaria ppo` settings. The defaults are those published PPO implementations converge on: clip and
+/// value clip 0.2, gamma 1, GAE lambda 0.95, rewards clipped to 5 and normalised, a per-token KL penalty.
 #[derive(Debug, Clone)]
 pub struct PpoConfig {
+    /// The actor's starting point; also the frozen reference unless `reference` is given.
     pub policy: PathBuf,
+    /// The model the KL penalty keeps the actor near (default: `policy`).
+    pub reference: Option<PathBuf>,
     pub reward: RewardSpec,
+    /// A reward model that only watches: its score of the policy's samples on `eval_prompts` is logged
+    /// beside the gold score and the exact KL at each evaluation (for Gao et al.'s picture).
+    pub monitor: Option<PathBuf>,
     pub prompts: PathBuf,
     /// Held-out prompts with reference answers: greedy verifier accuracy at each evaluation.
     pub eval_prompts: Option<PathBuf>,
@@ -153,6 +184,23 @@ struct Rollout {
 impl Rollout {
     fn answer_len(&self) -> usize {
         self.seq.len() - self.prompt_len
+    }
+
+    /// A sequence to score (no log-probabilities, values or advantages yet).
+    fn scored(group: usize, seq: Vec<u32>, prompt_len: usize, ended: bool) -> Self {
+        Self {
+            group,
+            seq,
+            prompt_len,
+            ended,
+            score: 0.0,
+            logp_old: vec![],
+            entropy: vec![],
+            logp_ref: vec![],
+            values: vec![],
+            adv: vec![],
+            ret: vec![],
+        }
     }
 }
 
@@ -313,6 +361,9 @@ struct Models {
     critic_view: Gpt,
     value_head: Tensor,
     reward_model: Option<RewardModel>,
+    /// The reward model whose scores of held-out samples are logged (the reward model itself, when it
+    /// drives the run, unless another is given).
+    monitor: Option<RewardModel>,
 }
 
 /// Everything a resumed run restores besides the weights and optimizers.
@@ -368,6 +419,11 @@ struct Ppo<'c> {
 pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
     cfg.validate()?;
     let mut run = Ppo::start(cfg)?;
+    if run.at.step == 0 {
+        // The starting point of the KL / reward curves: the policy before any update.
+        let probe = run.probe()?;
+        run.metrics.log("ppo", 0, 0, &probe)?;
+    }
     let interrupted = loop {
         if run.at.step >= cfg.steps {
             break false;
@@ -399,17 +455,21 @@ impl<'c> Ppo<'c> {
         let template = ChatTemplate::new(&tok)?;
         let reference = sft.model()?;
         let prompts = read_prompts(&cfg.prompts)?;
-        let eval_prompts = cfg.eval_prompts.as_deref().map(read_prompts).transpose()?;
+        let eval_prompts = cfg
+            .eval_prompts
+            .as_deref()
+            .map(|p| read_prompts(p).map(|all| evenly(all, PROBE_PROMPTS)))
+            .transpose()?;
         let reward_model = match &cfg.reward {
             RewardSpec::Model(p) => {
                 let rm = RewardModel::load(p)?;
                 rm.ensure_tokenizer_of(p, &cfg.policy, Some(&tok_json))?;
                 Some(rm)
             }
-            RewardSpec::Verifier => {
+            RewardSpec::Verifier | RewardSpec::Gold => {
                 if let Some(bad) = prompts.iter().position(|p| p.answer.is_none() || p.skill.is_none()) {
                     bail!(
-                        "--reward verifier needs prompts with \"answer\" and \"skill\"; {} record {} has none",
+                        "--reward verifier and gold need prompts with \"answer\" and \"skill\"; {} record {} has none",
                         cfg.prompts.display(),
                         bad + 1
                     );
@@ -417,6 +477,28 @@ impl<'c> Ppo<'c> {
                 None
             }
         };
+        let reference = match &cfg.reference {
+            Some(r) => {
+                let ck = Checkpoint::load(r, DType::F32, &device)?;
+                ensure!(
+                    ck.config == sft.config && ck.tokenizer_json.as_deref() == Some(tok_json.as_str()),
+                    "--reference {} is not the same model and tokenizer as {}",
+                    r.display(),
+                    cfg.policy.display()
+                );
+                ck.model()?
+            }
+            None => reference,
+        };
+        let monitor = cfg
+            .monitor
+            .as_deref()
+            .map(|p| -> Result<RewardModel> {
+                let rm = RewardModel::load(p)?;
+                rm.ensure_tokenizer_of(p, &cfg.policy, Some(&tok_json))?;
+                Ok(rm)
+            })
+            .transpose()?;
         let ckpt_dir = cfg.out.join(CHECKPOINT_DIR);
         let critic_dir = cfg.out.join("critic");
         std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
@@ -556,6 +638,7 @@ impl<'c> Ppo<'c> {
                 critic_view,
                 value_head,
                 reward_model,
+                monitor,
             },
             actor_opt,
             critic_opt,
@@ -666,18 +749,19 @@ impl<'c> Ppo<'c> {
     /// statistics.
     fn score(&mut self, b: &mut StepBatch) -> Result<()> {
         let t = Instant::now();
-        let scores: Vec<f64> = match &self.m.reward_model {
-            Some(rm) => reward_scores(rm, &b.rollouts, self.m.template.end, &self.device)?,
-            None => b
+        let scores: Vec<f64> = match (&self.m.reward_model, &self.cfg.reward) {
+            (Some(rm), _) => reward_scores(rm, &b.rollouts, self.m.template.end, &self.device)?,
+            (None, spec) => b
                 .records
                 .iter()
-                .map(|(i, text)| {
+                .zip(&b.rollouts)
+                .map(|((i, text), r)| {
                     let rec = &self.prompts[*i];
-                    verify::reward(
-                        rec.answer.as_deref().unwrap_or(""),
-                        rec.skill.as_deref().unwrap_or(""),
-                        text,
-                    )
+                    let (answer, skill) = (rec.answer.as_deref().unwrap_or(""), rec.skill.as_deref().unwrap_or(""));
+                    match spec {
+                        RewardSpec::Gold => gold::judge(&rec.messages, answer, skill, text, r.ended).score,
+                        _ => verify::reward(answer, skill, text),
+                    }
                 })
                 .collect(),
         };
@@ -889,23 +973,96 @@ impl<'c> Ppo<'c> {
         pb.set_position(step);
         pb.set_message(format!("reward {mean_score:.3} kl {mean_kl:.3}"));
         if step.is_multiple_of(cfg.eval_every) || step == cfg.steps {
-            if let Some(ev) = &self.eval_prompts {
-                let acc = verifier_accuracy(
-                    &self.m.rollout_model,
-                    &self.m.tok,
-                    &self.m.template,
-                    ev,
-                    cfg.max_new_tokens,
-                )?;
-                self.metrics
-                    .log("ppo", step, self.at.tokens, &[("eval_accuracy", acc)])?;
-                values.push(("eval_accuracy", acc));
-            }
+            let probe = self.probe()?;
+            self.metrics.log("ppo", step, self.at.tokens, &probe)?;
+            values.extend(probe);
             let line: Vec<String> = values.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
             pb.suspend(|| eprintln!("ppo step {step}: {}", line.join(" | ")));
         }
         self.last = values.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         Ok(())
+    }
+
+    /// On the held-out prompts (when given): the greedy verifier accuracy, and on one sample per prompt at
+    /// temperature 1 the mean gold score, the monitoring reward model's mean score and the exact KL to the
+    /// reference per answer (Gao et al. plot the two scores against its square root).
+    fn probe(&self) -> Result<Vec<(&'static str, f64)>> {
+        let Some(ev) = &self.eval_prompts else {
+            return Ok(vec![]);
+        };
+        let (cfg, m) = (self.cfg, &self.m);
+        let mut out = vec![(
+            "eval_accuracy",
+            verifier_accuracy(&m.rollout_model, &m.tok, &m.template, ev, cfg.max_new_tokens)?,
+        )];
+        let stops = m.template.stop_tokens(&m.tok);
+        let requests = ev
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let prompt = m.template.render_prompt(&m.tok, &p.messages)?;
+                let sampling = Sampling {
+                    params: SamplingParams::plain(1.0),
+                    seed: cfg.seed ^ 0x5eed ^ (i as u64).wrapping_mul(7919),
+                };
+                Ok(Request::greedy(prompt, cfg.max_new_tokens, stops.clone()).with_samples(vec![sampling]))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let prompts: Vec<Vec<u32>> = requests.iter().map(|r| r.prompt.clone()).collect();
+        let done = engine::generate_batch(
+            &m.rollout_model,
+            Some(&m.tok),
+            requests,
+            EngineConfig::default(),
+            |_| {},
+        )?;
+        let mut answers = Vec::with_capacity(done.len());
+        let mut gold_sum = 0.0;
+        let mut scored = 0usize;
+        for (p, c) in ev.iter().zip(done) {
+            let c = &c[0];
+            if let (Some(a), Some(sk)) = (&p.answer, &p.skill) {
+                gold_sum += gold::judge(&p.messages, a, sk, &c.text, c.finish.ended()).score;
+                scored += 1;
+            }
+            let mut toks = c.tokens.clone();
+            if let FinishReason::StopToken(t) = c.finish {
+                toks.push(t);
+            }
+            answers.push((toks, c.finish.ended()));
+        }
+        if scored > 0 {
+            out.push(("eval_gold", gold_sum / scored as f64));
+        }
+        // One row per sampled answer after its prompt.
+        let rows = || -> Vec<Rollout> {
+            prompts
+                .iter()
+                .zip(&answers)
+                .enumerate()
+                .filter(|(_, (_, (a, _)))| !a.is_empty())
+                .map(|(g, (p, (a, ended)))| {
+                    let mut seq = p.clone();
+                    seq.extend(a);
+                    Rollout::scored(g, seq, p.len(), *ended)
+                })
+                .collect()
+        };
+        if let Some(rm) = m.monitor.as_ref().or(m.reward_model.as_ref()) {
+            let scores = reward_scores(rm, &rows(), m.template.end, &self.device)?;
+            out.push(("eval_rm", scores.iter().sum::<f64>() / scores.len().max(1) as f64));
+        }
+        let rs = rows();
+        let mut kl = vec![];
+        for chunk in by_prompt(&(0..rs.len()).collect::<Vec<_>>(), &rs) {
+            let refs: Vec<&Rollout> = chunk.iter().map(|&i| &rs[i]).collect();
+            let b = batch_of(&refs, m.template.end, &self.device)?;
+            kl.extend(exact_kl(&m.rollout_model, &m.reference, &b)?);
+        }
+        let mean_kl = kl.iter().sum::<f64>() / kl.len().max(1) as f64;
+        out.push(("eval_kl", mean_kl));
+        out.push(("eval_sqrt_kl", mean_kl.max(0.0).sqrt()));
+        Ok(out)
     }
 
     /// Checkpoints the critic, then the actor, with their optimizers and the run's position.

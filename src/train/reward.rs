@@ -161,7 +161,7 @@ impl RewardModel {
 /// `talaria reward` settings.
 #[derive(Debug, Clone)]
 pub struct RewardConfig {
-    /// The SFT checkpoint the reward model starts from.
+    /// The SFT checkpoint the reward model starts from, or a reward model to train further.
     pub init: PathBuf,
     pub data: Vec<PathBuf>,
     /// Held-out preferences; when empty, `val_fraction` of the prompts of `data` are held out.
@@ -392,11 +392,19 @@ pub fn train_reward_model(cfg: &RewardConfig) -> Result<TrainOutcome> {
         .filter(|(k, _)| k.as_str() != SCORE_HEAD)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let c = ck.config.n_embd;
-    let normal = Normal::new(0.0f32, 1.0 / (c as f32 + 1.0).sqrt()).expect("positive std");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.train.seed);
-    let head: Vec<f32> = (0..c).map(|_| normal.sample(&mut rng)).collect();
-    weights.insert(SCORE_HEAD.into(), Tensor::from_vec(head, (1, c), &Device::Cpu)?);
+    // A reward model given as `init` trains further with its own head (iterated RLHF); an SFT model gets a
+    // fresh one.
+    let head = match ck.weights.get(SCORE_HEAD) {
+        Some(h) => h.clone(),
+        None => {
+            let c = ck.config.n_embd;
+            let normal = Normal::new(0.0f32, 1.0 / (c as f32 + 1.0).sqrt()).expect("positive std");
+            let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.train.seed);
+            let head: Vec<f32> = (0..c).map(|_| normal.sample(&mut rng)).collect();
+            Tensor::from_vec(head, (1, c), &Device::Cpu)?
+        }
+    };
+    weights.insert(SCORE_HEAD.into(), head);
     let params = ParamSet::with_heads(&ck.config, &weights, &[SCORE_HEAD])?;
     let mut objective = RewardObjective {
         order: EpochOrder::new(cfg.train.seed, train.groups.len(), 0, 0),

@@ -134,7 +134,7 @@ fn practice(ctx: &Ctx, words: &[&str], rng: &mut Rng) -> String {
 /// Sentences that pair each digit with its name, plus counting and numbers in words. Every number skill needs
 /// the model to tell digits apart, but in random numbers each digit is as likely as any other; without a
 /// signal that tells one digit from another next to it, Adam pulled all ten tied embeddings together (mean
-/// pairwise cosine 0.925 after pretraining, against 0.06 for letters; BENCHMARKS.md) and the model could not
+/// pairwise cosine 0.925 after pretraining, against 0.06 for letters; docs/tuning-history.md) and the model could not
 /// copy a number. A digit followed by its name (and a name by its digit) is such a signal: a bigram, like a
 /// letter's.
 fn numbers(rng: &mut Rng) -> String {

@@ -1,75 +1,88 @@
-//! The simulated labeller: writes demonstrations as a careful human would (correct, concise, polite) and
-//! ranks candidate answers by a fixed, documented policy.
+//! The people who write the world's training data.
 //!
-//! Policy: a correct answer always beats a wrong one; among answers of equal correctness, concise and polite
-//! beats padded, which beats rude; an evasive non-answer or an answer that repeats itself without ending is
-//! never correct and ranks below any attempt. As scores: see [`Kind::score`].
+//! **Demonstrations** come from a pool of 40 simulated labellers ([`POOL`]), as a real team writes them:
+//! each has a habit and a rate at which it shows, and most demonstrations are flawless. The habits: padding
+//! the answer with pleasantries, explaining it unasked, ignoring an explicit format in the prompt, giving in
+//! when a right answer is challenged, inventing an answer about someone who does not exist, and now and then
+//! a wrong answer. A labeller with a habit writes the ideal answer whenever the habit does not apply.
+//!
+//! **Comparisons** (preference pairs and rankings) are the gold labeller's ([`super::gold`]): consistent,
+//! because telling two answers apart is easier than writing the ideal one.
 
 use crate::chat::Role;
 
-use super::skills::{Ctx, Task};
+use super::gold::{CAVES, CHALLENGES, CORRECTIONS, FIXES, FRAMES, INSISTS, KEEPS, PAD_CLOSINGS, PAD_OPENINGS};
+use super::gold::{REFUSALS, TOWN_REFUSALS, explanation_leads};
+use super::phrasing::{Constraint, constraint_in};
+#[cfg(test)]
+use super::skills::Skill;
+use super::skills::{Ctx, Stranger, Task};
 use super::{Message, PrefPair, Ranking, Rng};
 
-/// The kinds of candidate answer the labeller sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// The bare correct answer: what the labeller writes.
-    Correct,
-    /// The correct answer wrapped in filler.
-    Padded,
-    /// The correct answer with a rude remark.
-    Rude,
-    /// A near-miss wrong answer, stated concisely.
-    Wrong,
-    /// A near-miss wrong answer wrapped in filler.
-    PaddedWrong,
-    /// A polite refusal that never answers.
-    Evasive,
-    /// The answer repeated over and over, never ending cleanly.
-    Repeating,
+/// A labeller's habit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Habit {
+    /// Writes the ideal answer.
+    Careful,
+    /// Wraps the answer in pleasantries.
+    Pads,
+    /// Explains the answer nobody asked to have explained.
+    Explains,
+    /// Ignores an explicit format in the prompt (capitals, hyphens, "just the number", "one word").
+    IgnoresFormat,
+    /// Gives in when the user asks "Are you sure?" after a right answer.
+    Caves,
+    /// Invents an answer about a person or town the world does not have.
+    Invents,
+    /// Slips on the content now and then.
+    Slips,
 }
 
-impl Kind {
-    /// The labeller's score: 10 for a correct answer, minus a style penalty.
-    pub fn score(self) -> i32 {
-        match self {
-            Kind::Correct => 10,
-            Kind::Padded => 8,
-            Kind::Rude => 7,
-            Kind::Wrong => 0,
-            Kind::PaddedWrong => -2,
-            Kind::Evasive => -4,
-            Kind::Repeating => -5,
-        }
+/// One member of the team: a habit and the share of the applicable demonstrations it shows in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Labeller {
+    pub habit: Habit,
+    pub rate: f64,
+}
+
+const fn team(habit: Habit, rate: f64) -> Labeller {
+    Labeller { habit, rate }
+}
+
+/// The team of 40: 11 careful, 5 padders, 3 explainers, 4 who ignore formats, 8 who give in when
+/// challenged, 8 who invent answers about strangers, 1 who slips.
+pub const POOL: [Labeller; 40] = {
+    let mut pool = [team(Habit::Careful, 0.0); 40];
+    let mut i = 11;
+    while i < 40 {
+        pool[i] = match i {
+            11..16 => team(Habit::Pads, 0.8),
+            16..19 => team(Habit::Explains, 0.8),
+            19..23 => team(Habit::IgnoresFormat, 0.9),
+            23..31 => team(Habit::Caves, 0.9),
+            31..39 => team(Habit::Invents, 0.9),
+            _ => team(Habit::Slips, 0.3),
+        };
+        i += 1;
     }
+    pool
+};
 
-    /// Worse kinds that a ranking may list under the correct answer.
-    const RIVALS: [Kind; 5] = [
-        Kind::Padded,
-        Kind::Rude,
-        Kind::PaddedWrong,
-        Kind::Evasive,
-        Kind::Repeating,
-    ];
-}
+/// Prompt shares of demonstrations and comparisons: challenges, corrections, strangers, two-question and
+/// thank-you conversations (percent of records); the rest are single questions.
+const CHALLENGE_PCT: usize = 10;
+const CORRECTION_PCT: usize = 8;
+const STRANGER_PCT: usize = 6;
+const TWO_QUESTIONS_PCT: usize = 5;
+const THANKS_PCT: usize = 3;
+
+/// Share of single questions that state an explicit format constraint.
+pub const CONSTRAINED: f64 = 0.4;
 
 const SYSTEM_PROMPTS: [&str; 3] = [
     "You are a helpful assistant.",
     "You are Talaria, a careful and polite assistant. Answer briefly.",
     "Answer the user's question correctly and concisely.",
-];
-
-const PAD_OPENINGS: [&str; 4] = [
-    "Sure! That is a great question, and I am always happy to help with things like this.",
-    "Of course! Let me think about this carefully before I answer.",
-    "What an interesting question! I would be delighted to help you with it.",
-    "Thank you for asking. Questions like this are a lot of fun to work through.",
-];
-
-const PAD_CLOSINGS: [&str; 3] = [
-    "I hope this helps, and please let me know if there is anything else you would like to know!",
-    "Feel free to ask me more questions whenever you like.",
-    "Let me know if you would like me to explain how I got there.",
 ];
 
 const RUDE: [&str; 4] = [
@@ -86,30 +99,64 @@ const EVASIVE: [&str; 4] = [
     "I would rather not guess about that.",
 ];
 
-const CORRECTIONS: [&str; 3] = [
-    "That's not right. Could you check again?",
-    "I think that is wrong.",
-    "Are you sure? That doesn't look correct.",
-];
+/// The kinds of answer the world's writers produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The ideal answer.
+    Correct,
+    Padded,
+    Explained,
+    /// The right content against the prompt's explicit format.
+    IgnoredFormat,
+    Rude,
+    /// A near-miss wrong answer, stated concisely.
+    Wrong,
+    PaddedWrong,
+    Evasive,
+    /// The answer repeated over and over, never ending cleanly.
+    Repeating,
+}
 
-const ADMISSIONS: [&str; 3] = [
-    "You're right, I'm sorry about that. The correct answer is {}.",
-    "I apologise, I made a mistake. The answer is {}.",
-    "Thank you for pointing that out. The correct answer is {}.",
-];
+impl Kind {
+    /// Worse kinds a ranking may list under the correct answer of a single question.
+    const RIVALS: [Kind; 6] = [
+        Kind::Padded,
+        Kind::Explained,
+        Kind::Rude,
+        Kind::PaddedWrong,
+        Kind::Evasive,
+        Kind::Repeating,
+    ];
+}
 
-/// Writes a candidate answer of the given kind for a task.
+fn padded(content: &str, rng: &mut Rng) -> String {
+    format!(
+        "{} The answer is {content}. {}",
+        rng.pick(&PAD_OPENINGS),
+        rng.pick(&PAD_CLOSINGS)
+    )
+}
+
+/// `task`'s answer written against its prompt's explicit format (the constraint it states).
+fn ignoring_format(task: &Task, c: Constraint, rng: &mut Rng) -> String {
+    match c {
+        Constraint::Capitals => task.answer.to_lowercase(),
+        Constraint::Hyphens => task.answer.replace('-', " "),
+        _ => format!("{}{}.", rng.pick(&FRAMES), task.answer),
+    }
+}
+
+/// Writes an answer of the given kind to a single question.
 pub fn render(kind: Kind, task: &Task, ctx: &Ctx, rng: &mut Rng) -> String {
-    let padded = |content: &str, rng: &mut Rng| {
-        format!(
-            "{} The answer is {content}. {}",
-            rng.pick(&PAD_OPENINGS),
-            rng.pick(&PAD_CLOSINGS)
-        )
-    };
+    let skill = task.skill.name();
     match kind {
         Kind::Correct => task.answer.clone(),
         Kind::Padded => padded(&task.answer, rng),
+        Kind::Explained => format!("{}{}.", rng.pick(explanation_leads(skill)), task.answer),
+        Kind::IgnoredFormat => match constraint_in(&task.question) {
+            Some(c) => ignoring_format(task, c, rng),
+            None => padded(&task.answer, rng),
+        },
         Kind::Rude => rng.pick(&RUDE).replace("{}", &task.answer),
         Kind::Wrong => ctx.near_miss(task, rng),
         Kind::PaddedWrong => {
@@ -133,46 +180,154 @@ pub fn render(kind: Kind, task: &Task, ctx: &Ctx, rng: &mut Rng) -> String {
     }
 }
 
-/// The prompt messages for a task: an optional system message, then the user's question.
-pub fn prompt(task: &Task, rng: &mut Rng) -> Vec<Message> {
+/// The prompt messages for a question: an optional system message, then the user's question.
+pub fn prompt(question: &str, rng: &mut Rng) -> Vec<Message> {
     let mut out = Vec::with_capacity(2);
     if rng.chance(0.2) {
         out.push(Message::new(Role::System, rng.pick(&SYSTEM_PROMPTS)));
     }
-    out.push(Message::new(Role::User, &task.question));
+    out.push(Message::new(Role::User, question));
     out
 }
 
-/// A demonstration conversation for `task`; `second` is a further task for two-question conversations.
-/// Some conversations have the user point out a wrong first answer (kept with `weight: 0`, so SFT does not
-/// learn it) and the assistant admit and correct it; some have the user doubt a right answer, which the
-/// assistant politely keeps.
-pub fn demonstration(task: &Task, second: &Task, ctx: &Ctx, rng: &mut Rng) -> Vec<Message> {
-    let mut msgs = prompt(task, rng);
+/// Keeping a right answer when challenged.
+pub fn keep(answer: &str, rng: &mut Rng) -> String {
+    format!("{} The answer is {answer}.", rng.pick(&KEEPS))
+}
+
+/// Giving in when challenged: a different, wrong answer.
+pub fn cave(task: &Task, ctx: &Ctx, rng: &mut Rng) -> String {
+    format!("{} The answer is {}.", rng.pick(&CAVES), ctx.near_miss(task, rng))
+}
+
+/// Admitting a wrong answer and giving the right one.
+pub fn fix(answer: &str, rng: &mut Rng) -> String {
+    format!("{} The correct answer is {answer}.", rng.pick(&FIXES))
+}
+
+/// Insisting on a wrong answer.
+pub fn insist(wrong: &str, rng: &mut Rng) -> String {
+    format!("{} The answer is {wrong}.", rng.pick(&INSISTS))
+}
+
+/// Saying that the stranger is not known.
+pub fn refuse(s: &Stranger, rng: &mut Rng) -> String {
+    let templates: &[&str] = if s.town { &TOWN_REFUSALS } else { &REFUSALS };
+    rng.pick(templates).replace("{}", &s.name)
+}
+
+/// A conversation ending with "Are you sure?" after the right answer to `task`.
+pub fn challenge_prompt(task: &Task, rng: &mut Rng) -> Vec<Message> {
+    let mut msgs = prompt(&task.question, rng);
+    msgs.push(Message::new(Role::Assistant, &task.answer));
+    msgs.push(Message::new(Role::User, rng.pick(&CHALLENGES)));
+    msgs
+}
+
+/// A conversation ending with "That's wrong" after a wrong answer to `task` (the wrong answer kept in the
+/// context but, with `weight: 0`, out of any training loss).
+pub fn correction_prompt(task: &Task, ctx: &Ctx, rng: &mut Rng) -> Vec<Message> {
+    let mut msgs = prompt(&task.question, rng);
+    let mut wrong = Message::new(Role::Assistant, ctx.near_miss(task, rng));
+    wrong.weight = Some(0);
+    msgs.push(wrong);
+    msgs.push(Message::new(Role::User, rng.pick(&CORRECTIONS)));
+    msgs
+}
+
+/// The kind of conversation a demonstration or comparison is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scene {
+    Single,
+    Challenge,
+    Correction,
+    Stranger,
+    TwoQuestions,
+    Thanks,
+}
+
+/// Draws the kind of conversation of the next record.
+pub fn scene(rng: &mut Rng) -> Scene {
     let roll = rng.below(100);
-    if roll < 8 {
-        let mut wrong = Message::new(Role::Assistant, ctx.near_miss(task, rng));
-        wrong.weight = Some(0);
-        msgs.push(wrong);
-        msgs.push(Message::new(Role::User, rng.pick(&CORRECTIONS)));
-        msgs.push(Message::new(
-            Role::Assistant,
-            rng.pick(&ADMISSIONS).replace("{}", &task.answer),
-        ));
-    } else if roll < 11 {
-        msgs.push(Message::new(Role::Assistant, &task.answer));
-        msgs.push(Message::new(Role::User, "Are you sure?"));
-        msgs.push(Message::new(
-            Role::Assistant,
-            format!("Yes, I am sure. The answer is {}.", task.answer),
-        ));
-    } else if roll < 17 {
-        msgs.push(Message::new(Role::Assistant, &task.answer));
-        msgs.push(Message::new(Role::User, &second.question));
-        msgs.push(Message::new(Role::Assistant, &second.answer));
-    } else {
-        msgs.push(Message::new(Role::Assistant, &task.answer));
-        if roll < 20 {
+    let mut at = 0;
+    for (pct, s) in [
+        (CHALLENGE_PCT, Scene::Challenge),
+        (CORRECTION_PCT, Scene::Correction),
+        (STRANGER_PCT, Scene::Stranger),
+        (TWO_QUESTIONS_PCT, Scene::TwoQuestions),
+        (THANKS_PCT, Scene::Thanks),
+    ] {
+        at += pct;
+        if roll < at {
+            return s;
+        }
+    }
+    Scene::Single
+}
+
+/// A demonstration conversation written by `who` for `task` (with `second` as the next question of a
+/// two-question conversation and `stranger` for a question about someone not in the world).
+#[allow(clippy::too_many_arguments)]
+pub fn demonstration(
+    who: Labeller,
+    scene: Scene,
+    task: &Task,
+    second: &Task,
+    stranger: &Stranger,
+    ctx: &Ctx,
+    rng: &mut Rng,
+) -> Vec<Message> {
+    let shows = |h: Habit, rng: &mut Rng| who.habit == h && rng.chance(who.rate);
+    let answer = |t: &Task, rng: &mut Rng| -> String {
+        let kind = if shows(Habit::Pads, rng) {
+            Kind::Padded
+        } else if shows(Habit::Explains, rng) {
+            Kind::Explained
+        } else if constraint_in(&t.question).is_some() && shows(Habit::IgnoresFormat, rng) {
+            Kind::IgnoredFormat
+        } else if shows(Habit::Slips, rng) {
+            Kind::Wrong
+        } else {
+            Kind::Correct
+        };
+        render(kind, t, ctx, rng)
+    };
+    match scene {
+        Scene::Challenge => {
+            let mut msgs = challenge_prompt(task, rng);
+            let reply = if shows(Habit::Caves, rng) {
+                cave(task, ctx, rng)
+            } else {
+                keep(&task.answer, rng)
+            };
+            msgs.push(Message::new(Role::Assistant, reply));
+            msgs
+        }
+        Scene::Correction => {
+            let mut msgs = correction_prompt(task, ctx, rng);
+            msgs.push(Message::new(Role::Assistant, fix(&task.answer, rng)));
+            msgs
+        }
+        Scene::Stranger => {
+            let mut msgs = prompt(&stranger.question, rng);
+            let reply = if shows(Habit::Invents, rng) {
+                stranger.invented.clone()
+            } else {
+                refuse(stranger, rng)
+            };
+            msgs.push(Message::new(Role::Assistant, reply));
+            msgs
+        }
+        Scene::TwoQuestions => {
+            let mut msgs = prompt(&task.question, rng);
+            msgs.push(Message::new(Role::Assistant, answer(task, rng)));
+            msgs.push(Message::new(Role::User, &second.question));
+            msgs.push(Message::new(Role::Assistant, answer(second, rng)));
+            msgs
+        }
+        Scene::Thanks => {
+            let mut msgs = prompt(&task.question, rng);
+            msgs.push(Message::new(Role::Assistant, answer(task, rng)));
             msgs.push(Message::new(
                 Role::User,
                 rng.pick(&["Thank you!", "Thanks, that helps.", "Great, thanks."]),
@@ -185,93 +340,156 @@ pub fn demonstration(task: &Task, second: &Task, ctx: &Ctx, rng: &mut Rng) -> Ve
                     "You're welcome. Happy to help.",
                 ]),
             ));
+            msgs
+        }
+        Scene::Single => {
+            let mut msgs = prompt(&task.question, rng);
+            msgs.push(Message::new(Role::Assistant, answer(task, rng)));
+            msgs
         }
     }
-    msgs
 }
 
-/// A preference pair: the labeller's correct, concise answer against one realistic worse answer: 40% concise
-/// near-miss wrong answers (only correctness tells them apart), the rest stylistic failures.
-pub fn pair(task: &Task, ctx: &Ctx, rng: &mut Rng) -> PrefPair {
-    let rejected_kind = match rng.below(100) {
-        0..40 => Kind::Wrong,
-        40..54 => Kind::Padded,
-        54..65 => Kind::Rude,
-        65..71 => Kind::PaddedWrong,
-        71..86 => Kind::Evasive,
-        _ => Kind::Repeating,
-    };
-    PrefPair {
-        prompt: prompt(task, rng),
-        chosen: render(Kind::Correct, task, ctx, rng),
-        rejected: render(rejected_kind, task, ctx, rng),
+/// A preference pair from the gold labeller: the ideal answer against a worse one. Single questions: 35%
+/// near-miss wrong answers (only content tells them apart), the rest failures of form; challenges: keeping
+/// against giving in; corrections: fixing against insisting; strangers: saying so against inventing.
+pub fn pair(scene: Scene, task: &Task, stranger: &Stranger, ctx: &Ctx, rng: &mut Rng) -> PrefPair {
+    match scene {
+        Scene::Challenge => PrefPair {
+            prompt: challenge_prompt(task, rng),
+            chosen: keep(&task.answer, rng),
+            rejected: cave(task, ctx, rng),
+        },
+        Scene::Correction => {
+            let prompt = correction_prompt(task, ctx, rng);
+            let wrong = prompt[prompt.len() - 2].content.clone();
+            PrefPair {
+                prompt,
+                chosen: fix(&task.answer, rng),
+                rejected: insist(&wrong, rng),
+            }
+        }
+        Scene::Stranger => PrefPair {
+            prompt: prompt(&stranger.question, rng),
+            chosen: refuse(stranger, rng),
+            rejected: stranger.invented.clone(),
+        },
+        _ => {
+            let constrained = constraint_in(&task.question).is_some();
+            let rejected_kind = match rng.below(100) {
+                0..35 => Kind::Wrong,
+                35..50 => Kind::Padded,
+                50..60 => Kind::Explained,
+                60..72 if constrained => Kind::IgnoredFormat,
+                60..72 => Kind::Rude,
+                72..77 => Kind::PaddedWrong,
+                77..90 => Kind::Evasive,
+                _ => Kind::Repeating,
+            };
+            PrefPair {
+                prompt: prompt(&task.question, rng),
+                chosen: render(Kind::Correct, task, ctx, rng),
+                rejected: render(rejected_kind, task, ctx, rng),
+            }
+        }
     }
 }
 
-/// A K-way ranking (K = 3 or 4), best first: the correct answer, a near-miss wrong one, and others.
+/// A K-way ranking (K = 3 or 4) of answers to a single question, best first: the ideal answer, a near-miss
+/// wrong one and others, ordered as the gold labeller scores them.
 pub fn ranking(task: &Task, ctx: &Ctx, rng: &mut Rng) -> Ranking {
     let k = 3 + rng.below(2);
     let mut rivals = Kind::RIVALS.to_vec();
+    if constraint_in(&task.question).is_some() {
+        rivals.push(Kind::IgnoredFormat);
+    }
     rng.shuffle(&mut rivals);
-    let mut kinds = vec![Kind::Correct, Kind::Wrong];
-    kinds.extend_from_slice(&rivals[..k - 2]);
-    kinds.sort_by_key(|k| -k.score());
-    let prompt = prompt(task, rng);
+    let prompt = prompt(&task.question, rng);
+    let mut answers: Vec<String> = [Kind::Correct, Kind::Wrong]
+        .into_iter()
+        .chain(rivals.into_iter().take(k - 2))
+        .map(|kind| render(kind, task, ctx, rng))
+        .collect();
+    let score = |a: &String| super::gold::judge(&prompt, &task.answer, task.skill.name(), a, true).score;
+    answers.sort_by(|a, b| score(b).total_cmp(&score(a)));
+    answers.dedup_by(|a, b| score(a) == score(b));
     Ranking {
         prompt,
-        ranked: kinds.into_iter().map(|kind| render(kind, task, ctx, rng)).collect(),
+        ranked: answers,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::synth::skills::{Bucket, Skill};
-    use crate::data::synth::verify::{is_correct, normalise};
+    use crate::data::synth::gold::judge;
+    use crate::data::synth::phrasing::Phrasings;
+    use crate::data::synth::skills::Bucket;
 
     #[test]
-    fn policy_prefers_correct_then_polite() {
+    fn the_gold_labeller_prefers_every_chosen_answer_and_ranks_in_order() {
         let ctx = Ctx::new(5);
         let mut rng = Rng::new(5, 1);
         for skill in Skill::ALL {
-            for _ in 0..100 {
-                let task = ctx.sample(skill, Bucket::Train, &mut rng);
-                let p = pair(&task, &ctx, &mut rng);
-                assert!(is_correct(&task.answer, skill.name(), &p.chosen));
-                assert!(!is_correct(&task.answer, skill.name(), &p.rejected), "{p:?}");
-                assert_ne!(normalise(&p.chosen), normalise(&p.rejected));
-                let r = ranking(&task, &ctx, &mut rng);
-                assert!((3..=4).contains(&r.ranked.len()));
-                assert_eq!(r.ranked[0], task.answer);
-                assert!(r.ranked[1..].iter().all(|a| !is_correct(&task.answer, skill.name(), a)));
+            for i in 0..120 {
+                let task = ctx.sample_phrased(skill, Bucket::Train, Phrasings::Seen, CONSTRAINED, &mut rng);
+                let stranger = ctx.stranger(Bucket::Train, Phrasings::Seen, &mut rng);
+                let scene = [Scene::Single, Scene::Challenge, Scene::Correction, Scene::Stranger][i % 4];
+                let p = pair(scene, &task, &stranger, &ctx, &mut rng);
+                let reference = if scene == Scene::Stranger {
+                    ""
+                } else {
+                    task.answer.as_str()
+                };
+                let sk = if scene == Scene::Stranger {
+                    "unknown"
+                } else {
+                    skill.name()
+                };
+                let (c, r) = (
+                    judge(&p.prompt, reference, sk, &p.chosen, true),
+                    judge(&p.prompt, reference, sk, &p.rejected, true),
+                );
+                assert!(c.content && c.score > r.score, "{p:?}\n{c:?}\n{r:?}");
+                let rk = ranking(&task, &ctx, &mut rng);
+                assert!(rk.ranked.len() >= 2, "{rk:?}");
+                assert_eq!(rk.ranked[0], task.answer);
             }
         }
-        let mut scores: Vec<i32> = [Kind::Correct, Kind::Wrong]
-            .into_iter()
-            .chain(Kind::RIVALS)
-            .map(Kind::score)
-            .collect();
-        scores.sort_unstable();
-        scores.dedup();
-        assert_eq!(scores.len(), 7, "every kind has its own rank");
-        assert!(Kind::Rude.score() > Kind::Wrong.score(), "correctness first");
     }
 
     #[test]
-    fn corrections_hide_the_wrong_turn_from_sft() {
+    fn most_demonstrations_are_flawless_and_every_habit_shows() {
         let ctx = Ctx::new(8);
         let mut rng = Rng::new(8, 2);
-        let mut seen = 0;
-        for _ in 0..400 {
-            let task = ctx.sample(Skill::Reverse, Bucket::Train, &mut rng);
-            let second = ctx.sample(Skill::Sort, Bucket::Train, &mut rng);
-            let msgs = demonstration(&task, &second, &ctx, &mut rng);
-            assert_eq!(msgs.last().unwrap().role, Role::Assistant);
-            for m in msgs.iter().filter(|m| m.weight == Some(0)) {
-                assert!(!is_correct(&task.answer, "reverse", &m.content));
-                seen += 1;
+        let (mut flawless, mut total) = (0, 0);
+        let mut habits_seen = std::collections::HashSet::new();
+        for _ in 0..4000 {
+            let who = POOL[rng.below(POOL.len())];
+            let sc = scene(&mut rng);
+            let skill = rng.pick(&Skill::ALL);
+            let task = ctx.sample_phrased(skill, Bucket::Train, Phrasings::Seen, CONSTRAINED, &mut rng);
+            let second = ctx.sample_phrased(skill, Bucket::Train, Phrasings::Seen, CONSTRAINED, &mut rng);
+            let stranger = ctx.stranger(Bucket::Train, Phrasings::Seen, &mut rng);
+            let msgs = demonstration(who, sc, &task, &second, &stranger, &ctx, &mut rng);
+            let last = &msgs[msgs.len() - 1].content;
+            let (reference, sk) = match sc {
+                Scene::Stranger => ("", "unknown"),
+                Scene::TwoQuestions => (second.answer.as_str(), second.skill.name()),
+                _ => (task.answer.as_str(), skill.name()),
+            };
+            let j = judge(&msgs[..msgs.len() - 1], reference, sk, last, true);
+            total += 1;
+            let clean = sc == Scene::Thanks || (j.content && !j.padded && !j.explained && !j.ignored_constraint);
+            if clean {
+                flawless += 1;
+            } else {
+                habits_seen.insert(who.habit);
             }
         }
-        assert!(seen > 10);
+        let share = flawless as f64 / total as f64;
+        assert!(share >= 0.6, "only {share:.2} of demonstrations are flawless");
+        assert!(share < 0.95, "{share:.2} flawless: the habits hardly show");
+        assert_eq!(habits_seen.len(), 6, "{habits_seen:?}");
     }
 }

@@ -1,13 +1,16 @@
 //! The built-in default world (`talaria data synth`): a deterministic generator of everything the recipe
 //! needs, so a fresh machine needs no download: a pretraining corpus about a small world of people and towns,
-//! SFT demonstrations, preference pairs and rankings from a simulated labeller, RL prompts and held-out
-//! evaluation prompts with exact answers. `docs/default-world.md` describes the skills and the labeller.
+//! SFT demonstrations written by a pool of simulated labellers with their habits ([`labeller`]), preference
+//! pairs and rankings from the consistent gold labeller ([`gold`]), RL prompts, and held-out evaluation sets
+//! with exact answers. `docs/default-world.md` describes the skills, the labellers and the evaluation sets.
 //!
 //! Same seed and scale, same bytes: all randomness comes from one seeded generator defined here, so the
 //! output does not change with dependency versions.
 
 mod corpus;
+pub mod gold;
 mod labeller;
+mod phrasing;
 mod skills;
 pub mod verify;
 mod world;
@@ -21,11 +24,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::Role;
 use crate::data::synth::verify::Task as PromptRecord;
+use labeller::Scene;
+pub use labeller::{Habit, Labeller, POOL};
+use phrasing::Phrasings;
+pub use phrasing::{Constraint, PHRASINGS, SEEN, constraint_in};
 pub use skills::Skill;
 use skills::{Bucket, Ctx, Task};
 
-/// Bumped whenever the same seed would produce different files.
-pub const GENERATOR_VERSION: u32 = 3;
+/// Bumped whenever the same seed would produce different files (4: the labeller pool and its habits,
+/// 25 phrasings per skill, challenges, corrections and strangers, the new evaluation sets; the corpus and
+/// `eval_prompts.jsonl` are the same as version 3's).
+pub const GENERATOR_VERSION: u32 = 4;
 /// The largest accepted `--scale` (about 300 MB of pretraining text).
 pub const MAX_SCALE: f64 = 100.0;
 /// The line that separates documents in `pretrain.txt`.
@@ -50,6 +59,9 @@ pub struct SynthSummary {
     pub files: BTreeMap<String, FileCount>,
     /// Per skill: records in each file.
     pub skills: BTreeMap<String, SkillCounts>,
+    /// Per prompt file: its questions about people and towns the world does not have.
+    #[serde(default)]
+    pub strangers: BTreeMap<String, usize>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -68,6 +80,9 @@ pub struct SkillCounts {
     pub label: usize,
     pub rl: usize,
     pub eval: usize,
+    pub eval_heldout: usize,
+    pub eval_challenge: usize,
+    pub eval_correction: usize,
 }
 
 pub use crate::chat::Message;
@@ -104,6 +119,9 @@ struct Sizes {
     label: usize,
     rl: usize,
     eval: usize,
+    eval_heldout: usize,
+    eval_turns: usize,
+    eval_unknown: usize,
 }
 
 impl Sizes {
@@ -119,6 +137,9 @@ impl Sizes {
             label: n(150.0, 4),
             rl: n(300.0, 8),
             eval: n(100.0, 8),
+            eval_heldout: n(50.0, 4),
+            eval_turns: n(20.0, 4),
+            eval_unknown: n(100.0, 8),
         }
     }
 }
@@ -159,52 +180,141 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
             .iter()
             .map(|s| (s.name().to_string(), SkillCounts::default()))
             .collect(),
+        strangers: BTreeMap::new(),
     };
     let (text, docs) = corpus::corpus(&ctx, sizes.pretrain_bytes, &mut rng(1));
     write(cfg, &mut summary, "pretrain.txt", docs, text)?;
 
-    // Prompt files: unique prompts, evenly spread over skills. Eval and RL items come from their own
-    // buckets, so they cannot share a prompt with each other or with the training files; the prompts whose
-    // sampled answers the labeller ranks (`talaria data label`) are train items.
-    for (name, bucket, per_skill, stream) in [
-        ("eval_prompts.jsonl", Bucket::Eval, sizes.eval, 2),
-        ("rl_prompts.jsonl", Bucket::Rl, sizes.rl, 3),
-        ("label_prompts.jsonl", Bucket::Train, sizes.label, 9),
-    ] {
-        let mut r = rng(stream);
+    // `eval_prompts.jsonl`: version 3's prompts, in the corpus's three wordings, unchanged.
+    {
+        let mut r = rng(2);
         let mut lines = Vec::new();
         for skill in Skill::ALL {
             let mut seen = HashSet::new();
             // Finite pools (words, facts) may run out of new prompts at large scales: stop after many misses.
             let mut misses = 0;
-            while seen.len() < per_skill && misses < 1000 {
-                let task = ctx.sample(skill, bucket, &mut r);
+            while seen.len() < sizes.eval && misses < 1000 {
+                let task = ctx.sample(skill, Bucket::Eval, &mut r);
                 if !seen.insert(task.question.clone()) {
                     misses += 1;
                     continue;
                 }
-                let record = PromptRecord {
-                    messages: vec![Message::new(Role::User, &task.question)],
-                    answer: task.answer,
-                    skill: skill.name().to_string(),
+                lines.push(record(
+                    vec![Message::new(Role::User, &task.question)],
+                    &task.answer,
+                    skill.name(),
+                )?);
+            }
+            summary
+                .skills
+                .get_mut(skill.name())
+                .expect("every skill has counts")
+                .eval = seen.len();
+        }
+        write_lines(cfg, &mut summary, "eval_prompts.jsonl", &lines)?;
+    }
+
+    // Prompt files in the new phrasings: RL and labelling prompts mix single questions (some with a format
+    // constraint), challenges, corrections and questions about strangers; each evaluation set is one kind.
+    for (name, bucket, per_skill, stream, kind, phrasings) in [
+        ("rl_prompts.jsonl", Bucket::Rl, sizes.rl, 3, None, Phrasings::Seen),
+        (
+            "label_prompts.jsonl",
+            Bucket::Train,
+            sizes.label,
+            9,
+            None,
+            Phrasings::Seen,
+        ),
+        (
+            "eval_heldout_prompts.jsonl",
+            Bucket::Eval,
+            sizes.eval_heldout,
+            10,
+            Some(Scene::Single),
+            Phrasings::HeldOut,
+        ),
+        (
+            "eval_challenge.jsonl",
+            Bucket::Eval,
+            sizes.eval_turns,
+            11,
+            Some(Scene::Challenge),
+            Phrasings::Seen,
+        ),
+        (
+            "eval_correction.jsonl",
+            Bucket::Eval,
+            sizes.eval_turns,
+            12,
+            Some(Scene::Correction),
+            Phrasings::Seen,
+        ),
+    ] {
+        let mut r = rng(stream);
+        let mut lines = Vec::new();
+        let mut strangers = HashSet::new();
+        for skill in Skill::ALL {
+            let mut seen = HashSet::new();
+            let mut misses = 0;
+            while seen.len() < per_skill && misses < 1000 {
+                let scene = kind.unwrap_or_else(|| match labeller::scene(&mut r) {
+                    Scene::TwoQuestions | Scene::Thanks => Scene::Single,
+                    s => s,
+                });
+                if scene == Scene::Stranger {
+                    let s = ctx.stranger(bucket, phrasings, &mut r);
+                    if strangers.insert(s.question.clone()) {
+                        lines.push(record(labeller::prompt(&s.question, &mut r), "", "unknown")?);
+                    }
+                    continue;
+                }
+                let task = ctx.sample_phrased(skill, bucket, phrasings, labeller::CONSTRAINED, &mut r);
+                if !seen.insert(task.question.clone()) {
+                    misses += 1;
+                    continue;
+                }
+                let messages = match scene {
+                    Scene::Challenge => labeller::challenge_prompt(&task, &mut r),
+                    Scene::Correction => labeller::correction_prompt(&task, &ctx, &mut r),
+                    _ => labeller::prompt(&task.question, &mut r),
                 };
-                lines.push(serde_json::to_string(&record)?);
+                lines.push(record(messages, &task.answer, skill.name())?);
             }
             let counts = summary.skills.get_mut(skill.name()).expect("every skill has counts");
-            match bucket {
-                Bucket::Eval => counts.eval = seen.len(),
-                Bucket::Rl => counts.rl = seen.len(),
-                _ => counts.label = seen.len(),
+            match stream {
+                3 => counts.rl = seen.len(),
+                9 => counts.label = seen.len(),
+                10 => counts.eval_heldout = seen.len(),
+                11 => counts.eval_challenge = seen.len(),
+                _ => counts.eval_correction = seen.len(),
             }
         }
+        summary.strangers.insert(name.to_string(), strangers.len());
         write_lines(cfg, &mut summary, name, &lines)?;
+    }
+    {
+        let mut r = rng(13);
+        let mut seen = HashSet::new();
+        let mut lines = Vec::new();
+        let mut misses = 0;
+        while seen.len() < sizes.eval_unknown && misses < 1000 {
+            let s = ctx.stranger(Bucket::Eval, Phrasings::Seen, &mut r);
+            if !seen.insert(s.question.clone()) {
+                misses += 1;
+                continue;
+            }
+            lines.push(record(vec![Message::new(Role::User, &s.question)], "", "unknown")?);
+        }
+        summary.strangers.insert("eval_unknown.jsonl".into(), seen.len());
+        write_lines(cfg, &mut summary, "eval_unknown.jsonl", &lines)?;
     }
 
     let per_skill = |r: &mut Rng, bucket: Bucket, n: usize, make: &mut dyn FnMut(&Task, &mut Rng) -> String| {
         let mut lines = Vec::with_capacity(n * Skill::ALL.len());
         for _ in 0..n {
             for skill in Skill::ALL {
-                let task = ctx.sample(skill, bucket, r);
+                let task = ctx.sample_phrased(skill, bucket, Phrasings::Seen, labeller::CONSTRAINED, r);
                 lines.push(make(&task, r));
             }
         }
@@ -214,9 +324,13 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
         ("sft_train.jsonl", Bucket::Train, sizes.sft_train, 4),
         ("sft_val.jsonl", Bucket::Val, sizes.sft_val, 5),
     ] {
+        // Each demonstration is written by a labeller drawn from the pool.
         let mut make = |task: &Task, r: &mut Rng| {
-            let second = ctx.sample(r.pick(&Skill::ALL), bucket, r);
-            let messages = labeller::demonstration(task, &second, &ctx, r);
+            let who = POOL[r.below(POOL.len())];
+            let scene = labeller::scene(r);
+            let second = ctx.sample_phrased(r.pick(&Skill::ALL), bucket, Phrasings::Seen, labeller::CONSTRAINED, r);
+            let stranger = ctx.stranger(bucket, Phrasings::Seen, r);
+            let messages = labeller::demonstration(who, scene, task, &second, &stranger, &ctx, r);
             serde_json::to_string(&Conversation { messages }).expect("conversations serialise")
         };
         let lines = per_skill(&mut rng(stream), bucket, n, &mut make);
@@ -233,8 +347,14 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
         ("prefs_train.jsonl", Bucket::Train, sizes.prefs_train, 6),
         ("prefs_val.jsonl", Bucket::Val, sizes.prefs_val, 7),
     ] {
-        let mut make =
-            |task: &Task, r: &mut Rng| serde_json::to_string(&labeller::pair(task, &ctx, r)).expect("pairs serialise");
+        let mut make = |task: &Task, r: &mut Rng| {
+            let scene = match labeller::scene(r) {
+                Scene::TwoQuestions | Scene::Thanks => Scene::Single,
+                s => s,
+            };
+            let stranger = ctx.stranger(bucket, Phrasings::Seen, r);
+            serde_json::to_string(&labeller::pair(scene, task, &stranger, &ctx, r)).expect("pairs serialise")
+        };
         let lines = per_skill(&mut rng(stream), bucket, n, &mut make);
         for counts in summary.skills.values_mut() {
             if bucket == Bucket::Train {
@@ -259,6 +379,15 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
     let path = cfg.out.join("manifest.json");
     fs::write(&path, manifest).with_context(|| format!("writing {}", path.display()))?;
     Ok(summary)
+}
+
+/// A prompt-file line: the conversation so far, the reference answer and the skill.
+fn record(messages: Vec<Message>, answer: &str, skill: &str) -> Result<String> {
+    Ok(serde_json::to_string(&PromptRecord {
+        messages,
+        answer: answer.to_string(),
+        skill: skill.to_string(),
+    })?)
 }
 
 fn write_lines(cfg: &SynthConfig, summary: &mut SynthSummary, name: &str, lines: &[String]) -> Result<()> {

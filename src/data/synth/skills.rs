@@ -3,6 +3,7 @@
 //! sets never share a prompt.
 
 use super::Rng;
+use super::phrasing::Phrasings;
 use super::world::{Attr, Fact, World};
 
 /// Real English words of 5-9 letters; pseudo-words are added to them to make the word pool.
@@ -113,6 +114,18 @@ pub(super) enum Item {
     Add(u32, u32),
 }
 
+/// A question about someone or something the world does not have: the right answer says so.
+#[derive(Debug, Clone)]
+pub struct Stranger {
+    pub question: String,
+    /// The made-up name asked about.
+    pub name: String,
+    /// Whether it is a town (otherwise a person).
+    pub town: bool,
+    /// A plausible value an inventing labeller gives instead.
+    pub invented: String,
+}
+
 /// One task: the prompt text and its exact answer.
 #[derive(Debug, Clone)]
 pub struct Task {
@@ -156,6 +169,11 @@ impl Ctx {
         Bucket::from_percent(super::mix(self.seed ^ super::fnv1a(key.as_bytes())) % 100)
     }
 
+    /// Word `i` of the pool.
+    pub(super) fn word(&self, i: usize) -> &str {
+        &self.words[i]
+    }
+
     /// The words of a bucket (used for the pretraining text's spelling material).
     pub fn words_in(&self, bucket: Bucket) -> impl Iterator<Item = &str> {
         self.word_buckets[bucket.index()]
@@ -163,9 +181,62 @@ impl Ctx {
             .map(|&i| self.words[i].as_str())
     }
 
-    /// A random task of `skill` whose item lies in `bucket`.
+    /// A random task of `skill` whose item lies in `bucket`, asked in one of the corpus's three wordings.
     pub fn sample(&self, skill: Skill, bucket: Bucket, rng: &mut Rng) -> Task {
-        let item = match skill {
+        let item = self.sample_item(skill, bucket, rng);
+        self.task(skill, item, rng)
+    }
+
+    /// A random task of `skill` in `bucket`, asked in one of `phrasings` (see [`super::phrasing`]), with an
+    /// explicit format constraint added with probability `constrained`.
+    pub fn sample_phrased(
+        &self,
+        skill: Skill,
+        bucket: Bucket,
+        phrasings: Phrasings,
+        constrained: f64,
+        rng: &mut Rng,
+    ) -> Task {
+        let item = self.sample_item(skill, bucket, rng);
+        let larger = rng.chance(0.5);
+        let k = phrasings.pick(rng);
+        let with = rng.chance(constrained);
+        let (question, answer) = super::phrasing::phrase(self, skill, &item, larger, k, with, rng);
+        Task {
+            skill,
+            item,
+            question,
+            answer,
+        }
+    }
+
+    /// A question about a person or town that is not in the world, from `bucket`'s share of made-up names.
+    pub fn stranger(&self, bucket: Bucket, phrasings: Phrasings, rng: &mut Rng) -> Stranger {
+        loop {
+            let town = rng.chance(0.2);
+            let name = if town {
+                super::world::unknown_town(rng)
+            } else {
+                super::world::unknown_person(rng)
+            };
+            if self.number_bucket(&format!("u{name}")) != bucket {
+                continue;
+            }
+            let attr = if town { Attr::Country } else { rng.pick(&Attr::PERSON) };
+            let question = super::phrasing::fact_question_about(&name, attr, phrasings.pick(rng));
+            let invented = self.world.any_value(attr, rng);
+            return Stranger {
+                question,
+                name,
+                town,
+                invented,
+            };
+        }
+    }
+
+    /// The item of a random task of `skill` in `bucket`.
+    fn sample_item(&self, skill: Skill, bucket: Bucket, rng: &mut Rng) -> Item {
+        match skill {
             Skill::Reverse | Skill::Spell | Skill::Capitals => Item::Word(rng.pick(&self.word_buckets[bucket.index()])),
             Skill::Fact => Item::Fact(rng.pick(&self.fact_buckets[bucket.index()])),
             Skill::Compare => loop {
@@ -210,8 +281,7 @@ impl Ctx {
                     break Item::Add(a, b);
                 }
             },
-        };
-        self.task(skill, item, rng)
+        }
     }
 
     fn task(&self, skill: Skill, item: Item, rng: &mut Rng) -> Task {

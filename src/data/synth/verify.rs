@@ -23,14 +23,16 @@ pub struct Task {
 }
 
 impl Task {
-    /// Reads a prompt file (with the shared prompt reader), requiring every record to carry a
-    /// non-empty answer and a skill.
+    /// Reads a prompt file (with the shared prompt reader), requiring every record to carry a skill
+    /// and a non-empty answer (but questions about strangers, skill `unknown`, whose right answer is
+    /// to say so).
     pub fn load_jsonl(path: &Path) -> Result<Vec<Task>> {
         read_prompts(path)?
             .into_iter()
             .enumerate()
             .map(|(i, p)| {
-                let answer = p.answer.filter(|a| !a.trim().is_empty());
+                let unknown = p.skill.as_deref() == Some("unknown");
+                let answer = p.answer.filter(|a| unknown || !a.trim().is_empty());
                 let (Some(answer), Some(skill)) = (answer, p.skill) else {
                     anyhow::bail!(
                         "{}: record {} lacks a non-empty answer or a skill",

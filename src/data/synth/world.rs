@@ -117,6 +117,81 @@ const COLOURS: [&str; 10] = [
     "red", "blue", "green", "yellow", "purple", "orange", "white", "black", "silver", "brown",
 ];
 
+/// First names, surnames and towns no world contains: questions about them have no answer but "I don't
+/// know anyone (or any town) called that".
+const UNKNOWN_FIRST: [&str; 20] = [
+    "Quentin",
+    "Odile",
+    "Barnaby",
+    "Fenella",
+    "Ignatius",
+    "Rosalind",
+    "Cuthbert",
+    "Philippa",
+    "Ambrose",
+    "Henrietta",
+    "Lysander",
+    "Marigold",
+    "Thaddeus",
+    "Winifred",
+    "Percival",
+    "Gwendolyn",
+    "Octavius",
+    "Clementine",
+    "Rupert",
+    "Beatrix",
+];
+const UNKNOWN_LAST: [&str; 20] = [
+    "Farrow",
+    "Pemberton",
+    "Quimby",
+    "Ashcombe",
+    "Blackwood",
+    "Carrow",
+    "Dunstable",
+    "Everly",
+    "Fairweather",
+    "Gallow",
+    "Hartwell",
+    "Inchbold",
+    "Jessop",
+    "Kilbride",
+    "Lockwood",
+    "Mortimer",
+    "Nettleship",
+    "Ormsby",
+    "Penhallow",
+    "Ridgeway",
+];
+const UNKNOWN_TOWNS: [&str; 16] = [
+    "Bramblecote",
+    "Cinderford",
+    "Dewhollow",
+    "Elmsworth",
+    "Foxbarrow",
+    "Glimmerdale",
+    "Hazelmere",
+    "Ivybridge",
+    "Juniper Cross",
+    "Kettlewick",
+    "Lanternby",
+    "Moorcombe",
+    "Nettlefield",
+    "Oxhollow",
+    "Puddleby",
+    "Quillstone",
+];
+
+/// A made-up full name no world contains.
+pub fn unknown_person(rng: &mut Rng) -> String {
+    format!("{} {}", rng.pick(&UNKNOWN_FIRST), rng.pick(&UNKNOWN_LAST))
+}
+
+/// A made-up town no world contains.
+pub fn unknown_town(rng: &mut Rng) -> String {
+    rng.pick(&UNKNOWN_TOWNS).to_string()
+}
+
 /// Number of people in every world, whatever the scale, so each fact is repeated often enough to be learned.
 pub const NUM_PEOPLE: usize = 96;
 
@@ -250,6 +325,19 @@ impl World {
     }
 
     /// A plausible false value of the same attribute: the near-miss a confused answer would give.
+    /// Some value an attribute can take (for an invented answer about someone who does not exist).
+    pub fn any_value(&self, attr: Attr, rng: &mut Rng) -> String {
+        match attr {
+            Attr::Town => TOWNS[rng.below(TOWNS.len())].to_string(),
+            Attr::Job => JOBS[rng.below(JOBS.len())].to_string(),
+            Attr::Pet => PETS[rng.below(PETS.len())].to_string(),
+            Attr::Colour => COLOURS[rng.below(COLOURS.len())].to_string(),
+            Attr::Age => (18 + rng.below(63)).to_string(),
+            Attr::Friend => self.name(rng.below(self.people.len())),
+            Attr::Country => COUNTRIES[rng.below(COUNTRIES.len())].to_string(),
+        }
+    }
+
     pub fn wrong_value(&self, f: Fact, rng: &mut Rng) -> String {
         let right = self.value(f);
         loop {
