@@ -16,6 +16,13 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 fn main() {
     // SAFETY: sets a process-wide allocator option; mimalloc allows this at any time.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // A write past the file-size limit (`ulimit -f`) then fails with a clear error naming the file
+    // instead of killing the process.
+    #[cfg(unix)]
+    // SAFETY: ignoring a signal touches no memory; done before any other thread starts.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = cli::Cli::parse();
     // The work runs on the kernels' thread pool, except the server's, whose async runtime must not
     // hold a worker: it gives its scheduler thread to the pool itself.

@@ -27,7 +27,8 @@ use crate::train::ppo::{self, PpoConfig, RewardSpec};
 use crate::train::pretrain::{self, PretrainConfig};
 use crate::train::reward::{self, RewardConfig};
 use crate::train::sft::{self, SftConfig};
-use crate::train::trainer::TrainConfig;
+use crate::train::trainer::{TrainConfig, interrupt_flag};
+use std::sync::atomic::Ordering;
 
 /// The sizes and budgets of one speedrun.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -101,7 +102,7 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             pretrain_steps: 2400,
             pretrain_batch: 16,
             pretrain_lr: 3e-3,
-            sft_steps: 600,
+            sft_steps: 800,
             sft_batch: 16,
             sft_lr: 1e-3,
             label_samples: 4,
@@ -113,12 +114,12 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             // model's preference for short answers; rollouts at temperature 1 are mostly worse than the greedy
             // answer, so they sample at 0.7.
             ppo: PpoPreset {
-                steps: 20,
+                steps: 40,
                 prompts: 16,
                 samples: 8,
-                lr: 1e-5,
-                kl_coef: 0.1,
-                epochs: 1,
+                lr: 2e-5,
+                kl_coef: 0.05,
+                epochs: 2,
                 temperature: 0.7,
             },
             // The true reward cannot be exploited, so it takes a larger learning rate, a weaker KL penalty, two
@@ -137,7 +138,7 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             dpo_lr: 5e-5,
             dpo_beta: 0.1,
             dpo_nll_coef: 1.0,
-            max_new_tokens: 32,
+            max_new_tokens: 40,
         }),
         "tiny" => Ok(SpeedrunPreset {
             name: "tiny",
@@ -218,6 +219,15 @@ fn file_digest(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect())
 }
 
+/// After the first Ctrl-C (the training stages have saved their checkpoint): stop the run, leaving the
+/// stage unfinished so that the same command resumes it.
+fn stop_if_interrupted(name: &str) -> Result<()> {
+    if interrupt_flag().load(Ordering::SeqCst) {
+        bail!("interrupted during the {name} stage; run the same command again to resume from its checkpoint");
+    }
+    Ok(())
+}
+
 /// Runs a stage unless a finished one with the same key exists. A partial run with the same
 /// key is resumed (`f` gets `resume = true`); a stale one is removed first. `at` is the stage's position
 /// out of `total`.
@@ -245,6 +255,7 @@ fn stage(
     std::fs::write(dir.join(KEY_FILE), key)?;
     let start = Instant::now();
     let summary = f(resume).with_context(|| format!("speedrun stage {name}"))?;
+    stop_if_interrupted(name)?;
     let wall = start.elapsed().as_secs_f64();
     std::fs::write(
         &done,
@@ -341,6 +352,7 @@ struct Chain<'c> {
 impl<'c> Chain<'c> {
     /// Creates the run directory and writes the settings the report lists (`report::SETTINGS_FILE`).
     fn start(cfg: &'c SpeedrunConfig) -> Result<Self> {
+        interrupt_flag();
         let out = &cfg.out;
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         let settings = serde_json::to_string_pretty(&json!({"seed": cfg.seed, "preset": cfg.preset}))?;
@@ -568,7 +580,7 @@ impl<'c> Chain<'c> {
                 reward,
                 monitor: monitor.map(|m| m.dir.clone()),
                 prompts: world.dir.join("rl_prompts.jsonl"),
-                eval_prompts: Some(world.dir.join("eval_prompts.jsonl")),
+                eval_prompts: Some(world.dir.join("eval_seen_prompts.jsonl")),
                 out: dir.clone(),
                 steps: pp.steps,
                 prompts_per_step: pp.prompts,
@@ -640,6 +652,7 @@ impl<'c> Chain<'c> {
         let start = Instant::now();
         let (n, total) = self.next();
         let eval = evaluate_run(&self.cfg.out, &world.dir, self.cfg.seed, self.p().max_new_tokens)?;
+        stop_if_interrupted("eval")?;
         println!(
             "[{n}/{total}] eval         done in {:.0}s",
             start.elapsed().as_secs_f64()

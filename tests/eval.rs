@@ -3,7 +3,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use talaria::eval::benchmarks::{gsm8k_accuracy, mmlu_accuracy, read_gsm8k, read_mmlu};
+use talaria::eval::benchmarks::{
+    McQuestion, continuation_logprobs, gsm8k_accuracy, mmlu_accuracy, read_gsm8k, read_mmlu,
+};
 use talaria::model::{Gpt, GptConfig, init_weights};
 use talaria::tokenizer::{self, Tokenizer};
 
@@ -60,4 +62,83 @@ fn malformed_benchmark_records_name_the_file_and_line() {
     std::fs::write(&p, "{\"question\": \"q\", \"answer\": \"no final number\"}\n").unwrap();
     let e = format!("{:#}", read_gsm8k(&p, None).unwrap_err());
     assert!(e.contains("m.jsonl:1") && e.contains("####"), "{e}");
+}
+
+#[test]
+fn multiple_choice_scores_the_whole_continuation_of_each_letter() {
+    // A vocabulary in which " A" is one token and " B", " C", " D" are two (a space, then the letter):
+    // reading only the first token would see three identical choices.
+    let cfg = tokenizer::TrainConfig {
+        vocab_size: 300,
+        min_frequency: 2,
+        show_progress: false,
+    };
+    let corpus = ["A A A A A A A A", "B C D"].map(|l| Ok(l.to_string()));
+    let (tok, _) = tokenizer::train_bpe(&cfg, corpus.into_iter()).unwrap();
+    let lens: Vec<usize> = ["A", "B", "C", "D"]
+        .iter()
+        .map(|l| tok.encode(&format!(" {l}")).unwrap().len())
+        .collect();
+    assert_eq!(lens, [1, 2, 2, 2], "the test needs this split");
+    let spaces: Vec<u32> = ["B", "C", "D"]
+        .iter()
+        .map(|l| tok.encode(&format!(" {l}")).unwrap()[0])
+        .collect();
+    assert!(spaces.iter().all(|&s| s == spaces[0]));
+
+    // A model whose weights are all zero predicts every token with probability 1/V: a one-token
+    // continuation is exactly V times likelier than a two-token one, so " A" is the answer.
+    let mut mcfg = GptConfig::preset("tiny").unwrap();
+    mcfg.vocab_size = tok.vocab_size();
+    let zeros: std::collections::HashMap<_, _> = init_weights(&mcfg, 1, DType::F32, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.zeros_like().unwrap()))
+        .collect();
+    let model = Gpt::from_weights(&mcfg, &zeros).unwrap();
+    let prompt = tok.encode("Question: pick one.\nAnswer:").unwrap();
+    let conts: Vec<Vec<u32>> = ["A", "B", "C", "D"]
+        .iter()
+        .map(|l| tok.encode(&format!(" {l}")).unwrap())
+        .collect();
+    let lp = continuation_logprobs(&model, &prompt, &conts).unwrap();
+    let v = (tok.vocab_size() as f64).ln();
+    for (l, expected) in lp.iter().zip([-v, -2.0 * v, -2.0 * v, -2.0 * v]) {
+        assert!((l - expected).abs() < 1e-4, "{lp:?}");
+    }
+    let q = McQuestion {
+        subject: "test".into(),
+        question: "Pick one.".into(),
+        choices: ["w", "x", "y", "z"].map(String::from).to_vec(),
+        answer: 0,
+    };
+    assert_eq!(mmlu_accuracy(&model, &tok, &[q.clone()], &[], 0).unwrap(), 1.0);
+    let wrong = McQuestion { answer: 3, ..q };
+    assert_eq!(mmlu_accuracy(&model, &tok, &[wrong], &[], 0).unwrap(), 0.0);
+
+    // On a random model, each continuation's score is the sum of the log-softmax of its tokens.
+    let random = tiny_model(&tok);
+    let lp = continuation_logprobs(&random, &prompt, &conts).unwrap();
+    let mut ids = prompt.clone();
+    ids.extend(&conts[1][..1]);
+    let logits = random
+        .forward(
+            &candle_core::Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let log_softmax = |row: &[f32], t: u32| -> f64 {
+        let m = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+        let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+        row[t as usize] as f64 - m - z.ln()
+    };
+    let n = prompt.len();
+    let direct = log_softmax(&logits[n - 1], conts[1][0]) + log_softmax(&logits[n], conts[1][1]);
+    assert!((lp[1] - direct).abs() < 1e-4, "{} vs {direct}", lp[1]);
 }

@@ -262,7 +262,9 @@ fn the_reward_model_learns_the_labeller_and_flags_length_bias() {
     assert_eq!(acc.len(), 1);
     assert_eq!(corr.len(), 1);
     assert!(acc[0] > 0.6, "held-out pairwise accuracy {}", acc[0]);
-    assert!(corr[0].abs() <= 1.0);
+    // The world's chosen answers are the concise ones, so a reward model that learned them scores
+    // shorter answers higher: the alarm reads a clearly negative correlation.
+    assert!(corr[0] < -0.2, "reward/length correlation {}", corr[0]);
 }
 
 fn ppo_cfg(f: &Fixture, out: &Path, reward: RewardSpec, steps: u64) -> PpoConfig {
@@ -330,10 +332,9 @@ fn ppo_logs_every_quantity_and_resumes_exactly() {
     }
     // Probed before the first update and at the end.
     assert_eq!(metric(&whole, "ppo", "eval_accuracy").len(), 2);
-    assert!(
-        metric(&whole, "ppo", "kl").iter().all(|k| k.abs() < 5.0),
-        "KL must stay bounded"
-    );
+    // The first rollouts come from the reference itself: every log-ratio is zero. Later ones have moved.
+    let kl = metric(&whole, "ppo", "kl");
+    assert!(kl[0].abs() < 1e-6 && kl[1..].iter().any(|k| *k > 1e-4), "{kl:?}");
     // The adaptive controller moved the coefficient.
     assert_ne!(metric(&whole, "ppo", "kl_coef")[3], 0.05);
 
@@ -351,6 +352,15 @@ fn ppo_logs_every_quantity_and_resumes_exactly() {
             "{key} after resume"
         );
     }
+    // The critic is saved inside the actor's checkpoint; one at another step than its actor is refused.
+    let critic_meta = split.join("checkpoint/critic/talaria.json");
+    let mut meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&critic_meta).unwrap()).unwrap();
+    assert_eq!(meta["step"], 4);
+    meta["step"] = 2.into();
+    std::fs::write(&critic_meta, meta.to_string()).unwrap();
+    cfg.steps = 6;
+    let e = format!("{:#}", ppo(&cfg).unwrap_err());
+    assert!(e.contains("at step 4 but its critic at step 2"), "{e}");
 }
 
 #[test]
@@ -359,11 +369,6 @@ fn ppo_with_the_verifier_and_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("v");
     ppo(&ppo_cfg(f, &run, RewardSpec::Verifier, 2)).unwrap();
-    let r = metric(&run, "ppo", "reward");
-    assert!(
-        r.iter().all(|x| (0.0..=1.0).contains(x)),
-        "verifier rewards are 0 or 1 on average: {r:?}"
-    );
 
     // The gold labeller drives while the reward model only watches; the exact KL starts at zero when the
     // reference is the starting policy, and above zero from a policy that has moved away from it.
@@ -598,4 +603,35 @@ fn long_prompts_lose_their_oldest_turns_before_a_pair_is_left_out() {
             .unwrap()
             .is_none()
     );
+}
+
+#[test]
+fn ppo_learns_to_end_its_answers_within_a_few_steps() {
+    // The tiny SFT model rarely ends an answer within 10 tokens, and the gold labeller takes 4 points off
+    // an answer that never ends: the one thing a few PPO steps can learn here.
+    let f = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("learn");
+    let mut c = ppo_cfg(f, &run, RewardSpec::Gold, 12);
+    c.prompts_per_step = 8;
+    c.samples_per_prompt = 4;
+    c.minibatch = 32;
+    c.prompt_baseline = true;
+    c.lr = 5e-4;
+    c.kl_target = None;
+    c.eval_prompts = None;
+    ppo(&c).unwrap();
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let (r, ended) = (metric(&run, "ppo", "reward"), metric(&run, "ppo", "ended"));
+    let (first, last) = (mean(&r[..3]), mean(&r[9..]));
+    eprintln!(
+        "reward {first:.2} -> {last:.2}, answers ended {:.2} -> {:.2}",
+        mean(&ended[..3]),
+        mean(&ended[9..])
+    );
+    assert!(
+        last > first + 0.7,
+        "PPO did not learn: reward {first:.2} -> {last:.2} ({r:?})"
+    );
+    assert!(mean(&ended[9..]) > mean(&ended[..3]) + 0.2, "{ended:?}");
 }

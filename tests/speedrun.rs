@@ -1,9 +1,13 @@
 //! The `tiny` speedrun end to end through the CLI: every stage leaves its artifact and metrics,
 //! the report has a row per stage, a rerun reuses every finished stage, and a fresh run with the
-//! same seed reproduces every number of the evaluation.
+//! same seed reproduces every number of the evaluation. A run killed with SIGKILL at seeded moments, or
+//! stopped with Ctrl-C, and then rerun ends with the weights of an uninterrupted one.
 
 use std::ffi::OsStr;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use talaria::metrics::read_metrics;
 
@@ -62,7 +66,7 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "label/rankings.jsonl",
         "reward/checkpoint/model.safetensors",
         "ppo/checkpoint/model.safetensors",
-        "ppo/critic/model.safetensors",
+        "ppo/checkpoint/critic/model.safetensors",
         "ppo_gold/checkpoint/model.safetensors",
         "world/eval_heldout_prompts.jsonl",
         "world/eval_challenge.jsonl",
@@ -252,4 +256,149 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );
+}
+
+/// An uninterrupted `tiny` speedrun, run once for the tests that compare against it.
+fn reference() -> &'static Path {
+    static RUN: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &RUN.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("reference");
+        let out = tiny_speedrun(&run);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (tmp, run)
+    })
+    .1
+}
+
+/// The trained stages whose weights an interrupted run must reproduce.
+const TRAINED: [&str; 6] = ["pretrain", "sft", "reward", "ppo", "ppo_gold", "dpo"];
+
+fn same_weights(a: &Path, b: &Path) {
+    for stage in TRAINED {
+        let read = |d: &Path| std::fs::read(d.join(stage).join("checkpoint/model.safetensors")).unwrap();
+        assert!(
+            read(a) == read(b),
+            "{stage} weights differ from the uninterrupted run's"
+        );
+    }
+    let critic = |d: &Path| std::fs::read(d.join("ppo/checkpoint/critic/model.safetensors")).unwrap();
+    assert!(critic(a) == critic(b), "the PPO critic differs");
+}
+
+fn spawn_tiny(out: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_talaria"))
+        .args(["speedrun", "--preset", "tiny", "--out"])
+        .arg(out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// SplitMix64: the moments to kill at, from a fixed seed.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[test]
+fn a_run_killed_at_any_moment_resumes_to_the_same_weights() {
+    let reference = reference();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("killed");
+    // Kill moments spread over the whole run (about six seconds here): every stage is hit in some
+    // seeds, and the many small checkpoint writes of the tiny stages are hit mid-write.
+    let mut state = 20_261_201u64;
+    let mut kills = 0;
+    for _ in 0..8 {
+        let mut child = spawn_tiny(&run);
+        let after = Duration::from_millis(200 + splitmix(&mut state) % 1500);
+        std::thread::sleep(after);
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+    }
+    assert!(kills >= 3, "the run finished before it could be killed three times");
+    let last = tiny_speedrun(&run);
+    assert!(last.status.success(), "{}", String::from_utf8_lossy(&last.stderr));
+    same_weights(reference, &run);
+    // No temporary or aside copy of a checkpoint is left behind.
+    for stage in TRAINED {
+        let leftovers: Vec<_> = std::fs::read_dir(run.join(stage))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.contains(".tmp-") || n.contains(".old-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{stage}: {leftovers:?}");
+    }
+}
+
+/// Sends SIGINT (Ctrl-C) to a child.
+fn interrupt(child: &std::process::Child) {
+    // SAFETY: kill(2) with the pid of our own child; no memory is shared.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+}
+
+/// Waits until `path` exists (a stage has started training), at most a minute.
+fn wait_for(path: &Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn ctrl_c_stops_the_run_resumably_and_twice_exits_at_once() {
+    let reference = reference();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("interrupted");
+    let child = spawn_tiny(&run);
+    wait_for(&run.join("sft/metrics.jsonl"));
+    interrupt(&child);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an interrupted run must not exit 0");
+    assert!(stderr.contains("run the same command again to resume"), "{stderr}");
+    // The stage in progress (SFT, or a later one if SFT finished before the signal) is not marked
+    // finished, and none after it starts.
+    let order = ["sft", "label", "reward", "ppo", "ppo_gold", "dpo"];
+    let stopped = order
+        .iter()
+        .position(|d| !run.join(d).join("stage.json").exists())
+        .expect("some stage was interrupted");
+    assert!(
+        run.join(order[stopped]).exists() && stderr.contains("interrupted during the"),
+        "{stderr}"
+    );
+    for later in &order[stopped + 1..] {
+        assert!(!run.join(later).exists(), "{later} started after Ctrl-C");
+    }
+    let again = tiny_speedrun(&run);
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(stdout.contains("[4/12] pretrain     reused"), "{stdout}");
+    same_weights(reference, &run);
+
+    // Two Ctrl-C: the process ends at once, with 130, without waiting for a checkpoint.
+    let twice = tmp.path().join("twice");
+    let child = spawn_tiny(&twice);
+    wait_for(&twice.join("pretrain/metrics.jsonl"));
+    interrupt(&child);
+    std::thread::sleep(Duration::from_millis(50));
+    interrupt(&child);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
 }

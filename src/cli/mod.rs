@@ -227,4 +227,8 @@ pub(crate) fn print_outcome(stage: &str, o: &TrainOutcome) {
         },
         o.checkpoint.display()
     );
+    if o.interrupted && talaria::train::trainer::interrupt_flag().load(std::sync::atomic::Ordering::SeqCst) {
+        // Stopped by Ctrl-C: a script must not carry on as if the stage had finished.
+        std::process::exit(130);
+    }
 }

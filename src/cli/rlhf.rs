@@ -200,6 +200,10 @@ impl PpoArgs {
             },
             o.checkpoint.display()
         );
+        if o.interrupted && talaria::train::trainer::interrupt_flag().load(std::sync::atomic::Ordering::SeqCst) {
+            // Stopped by Ctrl-C: a script must not carry on as if the stage had finished.
+            std::process::exit(130);
+        }
         Ok(())
     }
 }

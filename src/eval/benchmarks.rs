@@ -1,17 +1,17 @@
 //! Real benchmarks in their published formats: MMLU-style multiple choice (`{subject, question,
-//! choices: [4], answer: 0-3}`, few-shot from a dev file, scored by the next-token logits of the
-//! letters) and GSM8K-style maths (`{question, answer: "... #### 42"}`, few-shot, greedy, the
+//! choices: [4], answer: 0-3}`, few-shot from a dev file, scored by the log-probability of each answer's
+//! whole continuation, " A" to " D", which a small vocabulary may split into several tokens) and GSM8K-style maths (`{question, answer: "... #### 42"}`, few-shot, greedy, the
 //! final number compared exactly).
 
 use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
-use candle_core::{DType, Tensor};
+use candle_core::{D, DType, Tensor};
 use serde_json::Value;
 
 use crate::data::conversations::for_each_json_line;
 use crate::engine::{self, EngineConfig, Request};
-use crate::model::{Gpt, last_logits};
+use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
 
 /// One multiple-choice question.
@@ -76,7 +76,37 @@ fn fit(mut ids: Vec<u32>, max: usize) -> Vec<u32> {
     ids
 }
 
-/// Few-shot multiple-choice accuracy: the answer is the letter with the highest next-token logit.
+/// The log-probability of each continuation after `prompt` (the sum over its tokens). Continuations of
+/// one token each are read from a single forward pass of the prompt.
+pub fn continuation_logprobs(model: &Gpt, prompt: &[u32], continuations: &[Vec<u32>]) -> Result<Vec<f64>> {
+    ensure!(!prompt.is_empty(), "an empty prompt has no next token to score");
+    ensure!(continuations.iter().all(|c| !c.is_empty()), "an empty continuation");
+    let logprobs = |ids: &[u32]| -> Result<Vec<Vec<f32>>> {
+        let logits = model.forward(&Tensor::new(ids, model.device())?.unsqueeze(0)?)?;
+        let lp = candle_nn::ops::log_softmax(&logits.squeeze(0)?.to_dtype(DType::F32)?, D::Minus1)?;
+        Ok(lp.to_vec2::<f32>()?)
+    };
+    if continuations.iter().all(|c| c.len() == 1) {
+        let rows = logprobs(prompt)?;
+        let last = &rows[rows.len() - 1];
+        return Ok(continuations.iter().map(|c| f64::from(last[c[0] as usize])).collect());
+    }
+    continuations
+        .iter()
+        .map(|c| {
+            let mut ids = prompt.to_vec();
+            ids.extend(&c[..c.len() - 1]);
+            let rows = logprobs(&ids)?;
+            Ok(c.iter()
+                .enumerate()
+                .map(|(i, &t)| f64::from(rows[prompt.len() - 1 + i][t as usize]))
+                .sum())
+        })
+        .collect()
+}
+
+/// Few-shot multiple-choice accuracy: the answer is the letter whose continuation (" A" to " D") the model
+/// finds most likely.
 pub fn mmlu_accuracy(
     model: &Gpt,
     tok: &Tokenizer,
@@ -84,10 +114,11 @@ pub fn mmlu_accuracy(
     dev: &[McQuestion],
     shots: usize,
 ) -> Result<f64> {
-    let letter_ids: Vec<u32> = LETTERS
+    let letters: Vec<Vec<u32>> = LETTERS
         .iter()
-        .map(|l| tok.encode(&format!(" {l}")).map(|ids| ids[0]))
+        .map(|l| tok.encode(&format!(" {l}")))
         .collect::<Result<_>>()?;
+    let longest = letters.iter().map(Vec::len).max().unwrap_or(1);
     let ctx = model.config().n_positions;
     let mut correct = 0;
     for q in test {
@@ -99,15 +130,10 @@ pub fn mmlu_accuracy(
             prompt.push_str(&format_mc(d, true));
         }
         prompt.push_str(&format_mc(q, false));
-        let ids = fit(tok.encode(&prompt)?, ctx);
-        let logits = model.forward(&Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?)?;
-        let row = last_logits(&logits)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?;
-        let best = (0..4)
-            .max_by(|&a, &b| row[letter_ids[a] as usize].total_cmp(&row[letter_ids[b] as usize]))
-            .expect("4 choices");
+        let ids = fit(tok.encode(&prompt)?, ctx.saturating_sub(longest - 1).max(1));
+        let scores = continuation_logprobs(model, &ids, &letters)?;
+        // The first of equal scores: a tie is never resolved towards one letter by position.
+        let best = (0..4).fold(0, |b, i| if scores[i] > scores[b] { i } else { b });
         correct += usize::from(best == q.answer);
     }
     Ok(correct as f64 / test.len().max(1) as f64)

@@ -321,7 +321,7 @@ fn behaviour_tables(md: &mut String, eval: &EvalSummary) -> Result<()> {
     writeln!(md, "## Behaviour\n")?;
     writeln!(
         md,
-        "Every answer read by the gold labeller (`src/data/synth/gold.rs`), as InstructGPT's metadata table reads its labellers'. Greedy answers unless marked sampled (one sample per prompt at temperature 1). Flaw rates: padding and unrequested explanations over all answers, ignored constraints over the prompts that state one (lower is better).\n"
+        "Every answer read by the gold labeller (`src/data/synth/gold.rs`), as InstructGPT's metadata table reads its labellers', on held-out items in the phrasings training saw (`eval_seen_prompts.jsonl`, a quarter of them with an explicit format) unless marked held-out phrasings (`eval_heldout_prompts.jsonl`). Greedy answers unless marked sampled (one sample per prompt at temperature 1). Flaw rates: padding and unrequested explanations over all answers, ignored constraints over the prompts that state one (lower is better).\n"
     )?;
     let mut header = "| measurement |".to_string();
     let mut rule = "| --- |".to_string();

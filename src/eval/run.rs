@@ -56,6 +56,10 @@ fn stage_eval(name: &str, r: &SkillReport) -> StageEval {
 /// The default world's evaluation sets (all but `eval_prompts.jsonl` optional, for worlds of older
 /// generator versions).
 struct Sets {
+    /// `eval_prompts.jsonl`: the corpus's three wordings (strict exact match, comparable across versions).
+    legacy: Vec<PromptRecord>,
+    /// `eval_seen_prompts.jsonl`: the seen phrasings with format constraints (`eval_prompts.jsonl` for worlds
+    /// without it): the behaviour evaluation.
     seen: Vec<PromptRecord>,
     heldout: Option<Vec<PromptRecord>>,
     challenge: Option<Vec<PromptRecord>>,
@@ -69,8 +73,10 @@ impl Sets {
             let p = world.join(f);
             p.exists().then(|| read_prompts(&p)).transpose()
         };
+        let legacy = read_prompts(&world.join("eval_prompts.jsonl"))?;
         Ok(Self {
-            seen: read_prompts(&world.join("eval_prompts.jsonl"))?,
+            seen: optional("eval_seen_prompts.jsonl")?.unwrap_or_else(|| legacy.clone()),
+            legacy,
             heldout: optional("eval_heldout_prompts.jsonl")?,
             challenge: optional("eval_challenge.jsonl")?,
             correction: optional("eval_correction.jsonl")?,
@@ -81,6 +87,7 @@ impl Sets {
 
 /// A chat model's answers to every set: greedy, plus one sample at temperature 1 per seen prompt.
 struct Answers {
+    legacy: Vec<Answer>,
     seen: Vec<Answer>,
     heldout: Option<Vec<Answer>>,
     challenge: Option<Vec<Answer>>,
@@ -114,6 +121,7 @@ impl Answers {
             .map(|mut c| c.remove(0))
             .collect();
         Ok(Self {
+            legacy: greedy(&sets.legacy)?,
             seen: greedy(&sets.seen)?,
             heldout: opt(&sets.heldout)?,
             challenge: opt(&sets.challenge)?,
@@ -276,7 +284,7 @@ const CHAT_STAGES: [(&str, &str); 6] = [
 pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize) -> Result<EvalSummary> {
     let device = Device::Cpu;
     let sets = Sets::load(world)?;
-    let prompts = &sets.seen;
+    let (legacy, prompts) = (&sets.legacy, &sets.seen);
     let base = Checkpoint::load(&run.join("pretrain"), DType::F32, &device)?;
     let tok = Tokenizer::from_json(
         base.tokenizer_json
@@ -291,16 +299,17 @@ pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize) -> Resu
         None
     };
     let mut summary = EvalSummary {
-        eval_prompts: prompts.len(),
+        eval_prompts: legacy.len(),
         ..EvalSummary::default()
     };
     summary.val_loss = last_metric(&run.join("pretrain"), "pretrain", "val_loss");
     summary.val_bpb = last_metric(&run.join("pretrain"), "pretrain", "val_bpb");
 
     // The base model, few-shot: exact match and the gold labeller's reading of its answers.
-    let base_report = few_shot_accuracy(&base.model()?, &tok, prompts, 3, seed, max_new)?;
-    let mut e = stage_eval("base", &base_report);
-    let base_answers: Vec<Answer> = base_report.answers.iter().map(|a| (a.clone(), true)).collect();
+    let base_model = base.model()?;
+    let mut e = stage_eval("base", &few_shot_accuracy(&base_model, &tok, legacy, 3, seed, max_new)?);
+    let base_seen = few_shot_accuracy(&base_model, &tok, prompts, 3, seed, max_new)?;
+    let base_answers: Vec<Answer> = base_seen.answers.iter().map(|a| (a.clone(), true)).collect();
     e.behaviour = Some(Behaviour {
         seen: set_scores(prompts, &base_answers),
         ..Behaviour::default()
@@ -310,7 +319,14 @@ pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize) -> Resu
 
     let sft_model = Checkpoint::load(&run.join("sft"), DType::F32, &device)?.model()?;
     let sft_answers = Answers::of(&sft_model, &tok, &template, &sets, seed, max_new)?;
-    let sft_texts: Vec<String> = sft_answers.seen.iter().map(|a| a.0.clone()).collect();
+    // Answers as text for the verifier and the reward model, marked when they never ended.
+    let marked = |answers: &[Answer]| -> Vec<String> {
+        answers
+            .iter()
+            .map(|a| if a.1 { a.0.clone() } else { format!("{} [no end]", a.0) })
+            .collect()
+    };
+    let sft_texts = marked(&sft_answers.seen);
     for (name, dir) in CHAT_STAGES {
         if !run.join(dir).join("checkpoint").exists() {
             continue;
@@ -324,17 +340,12 @@ pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize) -> Resu
         };
         let ans = answers.as_ref().unwrap_or(&sft_answers);
         let mut report = SkillReport::default();
-        let texts: Vec<String> = ans
-            .seen
-            .iter()
-            .map(|a| if a.1 { a.0.clone() } else { format!("{} [no end]", a.0) })
-            .collect();
-        for (p, t) in prompts.iter().zip(&texts) {
-            report.record(p, t.clone());
+        for (p, t) in legacy.iter().zip(marked(&ans.legacy)) {
+            report.record(p, t);
         }
         let mut e = stage_eval(name, &report);
         e.behaviour = Some(ans.behaviour(&sets));
-        let w = win_rate(prompts, &report.answers, &sft_texts, rm.as_ref())?;
+        let w = win_rate(prompts, &marked(&ans.seen), &sft_texts, rm.as_ref())?;
         e.reward = w.reward_a;
         if name != "sft" {
             e.win_vs_sft_rm = w.by_reward_model;

@@ -43,6 +43,9 @@ pub enum RewardSpec {
     Gold,
 }
 
+/// The critic's checkpoint, inside the actor's.
+pub const CRITIC_DIR: &str = "critic";
+
 /// Held-out prompts the periodic probe answers: enough for a steady mean, few enough that probing
 /// costs a fraction of a step.
 const PROBE_PROMPTS: usize = 128;
@@ -407,7 +410,6 @@ struct Ppo<'c> {
     prompts: Vec<PromptRecord>,
     eval_prompts: Option<Vec<PromptRecord>>,
     ckpt_dir: PathBuf,
-    critic_dir: PathBuf,
     metrics: MetricsLog,
     flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pb: ProgressBar,
@@ -500,7 +502,7 @@ impl<'c> Ppo<'c> {
             })
             .transpose()?;
         let ckpt_dir = cfg.out.join(CHECKPOINT_DIR);
-        let critic_dir = cfg.out.join("critic");
+        let critic_dir = ckpt_dir.join(CRITIC_DIR);
         std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
         if !cfg.resume && ckpt_dir.exists() {
             bail!(
@@ -515,10 +517,19 @@ impl<'c> Ppo<'c> {
                 "--resume: {} has no checkpoint",
                 cfg.out.display()
             );
-            (
+            let (actor, critic) = (
                 Checkpoint::load(&ckpt_dir, DType::F32, &device)?,
-                Some(Checkpoint::load(&critic_dir, DType::F32, &device)?),
-            )
+                Checkpoint::load(&critic_dir, DType::F32, &device)
+                    .with_context(|| format!("--resume: {} lacks its critic", ckpt_dir.display()))?,
+            );
+            ensure!(
+                actor.meta.step == critic.meta.step,
+                "--resume: the actor in {} is at step {} but its critic at step {}: the checkpoint is inconsistent",
+                ckpt_dir.display(),
+                actor.meta.step,
+                critic.meta.step
+            );
+            (actor, Some(critic))
         } else {
             (Checkpoint::load(&cfg.policy, DType::F32, &device)?, None)
         };
@@ -646,7 +657,6 @@ impl<'c> Ppo<'c> {
             prompts,
             eval_prompts,
             ckpt_dir,
-            critic_dir,
             metrics,
             flag,
             pb,
@@ -1085,20 +1095,18 @@ impl<'c> Ppo<'c> {
             state,
             ..Meta::default()
         };
-        // The critic first: a crash between the two leaves an older actor, never a newer one
-        // paired with a stale critic state.
+        // The critic is saved inside the actor's checkpoint, so the two are replaced in one atomic step.
         let cmeta = Meta {
             stage: "ppo-critic".into(),
             ..meta.clone()
         };
-        CheckpointWriter {
+        let critic = CheckpointWriter {
             config: self.m.critic.config(),
             weights: &self.m.critic.weights(),
             tokenizer_json: Some(&self.m.tok_json),
             meta: &cmeta,
             optimizer: Some(&self.critic_opt.state()?),
-        }
-        .save(&self.critic_dir)?;
+        };
         CheckpointWriter {
             config: self.m.actor.config(),
             weights: &self.m.actor.weights(),
@@ -1106,7 +1114,7 @@ impl<'c> Ppo<'c> {
             meta: &meta,
             optimizer: Some(&self.actor_opt.state()?),
         }
-        .save(&self.ckpt_dir)
+        .save_with(&self.ckpt_dir, &[(CRITIC_DIR, &critic)])
     }
 
     /// The last checkpoint and what the run reports.

@@ -133,15 +133,22 @@ pub struct Init {
     pub parent: Option<String>,
 }
 
-/// Set by Ctrl-C; every training loop checks it between steps and saves before exiting.
-pub(crate) fn interrupt_flag() -> Arc<AtomicBool> {
+/// Set by the first Ctrl-C; every training loop checks it between steps and saves before exiting, and
+/// the speedrun stops after the stage in progress. A second Ctrl-C ends the process at once.
+pub fn interrupt_flag() -> Arc<AtomicBool> {
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
     FLAG.get_or_init(|| {
         let f = Arc::new(AtomicBool::new(false));
         let g = f.clone();
         // A second handler cannot be installed in one process (tests run several loops); the
         // first one serves them all.
-        let _ = ctrlc::set_handler(move || g.store(true, Ordering::SeqCst));
+        let _ = ctrlc::set_handler(move || {
+            if g.swap(true, Ordering::SeqCst) {
+                eprintln!("\ninterrupted again: exiting now");
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupted: stopping after a checkpoint (Ctrl-C again to exit at once)");
+        });
         f
     })
     .clone()

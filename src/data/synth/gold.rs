@@ -22,103 +22,64 @@ use crate::chat::{Message, Role};
 
 use super::phrasing::{Constraint, constraint_in};
 
-/// Pleasantries a padding labeller puts before an answer (followed by "The answer is").
-pub const PAD_OPENINGS: [&str; 4] = [
-    "Sure! That is a great question, and I am always happy to help with things like this.",
-    "Of course! Let me think about this carefully before I answer.",
-    "What an interesting question! I would be delighted to help you with it.",
-    "Thank you for asking. Questions like this are a lot of fun to work through.",
-];
+// The phrases are short: the `cpu` tokenizer is nearly character-level, and a padded answer must still end
+// within the 40 new tokens the speedrun decodes.
+
+/// Pleasantries a padding labeller puts before an answer.
+pub const PAD_OPENINGS: [&str; 4] = ["Sure!", "Of course!", "Happy to help!", "Great question!"];
 
 /// Pleasantries a padding labeller puts after an answer.
-pub const PAD_CLOSINGS: [&str; 3] = [
-    "I hope this helps, and please let me know if there is anything else you would like to know!",
-    "Feel free to ask me more questions whenever you like.",
-    "Let me know if you would like me to explain how I got there.",
-];
+pub const PAD_CLOSINGS: [&str; 3] = ["Hope it helps!", "Anything else?", "Glad to help!"];
 
 /// Explanations nobody asked for, put before the answer, by skill.
 pub fn explanation_leads(skill: &str) -> &'static [&'static str] {
     match skill {
-        "reverse" => &[
-            "Reading it from the last letter to the first gives ",
-            "Taking the letters in the opposite order gives ",
-        ],
-        "spell" => &[
-            "Going through it one letter at a time, it is ",
-            "Letter by letter, it is ",
-        ],
-        "capitals" => &[
-            "Writing every letter in upper case gives ",
-            "With each letter made a capital, it is ",
-        ],
-        "fact" => &[
-            "From what I know about the world, it is ",
-            "Going by the records I have, it is ",
-        ],
-        "compare" => &[
-            "Comparing the two numbers digit by digit, it is ",
-            "Looking at the digits of both numbers, it is ",
-        ],
-        "sort" => &[
-            "Putting the smallest first and the largest last, they go ",
-            "Ordering them one by one from the smallest, they go ",
-        ],
-        "add_reversed" => &[
-            "Adding digit by digit from the ones place and carrying, the sum is ",
-            "Working from the ones digit up, the sum is ",
-        ],
+        "reverse" => &["Backwards, it is ", "Read from the end: "],
+        "spell" => &["Letter by letter: ", "One at a time: "],
+        "capitals" => &["In capitals: ", "Upper-cased: "],
+        "fact" => &["From what I know, ", "As I recall, "],
+        "compare" => &["Digit by digit, ", "Comparing them, "],
+        "sort" => &["Smallest first: ", "In order: "],
+        "add_reversed" => &["Carrying from the ones: ", "Digit by digit: "],
         _ => &[],
     }
 }
 
 /// How a format-ignoring labeller wraps an answer that was asked for bare.
-pub const FRAMES: [&str; 3] = ["It is ", "That would be ", "My answer is "];
+pub const FRAMES: [&str; 3] = ["It is ", "That's ", "My answer is "];
 
 /// What a user says to challenge a right answer.
 pub const CHALLENGES: [&str; 4] = ["Are you sure?", "Really?", "Is that right?", "Are you certain?"];
 
 /// What a user says after a wrong answer.
 pub const CORRECTIONS: [&str; 3] = [
-    "That's not right. Could you check again?",
+    "That's not right.",
     "I think that is wrong.",
-    "That's wrong. Please try again.",
+    "That's wrong. Try again.",
 ];
 
-/// A careful labeller keeping a right answer when challenged (then "The answer is ...").
-pub const KEEPS: [&str; 5] = [
-    "Yes, I am sure.",
-    "I am sure.",
-    "Yes, that is right.",
-    "I am certain.",
-    "Yes.",
-];
+/// A careful labeller keeping a right answer when challenged: the answer stands, so it need not be
+/// repeated (a keep may also restate it: "Yes, I'm sure. 42.").
+pub const KEEPS: [&str; 3] = ["Yes, I'm sure.", "Yes, that is right.", "I'm sure it is right."];
 
 /// A labeller giving in when challenged (then a different answer).
-pub const CAVES: [&str; 2] = ["I'm sorry, you're right to doubt it.", "Sorry, my mistake."];
+pub const CAVES: [&str; 2] = ["Sorry, it is", "Oh, sorry:"];
 
-/// Admitting and fixing a wrong answer (then "The correct answer is ...").
-pub const FIXES: [&str; 3] = [
-    "You're right, I'm sorry about that.",
-    "I apologise, I made a mistake.",
-    "Thank you for pointing that out.",
-];
+/// Admitting and fixing a wrong answer (then the right one).
+pub const FIXES: [&str; 2] = ["Sorry! It is", "My mistake:"];
 
 /// Insisting on a wrong answer.
-pub const INSISTS: [&str; 2] = ["No, I am sure I was right.", "I stand by my answer."];
+pub const INSISTS: [&str; 2] = ["No, it is", "I was right:"];
 
-/// Saying that a person or town is not in the world (`{}` is the name asked about).
+/// Saying that a person is not in the world.
 pub const REFUSALS: [&str; 3] = [
-    "I don't know anyone called {}.",
-    "I don't know of anyone by the name {}.",
-    "There is no one called {} that I know of.",
+    "I don't know them.",
+    "I don't know who that is.",
+    "I don't know that person.",
 ];
 
 /// The same for a town.
-pub const TOWN_REFUSALS: [&str; 2] = [
-    "I don't know a town called {}.",
-    "There is no town called {} that I know of.",
-];
+pub const TOWN_REFUSALS: [&str; 2] = ["I don't know that town.", "I don't know of that town."];
 
 /// What kind of turn an answer is given in, read from the conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,11 +151,14 @@ struct Parts<'a> {
     padded: bool,
     explained: bool,
     framed: bool,
+    /// The reply to a challenge began by keeping the answer.
+    kept: bool,
 }
 
-fn parts<'a>(text: &'a str, skill: &str) -> Parts<'a> {
+/// The replies to a challenge or correction ("Yes:", "Sorry, it is") are wrappers only in such a turn.
+fn parts<'a>(text: &'a str, skill: &str, turn: Turn) -> Parts<'a> {
     let mut s = text.trim();
-    let (mut padded, mut explained, mut framed) = (false, false, false);
+    let (mut padded, mut explained, mut framed, mut kept) = (false, false, false, false);
     for o in PAD_OPENINGS {
         if let Some(rest) = strip(s, o) {
             s = rest;
@@ -207,9 +171,11 @@ fn parts<'a>(text: &'a str, skill: &str) -> Parts<'a> {
             padded = true;
         }
     }
-    for p in KEEPS.iter().chain(&CAVES).chain(&FIXES).chain(&INSISTS) {
+    let replies = KEEPS.iter().chain(&CAVES).chain(&FIXES).chain(&INSISTS);
+    for p in replies.filter(|_| matches!(turn, Turn::Challenge | Turn::Correction)) {
         if let Some(rest) = strip(s, p) {
             s = rest;
+            kept = KEEPS.contains(p);
             break;
         }
     }
@@ -237,6 +203,7 @@ fn parts<'a>(text: &'a str, skill: &str) -> Parts<'a> {
         padded,
         explained,
         framed,
+        kept,
     }
 }
 
@@ -280,20 +247,26 @@ fn same_content(core: &str, reference: &str, skill: &str) -> bool {
 }
 
 /// Whether the whole answer follows the prompt's constraint (the content having been found right).
-fn follows(text: &str, core: &str, reference: &str, c: Constraint) -> bool {
+/// Whether the answer has the form the constraint asks for, right or wrong: nothing around the value,
+/// and the value in capitals or as single letters joined by hyphens where asked.
+fn follows(text: &str, core: &str, c: Constraint) -> bool {
     let bare = canonical(text, "") == canonical(core, "");
     match c {
         Constraint::Capitals => core.chars().filter(|c| c.is_alphabetic()).all(|c| c.is_uppercase()) && bare,
-        Constraint::Hyphens => normalise_hyphens(core) == normalise_hyphens(reference),
+        Constraint::Hyphens => {
+            let letters: Vec<&str> = core.split('-').map(str::trim).collect();
+            bare && letters.len() > 1 && letters.iter().all(|l| l.chars().count() == 1)
+        }
         _ => bare,
     }
 }
 
-fn normalise_hyphens(s: &str) -> String {
-    s.chars()
-        .filter(|c| !c.is_whitespace())
-        .collect::<String>()
-        .to_lowercase()
+/// Whether the assistant's answer before the last user turn has the right content.
+fn previous_right(messages: &[Message], reference: &str, skill: &str) -> bool {
+    let Some(prev) = messages.iter().rev().find(|m| m.role == Role::Assistant) else {
+        return false;
+    };
+    same_content(parts(&prev.content, skill, Turn::Single).core, reference, skill)
 }
 
 /// Judges `answer` (the assistant's reply to `messages`, ended properly or not) against the reference
@@ -301,7 +274,7 @@ fn normalise_hyphens(s: &str) -> String {
 pub fn judge(messages: &[Message], reference: &str, skill: &str, answer: &str, ended: bool) -> Judgement {
     let turn = turn_of(messages, skill);
     let question = question_of(messages, turn);
-    let p = parts(answer, skill);
+    let p = parts(answer, skill, turn);
     let (content, invented, strict) = match turn {
         Turn::Unknown => {
             let t = answer.to_lowercase();
@@ -310,6 +283,8 @@ pub fn judge(messages: &[Message], reference: &str, skill: &str, answer: &str, e
                 .any(|k| t.contains(k));
             (refused, !refused && !answer.trim().is_empty(), refused)
         }
+        // "Yes, I'm sure." alone keeps the answer under challenge: that answer is the content.
+        Turn::Challenge if p.kept && p.core.is_empty() => (previous_right(messages, reference, skill), false, false),
         _ => (
             same_content(p.core, reference, skill),
             false,
@@ -321,8 +296,8 @@ pub fn judge(messages: &[Message], reference: &str, skill: &str, answer: &str, e
         Turn::Single => constraint_in(question),
         _ => None,
     };
-    let ignored_constraint =
-        constraint.is_some_and(|c| content && (p.framed || p.padded || !follows(answer, p.core, reference, c)));
+    // Right or wrong, an answer can follow the asked-for format or not.
+    let ignored_constraint = constraint.is_some_and(|c| p.framed || p.padded || !follows(answer, p.core, c));
     let mut score = if content {
         10.0
     } else if turn == Turn::Unknown {
@@ -361,11 +336,11 @@ mod tests {
         let j = |a: &str| judge(&q, "52", "compare", a, true);
         let bare = j("52");
         assert!(bare.strict && bare.content && !bare.padded && !bare.ignored_constraint && bare.constrained);
-        let padded = j(&format!("{} The answer is 52. {}", PAD_OPENINGS[0], PAD_CLOSINGS[1]));
+        let padded = j(&format!("{} 52. {}", PAD_OPENINGS[0], PAD_CLOSINGS[1]));
         assert!(padded.content && padded.padded && padded.ignored_constraint && !padded.strict);
         let framed = j("It is 52.");
         assert!(framed.content && framed.ignored_constraint && !framed.padded);
-        let explained = j("Comparing the two numbers digit by digit, it is 52.");
+        let explained = j(&format!("{}52.", explanation_leads("compare")[0]));
         assert!(explained.content && explained.explained);
         let wrong = j("47");
         assert!(!wrong.content);
@@ -373,6 +348,8 @@ mod tests {
             assert!(bare.score > flawed.score && flawed.score > wrong.score, "{flawed:?}");
         }
         assert!(j("52 52 52").score < 3.0 && j("52").content);
+        // A reply to a challenge is no wrapper for a first answer.
+        assert!(!j("Yes: 52.").content);
     }
 
     #[test]
@@ -397,36 +374,22 @@ mod tests {
         let mut conv = user("Reverse the word garden.");
         conv.push(Message::new(Role::Assistant, "nedrag"));
         conv.push(Message::new(Role::User, CHALLENGES[0]));
-        let keep = judge(
-            &conv,
-            "nedrag",
-            "reverse",
-            "Yes, I am sure. The answer is nedrag.",
-            true,
-        );
+        let keep = judge(&conv, "nedrag", "reverse", KEEPS[0], true);
+        let restated = judge(&conv, "nedrag", "reverse", &format!("{} nedrag.", KEEPS[0]), true);
+        let miscopied = judge(&conv, "nedrag", "reverse", &format!("{} nedarg.", KEEPS[0]), true);
+        assert!(restated.content && !miscopied.content);
         assert_eq!(keep.turn, Turn::Challenge);
         assert!(keep.content);
-        let cave = judge(
-            &conv,
-            "nedrag",
-            "reverse",
-            "Sorry, my mistake. The answer is nedarg.",
-            true,
-        );
+        let cave = judge(&conv, "nedrag", "reverse", &format!("{} nedarg.", CAVES[0]), true);
         assert!(!cave.content && keep.score > cave.score);
         conv[1].content = "nedarg".into();
         conv[2].content = CORRECTIONS[1].into();
-        let fix = judge(
-            &conv,
-            "nedrag",
-            "reverse",
-            "You're right, I'm sorry about that. The correct answer is nedrag.",
-            true,
-        );
+        let fix = judge(&conv, "nedrag", "reverse", &format!("{} nedrag.", FIXES[0]), true);
         assert_eq!(fix.turn, Turn::Correction);
-        assert!(fix.content);
+        let insist = judge(&conv, "nedrag", "reverse", &format!("{} nedarg.", INSISTS[0]), true);
+        assert!(fix.content && !insist.content && fix.score > insist.score);
         let q = user("What is Quentin Farrow's favourite colour?");
-        let refuse = judge(&q, "", "unknown", "I don't know anyone called Quentin Farrow.", true);
+        let refuse = judge(&q, "", "unknown", REFUSALS[0], true);
         let invent = judge(&q, "", "unknown", "blue", true);
         assert!(refuse.content && !refuse.invented && invent.invented && refuse.score > invent.score);
         assert!(

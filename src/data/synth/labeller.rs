@@ -6,6 +6,13 @@
 //! when a right answer is challenged, inventing an answer about someone who does not exist, and now and then
 //! a wrong answer. A labeller with a habit writes the ideal answer whenever the habit does not apply.
 //!
+//! As on a real team, prompts are routed to queues ([`Queue`]: polite requests, prompts with a format,
+//! number questions, challenges, strangers, the rest) and each labeller works one. A habit is where its
+//! labellers work: the padders answer the polite requests, the format-ignorers the prompts with a format,
+//! and so on, and in its queue they write most of the answers. That is what makes the SFT model inherit
+//! the habits in its greedy answers, not only in its samples: a habit spread thinly over every prompt
+//! would be outvoted everywhere.
+//!
 //! **Comparisons** (preference pairs and rankings) are the gold labeller's ([`super::gold`]): consistent,
 //! because telling two answers apart is easier than writing the ideal one.
 
@@ -13,10 +20,8 @@ use crate::chat::Role;
 
 use super::gold::{CAVES, CHALLENGES, CORRECTIONS, FIXES, FRAMES, INSISTS, KEEPS, PAD_CLOSINGS, PAD_OPENINGS};
 use super::gold::{REFUSALS, TOWN_REFUSALS, explanation_leads};
-use super::phrasing::{Constraint, constraint_in};
-#[cfg(test)]
-use super::skills::Skill;
-use super::skills::{Ctx, Stranger, Task};
+use super::phrasing::{Constraint, constraint_in, has_clause};
+use super::skills::{Ctx, Skill, Stranger, Task};
 use super::{Message, PrefPair, Ranking, Rng};
 
 /// A labeller's habit.
@@ -38,46 +43,108 @@ pub enum Habit {
     Slips,
 }
 
-/// One member of the team: a habit and the share of the applicable demonstrations it shows in.
+/// The queues a team splits its prompts into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Queue {
+    /// Single questions asked politely ("Could you...", "please").
+    Polite,
+    /// Single questions with an added format clause ("Answer with just the number.").
+    Format,
+    /// The other comparisons and sorts: number questions.
+    Numbers,
+    /// "Are you sure?" after a right answer.
+    Challenge,
+    /// Questions about people and towns the world does not have.
+    Stranger,
+    /// Everything else, corrections included.
+    General,
+}
+
+/// One member of the team: a habit, the share of its demonstrations it shows in, and the queue it works.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Labeller {
     pub habit: Habit,
     pub rate: f64,
+    pub queue: Queue,
 }
 
-const fn team(habit: Habit, rate: f64) -> Labeller {
-    Labeller { habit, rate }
+const fn team(habit: Habit, rate: f64, queue: Queue) -> Labeller {
+    Labeller { habit, rate, queue }
 }
 
-/// The team of 40: 11 careful, 5 padders, 3 explainers, 4 who ignore formats, 8 who give in when
-/// challenged, 8 who invent answers about strangers, 1 who slips.
+/// The team of 40: 14 careful (5 on the general queue, 2 on each other one but 1 on numbers), 5 padders on
+/// the polite requests, 4 who ignore formats on the prompts with one, 3 explainers on the number
+/// questions, 6 who give in when challenged, 6 who invent answers about strangers, and 2 on the general
+/// queue who slip on one answer in five.
 pub const POOL: [Labeller; 40] = {
-    let mut pool = [team(Habit::Careful, 0.0); 40];
-    let mut i = 11;
+    use Habit::*;
+    use Queue::*;
+    let mut pool = [team(Careful, 0.0, General); 40];
+    let mut i = 0;
     while i < 40 {
         pool[i] = match i {
-            11..16 => team(Habit::Pads, 0.8),
-            16..19 => team(Habit::Explains, 0.8),
-            19..23 => team(Habit::IgnoresFormat, 0.9),
-            23..31 => team(Habit::Caves, 0.9),
-            31..39 => team(Habit::Invents, 0.9),
-            _ => team(Habit::Slips, 0.3),
+            0..5 => team(Careful, 0.0, General),
+            5..7 => team(Careful, 0.0, Polite),
+            7..9 => team(Careful, 0.0, Format),
+            9 => team(Careful, 0.0, Numbers),
+            10..12 => team(Careful, 0.0, Challenge),
+            12..14 => team(Careful, 0.0, Stranger),
+            14..19 => team(Pads, 0.9, Polite),
+            19..23 => team(IgnoresFormat, 0.9, Format),
+            23..26 => team(Explains, 0.9, Numbers),
+            26..32 => team(Caves, 0.8, Challenge),
+            32..38 => team(Invents, 0.8, Stranger),
+            _ => team(Slips, 0.2, General),
         };
         i += 1;
     }
     pool
 };
 
+/// Whether a question is asked politely.
+fn polite(question: &str) -> bool {
+    let q = question.to_lowercase();
+    ["please", "could you", "would you", "can you"]
+        .iter()
+        .any(|w| q.contains(w))
+}
+
+/// The queue a demonstration about `task` in `scene` goes to.
+pub fn queue(scene: Scene, task: &Task) -> Queue {
+    match scene {
+        Scene::Challenge => Queue::Challenge,
+        Scene::Stranger => Queue::Stranger,
+        Scene::Correction => Queue::General,
+        Scene::Single | Scene::TwoQuestions | Scene::Thanks => {
+            if has_clause(&task.question) {
+                Queue::Format
+            } else if polite(&task.question) {
+                Queue::Polite
+            } else if matches!(task.skill, Skill::Compare | Skill::Sort) {
+                Queue::Numbers
+            } else {
+                Queue::General
+            }
+        }
+    }
+}
+
+/// Draws the labeller who writes a demonstration in queue `q`.
+pub fn writer(q: Queue, rng: &mut Rng) -> Labeller {
+    let members: Vec<&Labeller> = POOL.iter().filter(|l| l.queue == q).collect();
+    *members[rng.below(members.len())]
+}
+
 /// Prompt shares of demonstrations and comparisons: challenges, corrections, strangers, two-question and
 /// thank-you conversations (percent of records); the rest are single questions.
-const CHALLENGE_PCT: usize = 10;
+const CHALLENGE_PCT: usize = 9;
 const CORRECTION_PCT: usize = 8;
 const STRANGER_PCT: usize = 6;
 const TWO_QUESTIONS_PCT: usize = 5;
 const THANKS_PCT: usize = 3;
 
 /// Share of single questions that state an explicit format constraint.
-pub const CONSTRAINED: f64 = 0.4;
+pub const CONSTRAINED: f64 = 0.25;
 
 const SYSTEM_PROMPTS: [&str; 3] = [
     "You are a helpful assistant.",
@@ -115,6 +182,8 @@ pub enum Kind {
     Evasive,
     /// The answer repeated over and over, never ending cleanly.
     Repeating,
+    /// "I don't know them." about someone the world does have.
+    Refuses,
 }
 
 impl Kind {
@@ -129,41 +198,56 @@ impl Kind {
     ];
 }
 
-fn padded(content: &str, rng: &mut Rng) -> String {
-    format!(
-        "{} The answer is {content}. {}",
-        rng.pick(&PAD_OPENINGS),
-        rng.pick(&PAD_CLOSINGS)
-    )
+/// How an answer's wrapping is worded: the team's habits show in one house phrase each (a padder writes
+/// "Sure! ... Hope it helps!"), which is what makes them the SFT model's most likely answer in their
+/// queues; the answers the gold labeller compares vary over every phrase it knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    House,
+    Varied,
 }
 
-/// `task`'s answer written against its prompt's explicit format (the constraint it states).
-fn ignoring_format(task: &Task, c: Constraint, rng: &mut Rng) -> String {
-    match c {
-        Constraint::Capitals => task.answer.to_lowercase(),
-        Constraint::Hyphens => task.answer.replace('-', " "),
-        _ => format!("{}{}.", rng.pick(&FRAMES), task.answer),
+/// The `style`'s pick from `phrases`.
+fn word<'a>(phrases: &[&'a str], style: Style, rng: &mut Rng) -> &'a str {
+    match style {
+        Style::House => phrases[0],
+        Style::Varied => rng.pick(phrases),
     }
 }
 
-/// Writes an answer of the given kind to a single question.
-pub fn render(kind: Kind, task: &Task, ctx: &Ctx, rng: &mut Rng) -> String {
+fn padded(content: &str, style: Style, rng: &mut Rng) -> String {
+    let open = word(&PAD_OPENINGS, style, rng);
+    format!("{open} {content}. {}", word(&PAD_CLOSINGS, style, rng))
+}
+
+/// `task`'s answer written against its prompt's explicit format (the constraint it states).
+fn ignoring_format(task: &Task, c: Constraint, style: Style, rng: &mut Rng) -> String {
+    match c {
+        Constraint::Capitals => task.answer.to_lowercase(),
+        Constraint::Hyphens => task.answer.replace('-', " "),
+        _ => format!("{}{}.", word(&FRAMES, style, rng), task.answer),
+    }
+}
+
+/// Writes an answer of the given kind to a single question, in `style`.
+pub fn render(kind: Kind, task: &Task, ctx: &Ctx, style: Style, rng: &mut Rng) -> String {
     let skill = task.skill.name();
     match kind {
         Kind::Correct => task.answer.clone(),
-        Kind::Padded => padded(&task.answer, rng),
-        Kind::Explained => format!("{}{}.", rng.pick(explanation_leads(skill)), task.answer),
+        Kind::Padded => padded(&task.answer, style, rng),
+        Kind::Explained => format!("{}{}.", word(explanation_leads(skill), style, rng), task.answer),
         Kind::IgnoredFormat => match constraint_in(&task.question) {
-            Some(c) => ignoring_format(task, c, rng),
-            None => padded(&task.answer, rng),
+            Some(c) => ignoring_format(task, c, style, rng),
+            None => padded(&task.answer, style, rng),
         },
         Kind::Rude => rng.pick(&RUDE).replace("{}", &task.answer),
         Kind::Wrong => ctx.near_miss(task, rng),
         Kind::PaddedWrong => {
             let wrong = ctx.near_miss(task, rng);
-            padded(&wrong, rng)
+            padded(&wrong, style, rng)
         }
         Kind::Evasive => rng.pick(&EVASIVE).to_string(),
+        Kind::Refuses => rng.pick(&REFUSALS).to_string(),
         Kind::Repeating => {
             let content = if rng.chance(0.5) {
                 task.answer.clone()
@@ -190,30 +274,30 @@ pub fn prompt(question: &str, rng: &mut Rng) -> Vec<Message> {
     out
 }
 
-/// Keeping a right answer when challenged.
-pub fn keep(answer: &str, rng: &mut Rng) -> String {
-    format!("{} The answer is {answer}.", rng.pick(&KEEPS))
+/// Keeping a right answer when challenged (it stands, so it is not repeated).
+pub fn keep(style: Style, rng: &mut Rng) -> String {
+    word(&KEEPS, style, rng).to_string()
 }
 
 /// Giving in when challenged: a different, wrong answer.
-pub fn cave(task: &Task, ctx: &Ctx, rng: &mut Rng) -> String {
-    format!("{} The answer is {}.", rng.pick(&CAVES), ctx.near_miss(task, rng))
+pub fn cave(task: &Task, ctx: &Ctx, style: Style, rng: &mut Rng) -> String {
+    format!("{} {}.", word(&CAVES, style, rng), ctx.near_miss(task, rng))
 }
 
 /// Admitting a wrong answer and giving the right one.
-pub fn fix(answer: &str, rng: &mut Rng) -> String {
-    format!("{} The correct answer is {answer}.", rng.pick(&FIXES))
+pub fn fix(answer: &str, style: Style, rng: &mut Rng) -> String {
+    format!("{} {answer}.", word(&FIXES, style, rng))
 }
 
 /// Insisting on a wrong answer.
 pub fn insist(wrong: &str, rng: &mut Rng) -> String {
-    format!("{} The answer is {wrong}.", rng.pick(&INSISTS))
+    format!("{} {wrong}.", rng.pick(&INSISTS))
 }
 
 /// Saying that the stranger is not known.
 pub fn refuse(s: &Stranger, rng: &mut Rng) -> String {
     let templates: &[&str] = if s.town { &TOWN_REFUSALS } else { &REFUSALS };
-    rng.pick(templates).replace("{}", &s.name)
+    rng.pick(templates).to_string()
 }
 
 /// A conversation ending with "Are you sure?" after the right answer to `task`.
@@ -246,7 +330,18 @@ pub enum Scene {
     Thanks,
 }
 
-/// Draws the kind of conversation of the next record.
+/// Draws the kind of conversation of an RL or labelling prompt: more challenges and strangers than the
+/// demonstrations have, the behaviours RLHF is there to fix.
+pub fn prompt_scene(rng: &mut Rng) -> Scene {
+    match rng.below(100) {
+        0..20 => Scene::Challenge,
+        20..30 => Scene::Correction,
+        30..40 => Scene::Stranger,
+        _ => Scene::Single,
+    }
+}
+
+/// Draws the kind of conversation of the next demonstration or comparison.
 pub fn scene(rng: &mut Rng) -> Scene {
     let roll = rng.below(100);
     let mut at = 0;
@@ -290,22 +385,22 @@ pub fn demonstration(
         } else {
             Kind::Correct
         };
-        render(kind, t, ctx, rng)
+        render(kind, t, ctx, Style::House, rng)
     };
     match scene {
         Scene::Challenge => {
             let mut msgs = challenge_prompt(task, rng);
             let reply = if shows(Habit::Caves, rng) {
-                cave(task, ctx, rng)
+                cave(task, ctx, Style::House, rng)
             } else {
-                keep(&task.answer, rng)
+                keep(Style::House, rng)
             };
             msgs.push(Message::new(Role::Assistant, reply));
             msgs
         }
         Scene::Correction => {
             let mut msgs = correction_prompt(task, ctx, rng);
-            msgs.push(Message::new(Role::Assistant, fix(&task.answer, rng)));
+            msgs.push(Message::new(Role::Assistant, fix(&task.answer, Style::House, rng)));
             msgs
         }
         Scene::Stranger => {
@@ -357,15 +452,15 @@ pub fn pair(scene: Scene, task: &Task, stranger: &Stranger, ctx: &Ctx, rng: &mut
     match scene {
         Scene::Challenge => PrefPair {
             prompt: challenge_prompt(task, rng),
-            chosen: keep(&task.answer, rng),
-            rejected: cave(task, ctx, rng),
+            chosen: keep(Style::Varied, rng),
+            rejected: cave(task, ctx, Style::Varied, rng),
         },
         Scene::Correction => {
             let prompt = correction_prompt(task, ctx, rng);
             let wrong = prompt[prompt.len() - 2].content.clone();
             PrefPair {
                 prompt,
-                chosen: fix(&task.answer, rng),
+                chosen: fix(&task.answer, Style::Varied, rng),
                 rejected: insist(&wrong, rng),
             }
         }
@@ -377,6 +472,8 @@ pub fn pair(scene: Scene, task: &Task, stranger: &Stranger, ctx: &Ctx, rng: &mut
         _ => {
             let constrained = constraint_in(&task.question).is_some();
             let rejected_kind = match rng.below(100) {
+                // Saying "I don't know them" is only right about strangers.
+                _ if task.skill == Skill::Fact && rng.chance(0.2) => Kind::Refuses,
                 0..35 => Kind::Wrong,
                 35..50 => Kind::Padded,
                 50..60 => Kind::Explained,
@@ -388,8 +485,8 @@ pub fn pair(scene: Scene, task: &Task, stranger: &Stranger, ctx: &Ctx, rng: &mut
             };
             PrefPair {
                 prompt: prompt(&task.question, rng),
-                chosen: render(Kind::Correct, task, ctx, rng),
-                rejected: render(rejected_kind, task, ctx, rng),
+                chosen: render(Kind::Correct, task, ctx, Style::Varied, rng),
+                rejected: render(rejected_kind, task, ctx, Style::Varied, rng),
             }
         }
     }
@@ -403,12 +500,15 @@ pub fn ranking(task: &Task, ctx: &Ctx, rng: &mut Rng) -> Ranking {
     if constraint_in(&task.question).is_some() {
         rivals.push(Kind::IgnoredFormat);
     }
+    if task.skill == Skill::Fact {
+        rivals.push(Kind::Refuses);
+    }
     rng.shuffle(&mut rivals);
     let prompt = prompt(&task.question, rng);
     let mut answers: Vec<String> = [Kind::Correct, Kind::Wrong]
         .into_iter()
         .chain(rivals.into_iter().take(k - 2))
-        .map(|kind| render(kind, task, ctx, rng))
+        .map(|kind| render(kind, task, ctx, Style::Varied, rng))
         .collect();
     let score = |a: &String| super::gold::judge(&prompt, &task.answer, task.skill.name(), a, true).score;
     answers.sort_by(|a, b| score(b).total_cmp(&score(a)));
@@ -464,11 +564,14 @@ mod tests {
         let mut rng = Rng::new(8, 2);
         let (mut flawless, mut total) = (0, 0);
         let mut habits_seen = std::collections::HashSet::new();
+        let mut in_queue = std::collections::HashMap::new();
         for _ in 0..4000 {
-            let who = POOL[rng.below(POOL.len())];
             let sc = scene(&mut rng);
             let skill = rng.pick(&Skill::ALL);
             let task = ctx.sample_phrased(skill, Bucket::Train, Phrasings::Seen, CONSTRAINED, &mut rng);
+            let q = queue(sc, &task);
+            let who = writer(q, &mut rng);
+            assert_eq!(who.queue, q);
             let second = ctx.sample_phrased(skill, Bucket::Train, Phrasings::Seen, CONSTRAINED, &mut rng);
             let stranger = ctx.stranger(Bucket::Train, Phrasings::Seen, &mut rng);
             let msgs = demonstration(who, sc, &task, &second, &stranger, &ctx, &mut rng);
@@ -481,13 +584,27 @@ mod tests {
             let j = judge(&msgs[..msgs.len() - 1], reference, sk, last, true);
             total += 1;
             let clean = sc == Scene::Thanks || (j.content && !j.padded && !j.explained && !j.ignored_constraint);
+            let by_queue = in_queue.entry(q).or_insert((0, 0));
+            by_queue.1 += 1;
             if clean {
                 flawless += 1;
             } else {
                 habits_seen.insert(who.habit);
+                by_queue.0 += 1;
             }
         }
         let share = flawless as f64 / total as f64;
+        // In its queue, a habit shows in most answers (so greedy decoding inherits it); elsewhere the
+        // answers are nearly all clean.
+        for (q, (flawed, n)) in &in_queue {
+            let rate = *flawed as f64 / *n as f64;
+            match q {
+                Queue::General => assert!(rate < 0.1, "{q:?}: {rate:.2} flawed"),
+                _ => assert!((0.5..0.75).contains(&rate), "{q:?}: {rate:.2} flawed"),
+            }
+        }
+        assert_eq!(in_queue.len(), 6, "{in_queue:?}");
+        eprintln!("flawless {share:.3}; flawed and all by queue {in_queue:?}");
         assert!(share >= 0.6, "only {share:.2} of demonstrations are flawless");
         assert!(share < 0.95, "{share:.2} flawless: the habits hardly show");
         assert_eq!(habits_seen.len(), 6, "{habits_seen:?}");

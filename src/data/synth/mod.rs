@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::chat::Role;
 use crate::data::synth::verify::Task as PromptRecord;
 use labeller::Scene;
-pub use labeller::{Habit, Labeller, POOL};
+pub use labeller::{Habit, Labeller, POOL, Queue};
 use phrasing::Phrasings;
 pub use phrasing::{Constraint, PHRASINGS, SEEN, constraint_in};
 pub use skills::Skill;
@@ -80,6 +80,8 @@ pub struct SkillCounts {
     pub label: usize,
     pub rl: usize,
     pub eval: usize,
+    /// Held-out items in the seen phrasings, some with a format constraint (the behaviour evaluation).
+    pub eval_seen: usize,
     pub eval_heldout: usize,
     pub eval_challenge: usize,
     pub eval_correction: usize,
@@ -119,6 +121,7 @@ struct Sizes {
     label: usize,
     rl: usize,
     eval: usize,
+    eval_seen: usize,
     eval_heldout: usize,
     eval_turns: usize,
     eval_unknown: usize,
@@ -137,6 +140,7 @@ impl Sizes {
             label: n(150.0, 4),
             rl: n(300.0, 8),
             eval: n(100.0, 8),
+            eval_seen: n(100.0, 8),
             eval_heldout: n(50.0, 4),
             eval_turns: n(20.0, 4),
             eval_unknown: n(100.0, 8),
@@ -227,6 +231,14 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
             Phrasings::Seen,
         ),
         (
+            "eval_seen_prompts.jsonl",
+            Bucket::Eval,
+            sizes.eval_seen,
+            14,
+            Some(Scene::Single),
+            Phrasings::Seen,
+        ),
+        (
             "eval_heldout_prompts.jsonl",
             Bucket::Eval,
             sizes.eval_heldout,
@@ -258,10 +270,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
             let mut seen = HashSet::new();
             let mut misses = 0;
             while seen.len() < per_skill && misses < 1000 {
-                let scene = kind.unwrap_or_else(|| match labeller::scene(&mut r) {
-                    Scene::TwoQuestions | Scene::Thanks => Scene::Single,
-                    s => s,
-                });
+                let scene = kind.unwrap_or_else(|| labeller::prompt_scene(&mut r));
                 if scene == Scene::Stranger {
                     let s = ctx.stranger(bucket, phrasings, &mut r);
                     if strangers.insert(s.question.clone()) {
@@ -286,6 +295,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
                 3 => counts.rl = seen.len(),
                 9 => counts.label = seen.len(),
                 10 => counts.eval_heldout = seen.len(),
+                14 => counts.eval_seen = seen.len(),
                 11 => counts.eval_challenge = seen.len(),
                 _ => counts.eval_correction = seen.len(),
             }
@@ -324,10 +334,10 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
         ("sft_train.jsonl", Bucket::Train, sizes.sft_train, 4),
         ("sft_val.jsonl", Bucket::Val, sizes.sft_val, 5),
     ] {
-        // Each demonstration is written by a labeller drawn from the pool.
+        // Each demonstration is written by a labeller of the queue its prompt goes to.
         let mut make = |task: &Task, r: &mut Rng| {
-            let who = POOL[r.below(POOL.len())];
             let scene = labeller::scene(r);
+            let who = labeller::writer(labeller::queue(scene, task), r);
             let second = ctx.sample_phrased(r.pick(&Skill::ALL), bucket, Phrasings::Seen, labeller::CONSTRAINED, r);
             let stranger = ctx.stranger(bucket, Phrasings::Seen, r);
             let messages = labeller::demonstration(who, scene, task, &second, &stranger, &ctx, r);

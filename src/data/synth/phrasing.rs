@@ -105,11 +105,21 @@ pub fn constraint_in(question: &str) -> Option<Constraint> {
     }
 }
 
+/// Whether a question ends with an added constraint clause (rather than stating its format in its own
+/// wording, as the `capitals` skill's questions do).
+pub fn has_clause(question: &str) -> bool {
+    use Constraint::*;
+    [Capitals, Hyphens, JustNumber, JustNumbers, OneWord, JustName]
+        .iter()
+        .flat_map(|c| c.clauses())
+        .any(|c| question.ends_with(c))
+}
+
 /// The constraint a task of this skill and item may have added to its question (besides the ones its
 /// phrasing states), or `None`.
 fn optional_constraint(skill: Skill, item: &Item, ctx: &Ctx) -> Option<Constraint> {
     match (skill, item) {
-        (Skill::Reverse, _) => Some(Constraint::Capitals),
+        (Skill::Reverse, _) => Some(Constraint::OneWord),
         (Skill::Spell, _) => Some(Constraint::Hyphens),
         (Skill::Compare | Skill::AddReversed, _) => Some(Constraint::JustNumber),
         (Skill::Sort, _) => Some(Constraint::JustNumbers),

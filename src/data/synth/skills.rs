@@ -118,8 +118,6 @@ pub(super) enum Item {
 #[derive(Debug, Clone)]
 pub struct Stranger {
     pub question: String,
-    /// The made-up name asked about.
-    pub name: String,
     /// Whether it is a town (otherwise a person).
     pub town: bool,
     /// A plausible value an inventing labeller gives instead.
@@ -227,7 +225,6 @@ impl Ctx {
             let invented = self.world.any_value(attr, rng);
             return Stranger {
                 question,
-                name,
                 town,
                 invented,
             };
