@@ -33,6 +33,9 @@ fn main() {
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // Stopped by Ctrl-C (after a checkpoint): the shell's convention for SIGINT, so a script
+        // does not carry on as if the command had failed for another reason.
+        let by_ctrl_c = talaria::train::trainer::interrupt_flag().load(std::sync::atomic::Ordering::SeqCst);
+        std::process::exit(if by_ctrl_c { 130 } else { 1 });
     }
 }

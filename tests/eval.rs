@@ -112,7 +112,7 @@ fn multiple_choice_scores_the_whole_continuation_of_each_letter() {
         choices: ["w", "x", "y", "z"].map(String::from).to_vec(),
         answer: 0,
     };
-    assert_eq!(mmlu_accuracy(&model, &tok, &[q.clone()], &[], 0).unwrap(), 1.0);
+    assert_eq!(mmlu_accuracy(&model, &tok, std::slice::from_ref(&q), &[], 0).unwrap(), 1.0);
     let wrong = McQuestion { answer: 3, ..q };
     assert_eq!(mmlu_accuracy(&model, &tok, &[wrong], &[], 0).unwrap(), 0.0);
 

@@ -4,6 +4,7 @@
 //! stopped with Ctrl-C, and then rerun ends with the weights of an uninterrupted one.
 
 use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -370,7 +371,11 @@ fn ctrl_c_stops_the_run_resumably_and_twice_exits_at_once() {
     interrupt(&child);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "an interrupted run must not exit 0");
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "an interrupted run exits as SIGINT asks: {stderr}"
+    );
     assert!(stderr.contains("run the same command again to resume"), "{stderr}");
     // The stage in progress (SFT, or a later one if SFT finished before the signal) is not marked
     // finished, and none after it starts.
@@ -392,13 +397,26 @@ fn ctrl_c_stops_the_run_resumably_and_twice_exits_at_once() {
     assert!(stdout.contains("[4/12] pretrain     reused"), "{stdout}");
     same_weights(reference, &run);
 
-    // Two Ctrl-C: the process ends at once, with 130, without waiting for a checkpoint.
+    // Two Ctrl-C: once the first is acknowledged, a second (repeated every millisecond, since a
+    // signal sent while another is pending merges with it) ends the process at once, with 130,
+    // without waiting for the checkpoint.
     let twice = tmp.path().join("twice");
-    let child = spawn_tiny(&twice);
+    let mut child = spawn_tiny(&twice);
     wait_for(&twice.join("pretrain/metrics.jsonl"));
+    let mut err_pipe = BufReader::new(child.stderr.take().unwrap());
     interrupt(&child);
-    std::thread::sleep(Duration::from_millis(50));
-    interrupt(&child);
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut stderr = String::new();
+    while !stderr.contains("interrupted: stopping") {
+        assert!(err_pipe.read_line(&mut stderr).unwrap() > 0, "{stderr}");
+    }
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        interrupt(&child);
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    err_pipe.read_to_string(&mut stderr).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted again: exiting now"), "{stderr}");
 }
