@@ -109,22 +109,22 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             reward_steps: 500,
             reward_batch: 16,
             reward_lr: 5e-4,
-            // Measured on this world (docs/tuning-history.md): driven by the reward model, greedy accuracy peaks after
-            // about 20 steps at lr 1e-5 (KL ~0.2 per answer) and then falls as the policy exploits the reward
-            // model's preference for short answers; rollouts at temperature 1 are mostly worse than the greedy
-            // answer, so they sample at 0.7.
+            // Measured on this world (docs/tuning-history.md, "PPO on generator version 4"): the reward
+            // model cannot check content, so what PPO changes beyond the labellers' habits is drift, and
+            // drift costs content. A KL coefficient of 0.15 (against 0.05) keeps the exact KL near 0.3
+            // per answer and halves the content lost; rollouts at temperature 1 reach a higher gold score
+            // than at 0.7. PPO-ptx on the pretraining text pulled the policy away from SFT instead.
             ppo: PpoPreset {
                 steps: 40,
                 prompts: 16,
                 samples: 8,
                 lr: 2e-5,
-                kl_coef: 0.05,
+                kl_coef: 0.15,
                 epochs: 2,
-                temperature: 0.7,
+                temperature: 1.0,
             },
-            // The true reward cannot be exploited, so it takes a larger learning rate, a weaker KL penalty, two
-            // epochs per batch and twice the steps (its best held-out evaluation in docs/tuning-history.md was the last,
-            // at step 40).
+            // The gold labeller cannot be exploited, so its PPO keeps the weaker KL penalty and the
+            // cooler rollouts it was first tuned with (docs/tuning-history.md).
             ppo_gold: PpoPreset {
                 steps: 40,
                 prompts: 16,
@@ -602,8 +602,10 @@ impl<'c> Chain<'c> {
                 reward_clip: 5.0,
                 prompt_baseline: pp.samples > 1,
                 no_end_penalty: -2.0,
+                // Off: see the `cpu` preset's PPO settings.
                 ptx_data: None,
                 ptx_coef: 0.0,
+                ptx_seq_len: p.seq_len,
                 grad_clip: 1.0,
                 seed: self.cfg.seed,
                 eval_every: (pp.steps / 5).max(1),

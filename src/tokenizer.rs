@@ -96,7 +96,17 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Parses the contents of a `tokenizer.json`.
     pub fn from_json(json: &str) -> Result<Self> {
-        let inner: tokenizers::Tokenizer = json.parse().map_err(|e| anyhow!("invalid tokenizer.json: {e}"))?;
+        // `tokenizers` 0.22 unwraps inside some sections' deserializers (its decoders/mod.rs), so a
+        // corrupted file can panic there (found by tests/fuzz.rs): that panic becomes an error.
+        let parsed = std::panic::catch_unwind(|| json.parse::<tokenizers::Tokenizer>()).map_err(|p| {
+            let why = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            anyhow!("invalid tokenizer.json: {why}")
+        })?;
+        let inner = parsed.map_err(|e| anyhow!("invalid tokenizer.json: {e}"))?;
         Ok(Self::wrap(inner))
     }
 

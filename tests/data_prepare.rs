@@ -1,6 +1,8 @@
 //! `data prepare` tests: shards round trip to the documents, the val split is disjoint and seeded,
 //! every reader format works, bad input gives clear errors, and `data download` fails fast offline.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -358,7 +360,7 @@ fn bad_inputs_are_clear_errors_naming_file_and_line() {
 fn real_corpora_prepare_and_round_trip() {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
     if !data.join("pretrain/tinystories_train_head.txt").exists() {
-        eprintln!("skipped: ../shared/data is absent");
+        common::skip("data", "../shared/data is absent");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

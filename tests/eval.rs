@@ -1,5 +1,7 @@
 //! Real benchmark formats (MMLU, GSM8K) and their clear errors.
 
+mod common;
+
 use std::path::Path;
 
 use candle_core::{DType, Device};
@@ -19,7 +21,7 @@ fn tiny_model(tok: &Tokenizer) -> Gpt {
 fn mmlu_and_gsm8k_files_are_read_and_scored() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/eval");
     if !root.exists() {
-        eprintln!("skipped: {} is absent", root.display());
+        common::skip("data", &format!("{} is absent", root.display()));
         return;
     }
     // SOURCES.md: 285 dev questions (5 per subject), 1319 GSM8K test problems.
@@ -112,7 +114,10 @@ fn multiple_choice_scores_the_whole_continuation_of_each_letter() {
         choices: ["w", "x", "y", "z"].map(String::from).to_vec(),
         answer: 0,
     };
-    assert_eq!(mmlu_accuracy(&model, &tok, std::slice::from_ref(&q), &[], 0).unwrap(), 1.0);
+    assert_eq!(
+        mmlu_accuracy(&model, &tok, std::slice::from_ref(&q), &[], 0).unwrap(),
+        1.0
+    );
     let wrong = McQuestion { answer: 3, ..q };
     assert_eq!(mmlu_accuracy(&model, &tok, &[wrong], &[], 0).unwrap(), 0.0);
 

@@ -162,7 +162,10 @@ fn exported_model_loads_in_transformers_with_the_same_logits() {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !has_tf {
-        eprintln!("skipped: python3 with torch and transformers is not installed (pip install torch transformers)");
+        common::skip(
+            "torch",
+            "python3 with torch and transformers is not installed (pip install torch transformers)",
+        );
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -412,7 +415,7 @@ fn checkpoints_are_replaced_atomically() {
 fn gpt2_shaped_checkpoint_generates_the_same_greedy_tokens_as_transformers() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     if !root.join("../shared/data/tokenizer/gpt2_vocab.json").exists() {
-        eprintln!("skipped: ../shared/data/tokenizer is absent");
+        common::skip("data", "../shared/data/tokenizer is absent");
         return;
     }
     let has_tf = Command::new("python3")
@@ -421,7 +424,10 @@ fn gpt2_shaped_checkpoint_generates_the_same_greedy_tokens_as_transformers() {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !has_tf {
-        eprintln!("skipped: python3 with torch, transformers and tokenizers is not installed");
+        common::skip(
+            "torch",
+            "python3 with torch, transformers and tokenizers is not installed",
+        );
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

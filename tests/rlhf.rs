@@ -7,8 +7,10 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor};
 use talaria::chat::{ChatTemplate, Message, Role};
 use talaria::data::preferences::read_preferences;
+use talaria::data::prepare::{PrepareConfig, prepare};
 use talaria::data::prompts::PromptRecord;
 use talaria::data::readers::ReadOptions;
+use talaria::data::shards::{Split, TokenLoader};
 use talaria::data::synth::{self, SynthConfig};
 use talaria::eval::tasks::{reward_on_mistakes, win_rate};
 use talaria::metrics::read_metrics;
@@ -141,7 +143,7 @@ fn real_preference_files_parse() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
     let hh = root.join("preference/hh_rlhf_harmless_base_test.jsonl.gz");
     if !hh.exists() {
-        eprintln!("skipped: {} is absent", hh.display());
+        common::skip("data", &format!("{} is absent", hh.display()));
         return;
     }
     let prefs = read_preferences(&hh).unwrap();
@@ -298,6 +300,7 @@ fn ppo_cfg(f: &Fixture, out: &Path, reward: RewardSpec, steps: u64) -> PpoConfig
         no_end_penalty: -2.0,
         ptx_data: None,
         ptx_coef: 0.0,
+        ptx_seq_len: usize::MAX,
         grad_clip: 1.0,
         seed: 4,
         eval_every: steps,
@@ -634,4 +637,53 @@ fn ppo_learns_to_end_its_answers_within_a_few_steps() {
         "PPO did not learn: reward {first:.2} -> {last:.2} ({r:?})"
     );
     assert!(mean(&ended[9..]) > mean(&ended[..3]) + 0.2, "{ended:?}");
+}
+
+/// Mean LM loss of the checkpoint at `ckpt` on 16 validation windows of `data`.
+fn lm_loss_on(ckpt: &Path, data: &Path) -> f64 {
+    let c = talaria::checkpoint::Checkpoint::load(ckpt, DType::F32, &Device::Cpu).unwrap();
+    let mut loader = TokenLoader::open(data, Split::Val, 32, 0).unwrap();
+    let (x, y) = loader.next_batch(16, &Device::Cpu).unwrap();
+    let loss = c.model().unwrap().lm_loss(&x, &y, None).unwrap();
+    loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+#[test]
+fn ppo_ptx_keeps_the_language_model_that_plain_ppo_lets_drift() {
+    let f = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let tok_file = tmp.path().join("tokenizer.json");
+    std::fs::write(&tok_file, f.tok.to_json().unwrap()).unwrap();
+    let data = tmp.path().join("data");
+    prepare(&PrepareConfig::new(
+        vec![f.world.join("pretrain.txt")],
+        tok_file,
+        data.clone(),
+    ))
+    .unwrap();
+    let run = |name: &str, ptx: f64| {
+        let out = tmp.path().join(name);
+        let mut cfg = ppo_cfg(f, &out, RewardSpec::Model(f.reward.clone()), 4);
+        cfg.lr = 1e-3;
+        if ptx > 0.0 {
+            (cfg.ptx_data, cfg.ptx_coef, cfg.ptx_seq_len) = (Some(data.clone()), ptx, 32);
+        }
+        ppo(&cfg).unwrap();
+        out
+    };
+    let (plain, ptx) = (run("plain", 0.0), run("ptx", 1.0));
+    let logged = metric(&ptx, "ppo", "ptx_loss");
+    assert_eq!(logged.len(), 4);
+    assert!(logged.iter().all(|l| l.is_finite() && *l > 0.0), "{logged:?}");
+    assert!(metric(&plain, "ppo", "ptx_loss").is_empty());
+    let (before, after_plain, after_ptx) = (
+        lm_loss_on(&f.sft, &data),
+        lm_loss_on(&plain.join("checkpoint"), &data),
+        lm_loss_on(&ptx.join("checkpoint"), &data),
+    );
+    println!("LM loss on held-out pretraining text: SFT {before:.4}, PPO {after_plain:.4}, PPO-ptx {after_ptx:.4}");
+    assert!(
+        after_ptx < before && after_ptx < after_plain,
+        "{before} {after_plain} {after_ptx}"
+    );
 }

@@ -912,11 +912,11 @@ fn feedback_round_trip_to_training_files() {
 }
 
 /// Runs a checker script that needs tools outside Rust; the script itself prints why it skips.
-fn run_checker(program: &str, args: &[&str]) -> Option<String> {
+fn run_checker(needs: &str, program: &str, args: &[&str]) -> Option<String> {
     let out = match Command::new(program).args(args).output() {
         Ok(o) => o,
         Err(e) => {
-            println!("SKIPPED: cannot run {program}: {e}");
+            common::skip(needs, &format!("cannot run {program}: {e}"));
             return None;
         }
     };
@@ -934,9 +934,15 @@ fn run_checker(program: &str, args: &[&str]) -> Option<String> {
 fn the_official_openai_python_client_works() {
     let s = Server::start();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_openai_client.py");
-    if let Some(out) = run_checker("python3", &[script, &format!("{}/v1", s.url)])
-        && !out.contains("SKIPPED")
-    {
+    let Some(out) = run_checker("openai", "python3", &[script, &format!("{}/v1", s.url)]) else {
+        return;
+    };
+    if out.contains("SKIPPED") {
+        common::skip(
+            "openai",
+            "the openai Python package is not installed (pip install openai)",
+        );
+    } else {
         assert!(out.contains("openai client: ok"), "{out}");
     }
 }
@@ -957,16 +963,19 @@ fn the_page_chats_and_records_a_comparison_in_headless_chromium() {
     .map(|(name, _)| *name)
     .collect();
     if !missing.is_empty() {
-        println!(
-            "SKIPPED: the browser check needs {} (run tests/browser/setup.sh)",
-            missing.join(", ")
+        common::skip(
+            "browser",
+            &format!(
+                "the browser check needs {} (run tests/browser/setup.sh)",
+                missing.join(", ")
+            ),
         );
         return;
     }
     let s = Server::start();
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-page.png");
     let script = format!("{dir}/page.mjs");
-    run_checker("node", &[&script, &s.url, shot.to_str().unwrap()]).unwrap();
+    run_checker("browser", "node", &[&script, &s.url, shot.to_str().unwrap()]).unwrap();
     assert!(
         std::fs::metadata(&shot).unwrap().len() > 1000,
         "no screenshot at {}",

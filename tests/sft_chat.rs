@@ -174,7 +174,7 @@ fn shared_sft(name: &str) -> Option<PathBuf> {
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("skipped: {} is absent", p.display());
+        common::skip("data", &format!("{} is absent", p.display()));
         None
     }
 }

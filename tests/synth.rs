@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
-use std::time::Instant;
 
 use serde_json::Value;
 use talaria::data::synth::gold;
@@ -221,10 +220,7 @@ fn every_file_parses_with_its_schema() {
 fn every_skill_everywhere_at_small_and_default_scale() {
     for scale in [0.001, 0.05, 1.0] {
         let dir = tempfile::tempdir().unwrap();
-        let start = Instant::now();
         let s = make(dir.path(), 7, scale);
-        let secs = start.elapsed().as_secs_f64();
-        assert!(secs < 10.0, "scale {scale} took {secs:.1}s");
         assert_eq!(s.skills.len(), Skill::ALL.len());
         for (skill, c) in &s.skills {
             for (what, n) in [

@@ -7,6 +7,8 @@
 //! talaria" (Python tokenizers 0.23.3, tiktoken 0.14.0): a tokenizer.json trained by
 //! `talaria tokenizer train` loads in Python and gives the same ids for all 17 strings.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,7 +27,7 @@ fn shared() -> Option<PathBuf> {
     if p.join("tokenizer/gpt2_vocab.json").exists() {
         Some(p)
     } else {
-        eprintln!("skipped: ../shared/data is absent");
+        common::skip("data", "../shared/data is absent");
         None
     }
 }

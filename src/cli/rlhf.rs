@@ -108,6 +108,9 @@ pub(crate) struct PpoArgs {
     ptx_data: Option<PathBuf>,
     #[arg(long, default_value_t = 0.1)]
     ptx_coef: f64,
+    /// Tokens per PPO-ptx window: the sequence length pretraining used (default: the context).
+    #[arg(long)]
+    ptx_seq_len: Option<usize>,
     #[arg(long, default_value_t = 1.0)]
     grad_clip: f64,
     #[arg(long, default_value_t = 1337)]
@@ -178,6 +181,7 @@ impl PpoArgs {
             no_end_penalty: self.no_end_penalty,
             ptx_data: self.ptx_data,
             ptx_coef: self.ptx_coef,
+            ptx_seq_len: self.ptx_seq_len.unwrap_or(usize::MAX),
             grad_clip: self.grad_clip,
             seed: self.seed,
             eval_every: self.eval_every,

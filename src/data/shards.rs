@@ -269,6 +269,11 @@ impl TokenLoader {
         self.order.shuffle(&mut rng);
     }
 
+    /// Tokens per window.
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }

@@ -109,7 +109,7 @@ pub fn invented(prompts: &[PromptRecord], answers: &[Answer]) -> f64 {
 /// Everything measured of one model.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Behaviour {
-    /// `eval_prompts.jsonl` (seen phrasings).
+    /// `eval_seen_prompts.jsonl` (seen phrasings).
     pub seen: SetScores,
     /// `eval_heldout_prompts.jsonl` (phrasings kept out of every training file).
     pub heldout: Option<SetScores>,

@@ -215,6 +215,7 @@ pub fn write_report(run: &Path) -> Result<PathBuf> {
         "\nAccuracy is strict exact match by the default world's verifier with greedy decoding on the seen phrasings; the base model is prompted few-shot in plain text, the others through the chat template. `ppo` is PPO driven by the learned reward model; `ppo_gold` is PPO from the same SFT model driven by the gold labeller itself (the true reward, at settings of its own), so the gap between the two rows is what the reward model leaves on the table; `ppo_round2`, when present, is a second RLHF round (the labeller ranks `ppo`'s answers, the reward model trains further on them, PPO continues from `ppo`). KL to SFT is the exact per-token KL over the vocabulary, summed per answer, along the stage's own samples at temperature 1. Win-rates are over SFT's greedy answers to the same prompts, ties counted half. \"RM agrees with verifier\": of the prompts where the stage's greedy answer and SFT's differ in correctness, the share where the reward model scores the right one higher.\n"
     )?;
     behaviour_tables(&mut md, &eval)?;
+    findings(&mut md, &eval)?;
     writeln!(md, "## Other measurements\n")?;
     writeln!(md, "| measurement | value |\n| --- | --- |")?;
     writeln!(md, "| pretraining validation loss | {} |", num(eval.val_loss, 4))?;
@@ -309,6 +310,105 @@ fn gain_against_sqrt_kl(metrics: &Path, key: &str) -> Result<Series> {
 
 /// InstructGPT's metadata table for the chat stages, then the per-skill content accuracy and the
 /// seen against held-out phrasings.
+/// Points between two shares, signed.
+fn points(from: f64, to: f64) -> String {
+    format!("{:+.1}", (to - from) * 100.0)
+}
+
+/// The run's lessons in numbers: what the reward model sees and what it cannot, what PPO driven by
+/// it changed against SFT, and what a second RLHF round changed.
+fn findings(md: &mut String, eval: &EvalSummary) -> Result<()> {
+    let stage = |name: &str| {
+        eval.stages
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(|s| Some((s, s.behaviour.as_ref()?)))
+    };
+    let (Some((_, sft)), Some((ppo_s, ppo))) = (stage("sft"), stage("ppo")) else {
+        return Ok(());
+    };
+    writeln!(md, "## What the reward model cannot do\n")?;
+    writeln!(
+        md,
+        "- On pairs of the SFT model's own held-out answers it ranks {} right when they differ in behaviour and {} when they differ only in content (50% is a coin flip; – where the run had no such pairs): it learns the labellers' judgement of form, not to check a reversed word or a sum.",
+        pct(eval.reward_on_policy_behaviour),
+        pct(eval.reward_on_policy_content)
+    )?;
+    let (a, b) = (&sft.seen, &ppo.seen);
+    writeln!(
+        md,
+        "- So PPO driven by it removes flaws (padding {} → {}, unasked explanations {} → {}, ignored formats {} → {}, keeping a right answer when challenged {} → {}) while content accuracy moves {} points macro ({} → {}).",
+        pct(Some(a.flaws.padded)),
+        pct(Some(b.flaws.padded)),
+        pct(Some(a.flaws.explained)),
+        pct(Some(b.flaws.explained)),
+        pct(Some(a.flaws.ignored_constraint)),
+        pct(Some(b.flaws.ignored_constraint)),
+        pct(sft.keeps_when_challenged),
+        pct(ppo.keeps_when_challenged),
+        points(a.content, b.content),
+        pct(Some(a.content)),
+        pct(Some(b.content)),
+    )?;
+    let changes: Vec<String> = a
+        .per_skill_content
+        .iter()
+        .filter_map(|(k, x)| Some(format!("{k} {}", points(*x, *b.per_skill_content.get(k)?))))
+        .collect();
+    writeln!(
+        md,
+        "- Content per skill, PPO against SFT, in points: {}.",
+        changes.join(", ")
+    )?;
+    if let Some((_, gold)) = stage("ppo_gold") {
+        let (rm_gain, gold_gain) = (b.gold - a.gold, gold.seen.gold - a.gold);
+        writeln!(
+            md,
+            "- Mean gold score gain over SFT: {:+.2} driven by the reward model, {:+.2} driven by the gold labeller itself{}; exact KL to SFT {} per answer.",
+            rm_gain,
+            gold_gain,
+            if gold_gain > 0.0 {
+                format!(" ({:.0}% of it)", 100.0 * rm_gain / gold_gain)
+            } else {
+                String::new()
+            },
+            num(ppo_s.kl_to_sft, 3)
+        )?;
+    }
+    if let Some((r2_s, r2)) = stage("ppo_round2") {
+        let c = &r2.seen;
+        writeln!(md, "\n## What the second RLHF round changed\n")?;
+        writeln!(
+            md,
+            "The labeller ranked the PPO policy's own answers, the reward model trained further on them, and PPO continued from the policy. Against the first round: strict {} → {}, content {} → {}, mean gold score {:.2} → {:.2}, invented answers about strangers {} → {}, ignored formats {} → {}, exact KL to SFT {} → {}.",
+            pct(Some(b.strict)),
+            pct(Some(c.strict)),
+            pct(Some(b.content)),
+            pct(Some(c.content)),
+            b.gold,
+            c.gold,
+            pct(ppo.invents_about_strangers),
+            pct(r2.invents_about_strangers),
+            pct(Some(b.flaws.ignored_constraint)),
+            pct(Some(c.flaws.ignored_constraint)),
+            num(ppo_s.kl_to_sft, 3),
+            num(r2_s.kl_to_sft, 3),
+        )?;
+        let changes: Vec<String> = b
+            .per_skill_content
+            .iter()
+            .filter_map(|(k, x)| Some(format!("{k} {}", points(*x, *c.per_skill_content.get(k)?))))
+            .collect();
+        writeln!(
+            md,
+            "Content per skill against the first round, in points: {}.",
+            changes.join(", ")
+        )?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
 fn behaviour_tables(md: &mut String, eval: &EvalSummary) -> Result<()> {
     let stages: Vec<(&StageEval, &Behaviour)> = eval
         .stages

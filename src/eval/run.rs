@@ -271,12 +271,11 @@ fn rm_on_policy(
 }
 
 /// The chat stages a run may have, in report order: (name in the report, directory).
-const CHAT_STAGES: [(&str, &str); 6] = [
+const CHAT_STAGES: [(&str, &str); 5] = [
     ("sft", "sft"),
     ("ppo", "ppo"),
     ("ppo_round2", "ppo_round2"),
     ("ppo_gold", "ppo_gold"),
-    ("ppo_verifier", "ppo_verifier"),
     ("dpo", "dpo"),
 ];
 

@@ -1,10 +1,10 @@
 //! RLHF with PPO (InstructGPT): the SFT model (actor) answers prompts with the KV-cache engine,
-//! a reward model (or the default world's verifier) scores the answers, a per-token KL penalty
+//! a reward model (or the default world's gold labeller or verifier) scores the answers, a per-token KL penalty
 //! keeps the actor near the frozen SFT model (reference), and a critic initialised from the
 //! reward model estimates values for GAE. Both are updated with clipped PPO losses.
 //!
-//! The reward source can be the learned reward model or the true verifier, so the gap between
-//! two runs measures what the reward model leaves on the table.
+//! The reward source can be the learned reward model or the gold labeller (the truth), so the gap
+//! between two runs measures what the reward model leaves on the table.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -36,7 +36,8 @@ pub enum RewardSpec {
     /// A reward-model checkpoint (`talaria reward`).
     Model(PathBuf),
     /// The default world's rule-based verifier: 1 for an exactly correct answer, partial credit below
-    /// 0.5 for a near miss (prompts need `answer` and `skill`).
+    /// 0.5 for a near miss (prompts need `answer` and `skill`). It reads single questions only: on a
+    /// challenge or a question about a stranger it would punish the right reply, so use `Gold` there.
     Verifier,
     /// The default world's gold labeller: content, then format, concision and manners
     /// ([`crate::data::synth::gold`]; prompts need `answer` and `skill`).
@@ -109,9 +110,14 @@ pub struct PpoConfig {
     pub prompt_baseline: bool,
     /// Reward (in normalised units) of an answer that never emits the end token.
     pub no_end_penalty: f64,
-    /// PPO-ptx: a pretraining data directory whose LM loss is mixed into the actor's loss.
+    /// PPO-ptx (InstructGPT's fix for regressions on what RLHF does not reward): a pretraining data
+    /// directory whose LM loss, over as many tokens as the rollouts of each chunk hold, is mixed
+    /// into the actor's loss.
     pub ptx_data: Option<PathBuf>,
     pub ptx_coef: f64,
+    /// Tokens per PPO-ptx window: the length pretraining trained on, since positions beyond it
+    /// were never trained on plain text.
+    pub ptx_seq_len: usize,
     pub grad_clip: f64,
     pub seed: u64,
     pub eval_every: u64,
@@ -395,6 +401,8 @@ struct UpdateStats {
     lr: f64,
     seconds: f64,
     policy_loss: f64,
+    /// Mean PPO-ptx language-model loss (None without PPO-ptx).
+    ptx_loss: Option<f64>,
     value_loss: f64,
     clip_frac: f64,
 }
@@ -591,7 +599,7 @@ impl<'c> Ppo<'c> {
             ptx: cfg
                 .ptx_data
                 .as_deref()
-                .map(|d| TokenLoader::open(d, Split::Train, sft.config.n_positions, cfg.seed))
+                .map(|d| TokenLoader::open(d, Split::Train, cfg.ptx_seq_len.min(sft.config.n_positions), cfg.seed))
                 .transpose()?,
         };
         if cfg.resume {
@@ -872,6 +880,7 @@ impl<'c> Ppo<'c> {
         let rollouts = &b.rollouts;
         let n_roll = rollouts.len();
         let (mut pl_sum, mut vl_sum, mut clip_sum, mut updates) = (0.0, 0.0, 0.0, 0.0);
+        let mut ptx_sum = 0.0;
         let mut mb_order = EpochOrder::new(cfg.seed ^ step, n_roll, 0, 0);
         let (lr, critic_lr) = (schedule(cfg.lr).at(step), schedule(cfg.critic_lr).at(step));
         for _ in 0..cfg.ppo_epochs {
@@ -893,12 +902,15 @@ impl<'c> Ppo<'c> {
                     // Actor.
                     let logp = answer_logprobs(&self.m.actor_model, &batch, cfg.temperature)?;
                     let (mut loss, clip_frac) = rl::policy_loss(&logp, &old, &adv, &batch.mask, cfg.clip)?;
+                    pl_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * share;
                     if let Some(loader) = self.at.ptx.as_mut() {
-                        let (x, y) = loader.next_batch(refs.len().max(1), &device)?;
-                        loss = (loss + (self.m.actor_model.lm_loss(&x, &y, None)? * cfg.ptx_coef)?)?;
+                        let tokens: usize = refs.iter().map(|r| r.seq.len()).sum();
+                        let (x, y) = loader.next_batch(tokens.div_ceil(loader.seq_len()).max(1), &device)?;
+                        let lm = self.m.actor_model.lm_loss(&x, &y, None)?;
+                        ptx_sum += lm.to_dtype(DType::F64)?.to_scalar::<f64>()? * share;
+                        loss = (loss + (lm * cfg.ptx_coef)?)?;
                     }
                     let loss = (loss * share)?;
-                    pl_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                     accumulate(&mut actor_grads, self.m.actor.grads(&loss.backward()?)?)?;
                     // Critic.
                     let values = answer_values(&self.m.critic_model, &self.m.value_head, &batch)?;
@@ -925,6 +937,7 @@ impl<'c> Ppo<'c> {
             lr,
             seconds: t.elapsed().as_secs_f64(),
             policy_loss: pl_sum / updates,
+            ptx_loss: self.at.ptx.is_some().then_some(ptx_sum / updates),
             value_loss: vl_sum / updates,
             clip_frac: clip_sum / updates,
         })
@@ -976,6 +989,9 @@ impl<'c> Ppo<'c> {
             ("passes_s", b.times[2]),
             ("update_s", u.seconds),
         ];
+        if let Some(ptx) = u.ptx_loss {
+            values.push(("ptx_loss", ptx));
+        }
         if b.records.iter().any(|(i, _)| self.prompts[*i].answer.is_some()) {
             values.push(("train_accuracy", accuracy));
         }

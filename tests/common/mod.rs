@@ -68,3 +68,15 @@ pub fn save_checkpoint(
     .save(path)
     .unwrap();
 }
+
+/// Says visibly that a test cannot run here, and why. Where `TALARIA_REQUIRE` (a comma-separated
+/// list that `.ci/run` sets to what it installed: `data`, `torch`, `browser`, `openai`) names
+/// `needs`, the skip is a failure instead: the tool is meant to be there.
+pub fn skip(needs: &str, why: &str) {
+    let required = std::env::var("TALARIA_REQUIRE").unwrap_or_default();
+    if required.split(',').any(|r| r.trim() == needs) {
+        panic!("{why}, but TALARIA_REQUIRE includes {needs:?}");
+    }
+    eprintln!("SKIPPED: {why}");
+    println!("SKIPPED: {why}");
+}

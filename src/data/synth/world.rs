@@ -324,7 +324,6 @@ impl World {
         }
     }
 
-    /// A plausible false value of the same attribute: the near-miss a confused answer would give.
     /// Some value an attribute can take (for an invented answer about someone who does not exist).
     pub fn any_value(&self, attr: Attr, rng: &mut Rng) -> String {
         match attr {
@@ -338,6 +337,7 @@ impl World {
         }
     }
 
+    /// A plausible false value of the same attribute: the near-miss a confused answer would give.
     pub fn wrong_value(&self, f: Fact, rng: &mut Rng) -> String {
         let right = self.value(f);
         loop {
