@@ -77,6 +77,8 @@ pub fn skip(needs: &str, why: &str) {
     if required.split(',').any(|r| r.trim() == needs) {
         panic!("{why}, but TALARIA_REQUIRE includes {needs:?}");
     }
-    eprintln!("SKIPPED: {why}");
-    println!("SKIPPED: {why}");
+    // Written to the process's stderr directly: libtest captures `eprintln!` of a passing test, and a
+    // skip must show in the test output.
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
 }
