@@ -1,7 +1,8 @@
 //! RLHF with PPO (InstructGPT): the SFT model (actor) answers prompts with the KV-cache engine,
-//! a reward model (or the default world's gold labeller or verifier) scores the answers, a per-token KL penalty
-//! keeps the actor near the frozen SFT model (reference), and a critic initialised from the
-//! reward model estimates values for GAE. Both are updated with clipped PPO losses.
+//! a reward model (or the default world's gold labeller or verifier) scores the answers, a
+//! per-token KL penalty keeps the actor near the frozen SFT model (reference), and a critic
+//! initialised from the reward model estimates values for GAE. Both are updated with clipped PPO
+//! losses.
 //!
 //! The reward source can be the learned reward model or the gold labeller (the truth), so the gap
 //! between two runs measures what the reward model leaves on the table.
