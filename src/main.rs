@@ -33,8 +33,8 @@ fn main() {
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
-        // Stopped by Ctrl-C (after a checkpoint): the shell's convention for SIGINT, so a script
-        // does not carry on as if the command had failed for another reason.
+        // Any failure after a Ctrl-C (normally the stop after a checkpoint) exits as SIGINT asks,
+        // so a script can tell an interrupted run from one that failed on its own.
         let by_ctrl_c = talaria::train::trainer::interrupt_flag().load(std::sync::atomic::Ordering::SeqCst);
         std::process::exit(if by_ctrl_c { 130 } else { 1 });
     }

@@ -124,7 +124,8 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
                 temperature: 1.0,
             },
             // The gold labeller cannot be exploited, so its PPO keeps the weaker KL penalty and the
-            // cooler rollouts it was first tuned with (docs/tuning-history.md).
+            // cooler rollouts that PPO on the true reward was tuned with on generator version 3
+            // (docs/tuning-history.md, "PPO and DPO settings on generator version 3").
             ppo_gold: PpoPreset {
                 steps: 40,
                 prompts: 16,

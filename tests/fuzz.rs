@@ -3,7 +3,8 @@
 //! OpenAI request parsers, tokenizer loading and import, and checkpoint loading. Inputs are the
 //! small committed seeds in `tests/fuzz_corpus/`, mutated byte by byte (replace, insert, delete,
 //! truncate, repeat), and arbitrary messages for the template. Every call must return a value or
-//! an error; a panic fails the case, and file readers' errors must name the file.
+//! an error; a panic fails the case, and the JSONL readers' and GPT-2 import's errors must name
+//! the file.
 //!
 //! `cargo test --release --test fuzz` runs 256 cases per target; `PROPTEST_CASES=N` runs more
 //! (BENCHMARKS.md, "Fuzzing", has the long runs).
@@ -122,6 +123,8 @@ fn the_seeds_are_valid_inputs() {
     assert_eq!(read_preferences(&p).unwrap().groups.len(), 4);
     let (_c, p) = f("prompts.jsonl");
     assert_eq!(read_prompts(&p).unwrap().len(), 4);
+    let (_t, p) = f("tasks.jsonl");
+    assert_eq!(Task::load_jsonl(&p).unwrap().len(), 3);
     let (_d, p) = f("mmlu.jsonl");
     assert_eq!(read_mmlu(&p, None).unwrap().len(), 2);
     let (_e, p) = f("gsm8k.jsonl");
@@ -144,7 +147,11 @@ proptest! {
     #[test]
     fn prompt_files(bytes in mutated("prompts.jsonl")) {
         read_ok("prompts.jsonl", &bytes, read_prompts)?;
-        read_ok("prompts.jsonl", &bytes, Task::load_jsonl)?;
+    }
+
+    #[test]
+    fn task_files(bytes in mutated("tasks.jsonl")) {
+        read_ok("tasks.jsonl", &bytes, Task::load_jsonl)?;
     }
 
     #[test]

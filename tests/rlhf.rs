@@ -683,6 +683,10 @@ fn ppo_ptx_keeps_the_language_model_that_plain_ppo_lets_drift() {
     );
     println!("LM loss on held-out pretraining text: SFT {before:.4}, PPO {after_plain:.4}, PPO-ptx {after_ptx:.4}");
     assert!(
+        after_plain > before,
+        "plain PPO left the LM loss at {after_plain} (SFT {before})"
+    );
+    assert!(
         after_ptx < before && after_ptx < after_plain,
         "{before} {after_plain} {after_ptx}"
     );

@@ -491,3 +491,16 @@ fn cutting_at_safe_line_breaks_never_changes_the_ids() {
         assert_eq!(tok.encode(&long).unwrap(), whole(&raw(tok), &long));
     }
 }
+
+#[test]
+fn a_corrupted_decoder_section_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = train_small(dir.path(), 300).to_json().unwrap();
+    // Drop the opening quote of the first key inside `"decoder": {`: the `tokenizers` crate's own
+    // deserializer panics on that (found by tests/fuzz.rs).
+    let at = json.find("\"decoder\"").expect("a decoder section");
+    let key = at + json[at..].find('{').unwrap() + 1 + json[at..].split_once('{').unwrap().1.find('"').unwrap();
+    let broken = format!("{}{}", &json[..key], &json[key + 1..]);
+    let e = err_of(Tokenizer::from_json(&broken));
+    assert!(e.contains("invalid tokenizer.json"), "{e}");
+}

@@ -308,8 +308,6 @@ fn gain_against_sqrt_kl(metrics: &Path, key: &str) -> Result<Series> {
     Ok(rows.into_iter().map(|(x, y)| (x, y - first)).collect())
 }
 
-/// InstructGPT's metadata table for the chat stages, then the per-skill content accuracy and the
-/// seen against held-out phrasings.
 /// Points between two shares, signed.
 fn points(from: f64, to: f64) -> String {
     format!("{:+.1}", (to - from) * 100.0)
@@ -330,14 +328,14 @@ fn findings(md: &mut String, eval: &EvalSummary) -> Result<()> {
     writeln!(md, "## What the reward model cannot do\n")?;
     writeln!(
         md,
-        "- On pairs of the SFT model's own held-out answers it ranks {} right when they differ in behaviour and {} when they differ only in content (50% is a coin flip; – where the run had no such pairs): it learns the labellers' judgement of form, not to check a reversed word or a sum.",
+        "- On pairs of the SFT model's own held-out answers it ranks {} right when they differ in behaviour and {} when they differ only in content (50% is a coin flip; – where the run had no such pairs). Content-only pairs are the near misses: a right and a wrong answer in the same form.",
         pct(eval.reward_on_policy_behaviour),
         pct(eval.reward_on_policy_content)
     )?;
     let (a, b) = (&sft.seen, &ppo.seen);
     writeln!(
         md,
-        "- So PPO driven by it removes flaws (padding {} → {}, unasked explanations {} → {}, ignored formats {} → {}, keeping a right answer when challenged {} → {}) while content accuracy moves {} points macro ({} → {}).",
+        "- PPO driven by it, against SFT: padding {} → {}, unasked explanations {} → {}, ignored formats {} → {}, keeping a right answer when challenged {} → {}; content accuracy {} points macro ({} → {}).",
         pct(Some(a.flaws.padded)),
         pct(Some(b.flaws.padded)),
         pct(Some(a.flaws.explained)),
@@ -409,6 +407,8 @@ fn findings(md: &mut String, eval: &EvalSummary) -> Result<()> {
     Ok(())
 }
 
+/// InstructGPT's metadata table for the chat stages, then the per-skill content accuracy and the
+/// seen against held-out phrasings.
 fn behaviour_tables(md: &mut String, eval: &EvalSummary) -> Result<()> {
     let stages: Vec<(&StageEval, &Behaviour)> = eval
         .stages
