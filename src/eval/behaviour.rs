@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::prompts::PromptRecord;
 use crate::data::synth::gold::{self, Judgement, Turn};
+use crate::eval::tasks::beats;
 
 /// An answer as it came out: its text and whether it ended properly.
 pub type Answer = (String, bool);
@@ -124,21 +125,7 @@ pub struct Behaviour {
 pub fn gold_win_rate(prompts: &[PromptRecord], a: &[Answer], b: &[Answer]) -> Option<f64> {
     let (ja, jb) = (judgements(prompts, a), judgements(prompts, b));
     let n = ja.len().min(jb.len());
-    (n > 0).then(|| {
-        ja.iter()
-            .zip(&jb)
-            .map(|(x, y)| {
-                if x.score > y.score {
-                    1.0
-                } else if x.score == y.score {
-                    0.5
-                } else {
-                    0.0
-                }
-            })
-            .sum::<f64>()
-            / n as f64
-    })
+    (n > 0).then(|| ja.iter().zip(&jb).map(|(x, y)| beats(x.score, y.score)).sum::<f64>() / n as f64)
 }
 
 /// How two answers to one prompt differ, as the gold labeller sees them.

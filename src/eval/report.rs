@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::behaviour::Behaviour;
+use crate::eval::behaviour::{Behaviour, SetScores};
 use crate::metrics::{FONT_PATHS, METRICS_FILE, Series, line_plot, read_metrics, series};
 
 /// How one model did on the held-out evaluation.
@@ -313,6 +313,15 @@ fn points(from: f64, to: f64) -> String {
     format!("{:+.1}", (to - from) * 100.0)
 }
 
+/// "skill +1.0, ..." : each skill's content accuracy change from `from` to `to`, in points.
+fn skill_changes(from: &SetScores, to: &SetScores) -> String {
+    from.per_skill_content
+        .iter()
+        .filter_map(|(k, x)| Some(format!("{k} {}", points(*x, *to.per_skill_content.get(k)?))))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The run's lessons in numbers: what the reward model sees and what it cannot, what PPO driven by
 /// it changed against SFT, and what a second RLHF round changed.
 fn findings(md: &mut String, eval: &EvalSummary) -> Result<()> {
@@ -348,15 +357,10 @@ fn findings(md: &mut String, eval: &EvalSummary) -> Result<()> {
         pct(Some(a.content)),
         pct(Some(b.content)),
     )?;
-    let changes: Vec<String> = a
-        .per_skill_content
-        .iter()
-        .filter_map(|(k, x)| Some(format!("{k} {}", points(*x, *b.per_skill_content.get(k)?))))
-        .collect();
     writeln!(
         md,
         "- Content per skill, PPO against SFT, in points: {}.",
-        changes.join(", ")
+        skill_changes(a, b)
     )?;
     if let Some((_, gold)) = stage("ppo_gold") {
         let (rm_gain, gold_gain) = (b.gold - a.gold, gold.seen.gold - a.gold);
@@ -392,15 +396,10 @@ fn findings(md: &mut String, eval: &EvalSummary) -> Result<()> {
             num(ppo_s.kl_to_sft, 3),
             num(r2_s.kl_to_sft, 3),
         )?;
-        let changes: Vec<String> = b
-            .per_skill_content
-            .iter()
-            .filter_map(|(k, x)| Some(format!("{k} {}", points(*x, *c.per_skill_content.get(k)?))))
-            .collect();
         writeln!(
             md,
             "Content per skill against the first round, in points: {}.",
-            changes.join(", ")
+            skill_changes(b, c)
         )?;
     }
     writeln!(md)?;

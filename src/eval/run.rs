@@ -17,7 +17,7 @@ use crate::eval::behaviour::{
     Answer, Behaviour, Difference, difference, flaws, gold_win_rate, invented, judgements, set_scores, turn_success,
 };
 use crate::eval::report::{EvalSummary, StageEval};
-use crate::eval::tasks::{SkillReport, few_shot_accuracy, reward_on_mistakes, win_rate};
+use crate::eval::tasks::{SkillReport, beats, few_shot_accuracy, reward_on_mistakes, win_rate};
 use crate::metrics::{METRICS_FILE, read_metrics};
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
@@ -239,19 +239,10 @@ fn rm_on_policy(
                 continue;
             }
             let (ja, jb) = (&meta[a].1, &meta[b].1);
-            let right = |x: f32, y: f32| {
-                if x > y {
-                    1.0
-                } else if x == y {
-                    0.5
-                } else {
-                    0.0
-                }
-            };
             let verdict = if ja.score > jb.score {
-                right(scores[a], scores[b])
+                beats(scores[a], scores[b])
             } else {
-                right(scores[b], scores[a])
+                beats(scores[b], scores[a])
             };
             match difference(ja, jb) {
                 Difference::Behaviour => {

@@ -129,7 +129,7 @@ pub struct WinRate {
 }
 
 /// 1 when the first is higher (a score, or `true` over `false`), 0.5 on a tie, 0 otherwise.
-fn beats<T: PartialOrd>(x: T, y: T) -> f64 {
+pub(crate) fn beats<T: PartialOrd>(x: T, y: T) -> f64 {
     if x > y {
         1.0
     } else if x == y {
