@@ -35,6 +35,9 @@ pub struct BenchConfig {
     pub batch: usize,
     /// Decode: prompt length before the timed tokens (sequence `i` of a batch adds `i % 4`).
     pub prompt_len: usize,
+    /// Decode: a checkpoint's model instead of the preset with random weights (the speed
+    /// depends on the shape only; this lets a run be timed beside another tool on one file).
+    pub ckpt: Option<std::path::PathBuf>,
 }
 
 /// The measured figures.
@@ -54,6 +57,7 @@ impl BenchReport {
             "impl": "talaria",
             "kind": match cfg.kind { BenchKind::Train => "train", BenchKind::Decode => "decode" },
             "preset": cfg.preset,
+            "ckpt": cfg.ckpt.as_ref().map(|p| p.display().to_string()),
             "threads": candle_core::utils::get_num_threads(),
             "batch": cfg.batch,
             "tokens_per_s": self.tokens_per_s,
@@ -113,10 +117,23 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Runs the benchmark on the CPU in f32.
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     ensure!(cfg.steps > 0, "--steps must be positive");
-    let model_cfg = GptConfig::preset(&cfg.preset)?;
     let device = Device::Cpu;
+    let (model_cfg, weights) = match &cfg.ckpt {
+        Some(path) => {
+            ensure!(
+                cfg.kind == BenchKind::Decode,
+                "--ckpt times decoding (and serving), not training"
+            );
+            let ck = crate::checkpoint::Checkpoint::load(path, DType::F32, &device)?;
+            (ck.config, ck.weights)
+        }
+        None => {
+            let c = GptConfig::preset(&cfg.preset)?;
+            let w = init_weights(&c, 0, DType::F32, &device)?;
+            (c, w)
+        }
+    };
     let peak = peak_matmul_gflops(&device)?;
-    let weights = init_weights(&model_cfg, 0, DType::F32, &device)?;
     let (tokens_per_s, gflops, median_step_s) = match cfg.kind {
         BenchKind::Train => {
             let params = ParamSet::from_weights(&model_cfg, &weights)?;
@@ -412,6 +429,7 @@ mod tests {
                 steps,
                 batch: 2,
                 prompt_len: 3,
+                ckpt: None,
             };
             let r = run(&cfg).unwrap();
             assert!(r.tokens_per_s > 0.0 && r.gflops > 0.0, "{r:?}");

@@ -16,6 +16,34 @@ use serde::{Deserialize, Serialize};
 
 use crate::tokenizer::{self, Tokenizer};
 
+/// [`ChatTemplate::render_prompt`] and [`ChatTemplate::render`] as a Jinja template, for the
+/// `chat_template` of an exported `tokenizer_config.json` and GGUF file: what
+/// `transformers`' `apply_chat_template` and llama.cpp render from it are the same special tokens
+/// and texts (tests/interop.rs checks the ids). It checks the roles as [`validate`] does.
+pub fn jinja_template() -> String {
+    let opener = format!(
+        "{{'system': '{}', 'user': '{}', 'assistant': '{}'}}",
+        tokenizer::SYSTEM,
+        tokenizer::USER,
+        tokenizer::ASSISTANT
+    );
+    [
+        format!("{{{{- '{}' -}}}}", tokenizer::BOS),
+        "{%- set offset = 1 if messages and messages[0]['role'] == 'system' else 0 -%}".to_string(),
+        "{%- if messages | length <= offset -%}{{- raise_exception('the conversation has no user message') -}}{%- endif -%}"
+            .to_string(),
+        "{%- for message in messages -%}".to_string(),
+        "{%- set want = 'system' if loop.index0 < offset else ('user' if (loop.index0 - offset) % 2 == 0 else 'assistant') -%}"
+            .to_string(),
+        "{%- if message['role'] != want -%}{{- raise_exception('roles alternate user/assistant after an optional system message') -}}{%- endif -%}"
+            .to_string(),
+        format!("{{{{- {opener}[message['role']] + message['content'] + '{}' -}}}}", tokenizer::END),
+        "{%- endfor -%}".to_string(),
+        format!("{{%- if add_generation_prompt -%}}{{{{- '{}' -}}}}{{%- endif -%}}", tokenizer::ASSISTANT),
+    ]
+    .concat()
+}
+
 /// Who wrote a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

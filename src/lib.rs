@@ -6,14 +6,15 @@
 //!
 //! 1. [`tokenizer`] (byte-level BPE, the special tokens), then [`chat`] (the one chat template);
 //! 2. [`model`] (the GPT, its kernels and KV slots), [`checkpoint`] (the one checkpoint format),
-//!    [`interop`] (Hugging Face import and export), [`metrics`] (`metrics.jsonl` and its plots);
+//!    [`metrics`] (`metrics.jsonl` and its plots);
 //! 3. [`data`]: corpus readers, tokenizer training on files, token shards, demonstration,
 //!    preference and prompt files, and the default world with its verifier;
 //! 4. [`engine`]: batched generation for every caller;
 //! 5. [`train`]: the training loop and the stages (pretraining, SFT, labelling, reward model, PPO,
 //!    DPO);
-//! 6. [`eval`] (task accuracy, win-rates, benchmarks, the report), [`serve`] (the HTTP API and its
-//!    scheduler), [`terminal`] (`talaria chat`);
+//! 6. [`eval`] (task accuracy, win-rates, benchmarks, the report), [`interop`] (import from Hugging
+//!    Face; export to `transformers` and GGUF, with the run's report in the model card), [`serve`]
+//!    (the HTTP API and its scheduler), [`terminal`] (`talaria chat`);
 //! 7. [`speedrun`] (the whole chain) and [`bench`] (throughput and latency benchmarks).
 
 pub mod bench;

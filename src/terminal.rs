@@ -56,19 +56,21 @@ impl<'a> Session<'a> {
         self.turn += 1;
         let seed = self.opts.seed.wrapping_add(self.turn);
         let mut write_err = None;
-        let answer = self.bot.answer(
-            &self.messages(),
-            &self.opts.sampling,
-            seed,
-            self.opts.max_new_tokens,
-            |piece| match write!(out, "{piece}").and_then(|_| out.flush()) {
-                Ok(()) => true,
-                Err(e) => {
-                    write_err = Some(e);
-                    false
-                }
-            },
-        )?;
+        let show = |piece: &str| match write!(out, "{piece}").and_then(|_| out.flush()) {
+            Ok(()) => true,
+            Err(e) => {
+                write_err = Some(e);
+                false
+            }
+        };
+        let (params, max_new) = (&self.opts.sampling, self.opts.max_new_tokens);
+        let answer = if self.bot.is_chat() {
+            self.bot.answer(&self.messages(), params, seed, max_new, show)?
+        } else {
+            // A plain completion model continues the last line typed, on its own.
+            let line = self.history.last().map_or("", |m| m.content.as_str());
+            self.bot.complete(line, params, seed, max_new, show)?
+        };
         if let Some(e) = write_err {
             return Err(e.into());
         }
@@ -169,6 +171,12 @@ pub fn run(bot: &Chatbot, opts: ChatOptions, input: &mut dyn BufRead, out: &mut 
     opts.sampling.validate()?;
     let interactive = opts.interactive;
     let mut session = Session::new(bot, opts);
+    if !bot.is_chat() {
+        eprintln!(
+            "note: {}; each line you type is continued on its own",
+            crate::engine::NO_CHAT_TEMPLATE
+        );
+    }
     if interactive {
         eprintln!("Talaria chat. {HELP}");
     }

@@ -95,6 +95,11 @@ impl Server {
     fn start_with(preset: &str, flags: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ckpt = chat_checkpoint(dir.path(), preset);
+        Self::start_on(dir, ckpt, flags)
+    }
+
+    /// A server on the checkpoint `ckpt` (kept in `dir`, which the server owns).
+    fn start_on(dir: tempfile::TempDir, ckpt: PathBuf, flags: &[&str]) -> Self {
         let db = dir.path().join("feedback.sqlite");
         let mut child = Command::new(env!("CARGO_BIN_EXE_talaria"))
             .args([
@@ -349,6 +354,34 @@ fn raw_completions_models_health_and_the_page() {
     );
     let js = Server::agent().get(&format!("{}/app.js", s.url)).call().unwrap();
     assert!(js.content_type().contains("javascript"));
+}
+
+#[test]
+fn a_plain_completion_model_serves_completions_and_refuses_chat_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = common::plain_completion_checkpoint(dir.path(), "gpt2-style");
+    let s = Server::start_on(dir, ckpt, &[]);
+    let (status, body) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "the cat", "max_tokens": 5, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], json!(5));
+    let (status, body) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": user("hello"), "max_tokens": 5}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], json!("model_not_chat"), "{body}");
+    assert_eq!(body["error"]["param"], json!("messages"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("use /v1/completions"),
+        "{body}"
+    );
+    assert_eq!(s.call("GET", "/health", None).0, 200);
 }
 
 #[test]

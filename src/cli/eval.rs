@@ -38,7 +38,7 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object with the figures on the last line.
     #[arg(long)]
     json: bool,
-    /// Serve: a chat checkpoint (default: the preset with random weights).
+    /// Decode and serve: a checkpoint's model (default: the preset with random weights).
     #[arg(long)]
     ckpt: Option<PathBuf>,
     /// Serve: concurrency levels, run in turn.
@@ -206,6 +206,7 @@ impl BenchArgs {
             steps,
             batch,
             prompt_len: 16,
+            ckpt: self.ckpt.clone(),
         };
         let r = talaria::bench::run(&cfg)?;
         println!("tokens/s            {:.1}", r.tokens_per_s);

@@ -43,23 +43,27 @@ pub struct DownloadSummary {
 
 /// The endpoint in force: the config's, else `HF_ENDPOINT`, else the public Hub.
 pub fn endpoint(cfg: &DownloadConfig) -> String {
-    cfg.endpoint
-        .clone()
+    endpoint_or_env(cfg.endpoint.as_deref())
+}
+
+/// `explicit` when given, else `HF_ENDPOINT`, else the public Hub; without a trailing slash.
+pub fn endpoint_or_env(explicit: Option<&str>) -> String {
+    explicit
+        .map(str::to_string)
         .or_else(|| std::env::var("HF_ENDPOINT").ok().filter(|e| !e.trim().is_empty()))
         .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
         .trim_end_matches('/')
         .to_string()
 }
 
-/// Fails quickly, with a message that says so, when `endpoint` cannot be reached.
-pub fn check_reachable(endpoint: &str) -> Result<()> {
-    let offline = |why: String| {
-        anyhow!(
-            "offline: cannot reach the Hugging Face Hub at {endpoint} ({why}). `talaria data download` needs internet \
-             access; on this machine, copy the dataset's files here by other means and pass them to \
-             `talaria data prepare --input`"
-        )
-    };
+/// How to do without the Hub, for the message of `talaria data download` when offline.
+pub const DATA_OFFLINE_HINT: &str = "`talaria data download` needs internet access; on this machine, copy the \
+     dataset's files here by other means and pass them to `talaria data prepare --input`";
+
+/// Fails quickly, with a message that says so and then `hint` (what to do instead), when `endpoint`
+/// cannot be reached.
+pub fn check_reachable(endpoint: &str, hint: &str) -> Result<()> {
+    let offline = |why: String| anyhow!("offline: cannot reach the Hugging Face Hub at {endpoint} ({why}). {hint}");
     let (scheme, rest) = endpoint
         .split_once("://")
         .ok_or_else(|| anyhow!("invalid Hub endpoint {endpoint:?} (expected http:// or https://)"))?;
@@ -117,7 +121,7 @@ pub fn download(cfg: &DownloadConfig) -> Result<DownloadSummary> {
         "give a dataset id such as roneneldan/TinyStories"
     );
     let endpoint = endpoint(cfg);
-    check_reachable(&endpoint)?;
+    check_reachable(&endpoint, DATA_OFFLINE_HINT)?;
     let mut builder = ApiBuilder::from_env();
     if let Some(dir) = &cfg.cache_dir {
         builder = builder.with_cache_dir(dir.clone());
@@ -187,13 +191,13 @@ mod tests {
     fn the_probe_accepts_a_listening_endpoint() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        check_reachable(&format!("http://127.0.0.1:{port}/")).unwrap();
+        check_reachable(&format!("http://127.0.0.1:{port}/"), "").unwrap();
         drop(listener);
-        let e = check_reachable(&format!("http://127.0.0.1:{port}"))
+        let e = check_reachable(&format!("http://127.0.0.1:{port}"), DATA_OFFLINE_HINT)
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("offline: cannot reach the Hugging Face Hub"), "{e}");
-        assert!(check_reachable("ftp://example.org").is_err());
+        assert!(check_reachable("ftp://example.org", "").is_err());
     }
 
     #[test]

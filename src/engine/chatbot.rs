@@ -30,11 +30,17 @@ pub struct Answer {
 pub struct Chatbot {
     pub model: Gpt,
     pub tokenizer: Tokenizer,
-    pub template: ChatTemplate,
+    /// `None` for a plain completion model: a tokenizer without Talaria's chat tokens (GPT-2's).
+    pub template: Option<ChatTemplate>,
 }
 
+/// Why a plain completion model cannot chat, for the CLI and the server to say.
+pub const NO_CHAT_TEMPLATE: &str = "this model's tokenizer has no chat tokens (<|user|>, <|assistant|>, <|end|>), \
+     so it has no chat template: it is a plain completion model that continues text";
+
 impl Chatbot {
-    /// Loads a chat model from a checkpoint (which must carry a tokenizer with the chat tokens).
+    /// Loads a model from a checkpoint (which must carry a tokenizer): a chat model when the
+    /// tokenizer has the chat tokens, else a plain completion model.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let ck = Checkpoint::load(path, DType::F32, device)?;
         let json = ck.tokenizer_json.as_deref().with_context(|| {
@@ -44,7 +50,7 @@ impl Chatbot {
             )
         })?;
         let tokenizer = Tokenizer::from_json(json)?;
-        let template = ChatTemplate::new(&tokenizer)?;
+        let template = ChatTemplate::new(&tokenizer).ok();
         Ok(Self {
             model: ck.model()?,
             tokenizer,
@@ -52,14 +58,23 @@ impl Chatbot {
         })
     }
 
-    /// A chatbot from parts already loaded.
+    /// A chatbot from parts already loaded; an error unless the tokenizer has the chat tokens.
     pub fn new(model: Gpt, tokenizer: Tokenizer) -> Result<Self> {
-        let template = ChatTemplate::new(&tokenizer)?;
+        let template = Some(ChatTemplate::new(&tokenizer)?);
         Ok(Self {
             model,
             tokenizer,
             template,
         })
+    }
+
+    /// Whether the model has a chat template (otherwise it only continues text).
+    pub fn is_chat(&self) -> bool {
+        self.template.is_some()
+    }
+
+    fn template(&self) -> Result<&ChatTemplate> {
+        self.template.as_ref().context(NO_CHAT_TEMPLATE)
     }
 
     /// The engine request answering `messages` (which end with a user message): the prompt with
@@ -72,13 +87,25 @@ impl Chatbot {
         samples: Vec<Sampling>,
         max_new_tokens: usize,
     ) -> Result<(Request, usize)> {
+        let template = self.template()?;
         let ctx = self.model.config().n_positions;
-        let fit = self
-            .template
-            .fit_prompt(&self.tokenizer, messages, ctx, max_new_tokens.min(64))?;
-        let req =
-            Request::greedy(fit.ids, max_new_tokens, self.template.stop_tokens(&self.tokenizer)).with_samples(samples);
+        let fit = template.fit_prompt(&self.tokenizer, messages, ctx, max_new_tokens.min(64))?;
+        let req = Request::greedy(fit.ids, max_new_tokens, template.stop_tokens(&self.tokenizer)).with_samples(samples);
         Ok((req, fit.dropped_turns))
+    }
+
+    /// The engine request continuing `text` as a plain completion, stopping at `<|endoftext|>`;
+    /// an error naming the sizes when the text leaves no room in the context.
+    pub fn completion_request(&self, text: &str, samples: Vec<Sampling>, max_new_tokens: usize) -> Result<Request> {
+        let ids = self.tokenizer.encode(text)?;
+        let ctx = self.model.config().n_positions;
+        anyhow::ensure!(
+            ids.len() < ctx,
+            "the prompt is {} tokens and the model's context is {ctx} tokens",
+            ids.len()
+        );
+        let eot = self.tokenizer.special_id(crate::tokenizer::EOT).into_iter().collect();
+        Ok(Request::greedy(ids, max_new_tokens, eot).with_samples(samples))
     }
 
     /// Answers the conversation, streaming text pieces to `on_text` (which returns `false` to stop).
@@ -88,13 +115,35 @@ impl Chatbot {
         params: &SamplingParams,
         seed: u64,
         max_new_tokens: usize,
-        mut on_text: impl FnMut(&str) -> bool,
+        on_text: impl FnMut(&str) -> bool,
     ) -> Result<Answer> {
         let sampling = Sampling {
             params: params.clone(),
             seed,
         };
-        let (mut req, dropped_turns) = self.request(messages, vec![sampling], max_new_tokens)?;
+        let (req, dropped_turns) = self.request(messages, vec![sampling], max_new_tokens)?;
+        self.stream(req, dropped_turns, on_text)
+    }
+
+    /// Continues `text` as a plain completion (for models without a chat template), streaming
+    /// text pieces to `on_text` as [`Chatbot::answer`] does.
+    pub fn complete(
+        &self,
+        text: &str,
+        params: &SamplingParams,
+        seed: u64,
+        max_new_tokens: usize,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Answer> {
+        let sampling = Sampling {
+            params: params.clone(),
+            seed,
+        };
+        let req = self.completion_request(text, vec![sampling], max_new_tokens)?;
+        self.stream(req, 0, on_text)
+    }
+
+    fn stream(&self, mut req: Request, dropped_turns: usize, mut on_text: impl FnMut(&str) -> bool) -> Result<Answer> {
         req.stream = true;
         let prompt_tokens = req.prompt.len();
         let mut done = batch::generate_streaming(&self.model, Some(&self.tokenizer), req, |e| match e {

@@ -18,6 +18,6 @@ pub use batch::{
     Completion, Engine, EngineConfig, Event, FinishReason, Request, RequestId, Sampling, TokenLogprob, generate_batch,
     generate_streaming,
 };
-pub use chatbot::{Answer, Chatbot, chat_answers, chat_samples};
+pub use chatbot::{Answer, Chatbot, NO_CHAT_TEMPLATE, chat_answers, chat_samples};
 pub use sampling::{Sampler, SamplingParams, argmax};
 pub use stream::{StopMatcher, TextStream};

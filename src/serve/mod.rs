@@ -114,6 +114,12 @@ pub fn router(bot: Chatbot, model_id: String, store: FeedbackStore, sched: Sched
 /// (useful with port 0) as `listening on http://ADDR`.
 pub fn serve(cfg: &ServeConfig) -> Result<()> {
     let bot = Chatbot::load(&cfg.ckpt, &candle_core::Device::Cpu)?;
+    if !bot.is_chat() {
+        eprintln!(
+            "note: {}; /v1/completions serves it, /v1/chat/completions and the chat page answer 400",
+            crate::engine::NO_CHAT_TEMPLATE
+        );
+    }
     let model_id = model_id(&cfg.ckpt);
     let app = router(bot, model_id.clone(), FeedbackStore::open(&cfg.db)?, cfg.scheduler)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

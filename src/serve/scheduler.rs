@@ -16,7 +16,6 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use super::openai::{ApiError, GenParams};
 use crate::chat::Message;
 use crate::engine::{self, Chatbot, Engine, EngineConfig, Request, RequestId, Sampling};
-use crate::tokenizer;
 
 /// What to continue: a conversation (through the chat template) or raw text.
 pub enum Prompt {
@@ -303,26 +302,19 @@ fn prepare(bot: &Chatbot, job: Job, stats: &Stats) -> Option<Waiting> {
             seed: job.seed.wrapping_add(i as u64),
         })
         .collect();
-    let ctx = bot.model.config().n_positions;
     let request = match &job.prompt {
+        Prompt::Chat(_) if !bot.is_chat() => Err(ApiError::invalid(
+            "messages",
+            format!("{}; use /v1/completions", engine::NO_CHAT_TEMPLATE),
+        )
+        .with_code("model_not_chat")),
         Prompt::Chat(messages) => bot
             .request(messages, samples, p.max_tokens)
             .map(|(r, _)| r)
             .map_err(|e| too_long("messages", e.to_string())),
-        Prompt::Text(text) => match bot.tokenizer.encode(text) {
-            Ok(ids) if ids.len() >= ctx => Err(too_long(
-                "prompt",
-                format!(
-                    "the prompt is {} tokens and the model's context is {ctx} tokens",
-                    ids.len()
-                ),
-            )),
-            Ok(ids) => {
-                let eot = bot.tokenizer.special_id(tokenizer::EOT).into_iter().collect();
-                Ok(Request::greedy(ids, p.max_tokens, eot).with_samples(samples))
-            }
-            Err(e) => Err(ApiError::invalid("prompt", e.to_string())),
-        },
+        Prompt::Text(text) => bot
+            .completion_request(text, samples, p.max_tokens)
+            .map_err(|e| too_long("prompt", format!("{e:#}"))),
     };
     match request {
         Ok(mut request) => {

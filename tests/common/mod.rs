@@ -82,3 +82,59 @@ pub fn skip(needs: &str, why: &str) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
 }
+
+/// GPT-2's mapping of bytes to the printable characters that its `vocab.json` spells them with
+/// (`bytes_to_unicode` in OpenAI's encoder.py).
+pub fn gpt2_byte_chars() -> Vec<char> {
+    let mut bytes: Vec<u32> = (u32::from(b'!')..=u32::from(b'~'))
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars = bytes.clone();
+    let mut extra = 0;
+    for b in 0..256 {
+        if !bytes.contains(&b) {
+            bytes.push(b);
+            chars.push(256 + extra);
+            extra += 1;
+        }
+    }
+    let mut out = vec!['\0'; 256];
+    for (b, c) in bytes.into_iter().zip(chars) {
+        out[b as usize] = char::from_u32(c).unwrap();
+    }
+    out
+}
+
+/// Writes a GPT-2-style `vocab.json` and `merges.txt` into `dir`: the 256 bytes, `<|endoftext|>` (id
+/// 256) and the merges `t h` (257) and `Ġ t` (258): a tokenizer without Talaria's chat tokens.
+pub fn write_gpt2_style_vocab(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let chars = gpt2_byte_chars();
+    let mut vocab: serde_json::Map<String, serde_json::Value> = chars
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), serde_json::json!(i)))
+        .collect();
+    vocab.insert("<|endoftext|>".into(), serde_json::json!(256));
+    vocab.insert("th".into(), serde_json::json!(257));
+    vocab.insert("Ġt".into(), serde_json::json!(258));
+    let (v, m) = (dir.join("vocab.json"), dir.join("merges.txt"));
+    std::fs::write(&v, serde_json::Value::Object(vocab).to_string()).unwrap();
+    std::fs::write(&m, "#version: 0.2\nt h\nĠ t\n").unwrap();
+    (v, m)
+}
+
+/// A small random GPT-2 checkpoint at `dir/name` with the tokenizer of [`write_gpt2_style_vocab`]: a
+/// plain completion model, as `talaria import hf gpt2` gives. Returns its path.
+pub fn plain_completion_checkpoint(dir: &Path, name: &str) -> std::path::PathBuf {
+    let (v, m) = write_gpt2_style_vocab(dir);
+    let tok = talaria::tokenizer::import_gpt2(&v, &m).unwrap();
+    let mut cfg = GptConfig::preset("test").unwrap();
+    cfg.vocab_size = tok.vocab_size();
+    cfg.bos_token_id = Some(256);
+    cfg.eos_token_id = Some(256);
+    let w = talaria::model::init_weights(&cfg, 3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let path = dir.join(name);
+    save_checkpoint(&path, &cfg, &w, Some(&tok.to_json().unwrap()), "import");
+    path
+}
