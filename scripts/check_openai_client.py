@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Checks a running `talaria serve` with the official `openai` Python client, streaming and not.
+"""Checks a running `talaria serve` with the official `openai` Python client, streaming and not,
+log-probabilities included.
 
 Usage: python3 scripts/check_openai_client.py http://127.0.0.1:8080/v1
 Skips (exit 0, printing why) when the `openai` package is not installed: pip install openai
@@ -53,6 +54,23 @@ def main(base_url: str) -> None:
         if c.choices
     )
     assert streamed == completion.choices[0].text, (streamed, completion.choices[0].text)
+
+    # Log-probabilities through the client's own types, on both routes.
+    scored = client.chat.completions.create(
+        model=model, messages=messages, temperature=0, max_tokens=8, logprobs=True, top_logprobs=2
+    )
+    content = scored.choices[0].logprobs.content
+    assert len(content) == scored.usage.completion_tokens, content
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content), content
+    assert bytes(b for t in content for b in t.bytes).decode("utf-8", "replace") == scored.choices[0].message.content
+
+    echoed = client.completions.create(
+        model=model, prompt="Once upon a time", max_tokens=0, echo=True, logprobs=1, temperature=0
+    )
+    lp = echoed.choices[0].logprobs
+    assert echoed.choices[0].text == "Once upon a time", echoed
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:]), lp
+    assert len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset), lp
 
     try:
         client.chat.completions.create(model=model, messages=messages, max_tokens=-5)

@@ -311,7 +311,14 @@ pub fn serve_bench(cfg: &ServeBenchConfig) -> Result<Vec<ServeLevel>> {
     let dir = std::env::temp_dir().join(format!("talaria-bench-serve-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let store = crate::serve::feedback::FeedbackStore::open(&dir.join("feedback.sqlite"))?;
-    let app = crate::serve::router(bot, "bench".into(), store, cfg.scheduler)?;
+    let app = crate::serve::router(
+        bot,
+        "bench".into(),
+        String::new(),
+        store,
+        cfg.scheduler,
+        &crate::serve::Access::default(),
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -203,6 +203,48 @@ impl Tokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+
+    /// The bytes token `id` stands for: a special token's text, else its byte-level vocabulary
+    /// entry mapped back to bytes (a token may hold part of a UTF-8 character, so this is not
+    /// always text; `decode` of the one token would show a replacement character).
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let entry = self.inner.id_to_token(id)?;
+        if self.inner.get_added_tokens_decoder().contains_key(&id) {
+            return Some(entry.into_bytes());
+        }
+        let table = byte_level_chars();
+        Some(
+            entry
+                .chars()
+                .flat_map(|c| match table.iter().position(|&t| t == c) {
+                    Some(b) => vec![b as u8],
+                    None => c.to_string().into_bytes(),
+                })
+                .collect(),
+        )
+    }
+}
+
+/// GPT-2's byte-level alphabet: the character that stands for each byte in vocabulary entries
+/// (`bytes_to_unicode` in OpenAI's encoder.py). Written here because the `tokenizers` crate
+/// keeps its copy private.
+fn byte_level_chars() -> &'static [char; 256] {
+    static TABLE: std::sync::OnceLock<[char; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let mut table = ['\0'; 256];
+        let mut shifted = 0;
+        for b in 0..256u32 {
+            let c = if printable(b) {
+                b
+            } else {
+                shifted += 1;
+                255 + shifted
+            };
+            table[b as usize] = char::from_u32(c).expect("below the surrogates");
+        }
+        table
+    })
 }
 
 /// The pre-tokenizer of trained tokenizers: each digit on its own, then GPT-2's byte-level split.

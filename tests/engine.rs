@@ -189,9 +189,15 @@ fn finish_reasons_name_the_stop_that_fired() {
     let t = free.tokens[5];
     let first = free.tokens.iter().position(|&x| x == t).unwrap();
     let unused = (0..v as u32).find(|x| !free.tokens.contains(x)).unwrap();
-    let stopped = alone(&m, Request::greedy(p.clone(), 20, vec![unused, t])).remove(0);
+    let mut req = Request::greedy(p.clone(), 20, vec![unused, t]);
+    req.logprobs = Some(1);
+    let stopped = alone(&m, req).remove(0);
     assert_eq!(stopped.finish, FinishReason::StopToken(t));
     assert_eq!(stopped.tokens, free.tokens[..first]);
+    // Its log-probabilities end with the stop token's.
+    let lp = stopped.logprobs.unwrap();
+    assert_eq!(lp.len(), first + 1);
+    assert_eq!(lp[first].token, t);
     // The context: a prompt near the end of the 64 positions.
     let long = prompt(5, 60, v);
     let ctx = alone(&m, Request::greedy(long, 20, vec![])).remove(0);
@@ -322,7 +328,7 @@ fn log_probabilities_are_those_of_the_full_distribution() {
         assert_eq!(lp.top.len(), 2);
     }
     let gen_lp = c.logprobs.unwrap();
-    assert_eq!(gen_lp.len(), c.tokens.len());
+    assert_eq!(gen_lp.len(), c.tokens.len(), "no stop token ended it");
     for (k, lp) in gen_lp.iter().enumerate() {
         let row = &logp[p.len() - 1 + k];
         assert!((lp.logprob - row[lp.token as usize]).abs() < 1e-4);

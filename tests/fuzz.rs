@@ -130,7 +130,14 @@ fn the_seeds_are_valid_inputs() {
     let (_e, p) = f("gsm8k.jsonl");
     assert_eq!(read_gsm8k(&p, None).unwrap().len(), 2);
     parse_chat(&corpus("chat_request.json"), 64).unwrap();
-    parse_completion(&corpus("completion_request.json"), 64).unwrap();
+    parse_completion(&corpus("completion_request.json"), 64, 300).unwrap();
+    assert_eq!(
+        parse_completion(&corpus("completion_ids_request.json"), 64, 300)
+            .unwrap()
+            .prompts
+            .len(),
+        2
+    );
 }
 
 proptest! {
@@ -161,13 +168,27 @@ proptest! {
     }
 
     #[test]
-    fn openai_requests(chat in mutated("chat_request.json"), completion in mutated("completion_request.json"), context in 1..300usize) {
-        // Either a request or an OpenAI-style error naming what is wrong.
+    fn openai_requests(
+        chat in mutated("chat_request.json"),
+        completion in mutated("completion_request.json"),
+        ids in mutated("completion_ids_request.json"),
+        context in 1..300usize,
+    ) {
+        // Either a request (its token ids inside the vocabulary) or an OpenAI-style error naming what is wrong.
         if let Err(e) = parse_chat(&chat, context) {
             prop_assert!(e.body()["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
         }
-        if let Err(e) = parse_completion(&completion, context) {
-            prop_assert!(e.body()["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        for body in [&completion, &ids] {
+            match parse_completion(body, context, 300) {
+                Err(e) => prop_assert!(e.body()["error"]["message"].as_str().is_some_and(|m| !m.is_empty())),
+                Ok(r) => {
+                    let sound = r.prompts.iter().all(|p| match p {
+                        talaria::serve::openai::PromptInput::Ids(v) => !v.is_empty() && v.iter().all(|&t| t < 300),
+                        talaria::serve::openai::PromptInput::Text(t) => !t.is_empty(),
+                    });
+                    prop_assert!(sound);
+                }
+            }
         }
     }
 }

@@ -575,11 +575,95 @@ fn bad_requests_get_openai_errors_and_the_server_carries_on() {
             Some("tools"),
         ),
         (
-            "logprobs",
+            "top_logprobs without logprobs",
             chat,
-            json!({"messages": user("a"), "logprobs": true}).to_string(),
+            json!({"messages": user("a"), "top_logprobs": 2}).to_string(),
+            400,
+            Some("top_logprobs"),
+        ),
+        (
+            "top_logprobs beyond 20",
+            chat,
+            json!({"messages": user("a"), "logprobs": true, "top_logprobs": 21}).to_string(),
+            400,
+            Some("top_logprobs"),
+        ),
+        (
+            "logprobs beyond 20",
+            "/v1/completions",
+            json!({"prompt": "a", "logprobs": 21}).to_string(),
             400,
             Some("logprobs"),
+        ),
+        (
+            "negative logprobs",
+            "/v1/completions",
+            json!({"prompt": "a", "logprobs": -1}).to_string(),
+            400,
+            Some("logprobs"),
+        ),
+        (
+            "token id outside the vocabulary",
+            "/v1/completions",
+            json!({"prompt": [1, 99999]}).to_string(),
+            400,
+            Some("prompt[1]"),
+        ),
+        (
+            "negative token id in a batch",
+            "/v1/completions",
+            json!({"prompt": [[1, 2], [1, -2]]}).to_string(),
+            400,
+            Some("prompt[1][1]"),
+        ),
+        (
+            "empty batch",
+            "/v1/completions",
+            json!({"prompt": []}).to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "empty prompt in a batch",
+            "/v1/completions",
+            json!({"prompt": [[1], []]}).to_string(),
+            400,
+            Some("prompt[1]"),
+        ),
+        (
+            "mixed prompt types",
+            "/v1/completions",
+            json!({"prompt": ["a", 1]}).to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "max_tokens 0 without echo",
+            "/v1/completions",
+            json!({"prompt": "a", "max_tokens": 0}).to_string(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "tokenize without text",
+            "/tokenize",
+            json!({"text": "a"}).to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "detokenize outside the vocabulary",
+            "/detokenize",
+            json!({"tokens": [100000]}).to_string(),
+            400,
+            Some("tokens[0]"),
+        ),
+        (
+            "detokenize without a list",
+            "/detokenize",
+            json!({"tokens": "1 2"}).to_string(),
+            400,
+            Some("tokens"),
         ),
         (
             "json mode",
@@ -589,9 +673,9 @@ fn bad_requests_get_openai_errors_and_the_server_carries_on() {
             Some("response_format"),
         ),
         (
-            "echo",
+            "echo with stream",
             "/v1/completions",
-            json!({"prompt": "a", "echo": true}).to_string(),
+            json!({"prompt": "a", "echo": true, "stream": true}).to_string(),
             400,
             Some("echo"),
         ),
@@ -1005,10 +1089,16 @@ fn the_page_chats_and_records_a_comparison_in_headless_chromium() {
         );
         return;
     }
-    let s = Server::start();
+    // Behind an API key: the page asks for it once and sends it with every call.
+    let s = Server::start_with("test", &["--api-key", "page-key"]);
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-page.png");
     let script = format!("{dir}/page.mjs");
-    run_checker("browser", "node", &[&script, &s.url, shot.to_str().unwrap()]).unwrap();
+    run_checker(
+        "browser",
+        "node",
+        &[&script, &s.url, shot.to_str().unwrap(), "page-key"],
+    )
+    .unwrap();
     assert!(
         std::fs::metadata(&shot).unwrap().len() > 1000,
         "no screenshot at {}",
@@ -1038,9 +1128,389 @@ fn the_page_chats_and_records_a_comparison_in_headless_chromium() {
             .iter()
             .any(|(_, f)| matches!(f, Feedback::Ranking { ranked, .. } if ranked.len() >= 2))
     );
+    // Each judgement names the model that answered.
+    let sources = FeedbackStore::open(&s.db)
+        .unwrap()
+        .matching(&Default::default())
+        .unwrap();
+    assert!(
+        sources.iter().all(|(_, _, src)| src
+            .as_ref()
+            .is_some_and(|x| x.model == "tiny-chat" && x.digest.len() == 64)),
+        "{sources:?}"
+    );
     println!("screenshot: {}", shot.display());
 }
 
 fn which(program: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).exists()))
+}
+
+/// Log-probabilities of every next token of `ids` under the checkpoint's model at temperature 1:
+/// row `i` is the distribution after `ids[..=i]`.
+fn model_logprobs(ckpt: &Path, ids: &[u32]) -> Vec<Vec<f32>> {
+    let model = talaria::checkpoint::Checkpoint::load(ckpt, DType::F32, &Device::Cpu)
+        .unwrap()
+        .model()
+        .unwrap();
+    let x = candle_core::Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    candle_nn::ops::log_softmax(&model.forward(&x).unwrap(), candle_core::D::Minus1)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn echo_and_logprobs_score_prompts_as_the_model_does() {
+    let s = Server::start();
+    // Token-id prompts, as evaluation harnesses send them: from /tokenize, back through /detokenize.
+    let (status, t) = s.post("/tokenize", &json!({"prompt": "The cat sat on the mat."}));
+    assert_eq!(status, 200, "{t}");
+    let a = ids_of(&t["tokens"]);
+    assert_eq!(t["count"], json!(a.len()));
+    assert_eq!(t["max_model_len"], json!(CONTEXT));
+    let (_, d) = s.post("/detokenize", &json!({"tokens": a}));
+    assert_eq!(d["prompt"], json!("The cat sat on the mat."));
+    let b = ids_of(&s.post("/tokenize", &json!({"content": "Once upon a time"})).1["tokens"]);
+
+    // A batch scored with max_tokens 0: one choice per prompt, in order, the prompt's own tokens
+    // with the first log-probability null and the others those of the model.
+    let (status, r) = s.post(
+        "/v1/completions",
+        &json!({"prompt": [a, b], "max_tokens": 0, "echo": true, "logprobs": 2}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    for (i, (ids, text)) in [(&a, "The cat sat on the mat."), (&b, "Once upon a time")]
+        .into_iter()
+        .enumerate()
+    {
+        let c = &choices[i];
+        assert_eq!(c["index"], json!(i));
+        assert_eq!(c["text"], json!(text));
+        let lp = &c["logprobs"];
+        let tokens = lp["token_logprobs"].as_array().unwrap();
+        assert_eq!(tokens.len(), ids.len());
+        assert!(tokens[0].is_null() && lp["top_logprobs"][0].is_null());
+        let want = model_logprobs(&s.ckpt, ids);
+        for (j, got) in tokens.iter().enumerate().skip(1) {
+            let w = want[j - 1][ids[j] as usize];
+            assert!(
+                (got.as_f64().unwrap() as f32 - w).abs() < 1e-4,
+                "prompt {i} token {j}: {got} vs {w}"
+            );
+            let top = lp["top_logprobs"][j].as_object().unwrap();
+            assert!(!top.is_empty() && top.len() <= 2);
+            let best = top.values().map(|x| x.as_f64().unwrap()).fold(f64::MIN, f64::max);
+            assert!(best >= got.as_f64().unwrap() - 1e-6);
+        }
+        let joined: String = lp["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(joined, text, "byte-level tokens of ASCII text are its characters");
+        let offsets: Vec<u64> = lp["text_offset"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets[0], 0);
+        assert!(offsets.windows(2).all(|w| w[0] < w[1]));
+    }
+    assert_eq!(r["usage"]["completion_tokens"], json!(0));
+
+    // One greedy token after the echoed prompt: the most likely one, with the largest log-probability.
+    let (_, r) = s.post(
+        "/v1/completions",
+        &json!({"prompt": a, "max_tokens": 1, "echo": true, "logprobs": 1, "temperature": 0}),
+    );
+    let lp = &r["choices"][0]["logprobs"]["token_logprobs"];
+    assert_eq!(lp.as_array().unwrap().len(), a.len() + 1, "{r}");
+    let last_row = &model_logprobs(&s.ckpt, &a)[a.len() - 1];
+    let best = last_row.iter().copied().fold(f32::MIN, f32::max);
+    assert!((lp[a.len()].as_f64().unwrap() as f32 - best).abs() < 1e-4);
+
+    // Sampled at temperature 1.5, the log-probabilities are still those at temperature 1.
+    let (_, r) = s.post(
+        "/v1/completions",
+        &json!({"prompt": a, "max_tokens": 6, "logprobs": 3, "temperature": 1.5, "seed": 4, "ignore_eos": true}),
+    );
+    let c = &r["choices"][0];
+    let generated = ids_of(&s.post("/tokenize", &json!({"prompt": c["text"]})).1["tokens"]);
+    let lp = &c["logprobs"];
+    let got = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(got.len(), 6);
+    let offsets = lp["text_offset"].as_array().unwrap();
+    assert_eq!(
+        offsets[0],
+        json!("The cat sat on the mat.".len()),
+        "offsets count from the prompt's start"
+    );
+    // Re-tokenizing the text may merge differently, so the model is asked about the tokens sent.
+    if generated.len() == 6 {
+        let all: Vec<u32> = a.iter().chain(&generated).copied().collect();
+        let want = model_logprobs(&s.ckpt, &all);
+        for (k, g) in got.iter().enumerate() {
+            let w = want[a.len() - 1 + k][generated[k] as usize];
+            assert!((g.as_f64().unwrap() as f32 - w).abs() < 1e-4, "token {k}: {g} vs {w}");
+        }
+    }
+
+    // Chat: logprobs and top_logprobs in the chat shape; the bytes of the tokens are the answer.
+    let (status, r) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": user("hello"), "max_tokens": 8, "logprobs": true, "top_logprobs": 3, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len() as u64, r["usage"]["completion_tokens"].as_u64().unwrap());
+    let bytes: Vec<u8> = content
+        .iter()
+        .flat_map(|e| e["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8))
+        .collect();
+    assert_eq!(
+        String::from_utf8_lossy(&bytes),
+        r["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    for e in content {
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        // Greedy: the chosen token is the most likely.
+        assert!((top[0]["logprob"].as_f64().unwrap() - e["logprob"].as_f64().unwrap()).abs() < 1e-6);
+    }
+    // Streamed, each chunk carries its token's entry.
+    let chunks = s.stream(
+        "/v1/chat/completions",
+        &json!({"messages": user("hello"), "max_tokens": 8, "logprobs": true, "temperature": 0, "stream": true}),
+    );
+    let streamed: usize = chunks
+        .iter()
+        .filter(|c| *c != "[DONE]")
+        .map(|c| {
+            let v: Value = serde_json::from_str(c).unwrap();
+            v["choices"][0]["logprobs"]["content"].as_array().map_or(0, Vec::len)
+        })
+        .sum();
+    assert_eq!(streamed, content.len());
+
+    // /tokenize renders a conversation through the chat template.
+    let (_, t) = s.post("/tokenize", &json!({"messages": user("hello")}));
+    let tok = Tokenizer::from_json(&test_tokenizer_json()).unwrap();
+    let template = talaria::chat::ChatTemplate::new(&tok).unwrap();
+    let want = template
+        .render_prompt(&tok, &[talaria::chat::Message::new(talaria::chat::Role::User, "hello")])
+        .unwrap();
+    assert_eq!(ids_of(&t["tokens"]), want);
+
+    // The counters saw all of it.
+    let metrics = Server::agent()
+        .get(&format!("{}/metrics", s.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    for want in [
+        "talaria_http_requests_total{route=\"/v1/completions\",status=\"200\"} 3",
+        "talaria_http_requests_total{route=\"/tokenize\",status=\"200\"} 4",
+        "talaria_time_to_first_token_seconds_count",
+        "talaria_time_per_output_token_seconds_bucket",
+        "talaria_batch_size_bucket",
+        "talaria_running_sequences 0",
+    ] {
+        assert!(metrics.contains(want), "/metrics lacks {want:?}:\n{metrics}");
+    }
+    let generated: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("talaria_generation_tokens_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(generated >= 1 + 6 + 8, "{generated}");
+}
+
+fn request(
+    s: &Server,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, ureq::Response) {
+    let mut req = Server::agent().request(method, &format!("{}{path}", s.url));
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let res = match body {
+        Some(b) => req.send_string(b),
+        None => req.call(),
+    };
+    match res {
+        Ok(r) => (r.status(), r),
+        Err(ureq::Error::Status(code, r)) => (code, r),
+        Err(e) => panic!("{method} {path}: {e}"),
+    }
+}
+
+#[test]
+fn an_api_key_guards_the_api_and_posts_must_be_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = chat_checkpoint(dir.path(), "test");
+    let key_file = dir.path().join("key.txt");
+    std::fs::write(&key_file, "s3cret-key\n").unwrap();
+    let s = Server::start_on(
+        dir,
+        ckpt,
+        &[
+            "--api-key-file",
+            key_file.to_str().unwrap(),
+            "--cors-origin",
+            "https://app.example",
+        ],
+    );
+    let body = json!({"messages": user("hi"), "max_tokens": 2}).to_string();
+    let json_type = ("Content-Type", "application/json");
+    for (what, auth) in [
+        ("no key", None),
+        ("a wrong key", Some("Bearer s3cret-kez")),
+        ("no Bearer", Some("s3cret-key")),
+    ] {
+        let mut headers = vec![json_type];
+        if let Some(a) = auth {
+            headers.push(("Authorization", a));
+        }
+        let (status, r) = request(&s, "POST", "/v1/chat/completions", &headers, Some(&body));
+        assert_eq!(status, 401, "{what}");
+        let err: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+        assert_eq!(err["error"]["code"], json!("invalid_api_key"), "{what}");
+        let (status, _) = request(&s, "GET", "/v1/models", &headers[1..], None);
+        assert_eq!(status, 401, "{what}: /v1/models");
+    }
+    let good = ("Authorization", "Bearer s3cret-key");
+    let (status, _) = request(&s, "POST", "/v1/chat/completions", &[json_type, good], Some(&body));
+    assert_eq!(status, 200);
+    let (status, _) = request(&s, "POST", "/tokenize", &[json_type], Some(r#"{"prompt": "a"}"#));
+    assert_eq!(status, 401, "/tokenize is guarded too");
+    // Liveness, metrics and the page stay open; the page asks for the key itself.
+    for path in ["/health", "/metrics", "/"] {
+        assert_eq!(request(&s, "GET", path, &[], None).0, 200, "{path}");
+    }
+
+    // A POST that is not JSON (a form another site could submit) is refused before it is read.
+    for ct in [Some("application/x-www-form-urlencoded"), Some("text/plain"), None] {
+        let mut headers = vec![good];
+        if let Some(c) = ct {
+            headers.push(("Content-Type", c));
+        }
+        let (status, r) = request(&s, "POST", "/v1/feedback", &headers, Some(r#"{"kind": "thumbs"}"#));
+        assert_eq!(status, 415, "{ct:?}");
+        let err: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+        assert_eq!(err["error"]["code"], json!("unsupported_media_type"));
+    }
+    let (status, _) = request(
+        &s,
+        "POST",
+        "/v1/chat/completions",
+        &[("Content-Type", "application/json; charset=utf-8"), good],
+        Some(&body),
+    );
+    assert_eq!(status, 200, "a charset parameter is fine");
+
+    // CORS headers for the origin given, and only then.
+    let (_, r) = request(&s, "GET", "/health", &[("Origin", "https://app.example")], None);
+    assert_eq!(r.header("access-control-allow-origin"), Some("https://app.example"));
+    let plain = Server::start();
+    let (_, r) = request(&plain, "GET", "/health", &[("Origin", "https://app.example")], None);
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    assert_eq!(s.call("GET", "/health", None).0, 200);
+}
+
+#[test]
+fn slow_requests_time_out_and_too_many_at_once_are_shed() {
+    // The bench shape decodes about 1,300 tokens per second here in a batch of 8: 8 x 250 tokens
+    // take over a second, twice the time limit.
+    let s = Server::start_with("bench", &["--request-timeout", "0.5", "--max-connections", "1"]);
+    let long = json!({"prompt": "a", "max_tokens": 250, "n": 8, "ignore_eos": true}).to_string();
+    let url = s.url.clone();
+    let slow = std::thread::spawn(move || {
+        let r = Server::agent()
+            .post(&format!("{url}/v1/completions"))
+            .set("Content-Type", "application/json")
+            .send_string(&long);
+        match r {
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(e) => panic!("{e}"),
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, err) = s.post("/v1/completions", &json!({"prompt": "b", "max_tokens": 1}));
+    assert_eq!(status, 503, "a second request while the first runs: {err}");
+    assert_eq!(err["error"]["type"], json!("server_busy"));
+    let (status, body) = slow.join().unwrap();
+    assert_eq!(status, 408, "{body}");
+    let err: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"]["code"], json!("timeout"));
+    // The server carries on.
+    let (status, _) = s.post("/v1/completions", &json!({"prompt": "c", "max_tokens": 2}));
+    assert_eq!(status, 200);
+}
+
+/// lm-evaluation-harness scores an MMLU-format task through the server (token ids, `echo`,
+/// `logprobs`) exactly as through `transformers` on the exported model, and runs a generation task
+/// through the chat route (scripts/lm_eval_parity.py).
+#[test]
+fn lm_evaluation_harness_scores_the_server_as_it_scores_transformers() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    if !data.join("eval/mmlu_test.jsonl").exists() {
+        common::skip("data", "../shared/data/eval/mmlu_test.jsonl is absent");
+        return;
+    }
+    let has = Command::new("python3")
+        .args(["-c", "import lm_eval, accelerate, tenacity, torch, transformers"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has {
+        common::skip(
+            "lm_eval",
+            "lm-evaluation-harness is not installed (pip install \"lm-eval[api,hf]\")",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = chat_checkpoint(dir.path(), "test");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/lm_eval_parity.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(&ckpt)
+        .args(["--limit", "12", "--talaria", env!("CARGO_BIN_EXE_talaria"), "--data"])
+        .arg(&data)
+        .arg("--work")
+        .arg(dir.path().join("work"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = stdout.lines().last().unwrap_or_default();
+    assert!(summary.contains("12 questions, 48 answers"), "{summary}");
+    println!("{summary}");
 }

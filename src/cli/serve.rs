@@ -35,6 +35,23 @@ pub(crate) struct ServeArgs {
     /// Requests waiting for a place in the batch; more are refused with 503.
     #[arg(long, default_value_t = 64)]
     queue: usize,
+    /// Require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize (without this flag
+    /// or --api-key-file, the key is read from TALARIA_API_KEY when it is set).
+    #[arg(long, conflicts_with = "api_key_file")]
+    api_key: Option<String>,
+    /// Read the API key from this file (its first line).
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// Allow this origin (e.g. https://example.org) to call the API from a browser (CORS).
+    #[arg(long)]
+    cors_origin: Option<String>,
+    /// Seconds a request may take to start its response (408 beyond).
+    #[arg(long, default_value_t = 600.0)]
+    request_timeout: f64,
+    /// Requests being handled at once (until their response starts; a stream then runs on in the
+    /// batch, bounded by --max-batch and --queue); more get a 503.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
 }
 
 #[derive(Subcommand)]
@@ -49,6 +66,13 @@ pub(crate) enum FeedbackCmd {
         /// Preferences JSONL: pairs from comparisons and thumbs, K-way rankings.
         #[arg(long)]
         prefs: Option<PathBuf>,
+        /// Only judgements of answers by this model (its name in the API: the checkpoint's directory).
+        #[arg(long)]
+        model: Option<String>,
+        /// Only judgements of answers by these weights: their SHA-256 (at least 8 leading hex digits),
+        /// as `talaria serve` prints it at start-up.
+        #[arg(long)]
+        digest: Option<String>,
     },
 }
 
@@ -125,6 +149,24 @@ pub(crate) struct ChatArgs {
 
 impl ServeArgs {
     pub(crate) fn run(self) -> Result<()> {
+        let api_key = match (&self.api_key, &self.api_key_file) {
+            (Some(k), _) => Some(k.clone()),
+            (None, Some(f)) => {
+                let text =
+                    std::fs::read_to_string(f).with_context(|| format!("reading --api-key-file {}", f.display()))?;
+                Some(text.lines().next().unwrap_or_default().trim().to_string())
+            }
+            (None, None) => std::env::var("TALARIA_API_KEY").ok(),
+        };
+        if !(self.request_timeout.is_finite() && self.request_timeout > 0.0) {
+            bail!(
+                "--request-timeout must be a positive number of seconds, got {}",
+                self.request_timeout
+            );
+        }
+        if api_key.as_deref().is_some_and(str::is_empty) {
+            bail!("the API key is empty: give a non-empty --api-key, --api-key-file or TALARIA_API_KEY");
+        }
         serve::serve(&serve::ServeConfig {
             ckpt: self.ckpt,
             host: self.host,
@@ -135,14 +177,27 @@ impl ServeArgs {
                 token_budget: self.max_batch_tokens,
                 queue: self.queue,
             },
+            access: serve::Access {
+                api_key,
+                cors_origin: self.cors_origin,
+                request_timeout: std::time::Duration::from_secs_f64(self.request_timeout),
+                max_connections: self.max_connections,
+            },
         })
     }
 }
 
 impl FeedbackCmd {
     pub(crate) fn run(self) -> Result<()> {
-        let FeedbackCmd::Export { db, sft, prefs } = self;
-        let s = serve::feedback::export(&db, sft.as_deref(), prefs.as_deref())?;
+        let FeedbackCmd::Export {
+            db,
+            sft,
+            prefs,
+            model,
+            digest,
+        } = self;
+        let filter = serve::feedback::SourceFilter { model, digest };
+        let s = serve::feedback::export(&db, sft.as_deref(), prefs.as_deref(), &filter)?;
         println!(
             "exported {} demonstrations; {} comparisons, {} rankings and {} pairs from thumbs ({} thumbs unpaired)",
             s.demonstrations, s.comparisons, s.rankings, s.thumbs_pairs, s.thumbs_unpaired

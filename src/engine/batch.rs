@@ -129,7 +129,8 @@ pub struct Completion {
     /// The text (empty without a tokenizer), cut before a stop string.
     pub text: String,
     pub finish: FinishReason,
-    /// Per generated token, when the request asked for them.
+    /// Per token of `tokens`, then the stop token if one ended it, when the request asked for
+    /// them (scoring tools such as lm-evaluation-harness expect the end token's entry too).
     pub logprobs: Option<Vec<TokenLogprob>>,
     /// Per prompt token (the first has none), when the request asked for them.
     pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
@@ -528,14 +529,14 @@ impl<'a> Engine<'a> {
         if let Some(st) = s.sampled.as_mut() {
             st.push(sampled_stats(row, token, s.sampler.params().temperature));
         }
+        if let (Some(all), Some(lp)) = (s.logprobs.as_mut(), &logprob) {
+            all.push(lp.clone());
+        }
         if lim.stop_tokens.contains(&token) {
             return self.finish(s, FinishReason::StopToken(token));
         }
         let (max_new, prompt_len) = (lim.max_new, lim.prompt_len);
         s.tokens.push(token);
-        if let (Some(all), Some(lp)) = (s.logprobs.as_mut(), &logprob) {
-            all.push(lp.clone());
-        }
         let mut stop_hit = None;
         let mut text = String::new();
         if let Some((stream, matcher)) = s.text.as_mut() {

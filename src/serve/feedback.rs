@@ -1,9 +1,11 @@
 //! Human feedback: parsing the four kinds the page collects, storing them in SQLite, and
 //! exporting them as training files.
 //!
-//! Schema: `feedback(id, kind, created_at, prompt, rating)` holds one judgement, its prompt as
-//! a JSON messages array; `answers(feedback_id, rank, content)` holds its answers, best first.
-//! A judgement and its answers are written in one transaction.
+//! Schema: `feedback(id, kind, created_at, prompt, rating, model, digest)` holds one judgement,
+//! its prompt as a JSON messages array, and the served model's name and the SHA-256 of its
+//! weights (which model produced the answers judged); `answers(feedback_id, rank, content)`
+//! holds its answers, best first. A judgement and its answers are written in one transaction.
+//! Databases written before `model` and `digest` existed gain the columns (empty) when opened.
 //!
 //! Export (`talaria feedback export`):
 //! - SFT file (`{"messages": [...]}` per line, what `talaria sft` reads): every demonstration,
@@ -46,6 +48,32 @@ pub enum Feedback {
         answer: String,
         up: bool,
     },
+}
+
+/// The model that produced the answers of a judgement: its name in the API and the SHA-256 of
+/// its weights file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Source {
+    pub model: String,
+    pub digest: String,
+}
+
+/// Which judgements an export takes: those of this model name and/or weights digest (a digest
+/// may be given by a prefix of at least 8 hex digits, as `git` does).
+#[derive(Debug, Clone, Default)]
+pub struct SourceFilter {
+    pub model: Option<String>,
+    pub digest: Option<String>,
+}
+
+impl SourceFilter {
+    fn accepts(&self, model: Option<&str>, digest: Option<&str>) -> bool {
+        self.model.as_deref().is_none_or(|m| model == Some(m))
+            && self
+                .digest
+                .as_deref()
+                .is_none_or(|d| digest.is_some_and(|x| x.starts_with(&d.to_ascii_lowercase())))
+    }
 }
 
 /// Most answers one ranking may order.
@@ -236,6 +264,16 @@ impl FeedbackStore {
              );",
         )
         .with_context(|| format!("setting up the feedback database {}", path.display()))?;
+        let columns: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('feedback')")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for column in ["model", "digest"] {
+            if !columns.iter().any(|c| c == column) {
+                conn.execute_batch(&format!("ALTER TABLE feedback ADD COLUMN {column} TEXT"))
+                    .with_context(|| format!("adding the {column} column to {}", path.display()))?;
+            }
+        }
         Ok(Self { conn: Mutex::new(conn) })
     }
 
@@ -245,18 +283,21 @@ impl FeedbackStore {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Stores one judgement with its answers in a single transaction; returns its id.
-    pub fn insert(&self, f: &Feedback) -> Result<i64> {
+    /// Stores one judgement with its answers, and the model they came from, in a single
+    /// transaction; returns its id.
+    pub fn insert(&self, f: &Feedback, source: Option<&Source>) -> Result<i64> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let (prompt, answers, rating) = f.parts();
         tx.execute(
-            "INSERT INTO feedback (kind, created_at, prompt, rating) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO feedback (kind, created_at, prompt, rating, model, digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
                 f.kind(),
                 super::openai::now() as i64,
                 serde_json::to_string(prompt)?,
-                rating
+                rating,
+                source.map(|s| s.model.as_str()),
+                source.map(|s| s.digest.as_str()),
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -272,12 +313,27 @@ impl FeedbackStore {
 
     /// Every judgement with its id, oldest first, read in one transaction (a consistent snapshot).
     pub fn all(&self) -> Result<Vec<(i64, Feedback)>> {
+        Ok(self
+            .matching(&SourceFilter::default())?
+            .into_iter()
+            .map(|(id, f, _)| (id, f))
+            .collect())
+    }
+
+    /// The judgements `filter` accepts, with their source, oldest first (one transaction).
+    pub fn matching(&self, filter: &SourceFilter) -> Result<Vec<(i64, Feedback, Option<Source>)>> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let rows: Vec<(i64, String, String, Option<i64>)> = tx
-            .prepare("SELECT id, kind, prompt, rating FROM feedback ORDER BY id")?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-            .collect::<rusqlite::Result<_>>()?;
+        type Row = (i64, String, String, Option<i64>, Option<String>, Option<String>);
+        let rows: Vec<Row> = tx
+            .prepare("SELECT id, kind, prompt, rating, model, digest FROM feedback ORDER BY id")?
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })?
+            .collect::<rusqlite::Result<Vec<Row>>>()?
+            .into_iter()
+            .filter(|(_, _, _, _, model, digest)| filter.accepts(model.as_deref(), digest.as_deref()))
+            .collect();
         let mut answers: BTreeMap<i64, Vec<String>> = BTreeMap::new();
         let mut stmt = tx.prepare("SELECT feedback_id, content FROM answers ORDER BY feedback_id, rank")?;
         for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
@@ -287,12 +343,16 @@ impl FeedbackStore {
         drop(stmt);
         tx.commit()?;
         rows.into_iter()
-            .map(|(id, kind, prompt, rating)| -> Result<(i64, Feedback)> {
+            .map(|(id, kind, prompt, rating, model, digest)| {
                 let prompt: Vec<Message> =
                     serde_json::from_str(&prompt).with_context(|| format!("feedback {id}: invalid prompt JSON"))?;
                 let f = Feedback::from_parts(&kind, prompt, answers.remove(&id).unwrap_or_default(), rating)
                     .with_context(|| format!("feedback {id}"))?;
-                Ok((id, f))
+                let source = match (model, digest) {
+                    (Some(model), Some(digest)) => Some(Source { model, digest }),
+                    _ => None,
+                };
+                Ok((id, f, source))
             })
             .collect()
     }
@@ -317,22 +377,28 @@ pub struct ExportSummary {
     pub thumbs_unpaired: usize,
 }
 
-/// Writes the training files of the database at `db` (see the module docs for the formats).
-/// Each file is written to a temporary name and renamed, so a failed export leaves none half-written.
-pub fn export(db: &Path, sft: Option<&Path>, prefs: Option<&Path>) -> Result<ExportSummary> {
+/// Writes the training files of the judgements in the database at `db` that `filter` accepts
+/// (see the module docs for the formats). Each file is written to a temporary name and renamed,
+/// so a failed export leaves none half-written.
+pub fn export(db: &Path, sft: Option<&Path>, prefs: Option<&Path>, filter: &SourceFilter) -> Result<ExportSummary> {
     if sft.is_none() && prefs.is_none() {
         bail!("nothing to export: give --sft FILE, --prefs FILE or both");
     }
     if !db.exists() {
         bail!("the feedback database {} does not exist", db.display());
     }
-    let records = FeedbackStore::open(db)?.all()?;
+    if let Some(d) = &filter.digest
+        && (d.len() < 8 || !d.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        bail!("--digest {d:?}: give at least 8 hex digits of the weights' SHA-256");
+    }
+    let records = FeedbackStore::open(db)?.matching(filter)?;
     let mut summary = ExportSummary::default();
     let mut sft_lines = vec![];
     let mut pref_lines = vec![];
     // Thumbs grouped by prompt (keyed by its JSON).
     let mut thumbs: BTreeMap<String, ThumbsGroup> = BTreeMap::new();
-    for (_, f) in records {
+    for (_, f, _) in records {
         match f {
             Feedback::Demonstration { messages } => {
                 summary.demonstrations += 1;
@@ -432,10 +498,10 @@ mod tests {
             thumbs("r", "x", true),
             thumbs("r", "x", false), // cancels: no pair
         ] {
-            store.insert(&f).unwrap();
+            store.insert(&f, None).unwrap();
         }
         let prefs = dir.path().join("prefs.jsonl");
-        let s = export(&db, None, Some(&prefs)).unwrap();
+        let s = export(&db, None, Some(&prefs), &SourceFilter::default()).unwrap();
         assert_eq!((s.thumbs_pairs, s.thumbs_unpaired), (1, 3));
         let text = std::fs::read_to_string(&prefs).unwrap();
         let line: Value = serde_json::from_str(text.trim()).unwrap();
@@ -465,9 +531,67 @@ mod tests {
             thumbs("u", "a", false),
         ];
         for f in &all {
-            store.insert(f).unwrap();
+            store.insert(f, None).unwrap();
         }
         let back: Vec<Feedback> = store.all().unwrap().into_iter().map(|(_, f)| f).collect();
         assert_eq!(back, all);
+    }
+
+    #[test]
+    fn exports_filter_by_model_and_digest_and_old_databases_gain_the_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("f.sqlite");
+        // A database from before the source columns, with one judgement in it.
+        let old = Connection::open(&db).unwrap();
+        old.execute_batch(
+            "CREATE TABLE feedback (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, created_at INTEGER NOT NULL,
+                                    prompt TEXT NOT NULL, rating INTEGER);
+             CREATE TABLE answers (feedback_id INTEGER NOT NULL, rank INTEGER NOT NULL, content TEXT NOT NULL,
+                                   PRIMARY KEY (feedback_id, rank));
+             INSERT INTO feedback VALUES (1, 'comparison', 0, '[{\"role\":\"user\",\"content\":\"old\"}]', NULL);
+             INSERT INTO answers VALUES (1, 0, 'a'), (1, 1, 'b');",
+        )
+        .unwrap();
+        drop(old);
+        let store = FeedbackStore::open(&db).unwrap();
+        let pair = |p: &str| Feedback::Comparison {
+            prompt: vec![Message::new(Role::User, p)],
+            chosen: "c".into(),
+            rejected: "r".into(),
+        };
+        let a = Source {
+            model: "sft".into(),
+            digest: "0123456789abcdef".into(),
+        };
+        let b = Source {
+            model: "ppo".into(),
+            digest: "fedcba9876543210".into(),
+        };
+        store.insert(&pair("from sft"), Some(&a)).unwrap();
+        store.insert(&pair("from ppo"), Some(&b)).unwrap();
+        let prefs = dir.path().join("prefs.jsonl");
+        let count = |filter: SourceFilter| export(&db, None, Some(&prefs), &filter).unwrap().comparisons;
+        assert_eq!(count(SourceFilter::default()), 3);
+        let by_model = SourceFilter {
+            model: Some("ppo".into()),
+            digest: None,
+        };
+        assert_eq!(count(by_model), 1);
+        assert!(std::fs::read_to_string(&prefs).unwrap().contains("from ppo"));
+        let by_digest = SourceFilter {
+            model: None,
+            digest: Some("01234567".into()),
+        };
+        assert_eq!(count(by_digest), 1);
+        assert!(std::fs::read_to_string(&prefs).unwrap().contains("from sft"));
+        let stored = store.matching(&SourceFilter::default()).unwrap();
+        assert_eq!(stored[0].2, None, "the old judgement has no source");
+        assert_eq!(stored[2].2.as_ref(), Some(&b));
+        let short = SourceFilter {
+            model: None,
+            digest: Some("0123".into()),
+        };
+        let e = export(&db, None, Some(&prefs), &short).unwrap_err().to_string();
+        assert!(e.contains("at least 8 hex digits"), "{e}");
     }
 }

@@ -2,9 +2,10 @@
 //! store, on axum/tokio.
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
-//! `GET /health`, `POST /v1/feedback`, and the page at `/`. Requests are validated here and
-//! queued to the scheduler thread ([`scheduler`]), which batches them continuously; prompts are
-//! rendered only by [`Chatbot`] and its chat template.
+//! `POST /v1/feedback`, `POST /tokenize`, `POST /detokenize`, `GET /health`, `GET /metrics`
+//! (Prometheus) and the page at `/`. Requests are validated here and queued to the scheduler
+//! thread ([`scheduler`]), which batches them continuously; prompts are rendered only by
+//! [`Chatbot`] and its chat template.
 //!
 //! Behaviour worth knowing as a client:
 //! - One model is served; the request's `model` is not checked and responses name the
@@ -14,14 +15,25 @@
 //! - A conversation longer than the context loses its oldest exchanges (never the system message
 //!   or the last user message), as in the terminal chat; a last message that cannot fit on its
 //!   own is a 400 with code `context_length_exceeded`.
-//! - Options the server does not implement (tools, logprobs, penalties, JSON mode, echo, ...) are
+//! - Log-probabilities are those of the model's full distribution at temperature 1, whatever the
+//!   sampling settings: `logprobs: K` (K <= 20) on completions, with `echo` over the prompt too
+//!   (its first token has none; `max_tokens: 0` scores the prompt only), and `logprobs: true` with
+//!   `top_logprobs: K` on chat. Completions take a string, a list of strings, a list of token ids
+//!   or a list of them (one choice per prompt and sample, `index` = prompt x n + sample).
+//! - Options the server does not implement (tools, penalties, JSON mode, suffix, ...) are
 //!   refused with a 400 when set, never silently ignored.
+//! - With an API key (`--api-key`, `--api-key-file` or `TALARIA_API_KEY`), every `/v1/*` route
+//!   and `/tokenize`, `/detokenize` need `Authorization: Bearer KEY` (401 otherwise). POST routes
+//!   take only `Content-Type: application/json` (415 otherwise), so a page on another site cannot
+//!   post a form here; CORS headers are sent only for `--cors-origin`. Requests are cut off after
+//!   `--request-timeout` seconds (408) and more than `--max-connections` at once get a 503.
 //! - Requests run together: each joins the running batch at the next decode step once slots are
 //!   free (`--max-batch` sequences, `--max-batch-tokens` per step) and leaves it when it finishes;
 //!   up to `--queue` requests wait (then 503). A streamed response starts when its request joins
 //!   the batch; a client that disconnects leaves the batch at the next step.
 
 pub mod feedback;
+pub mod metrics;
 pub mod openai;
 mod page;
 pub mod scheduler;
@@ -29,7 +41,7 @@ pub mod scheduler;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::Router;
@@ -46,9 +58,10 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::engine::Chatbot;
+use crate::engine::{Chatbot, Completion, TokenLogprob};
 use feedback::{Feedback, FeedbackStore};
-use openai::{ApiError, GenParams};
+use metrics::ServeMetrics;
+use openai::{ApiError, GenParams, PromptInput};
 use scheduler::{Event, Prompt, Scheduler, SchedulerConfig};
 
 /// Largest request body accepted (413 beyond).
@@ -65,6 +78,31 @@ pub struct ServeConfig {
     /// The SQLite feedback database, created if absent.
     pub db: PathBuf,
     pub scheduler: SchedulerConfig,
+    pub access: Access,
+}
+
+/// Who may call the API and how much at once.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// Every `/v1/*` route (and tokenize, detokenize) then needs `Authorization: Bearer KEY`.
+    pub api_key: Option<String>,
+    /// Send CORS headers allowing this origin (none otherwise).
+    pub cors_origin: Option<String>,
+    /// Longest a request may take to produce its response (a stream's start counts).
+    pub request_timeout: Duration,
+    /// Requests handled at once; more get a 503.
+    pub max_connections: usize,
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            cors_origin: None,
+            request_timeout: Duration::from_secs(600),
+            max_connections: 256,
+        }
+    }
 }
 
 impl SchedulerConfig {
@@ -80,34 +118,159 @@ impl SchedulerConfig {
 
 struct AppState {
     scheduler: Scheduler,
+    bot: Arc<Chatbot>,
     store: Arc<FeedbackStore>,
     model_id: String,
+    /// SHA-256 of the served weights, recorded with each feedback.
+    digest: String,
     context: usize,
+    metrics: Arc<ServeMetrics>,
+    api_key: Option<String>,
 }
 
 type Shared = State<Arc<AppState>>;
 
-/// The complete application: routes, body limit and state.
-pub fn router(bot: Chatbot, model_id: String, store: FeedbackStore, sched: SchedulerConfig) -> Result<Router> {
+/// The complete application: routes, limits, access checks and state. `digest` names the
+/// served weights in stored feedback.
+pub fn router(
+    bot: Chatbot,
+    model_id: String,
+    digest: String,
+    store: FeedbackStore,
+    sched: SchedulerConfig,
+    access: &Access,
+) -> Result<Router> {
     let context = bot.model.config().n_positions;
+    let bot = Arc::new(bot);
+    let metrics = Arc::new(ServeMetrics::new());
     let state = Arc::new(AppState {
-        scheduler: Scheduler::spawn(Arc::new(bot), sched)?,
+        scheduler: Scheduler::spawn(bot.clone(), sched, metrics.clone())?,
+        bot,
         store: Arc::new(store),
         model_id,
+        digest,
         context,
+        metrics,
+        api_key: access.api_key.clone(),
     });
-    Ok(Router::new()
+    // `Router::layer` wraps each route on its own: the concurrency limit is the global kind, one
+    // count over all routes.
+    let limits = tower::ServiceBuilder::new()
+        .layer(axum::error_handling::HandleErrorLayer::new(overloaded))
+        .load_shed()
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            access.max_connections.max(1),
+        ))
+        .timeout(access.request_timeout);
+    let mut app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/feedback", post(post_feedback))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/health", get(health))
+        .route("/metrics", get(get_metrics))
         .merge(page::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(refuse_large_bodies))
-        .with_state(state))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), check_access))
+        .layer(limits)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests));
+    if let Some(origin) = &access.cors_origin {
+        let origin: header::HeaderValue = origin
+            .parse()
+            .with_context(|| format!("--cors-origin {origin:?} is not a valid header value"))?;
+        app = app.layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(origin)
+                .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+                .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION]),
+        );
+    }
+    Ok(app.with_state(state))
+}
+
+/// The answer of the limits layer: 408 past the time limit, 503 beyond the concurrency limit.
+async fn overloaded(e: tower::BoxError) -> ApiError {
+    if e.is::<tower::timeout::error::Elapsed>() {
+        ApiError::bad_request("the request took longer than the server's --request-timeout")
+            .with_status(StatusCode::REQUEST_TIMEOUT)
+            .with_code("timeout")
+    } else if e.is::<tower::load_shed::error::Overloaded>() {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the server is handling its --max-connections requests; retry later".into(),
+            kind: "server_busy",
+            param: None,
+            code: None,
+        }
+    } else {
+        ApiError::internal(format!("{e}"))
+    }
+}
+
+/// Whether a path needs the API key: the OpenAI routes and the tokenizer's.
+fn protected(path: &str) -> bool {
+    path.starts_with("/v1/") || path == "/tokenize" || path == "/detokenize"
+}
+
+/// The key check (constant time) and the JSON-only rule for POST bodies.
+async fn check_access(State(s): Shared, req: Request, next: Next) -> Response {
+    if let Some(key) = &s.api_key
+        && protected(req.uri().path())
+    {
+        use subtle::ConstantTimeEq;
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Equal lengths first: `ct_eq` of slices of different lengths is false at once.
+        let ok = given.len() == key.len() && bool::from(given.as_bytes().ct_eq(key.as_bytes()));
+        if !ok {
+            return ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: "a valid API key is needed: send the header Authorization: Bearer KEY".into(),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("invalid_api_key"),
+            }
+            .into_response();
+        }
+    }
+    if req.method() == axum::http::Method::POST {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return ApiError::bad_request("POST bodies must be sent with Content-Type: application/json")
+                .with_status(StatusCode::UNSUPPORTED_MEDIA_TYPE)
+                .with_code("unsupported_media_type")
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Counts every answer by route (the matched pattern, `other` for unknown paths) and status.
+async fn count_requests(State(s): Shared, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "other".to_string(), |p| p.as_str().to_string());
+    let response = next.run(req).await;
+    s.metrics
+        .requests
+        .with_label_values(&[route.as_str(), response.status().as_str()])
+        .inc();
+    response
 }
 
 /// Loads the model, opens the database and serves until Ctrl-C. Prints the bound address
@@ -121,7 +284,15 @@ pub fn serve(cfg: &ServeConfig) -> Result<()> {
         );
     }
     let model_id = model_id(&cfg.ckpt);
-    let app = router(bot, model_id.clone(), FeedbackStore::open(&cfg.db)?, cfg.scheduler)?;
+    let digest = weights_digest(&cfg.ckpt)?;
+    let app = router(
+        bot,
+        model_id.clone(),
+        digest.clone(),
+        FeedbackStore::open(&cfg.db)?,
+        cfg.scheduler,
+        &cfg.access,
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -132,9 +303,21 @@ pub fn serve(cfg: &ServeConfig) -> Result<()> {
             .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?;
         let addr: SocketAddr = listener.local_addr()?;
         println!(
-            "listening on http://{addr} (model {model_id}, feedback in {})",
+            "listening on http://{addr} (model {model_id}, weights sha256 {}, feedback in {})",
+            &digest[..16],
             cfg.db.display()
         );
+        if cfg.access.api_key.is_none() {
+            eprintln!(
+                "note: no API key, so anyone who can reach {addr} can use the API{}; give --api-key (or \
+                 TALARIA_API_KEY) before serving beyond this machine",
+                if addr.ip().is_loopback() {
+                    " (only this machine can: it listens on the loopback address)"
+                } else {
+                    ""
+                }
+            );
+        }
         use std::io::Write;
         std::io::stdout().flush()?;
         axum::serve(listener, app)
@@ -144,6 +327,16 @@ pub fn serve(cfg: &ServeConfig) -> Result<()> {
             .await
             .context("serving")
     })
+}
+
+/// SHA-256 of a checkpoint's weights file, in hex: which weights produced a stored answer.
+fn weights_digest(ckpt: &std::path::Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let path = crate::checkpoint::resolve(ckpt).join(crate::checkpoint::WEIGHTS_FILE);
+    let mut f = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
+    Ok(format!("{:x}", h.finalize()))
 }
 
 /// The name the API reports for a checkpoint: its directory name.
@@ -205,15 +398,91 @@ async fn method_not_allowed(uri: Uri) -> ApiError {
 
 /// Liveness plus the scheduler's counters.
 async fn health(State(s): Shared) -> Json<Value> {
-    let st = s.scheduler.stats();
+    let m = &s.metrics;
     Json(json!({
         "status": "ok",
         "model": s.model_id,
-        "running_sequences": st.running.load(Ordering::Relaxed),
-        "waiting_requests": st.waiting.load(Ordering::Relaxed),
-        "finished_requests": st.finished.load(Ordering::Relaxed),
-        "generated_tokens": st.generated_tokens.load(Ordering::Relaxed),
+        "running_sequences": m.running.get(),
+        "waiting_requests": m.waiting.get(),
+        "finished_requests": m.finished.get(),
+        "generated_tokens": m.generated_tokens.get(),
     }))
+}
+
+async fn get_metrics(State(s): Shared) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `POST /tokenize`: `{"prompt" | "content": text}` or `{"messages": [...]}` (rendered by the chat
+/// template, with the assistant opener unless `"add_generation_prompt": false`) to token ids.
+async fn tokenize(State(s): Shared, b: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let obj = openai::parse_object(&body(b)?)?;
+    let text_key = ["prompt", "content"]
+        .into_iter()
+        .find(|k| obj.get(*k).is_some_and(|v| !v.is_null()));
+    let ids = match (text_key, obj.get("messages")) {
+        (Some(k), None) => {
+            let text = openai::required_str(&obj, k)?;
+            s.bot
+                .tokenizer
+                .encode(text)
+                .map_err(|e| ApiError::invalid(k, format!("{e:#}")))?
+        }
+        (None, Some(raw)) => {
+            let messages = openai::parse_messages(raw, "messages")?;
+            let template = s.bot.template.as_ref().ok_or_else(|| {
+                ApiError::invalid("messages", crate::engine::NO_CHAT_TEMPLATE).with_code("model_not_chat")
+            })?;
+            let prompt = match obj.get("add_generation_prompt") {
+                None | Some(Value::Bool(true)) => true,
+                Some(Value::Bool(false)) => false,
+                Some(v) => {
+                    return Err(ApiError::invalid(
+                        "add_generation_prompt",
+                        format!("add_generation_prompt must be true or false, got {v}"),
+                    ));
+                }
+            };
+            let tok = &s.bot.tokenizer;
+            let rendered = if prompt {
+                template.render_prompt(tok, &messages)
+            } else {
+                template.render(tok, &messages).map(|r| r.ids)
+            };
+            rendered.map_err(|e| ApiError::invalid("messages", format!("{e:#}")))?
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "give exactly one of \"prompt\" (or \"content\") with text, or \"messages\"",
+            ));
+        }
+    };
+    Ok(Json(json!({
+        "tokens": ids,
+        "count": ids.len(),
+        "max_model_len": s.context,
+    })))
+}
+
+/// `POST /detokenize`: `{"tokens": [ids]}` to text (as `prompt`, vLLM's name, and `content`, llama.cpp's).
+async fn detokenize(State(s): Shared, b: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let obj = openai::parse_object(&body(b)?)?;
+    let ids = openai::token_ids(
+        obj.get("tokens"),
+        "tokens",
+        s.bot.tokenizer.vocab_size().max(s.bot.model.config().vocab_size),
+    )?;
+    let text = s
+        .bot
+        .tokenizer
+        .decode(&ids)
+        .map_err(|e| ApiError::invalid("tokens", format!("{e:#}")))?;
+    Ok(Json(json!({"prompt": text, "content": text})))
 }
 
 async fn models(State(s): Shared) -> Json<Value> {
@@ -232,9 +501,13 @@ async fn models(State(s): Shared) -> Json<Value> {
 async fn post_feedback(State(s): Shared, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let obj = openai::parse_object(&body(b)?)?;
     let f = Feedback::from_json(&obj)?;
+    let source = feedback::Source {
+        model: s.model_id.clone(),
+        digest: s.digest.clone(),
+    };
     let store = s.store.clone();
     let kind = f.kind();
-    let id = tokio::task::spawn_blocking(move || store.insert(&f))
+    let id = tokio::task::spawn_blocking(move || store.insert(&f, Some(&source)))
         .await
         .map_err(|e| ApiError::internal(format!("storing feedback: {e}")))?
         .map_err(|e| ApiError::internal(format!("storing feedback: {e:#}")))?;
@@ -254,17 +527,44 @@ enum Api {
 
 async fn chat_completions(State(s): Shared, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req = openai::parse_chat(&body(b)?, s.context)?;
-    run(&s, Api::Chat, Prompt::Chat(req.messages), req.params).await
+    run(&s, Api::Chat, vec![Prompt::Chat(req.messages)], vec![], req.params).await
 }
 
 async fn completions(State(s): Shared, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let req = openai::parse_completion(&body(b)?, s.context)?;
-    run(&s, Api::Text, Prompt::Text(req.prompt), req.params).await
+    let req = openai::parse_completion(&body(b)?, s.context, s.bot.model.config().vocab_size)?;
+    if req.params.echo && req.params.stream {
+        return Err(ApiError::invalid("echo", "echo cannot be combined with stream"));
+    }
+    // The text `echo` returns before each answer: the prompt as given, or its ids decoded.
+    let echoed = req
+        .prompts
+        .iter()
+        .map(|p| match p {
+            PromptInput::Text(t) => t.clone(),
+            PromptInput::Ids(ids) => s.bot.tokenizer.decode(ids).unwrap_or_default(),
+        })
+        .collect();
+    let prompts = req
+        .prompts
+        .into_iter()
+        .map(|p| match p {
+            PromptInput::Text(t) => Prompt::Text(t),
+            PromptInput::Ids(ids) => Prompt::Ids(ids),
+        })
+        .collect();
+    run(&s, Api::Text, prompts, echoed, req.params).await
 }
 
 /// Queues the job and waits until it starts (or is refused), then answers whole or as a stream.
-async fn run(s: &AppState, api: Api, prompt: Prompt, params: GenParams) -> Result<Response, ApiError> {
-    let mut rx = s.scheduler.submit(prompt, params.clone())?;
+async fn run(
+    s: &AppState,
+    api: Api,
+    prompts: Vec<Prompt>,
+    echoed: Vec<String>,
+    params: GenParams,
+) -> Result<Response, ApiError> {
+    let n = params.n * prompts.len();
+    let mut rx = s.scheduler.submit(prompts, params.clone())?;
     let prompt_tokens = match rx.recv().await {
         Some(Event::Started { prompt_tokens }) => prompt_tokens,
         Some(Event::Failed(e)) => return Err(e),
@@ -280,11 +580,15 @@ async fn run(s: &AppState, api: Api, prompt: Prompt, params: GenParams) -> Resul
         model: s.model_id.clone(),
         api,
         prompt_tokens,
+        bot: s.bot.clone(),
+        logprobs: params.logprobs,
+        echoed,
+        n_per_prompt: params.n,
     };
     if params.stream {
-        Ok(stream(meta, params, rx).into_response())
+        Ok(stream(meta, n, params, rx).into_response())
     } else {
-        whole(meta, params.n, rx).await
+        whole(meta, n, rx).await
     }
 }
 
@@ -295,6 +599,12 @@ struct Meta {
     model: String,
     api: Api,
     prompt_tokens: usize,
+    bot: Arc<Chatbot>,
+    /// `logprobs` / `top_logprobs` asked for.
+    logprobs: Option<usize>,
+    /// With `echo`, the text of each prompt.
+    echoed: Vec<String>,
+    n_per_prompt: usize,
 }
 
 impl Meta {
@@ -313,8 +623,75 @@ impl Meta {
         })
     }
 
-    /// One choice of a stream chunk: a text piece, the role opener, or the finish.
-    fn chunk_choice(&self, index: usize, text: Option<&str>, role: bool, finish: Option<&str>) -> Value {
+    /// A token as clients see it, and its bytes: its text, or OpenAI's `bytes:\xNN` spelling when
+    /// it holds only part of a character.
+    fn token_text(&self, id: u32) -> (String, Vec<u8>) {
+        let bytes = self.bot.tokenizer.token_bytes(id).unwrap_or_default();
+        let text = match std::str::from_utf8(&bytes) {
+            Ok(t) => t.to_string(),
+            Err(_) => format!(
+                "bytes:{}",
+                bytes.iter().map(|b| format!("\\x{b:02x}")).collect::<String>()
+            ),
+        };
+        (text, bytes)
+    }
+
+    /// The legacy completions `logprobs` object over `tokens` (each with its log-probability,
+    /// `None` for an echoed prompt's first token), text offsets counted from `offset`.
+    fn legacy_logprobs(&self, tokens: &[(u32, Option<&TokenLogprob>)], mut offset: usize) -> Value {
+        let (mut texts, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+        for &(id, lp) in tokens {
+            let (text, bytes) = self.token_text(id);
+            offsets.push(offset);
+            offset += String::from_utf8_lossy(&bytes).chars().count();
+            texts.push(text);
+            lps.push(lp.map(|l| json!(l.logprob)).unwrap_or(Value::Null));
+            tops.push(lp.map_or(Value::Null, |l| {
+                let mut m = serde_json::Map::new();
+                for &(t, x) in &l.top {
+                    m.entry(self.token_text(t).0).or_insert(json!(x));
+                }
+                Value::Object(m)
+            }));
+        }
+        json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+    }
+
+    /// The chat `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+    fn chat_logprobs(&self, entries: &[TokenLogprob]) -> Value {
+        let entry = |id: u32, lp: f32| {
+            let (token, bytes) = self.token_text(id);
+            json!({"token": token, "logprob": lp, "bytes": bytes})
+        };
+        let content: Vec<Value> = entries
+            .iter()
+            .map(|l| {
+                let mut e = entry(l.token, l.logprob);
+                e["top_logprobs"] = l.top.iter().map(|&(t, x)| entry(t, x)).collect();
+                e
+            })
+            .collect();
+        json!({ "content": content })
+    }
+
+    /// Characters of the prompt text before choice `index`'s answer (its first text offset).
+    fn prompt_chars(&self, index: usize) -> usize {
+        self.echoed
+            .get(index / self.n_per_prompt.max(1))
+            .map_or(0, |t| t.chars().count())
+    }
+
+    /// One choice of a stream chunk: a text piece (with its token's log-probability), the role
+    /// opener, or the finish.
+    fn chunk_choice(
+        &self,
+        index: usize,
+        text: Option<&str>,
+        role: bool,
+        finish: Option<&str>,
+        logprob: Option<(&TokenLogprob, usize)>,
+    ) -> Value {
         match self.api {
             Api::Chat => {
                 let mut delta = serde_json::Map::new();
@@ -324,9 +701,64 @@ impl Meta {
                 if let Some(t) = text {
                     delta.insert("content".into(), t.into());
                 }
-                json!({"index": index, "delta": delta, "finish_reason": finish})
+                let lp = logprob.map_or(Value::Null, |(l, _)| self.chat_logprobs(std::slice::from_ref(l)));
+                json!({"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish})
             }
-            Api::Text => json!({"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
+            Api::Text => {
+                let lp = logprob.map_or(Value::Null, |(l, offset)| {
+                    self.legacy_logprobs(&[(l.token, Some(l))], offset)
+                });
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": lp, "finish_reason": finish})
+            }
+        }
+    }
+
+    /// A whole choice of a response.
+    fn choice(&self, index: usize, text: String, reason: &str, done: Option<&(Completion, Option<Vec<u32>>)>) -> Value {
+        let wanted = self.logprobs.is_some();
+        match self.api {
+            Api::Chat => {
+                let lp = match done.and_then(|(c, _)| c.logprobs.as_ref()) {
+                    // The end-of-turn token is not part of the message.
+                    Some(all) if wanted => {
+                        self.chat_logprobs(&all[..all.len().min(done.map_or(0, |(c, _)| c.tokens.len()))])
+                    }
+                    _ => Value::Null,
+                };
+                json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": lp,
+                    "finish_reason": reason,
+                })
+            }
+            Api::Text => {
+                let echo = done.and_then(|(_, p)| p.as_ref());
+                let prompt_text = self
+                    .echoed
+                    .get(index / self.n_per_prompt.max(1))
+                    .cloned()
+                    .unwrap_or_default();
+                let lp = match done {
+                    Some((c, _)) if wanted => {
+                        let mut tokens: Vec<(u32, Option<&TokenLogprob>)> = vec![];
+                        if let Some(ids) = echo {
+                            let scores = c.prompt_logprobs.as_deref().unwrap_or_default();
+                            tokens.extend(
+                                ids.iter()
+                                    .enumerate()
+                                    .map(|(i, &id)| (id, scores.get(i).and_then(Option::as_ref))),
+                            );
+                        }
+                        tokens.extend(c.logprobs.iter().flatten().map(|l| (l.token, Some(l))));
+                        let start = if echo.is_some() { 0 } else { self.prompt_chars(index) };
+                        self.legacy_logprobs(&tokens, start)
+                    }
+                    _ => Value::Null,
+                };
+                let text = if echo.is_some() { prompt_text + &text } else { text };
+                json!({"index": index, "text": text, "logprobs": lp, "finish_reason": reason})
+            }
         }
     }
 }
@@ -335,13 +767,20 @@ impl Meta {
 async fn whole(meta: Meta, n: usize, mut rx: UnboundedReceiver<Event>) -> Result<Response, ApiError> {
     let mut texts = vec![String::new(); n];
     let mut finish = vec!["stop"; n];
+    let mut done: Vec<Option<(Completion, Option<Vec<u32>>)>> = vec![None; n];
     let mut completion_tokens = 0;
     loop {
         match rx.recv().await {
-            Some(Event::Text { index, text }) => texts[index].push_str(&text),
-            Some(Event::Finished { index, reason, tokens }) => {
+            Some(Event::Text { index, text, .. }) => texts[index].push_str(&text),
+            Some(Event::Finished {
+                index,
+                reason,
+                completion,
+                prompt,
+            }) => {
                 finish[index] = reason;
-                completion_tokens += tokens;
+                completion_tokens += completion.tokens.len();
+                done[index] = Some((completion, prompt));
             }
             Some(Event::Done) => break,
             Some(Event::Failed(e)) => return Err(e),
@@ -353,16 +792,9 @@ async fn whole(meta: Meta, n: usize, mut rx: UnboundedReceiver<Event>) -> Result
     let choices = texts
         .into_iter()
         .zip(finish)
+        .zip(&done)
         .enumerate()
-        .map(|(index, (text, reason))| match meta.api {
-            Api::Chat => json!({
-                "index": index,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": null,
-                "finish_reason": reason,
-            }),
-            Api::Text => json!({"index": index, "text": text, "logprobs": null, "finish_reason": reason}),
-        })
+        .map(|(index, ((text, reason), d))| meta.choice(index, text, reason, d.as_ref()))
         .collect();
     let mut body = meta.envelope(false, choices);
     body["usage"] = openai::usage(meta.prompt_tokens, completion_tokens);
@@ -371,7 +803,7 @@ async fn whole(meta: Meta, n: usize, mut rx: UnboundedReceiver<Event>) -> Result
 
 /// Streams the job as Server-Sent Events: `data: {chunk}` lines, then `data: [DONE]`. Dropping
 /// the stream (the client left) closes `rx`, which stops the job at its next token.
-fn stream(meta: Meta, params: GenParams, rx: UnboundedReceiver<Event>) -> Response {
+fn stream(meta: Meta, n: usize, params: GenParams, rx: UnboundedReceiver<Event>) -> Response {
     struct St {
         meta: Meta,
         rx: UnboundedReceiver<Event>,
@@ -380,15 +812,19 @@ fn stream(meta: Meta, params: GenParams, rx: UnboundedReceiver<Event>) -> Respon
         opened: bool,
         n: usize,
         ended: bool,
+        /// Per choice, the text offset of its next token (for completions' log-probabilities).
+        offsets: Vec<usize>,
     }
+    let offsets = (0..n).map(|i| meta.prompt_chars(i)).collect();
     let st = St {
         meta,
         rx,
         include_usage: params.include_usage,
         completion_tokens: 0,
         opened: false,
-        n: params.n,
+        n,
         ended: false,
+        offsets,
     };
     let data = |v: Value| SseEvent::default().data(v.to_string());
     let events = futures_util::stream::unfold(st, move |mut st| async move {
@@ -399,18 +835,30 @@ fn stream(meta: Meta, params: GenParams, rx: UnboundedReceiver<Event>) -> Respon
         if !st.opened && st.meta.api == Api::Chat {
             st.opened = true;
             let choices = (0..st.n)
-                .map(|i| st.meta.chunk_choice(i, Some(""), true, None))
+                .map(|i| st.meta.chunk_choice(i, Some(""), true, None, None))
                 .collect();
             out.push(data(st.meta.envelope(true, choices)));
         }
         match st.rx.recv().await {
-            Some(Event::Text { index, text }) => {
-                let choice = st.meta.chunk_choice(index, Some(&text), false, None);
+            Some(Event::Text { index, text, logprob }) => {
+                let offset = st.offsets[index];
+                if let Some(l) = &logprob {
+                    let bytes = st.meta.bot.tokenizer.token_bytes(l.token).unwrap_or_default();
+                    st.offsets[index] += String::from_utf8_lossy(&bytes).chars().count();
+                }
+                let choice =
+                    st.meta
+                        .chunk_choice(index, Some(&text), false, None, logprob.as_ref().map(|l| (l, offset)));
                 out.push(data(st.meta.envelope(true, vec![choice])));
             }
-            Some(Event::Finished { index, reason, tokens }) => {
-                st.completion_tokens += tokens;
-                let choice = st.meta.chunk_choice(index, None, false, Some(reason));
+            Some(Event::Finished {
+                index,
+                reason,
+                completion,
+                ..
+            }) => {
+                st.completion_tokens += completion.tokens.len();
+                let choice = st.meta.chunk_choice(index, None, false, Some(reason), None);
                 out.push(data(st.meta.envelope(true, vec![choice])));
             }
             Some(Event::Done) => {

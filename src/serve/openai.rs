@@ -14,6 +14,10 @@ use crate::engine::SamplingParams;
 pub const MAX_N: usize = 8;
 /// Most stop strings one request may give (OpenAI's limit).
 pub const MAX_STOP: usize = 4;
+/// Most alternatives per token in `logprobs` / `top_logprobs`.
+pub const MAX_LOGPROBS: usize = 20;
+/// Most prompts in one `/v1/completions` batch.
+pub const MAX_PROMPTS: usize = 256;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone)]
@@ -186,11 +190,18 @@ pub struct GenParams {
     /// vLLM's `ignore_eos` extension: keep generating past the end-of-turn and end-of-text
     /// tokens, to `max_tokens` (load tests use it for answers of a known length).
     pub ignore_eos: bool,
+    /// Log-probabilities of the generated tokens with this many alternatives (`logprobs: K` of
+    /// completions; `logprobs: true` with `top_logprobs: K` of chat).
+    pub logprobs: Option<usize>,
+    /// Completions' `echo`: the prompt comes back before the answer, with its log-probabilities
+    /// when `logprobs` is set.
+    pub echo: bool,
 }
 
 impl GenParams {
-    /// Reads the shared fields; `context` bounds `max_tokens`, which defaults to `default_max`.
-    fn parse(obj: &Map<String, Value>, context: usize, default_max: usize) -> Result<Self, ApiError> {
+    /// Reads the shared fields; `context` bounds `max_tokens`, which defaults to `default_max`
+    /// (and may be 0 when `echo` is set: the prompt is scored, nothing generated).
+    fn parse(obj: &Map<String, Value>, context: usize, default_max: usize, echo: bool) -> Result<Self, ApiError> {
         let temperature = number(obj, "temperature", 0.0, 2.0)?.unwrap_or(1.0);
         let top_p = number(obj, "top_p", 0.0, 1.0)?;
         if top_p == Some(0.0) {
@@ -201,7 +212,7 @@ impl GenParams {
         } else {
             "max_tokens"
         };
-        let max_tokens = count(obj, max_key, 1, context as u64)?.unwrap_or(default_max.min(context));
+        let max_tokens = count(obj, max_key, u64::from(!echo), context as u64)?.unwrap_or(default_max.min(context));
         let n = count(obj, "n", 1, MAX_N as u64)?.unwrap_or(1);
         let seed = match field(obj, "seed") {
             None => None,
@@ -263,6 +274,8 @@ impl GenParams {
             stream: boolean(obj, "stream")?,
             include_usage,
             ignore_eos: boolean(obj, "ignore_eos")?,
+            logprobs: None,
+            echo,
         })
     }
 }
@@ -284,8 +297,6 @@ pub fn parse_chat(body: &[u8], context: usize) -> Result<ChatRequest, ApiError> 
             "tool_choice",
             "functions",
             "function_call",
-            "logprobs",
-            "top_logprobs",
             "logit_bias",
             "presence_penalty",
             "frequency_penalty",
@@ -302,10 +313,19 @@ pub fn parse_chat(body: &[u8], context: usize) -> Result<ChatRequest, ApiError> 
             "the last message must come from the user: the model answers it",
         ));
     }
-    Ok(ChatRequest {
-        messages,
-        params: GenParams::parse(&obj, context, 256)?,
-    })
+    let mut params = GenParams::parse(&obj, context, 256, false)?;
+    let top = count(&obj, "top_logprobs", 0, MAX_LOGPROBS as u64)?;
+    params.logprobs = match (boolean(&obj, "logprobs")?, top) {
+        (true, k) => Some(k.unwrap_or(0)),
+        (false, None) => None,
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "top_logprobs needs \"logprobs\": true",
+            ));
+        }
+    };
+    Ok(ChatRequest { messages, params })
 }
 
 /// Parses an OpenAI messages array (content as a string or as text parts) and checks that the
@@ -368,20 +388,28 @@ fn text_parts(parts: &[Value]) -> Result<String, String> {
         .map(|v| v.concat())
 }
 
-/// A validated `POST /v1/completions` request: raw text, no chat template.
+/// One prompt of `/v1/completions`: text, or token ids given by the client (as evaluation
+/// harnesses send them, tokenized with the exported tokenizer).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// A validated `POST /v1/completions` request: raw prompts, no chat template; one choice per
+/// prompt and sample (`index` = prompt × n + sample).
 #[derive(Debug, Clone)]
 pub struct CompletionRequest {
-    pub prompt: String,
+    pub prompts: Vec<PromptInput>,
     pub params: GenParams,
 }
 
-pub fn parse_completion(body: &[u8], context: usize) -> Result<CompletionRequest, ApiError> {
+/// Parses a completion request for a model with `context` positions and `vocab` token ids.
+pub fn parse_completion(body: &[u8], context: usize, vocab: usize) -> Result<CompletionRequest, ApiError> {
     let obj = parse_object(body)?;
     reject_unsupported(
         &obj,
         &[
-            "echo",
-            "logprobs",
             "best_of",
             "suffix",
             "logit_bias",
@@ -389,19 +417,98 @@ pub fn parse_completion(body: &[u8], context: usize) -> Result<CompletionRequest
             "frequency_penalty",
         ],
     )?;
-    let prompt = match field(&obj, "prompt") {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
-        Some(v) => Err(ApiError::invalid("prompt", format!("prompt must be a string, got {v}")))?,
-        None => Err(ApiError::invalid("prompt", "missing required field \"prompt\""))?,
-    };
-    if prompt.is_empty() {
-        return Err(ApiError::invalid("prompt", "prompt must not be empty"));
+    let prompts = parse_prompts(field(&obj, "prompt"), vocab)?;
+    let echo = boolean(&obj, "echo")?;
+    let mut params = GenParams::parse(&obj, context, 16, echo)?;
+    params.logprobs = count(&obj, "logprobs", 0, MAX_LOGPROBS as u64)?;
+    if params.stream && params.max_tokens == 0 {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            "max_tokens 0 (scoring the prompt) cannot be streamed",
+        ));
     }
-    Ok(CompletionRequest {
-        prompt,
-        params: GenParams::parse(&obj, context, 16)?,
-    })
+    Ok(CompletionRequest { prompts, params })
+}
+
+/// A list of token ids at `param`, every one inside a vocabulary of `vocab`, not empty.
+pub fn token_ids(raw: Option<&Value>, param: &str, vocab: usize) -> Result<Vec<u32>, ApiError> {
+    let Some(Value::Array(items)) = raw.filter(|v| !v.is_null()) else {
+        return Err(ApiError::invalid(param, format!("{param} must be a list of token ids")));
+    };
+    ids(items, param, vocab)
+}
+
+fn ids(items: &[Value], at: &str, vocab: usize) -> Result<Vec<u32>, ApiError> {
+    if items.is_empty() {
+        return Err(ApiError::invalid(
+            at,
+            format!("{at} must not be an empty list of token ids"),
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(j, v)| match v.as_u64() {
+            Some(id) if (id as usize) < vocab => Ok(id as u32),
+            Some(id) => Err(ApiError::invalid(
+                format!("{at}[{j}]"),
+                format!("token id {id} is outside the vocabulary of {vocab} tokens"),
+            )),
+            None => Err(ApiError::invalid(
+                format!("{at}[{j}]"),
+                format!("a token id must be a non-negative integer, got {v}"),
+            )),
+        })
+        .collect()
+}
+
+/// The `prompt` of a completion request: a string, a list of strings, a list of token ids or a
+/// list of lists of token ids; every id inside the vocabulary, no prompt empty.
+fn parse_prompts(raw: Option<&Value>, vocab: usize) -> Result<Vec<PromptInput>, ApiError> {
+    const SHAPES: &str = "a string, a list of strings, a list of token ids or a list of lists of token ids";
+    let text = |s: &str, at: &str| -> Result<PromptInput, ApiError> {
+        if s.is_empty() {
+            return Err(ApiError::invalid(at, format!("{at} must not be empty")));
+        }
+        Ok(PromptInput::Text(s.to_string()))
+    };
+    let prompts = match raw {
+        None => return Err(ApiError::invalid("prompt", "missing required field \"prompt\"")),
+        Some(Value::String(s)) => vec![text(s, "prompt")?],
+        Some(Value::Array(items)) if items.is_empty() => {
+            return Err(ApiError::invalid("prompt", "prompt must not be an empty list"));
+        }
+        Some(Value::Array(items)) if items.iter().all(Value::is_number) => {
+            vec![PromptInput::Ids(ids(items, "prompt", vocab)?)]
+        }
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| text(v.as_str().unwrap_or_default(), &format!("prompt[{i}]")))
+            .collect::<Result<_, _>>()?,
+        Some(Value::Array(items)) if items.iter().all(Value::is_array) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let inner = v.as_array().map(Vec::as_slice).unwrap_or_default();
+                Ok(PromptInput::Ids(ids(inner, &format!("prompt[{i}]"), vocab)?))
+            })
+            .collect::<Result<_, ApiError>>()?,
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!("prompt mixes types: give {SHAPES}"),
+            ));
+        }
+        Some(v) => return Err(ApiError::invalid("prompt", format!("prompt must be {SHAPES}, got {v}"))),
+    };
+    if prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("at most {MAX_PROMPTS} prompts per request, got {}", prompts.len()),
+        ));
+    }
+    Ok(prompts)
 }
 
 /// Token counts of a request, as OpenAI reports them.

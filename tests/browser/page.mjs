@@ -1,12 +1,13 @@
 // Drives the page of a running `talaria serve` in headless Chromium: chat with streaming, stop,
 // regenerate, edit, thumbs, a comparison and both labelling tasks, then screenshots.
-// Usage: node page.mjs http://127.0.0.1:PORT SCREENSHOT.png
+// Usage: node page.mjs http://127.0.0.1:PORT SCREENSHOT.png [API_KEY]
+// With API_KEY (a server started with --api-key), the page must ask for it exactly once.
 import { chromium } from "playwright-core";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
-const [url, shot] = process.argv.slice(2);
+const [url, shot, apiKey] = process.argv.slice(2);
 const profile = mkdtempSync(join(tmpdir(), "talaria-chromium-"));
 const context = await chromium.launchPersistentContext(profile, {
   executablePath: "/usr/bin/chromium",
@@ -19,6 +20,11 @@ context.setDefaultTimeout(60000);
 const page = context.pages()[0] || await context.newPage();
 const errors = [];
 page.on("pageerror", (e) => errors.push(e.message));
+let asked = 0;
+page.on("dialog", async (d) => {
+  asked += 1;
+  await d.accept(apiKey || "");
+});
 const streams = [];
 page.on("response", (r) => {
   if (r.url().endsWith("/v1/chat/completions")) streams.push(r.headers()["content-type"]);
@@ -108,6 +114,7 @@ try {
   check(true, "ranking saved");
 
   check(errors.length === 0, `no JavaScript errors ${JSON.stringify(errors)}`);
+  if (apiKey) check(asked === 1, `the page asked for the API key once (asked ${asked} times)`);
 } finally {
   await context.close();
   rmSync(profile, { recursive: true, force: true });

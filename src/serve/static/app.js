@@ -41,10 +41,25 @@ async function errorOf(response) {
   }
 }
 
+// Calls the API with the key this tab was given (kept in sessionStorage). On a 401 the page asks
+// for the server's API key once and retries; the key then lasts as long as the tab.
+async function api(path, init = {}) {
+  for (let attempt = 0; ; attempt++) {
+    const key = sessionStorage.getItem("talaria-api-key");
+    const headers = { ...(init.headers || {}) };
+    if (key) headers.Authorization = `Bearer ${key}`;
+    const response = await fetch(path, { ...init, headers });
+    if (response.status !== 401 || attempt > 0) return response;
+    const entered = window.prompt("This server needs its API key (ask whoever runs it):");
+    if (!entered) return response;
+    sessionStorage.setItem("talaria-api-key", entered.trim());
+  }
+}
+
 // Posts a chat completion with stream: true and calls onDelta(index, text) for each piece.
 // Resolves to the finish reasons by choice index.
 async function streamChat(messages, extra, onDelta, signal) {
-  const response = await fetch("/v1/chat/completions", {
+  const response = await api("/v1/chat/completions", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ messages, stream: true, ...settings(), ...extra }),
@@ -80,7 +95,7 @@ async function streamChat(messages, extra, onDelta, signal) {
 }
 
 async function postFeedback(body) {
-  const response = await fetch("/v1/feedback", {
+  const response = await api("/v1/feedback", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify(body),
@@ -305,7 +320,7 @@ async function sampleRanking() {
   setStatus("#lab-status", `Sampling ${k} answers…`);
   try {
     const temperature = Math.max(0.7, settings().temperature);
-    const response = await fetch("/v1/chat/completions", {
+    const response = await api("/v1/chat/completions", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ messages: prompt, n: k, max_tokens: settings().max_tokens, temperature, seed: randomSeed() }),
@@ -355,7 +370,7 @@ $("#lab-submit-demo").onclick = saveDemonstration;
 $("#lab-sample").onclick = sampleRanking;
 $("#lab-submit-rank").onclick = saveRanking;
 
-fetch("/v1/models").then((r) => r.json()).then((b) => {
+api("/v1/models").then((r) => r.json()).then((b) => {
   const m = b.data[0];
   $("#model").textContent = `${m.id} · context ${m.context_length}`;
   $("#max-tokens").max = m.context_length;
