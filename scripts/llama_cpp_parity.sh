@@ -3,7 +3,8 @@
 # llama-cpp-python source package carries (nothing of it is kept in this repository), checks that its
 # greedy answers on the f32 GGUF equal `talaria chat --temperature 0` for a few prompts, then times
 # decoding of both on the same model, side by side: `llama-bench -p 0 -n 200 -d 16` (200 tokens after a
-# 16-token context) against `talaria bench decode --ckpt` (the same), in alternating rounds.
+# 16-token context) on the f32, f16 and q8_0 files against `talaria bench decode --ckpt` (the same) with
+# the weights read in f32, f16 and q8, in alternating rounds, with each one's peak memory.
 #
 # Usage: scripts/llama_cpp_parity.sh CHAT_CHECKPOINT [WORK_DIR]   (default WORK_DIR target/llama.cpp)
 # Needs python3 with pip, a C++ compiler; cmake and ninja come from PyPI when missing. The build takes
@@ -66,25 +67,38 @@ for q in "${PROMPTS[@]}"; do
 done
 echo "greedy answers equal on $same of ${#PROMPTS[@]} prompts"
 
-# 5. Decode speed, alternating rounds; medians.
+# 5. Decode speed, alternating rounds; medians. Peak memory: Talaria's own VmHWM; llama.cpp's
+# maximum resident set from GNU time when it is installed.
 median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
-declare -A runs
+declare -A runs mem
 for r in $(seq "$ROUNDS"); do
-    runs[talaria]+="$("$TALARIA" bench decode --ckpt "$CKPT" --steps 200 --json | tail -1 |
-        python3 -c 'import json, sys; print(json.load(sys.stdin)["tokens_per_s"])') "
+    for dtype in f32 f16 q8; do
+        line=$("$TALARIA" bench decode --ckpt "$CKPT" --steps 200 --dtype "$dtype" --json | tail -1)
+        runs[talaria-$dtype]+="$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["tokens_per_s"])' "$line") "
+        mem[talaria-$dtype]=$(python3 -c 'import json, sys; print(round(json.loads(sys.argv[1])["peak_rss_mib"]))' "$line")
+    done
     for dtype in f32 f16 q8_0; do
-        runs[llama-$dtype]+="$("$BIN/llama-bench" -m "$WORK/model-$dtype.gguf" -p 0 -n 200 -d 16 -t "$THREADS" \
-            -r 1 -o json 2>/dev/null | python3 -c 'import json, sys; print(json.load(sys.stdin)[0]["avg_ts"])') "
+        cmd=("$BIN/llama-bench" -m "$WORK/model-$dtype.gguf" -p 0 -n 200 -d 16 -t "$THREADS" -r 1 -o json)
+        if [ -x /usr/bin/time ]; then
+            out=$(/usr/bin/time -f '%M' -o "$WORK/time.txt" "${cmd[@]}" 2>/dev/null)
+            mem[llama-$dtype]=$(( $(tail -1 "$WORK/time.txt") / 1024 ))
+        else
+            out=$("${cmd[@]}" 2>/dev/null)
+            mem[llama-$dtype]="-"
+        fi
+        runs[llama-$dtype]+="$(python3 -c 'import json, sys; print(json.load(sys.stdin)[0]["avg_ts"])' <<<"$out") "
     done
 done
-base=$(tr ' ' '\n' <<<"${runs[talaria]}" | grep . | median)
-printf '%-22s %10s %8s\n' "decode, batch 1" "tokens/s" "ratio"
-for k in talaria llama-f32 llama-f16 llama-q8_0; do
-    m=$(tr ' ' '\n' <<<"${runs[$k]}" | grep . | median)
-    printf '%-22s %10.0f %8.2f\n' "$k" "$m" "$(python3 -c "print($base / $m)")"
+printf '%-16s %10s %14s %10s\n' "decode, batch 1" "tokens/s" "peak MiB" "vs llama"
+for pair in "talaria-f32 llama-f32" "talaria-f16 llama-f16" "talaria-q8 llama-q8_0"; do
+    read -r ours theirs <<<"$pair"
+    a=$(tr ' ' '\n' <<<"${runs[$ours]}" | grep . | median)
+    b=$(tr ' ' '\n' <<<"${runs[$theirs]}" | grep . | median)
+    printf '%-16s %10.0f %14s %10.2f\n' "$ours" "$a" "${mem[$ours]}" "$(python3 -c "print($a / $b)")"
+    printf '%-16s %10.0f %14s\n' "$theirs" "$b" "${mem[$theirs]}"
 done
 build=$("$BIN/llama-bench" -m "$WORK/model-f32.gguf" -p 0 -n 1 -r 1 -o json 2>/dev/null |
     python3 -c 'import json, sys; d = json.load(sys.stdin)[0]; print(d["build_number"], d["build_commit"])')
-echo "(ratio: talaria f32 tokens/s over each; $ROUNDS alternating rounds, $THREADS threads;"
-echo " llama.cpp build $build from llama-cpp-python $VERSION)"
+echo "(vs llama: Talaria's tokens/s over llama.cpp's at the same precision; $ROUNDS alternating rounds,"
+echo " $THREADS threads; llama.cpp build $build from llama-cpp-python $VERSION)"
 [ "$same" -eq "${#PROMPTS[@]}" ]

@@ -38,6 +38,10 @@ pub struct BenchConfig {
     /// Decode: a checkpoint's model instead of the preset with random weights (the speed
     /// depends on the shape only; this lets a run be timed beside another tool on one file).
     pub ckpt: Option<std::path::PathBuf>,
+    /// Decode: the precision the decoding kernels read the weights in.
+    pub dtype: crate::model::WeightDtype,
+    /// Decode: the KV cache's element type.
+    pub kv_dtype: crate::model::KvDtype,
 }
 
 /// The measured figures.
@@ -58,6 +62,8 @@ impl BenchReport {
             "kind": match cfg.kind { BenchKind::Train => "train", BenchKind::Decode => "decode" },
             "preset": cfg.preset,
             "ckpt": cfg.ckpt.as_ref().map(|p| p.display().to_string()),
+            "dtype": cfg.dtype.to_string(),
+            "kv_dtype": cfg.kv_dtype.to_string(),
             "threads": candle_core::utils::get_num_threads(),
             "batch": cfg.batch,
             "tokens_per_s": self.tokens_per_s,
@@ -166,7 +172,9 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
             (tokens / step_s, flops / step_s / 1e9, step_s)
         }
         BenchKind::Decode => {
-            let model = Gpt::from_weights(&model_cfg, &weights)?;
+            let mut model = Gpt::from_weights(&model_cfg, &weights)?;
+            model.set_decode_dtype(cfg.dtype);
+            model.set_kv_dtype(cfg.kv_dtype);
             ensure!(cfg.batch > 0, "--batch must be positive");
             ensure!(
                 cfg.prompt_len + 3 + cfg.steps < model_cfg.n_positions,
@@ -437,6 +445,8 @@ mod tests {
                 batch: 2,
                 prompt_len: 3,
                 ckpt: None,
+                dtype: crate::model::WeightDtype::F32,
+                kv_dtype: crate::model::KvDtype::F32,
             };
             let r = run(&cfg).unwrap();
             assert!(r.tokens_per_s > 0.0 && r.gflops > 0.0, "{r:?}");

@@ -511,6 +511,7 @@ impl<'c> Chain<'c> {
                 max_new_tokens: p.max_new_tokens,
                 seed: self.cfg.seed,
                 progress: self.cfg.progress,
+                dtype: crate::model::WeightDtype::F32,
             })?;
             Ok(serde_json::to_value(s)?)
         })?;

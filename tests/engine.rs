@@ -370,3 +370,148 @@ fn the_inference_kernels_match_the_composed_ops() {
         assert_eq!(max_abs_diff(&alone, &in_batch), 0.0, "rows of {r}x{k}x{n}");
     }
 }
+
+/// The weights as the low-precision kernels see them: rounded to f16 or bf16, or q8 per column
+/// group (`quantize_q8`), as f64 `[K, N]`.
+fn rounded(w: &[f32], k: usize, n: usize, dtype: infer::WeightDtype) -> Vec<f64> {
+    match dtype {
+        infer::WeightDtype::F32 => w.iter().map(|&x| x as f64).collect(),
+        infer::WeightDtype::F16 => w.iter().map(|&x| half::f16::from_f32(x).to_f64()).collect(),
+        infer::WeightDtype::Bf16 => w.iter().map(|&x| half::bf16::from_f32(x).to_f64()).collect(),
+        infer::WeightDtype::Q8 => {
+            let mut out = vec![0f64; k * n];
+            for j in 0..n {
+                let column: Vec<f32> = (0..k).map(|kk| w[kk * n + j]).collect();
+                let (q, s) = infer::quantize_q8(&column);
+                for kk in 0..k {
+                    out[kk * n + j] = q[kk] as f64 * s[kk / infer::Q8_GROUP] as f64;
+                }
+            }
+            out
+        }
+    }
+}
+
+#[test]
+fn half_and_quarter_size_kernels_compute_the_product_of_their_rounded_weights() {
+    let mut rng = StdRng::seed_from_u64(5);
+    // A column count that leaves a partial block; 1 to 5 rows (every tile shape).
+    let (k, n) = (64, 100);
+    let w: Vec<f32> = (0..k * n).map(|_| rng.random::<f32>() - 0.5).collect();
+    let b: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
+    let wt = Tensor::from_vec(w.clone(), (k, n), &Device::Cpu).unwrap();
+    let bt = Tensor::from_vec(b.clone(), n, &Device::Cpu).unwrap();
+    for dtype in [
+        infer::WeightDtype::F16,
+        infer::WeightDtype::Bf16,
+        infer::WeightDtype::Q8,
+    ] {
+        let packed = infer::Packed::with_dtype(&wt, dtype).unwrap();
+        assert_eq!(packed.dtype(), dtype);
+        assert!(
+            packed.bytes() * 2 <= k * 64 * 2 * 4,
+            "{dtype}: {} bytes",
+            packed.bytes()
+        );
+        let exact = rounded(&w, k, n, dtype);
+        for rows in 1..=5 {
+            let x: Vec<f32> = (0..rows * k).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+            let xt = Tensor::from_vec(x.clone(), (rows, k), &Device::Cpu).unwrap();
+            let y = packed.linear(&xt, &bt).unwrap().to_vec2::<f32>().unwrap();
+            for r in 0..rows {
+                for j in 0..n {
+                    let want: f64 =
+                        b[j] as f64 + (0..k).map(|kk| x[r * k + kk] as f64 * exact[kk * n + j]).sum::<f64>();
+                    let got = y[r][j] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "{dtype} row {r} col {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+    // q8 needs whole groups of 32 inputs: other shapes are kept in f16.
+    let odd = Tensor::from_vec(w[..48 * n].to_vec(), (48, n), &Device::Cpu).unwrap();
+    assert_eq!(
+        infer::Packed::with_dtype(&odd, infer::WeightDtype::Q8).unwrap().dtype(),
+        infer::WeightDtype::F16
+    );
+}
+
+#[test]
+fn q8_round_trip_stays_within_half_a_step_of_each_group() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let column: Vec<f32> = (0..256)
+        .map(|i| (rng.random::<f32>() - 0.5) * (1.0 + (i / 32) as f32))
+        .collect();
+    let (q, scales) = infer::quantize_q8(&column);
+    assert_eq!(scales.len(), 256 / infer::Q8_GROUP);
+    for (i, &w) in column.iter().enumerate() {
+        let s = scales[i / infer::Q8_GROUP];
+        let amax = column[i / 32 * 32..i / 32 * 32 + 32]
+            .iter()
+            .fold(0f32, |m, x| m.max(x.abs()));
+        assert!((s - amax / 127.0).abs() <= f32::EPSILON * amax);
+        assert!((w - q[i] as f32 * s).abs() <= s / 2.0 * (1.0 + 1e-6), "weight {i}");
+    }
+    // An all-zero group has scale 0 and decodes to zeros.
+    let (q, s) = infer::quantize_q8(&[0.0; 32]);
+    assert!(q.iter().all(|&x| x == 0) && s == [0.0]);
+}
+
+#[test]
+fn low_precision_decoding_stays_close_to_f32_and_leaves_the_weights_f32() {
+    let m = model(21);
+    let v = m.config().vocab_size;
+    let p = prompt(3, 12, v);
+    let logits = |dtype: infer::WeightDtype, kv: talaria::model::KvDtype| {
+        let mut mm = model(21);
+        mm.set_decode_dtype(dtype);
+        mm.set_kv_dtype(kv);
+        let mut req = Request::greedy(p.clone(), 8, vec![]);
+        req.logprobs = Some(v);
+        let c = alone(&mm, req).remove(0);
+        // Its tensors, as a checkpoint would save them, are the f32 originals.
+        for (name, t) in mm.weights() {
+            assert_eq!(t.dtype(), DType::F32);
+            assert_eq!(max_abs_diff(&t, &m.weights()[&name]), 0.0, "{name}");
+        }
+        c
+    };
+    use talaria::model::KvDtype;
+    let base = logits(infer::WeightDtype::F32, KvDtype::F32);
+    for (dtype, kv, tol) in [
+        (infer::WeightDtype::F16, KvDtype::F32, 2e-3),
+        (infer::WeightDtype::Bf16, KvDtype::F32, 2e-2),
+        (infer::WeightDtype::Q8, KvDtype::F32, 2e-2),
+        (infer::WeightDtype::F32, KvDtype::F16, 2e-3),
+        (infer::WeightDtype::F16, KvDtype::F16, 4e-3),
+    ] {
+        let c = logits(dtype, kv);
+        // Every generated position, not only the first: later ones read the cache.
+        let (la, lb) = (base.logprobs.as_ref().unwrap(), c.logprobs.as_ref().unwrap());
+        if c.tokens == base.tokens {
+            for (x, y) in la.iter().zip(lb) {
+                assert!(
+                    (x.logprob - y.logprob).abs() < tol,
+                    "{dtype} kv {kv}: {} vs {}",
+                    x.logprob,
+                    y.logprob
+                );
+            }
+        }
+        // Log-probabilities of the first generated position (same prompt, so same distribution).
+        let (a, b) = (&base.logprobs.as_ref().unwrap()[0], &c.logprobs.as_ref().unwrap()[0]);
+        let worst = a
+            .top
+            .iter()
+            .map(|(t, x)| {
+                let y = b.top.iter().find(|(u, _)| u == t).unwrap().1;
+                (x - y).abs()
+            })
+            .fold(0f32, f32::max);
+        eprintln!("{dtype} (kv {kv}): largest log-probability difference at the first position {worst:.2e}");
+        assert!(worst < tol, "{dtype} kv {kv}: {worst}");
+    }
+}

@@ -631,3 +631,51 @@ fn chat_continues_text_with_a_plain_completion_model_and_says_so() {
     assert_eq!(String::from_utf8(g.stdout).unwrap(), format!("the cat{continuation}"));
     assert!(!continuation.trim().is_empty());
 }
+
+#[test]
+fn generation_reads_half_and_quarter_size_weights_on_request() {
+    let run = chat_model();
+    let answer = |dtype: &str, kv: &str| {
+        let o = Command::new(BIN)
+            .arg("chat")
+            .arg(&run)
+            .args([
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "16",
+                "--prompt",
+                "What colour is the sky?",
+            ])
+            .args(["--dtype", dtype, "--kv-dtype", kv])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{dtype}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let f32 = answer("f32", "f32");
+    assert_eq!(f32, "The sky is blue.\n", "the trained answer");
+    // Half-size weights keep the learned answer; q8 (a step of 1/127 of each group's largest weight,
+    // coarse for a model 32 wide) keeps to the learned sentences, if not always this one.
+    for (dtype, kv) in [("f16", "f32"), ("bf16", "f32"), ("f16", "f16")] {
+        assert_eq!(answer(dtype, kv), f32, "{dtype}, kv {kv}");
+    }
+    let q8 = answer("q8", "f16");
+    let learned: Vec<String> = conversations()
+        .iter()
+        .flat_map(|c| {
+            c.iter()
+                .filter(|m| m.role == Role::Assistant)
+                .map(|m| format!("{}\n", m.content))
+        })
+        .collect();
+    assert!(learned.contains(&q8), "q8 answered {q8:?}");
+    let o = Command::new(BIN)
+        .arg("generate")
+        .arg(&run)
+        .args(["--prompt", "x", "--dtype", "q4"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("expected f32, f16, bf16 or q8"));
+}

@@ -486,6 +486,7 @@ fn the_labeller_ranks_the_policys_own_answers() {
         max_new_tokens: 12,
         seed: 3,
         progress: false,
+        dtype: talaria::model::WeightDtype::F32,
     };
     let s = label(&cfg).unwrap();
     let prompts = talaria::data::prompts::read_prompts(&f.world.join("label_prompts.jsonl")).unwrap();

@@ -151,6 +151,9 @@ pub(crate) enum DataCmd {
         max_new_tokens: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// The precision the policy's answers are decoded with: f32, f16, bf16 or q8.
+        #[arg(long, default_value = "f32")]
+        dtype: talaria::model::WeightDtype,
     },
     /// Download a dataset's data files from the Hugging Face Hub (needs internet).
     Download {
@@ -300,6 +303,7 @@ impl DataCmd {
                 temperature,
                 max_new_tokens,
                 seed,
+                dtype,
             } => {
                 let start = std::time::Instant::now();
                 let s = comparisons::label(&LabelConfig {
@@ -311,6 +315,7 @@ impl DataCmd {
                     max_new_tokens,
                     seed,
                     progress: progress(),
+                    dtype,
                 })?;
                 println!(
                     "{} rankings ({} pairs) from {} prompts, {} without a difference; {:.1}% of the greedy answers and {:.1}% of the samples were correct; -> {} in {:.1}s",

@@ -38,6 +38,12 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object with the figures on the last line.
     #[arg(long)]
     json: bool,
+    /// Decode: the precision the decoding kernels read the weights in (f32, f16, bf16 or q8).
+    #[arg(long, default_value = "f32")]
+    dtype: talaria::model::WeightDtype,
+    /// Decode: the KV cache's element type (f32 or f16).
+    #[arg(long, default_value = "f32")]
+    kv_dtype: talaria::model::KvDtype,
     /// Decode and serve: a checkpoint's model (default: the preset with random weights).
     #[arg(long)]
     ckpt: Option<PathBuf>,
@@ -60,6 +66,9 @@ pub(crate) struct EvalArgs {
     /// A speedrun directory (evaluates base, SFT, PPO/DPO and the reward model, writes eval.json),
     /// or a single checkpoint with --prompts / --mmlu / --gsm8k.
     target: PathBuf,
+    /// A single checkpoint's answers decoded with weights in this precision (f32, f16, bf16, q8).
+    #[arg(long, default_value = "f32")]
+    dtype: talaria::model::WeightDtype,
     /// Held-out prompts with reference answers (default-world format) for a single chat checkpoint.
     #[arg(long)]
     prompts: Option<PathBuf>,
@@ -101,6 +110,10 @@ impl EvalArgs {
     pub(crate) fn run(self) -> Result<()> {
         let world = self.target.join("world");
         if world.join("eval_prompts.jsonl").exists() && self.prompts.is_none() {
+            anyhow::ensure!(
+                self.dtype == talaria::model::WeightDtype::F32,
+                "--dtype applies to a single checkpoint (with --prompts, --mmlu or --gsm8k), not a whole run"
+            );
             let e = evaluate_run(&self.target, &world, self.seed, self.max_new_tokens)?;
             for s in &e.stages {
                 println!("{:<5} accuracy {:.1}%", s.name, s.macro_accuracy * 100.0);
@@ -122,6 +135,7 @@ impl EvalArgs {
             prefs: self.prefs,
             max_new_tokens: self.max_new_tokens,
             seed: self.seed,
+            dtype: self.dtype,
         };
         let e = evaluate_checkpoint(&cfg)?;
         if let Some(r) = &e.skills {
@@ -207,6 +221,8 @@ impl BenchArgs {
             batch,
             prompt_len: 16,
             ckpt: self.ckpt.clone(),
+            dtype: self.dtype,
+            kv_dtype: self.kv_dtype,
         };
         let r = talaria::bench::run(&cfg)?;
         println!("tokens/s            {:.1}", r.tokens_per_s);

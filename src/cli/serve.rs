@@ -35,6 +35,13 @@ pub(crate) struct ServeArgs {
     /// Requests waiting for a place in the batch; more are refused with 503.
     #[arg(long, default_value_t = 64)]
     queue: usize,
+    /// The precision generation reads the weights in: f32, f16, bf16 or q8 (log-probabilities are
+    /// those of the model in that precision).
+    #[arg(long, default_value = "f32")]
+    dtype: talaria::model::WeightDtype,
+    /// The element type of the KV cache: f32 or f16 (half the memory per sequence).
+    #[arg(long, default_value = "f32")]
+    kv_dtype: talaria::model::KvDtype,
     /// Require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize (without this flag
     /// or --api-key-file, the key is read from TALARIA_API_KEY when it is set).
     #[arg(long, conflicts_with = "api_key_file")]
@@ -120,6 +127,12 @@ pub(crate) struct GenerateArgs {
     /// Print only the generated token ids, space-separated, on one line.
     #[arg(long)]
     ids: bool,
+    /// The precision generation reads the weights in: f32, f16, bf16 or q8.
+    #[arg(long, default_value = "f32")]
+    dtype: talaria::model::WeightDtype,
+    /// The element type of the KV cache: f32 or f16 (half the memory per sequence).
+    #[arg(long, default_value = "f32")]
+    kv_dtype: talaria::model::KvDtype,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -145,6 +158,12 @@ pub(crate) struct ChatArgs {
     top_p: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The precision generation reads the weights in: f32, f16, bf16 or q8.
+    #[arg(long, default_value = "f32")]
+    dtype: talaria::model::WeightDtype,
+    /// The element type of the KV cache: f32 or f16 (half the memory per sequence).
+    #[arg(long, default_value = "f32")]
+    kv_dtype: talaria::model::KvDtype,
 }
 
 impl ServeArgs {
@@ -177,6 +196,8 @@ impl ServeArgs {
                 token_budget: self.max_batch_tokens,
                 queue: self.queue,
             },
+            dtype: self.dtype,
+            kv_dtype: self.kv_dtype,
             access: serve::Access {
                 api_key,
                 cors_origin: self.cors_origin,
@@ -208,7 +229,9 @@ impl FeedbackCmd {
 
 impl ChatArgs {
     pub(crate) fn run(self) -> Result<()> {
-        let bot = Chatbot::load(&self.ckpt, &Device::Cpu)?;
+        let mut bot = Chatbot::load(&self.ckpt, &Device::Cpu)?;
+        bot.model.set_decode_dtype(self.dtype);
+        bot.model.set_kv_dtype(self.kv_dtype);
         let opts = ChatOptions {
             sampling: SamplingParams {
                 temperature: self.temperature,
@@ -231,7 +254,9 @@ impl ChatArgs {
 impl GenerateArgs {
     pub(crate) fn run(self) -> Result<()> {
         let ck = Checkpoint::load(&self.ckpt, DType::F32, &Device::Cpu)?;
-        let model = ck.model()?;
+        let mut model = ck.model()?;
+        model.set_decode_dtype(self.dtype);
+        model.set_kv_dtype(self.kv_dtype);
         let tokenizer = ck.tokenizer_json.as_deref().map(Tokenizer::from_json).transpose()?;
         let prompt = match (&self.prompt, &self.prompt_ids) {
             (Some(text), None) => {

@@ -38,6 +38,8 @@ pub struct CheckpointEvalConfig {
     pub prefs: Option<PathBuf>,
     pub max_new_tokens: usize,
     pub seed: u64,
+    /// The precision the decoding kernels read the weights in (the evaluated model's answers).
+    pub dtype: crate::model::WeightDtype,
 }
 
 /// What was measured; a field is `None` when it was not asked for.
@@ -66,7 +68,8 @@ pub fn evaluate_checkpoint(cfg: &CheckpointEvalConfig) -> Result<CheckpointEval>
     );
     let device = Device::Cpu;
     let ck = Checkpoint::load(&cfg.target, DType::F32, &device)?;
-    let model = ck.model()?;
+    let mut model = ck.model()?;
+    model.set_decode_dtype(cfg.dtype);
     let tok = Tokenizer::from_json(
         ck.tokenizer_json
             .as_deref()

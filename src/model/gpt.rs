@@ -98,6 +98,13 @@ struct PackedBlock {
     fc_proj: infer::Packed,
 }
 
+/// The decoding kernels' copy of the weights: every block's matrices, and the LM head's
+/// (the transposed embedding) when they are read in less than f32.
+struct DecodeWeights {
+    blocks: Vec<PackedBlock>,
+    head: Option<infer::Packed>,
+}
+
 /// A GPT-2 language model. Its tensors may be candle `Var`s (training updates them in place) or
 /// plain tensors loaded from a checkpoint.
 pub struct Gpt {
@@ -108,7 +115,11 @@ pub struct Gpt {
     ln_f_w: Tensor,
     ln_f_b: Tensor,
     /// Copies of the block matrices for [`Gpt::forward_packed`], made by [`Gpt::for_decoding`].
-    packed: Option<std::sync::Arc<Vec<PackedBlock>>>,
+    packed: Option<std::sync::Arc<DecodeWeights>>,
+    /// The precision [`Gpt::for_decoding`] converts the weights to.
+    decode_dtype: infer::WeightDtype,
+    /// Whether [`Gpt::new_slots`] keeps keys and values in f16.
+    kv_f16: bool,
 }
 
 impl Gpt {
@@ -186,6 +197,8 @@ impl Gpt {
             ln_f_w,
             ln_f_b,
             packed: None,
+            decode_dtype: infer::WeightDtype::F32,
+            kv_f16: false,
         })
     }
 
@@ -223,30 +236,66 @@ impl Gpt {
             ln_f_w: d(&self.ln_f_w),
             ln_f_b: d(&self.ln_f_b),
             packed: None,
+            decode_dtype: self.decode_dtype,
+            kv_f16: self.kv_f16,
         }
     }
 
+    /// Makes [`Gpt::for_decoding`] (and so every engine on this model) read its weights in
+    /// `dtype`; the model's own tensors, and any checkpoint written from them, stay as they are.
+    pub fn set_decode_dtype(&mut self, dtype: infer::WeightDtype) {
+        self.decode_dtype = dtype;
+    }
+
+    pub fn decode_dtype(&self) -> infer::WeightDtype {
+        self.decode_dtype
+    }
+
     /// An untracked model whose block matrices are also laid out for the decoding kernels (f32 on
-    /// the CPU; elsewhere the same as [`Gpt::detached`]). The layout is a copy: a model whose
-    /// weights change afterwards (PPO's actor) makes a new one after each update.
+    /// the CPU, or the [`Gpt::set_decode_dtype`] precision with the LM head too; elsewhere the same
+    /// as [`Gpt::detached`]). The layout is a copy: a model whose weights change afterwards (PPO's
+    /// actor) makes a new one after each update.
     pub fn for_decoding(&self) -> Result<Gpt> {
         let mut m = self.detached();
         if fused::applies(&[&self.wte]) {
+            let dt = self.decode_dtype;
+            let pack = |w: &Tensor| infer::Packed::with_dtype(w, dt);
             let blocks = m
                 .blocks
                 .iter()
                 .map(|b| {
                     Ok(PackedBlock {
-                        attn: infer::Packed::new(&b.attn_w)?,
-                        attn_proj: infer::Packed::new(&b.attn_proj_w)?,
-                        fc: infer::Packed::new(&b.fc_w)?,
-                        fc_proj: infer::Packed::new(&b.fc_proj_w)?,
+                        attn: pack(&b.attn_w)?,
+                        attn_proj: pack(&b.attn_proj_w)?,
+                        fc: pack(&b.fc_w)?,
+                        fc_proj: pack(&b.fc_proj_w)?,
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            m.packed = Some(std::sync::Arc::new(blocks));
+            let head = match dt {
+                infer::WeightDtype::F32 => None,
+                _ => Some(pack(&self.wte.t()?.contiguous()?)?),
+            };
+            m.packed = Some(std::sync::Arc::new(DecodeWeights { blocks, head }));
         }
         Ok(m)
+    }
+
+    /// Bytes of weights one decode step reads: the packed matrices and head, else every parameter
+    /// in its dtype.
+    pub fn decode_weight_bytes(&self) -> usize {
+        match &self.packed {
+            Some(p) => {
+                let blocks: usize = p
+                    .blocks
+                    .iter()
+                    .map(|b| b.attn.bytes() + b.attn_proj.bytes() + b.fc.bytes() + b.fc_proj.bytes())
+                    .sum();
+                let head = p.head.as_ref().map_or(self.wte.elem_count() * 4, infer::Packed::bytes);
+                blocks + head
+            }
+            None => self.cfg.num_params() * self.dtype().size_in_bytes(),
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -379,7 +428,7 @@ impl Gpt {
         let tok = self.wte.embedding(&Tensor::new(ids, device)?)?;
         let mut x = (tok + self.wpe.embedding(&Tensor::new(pos.as_slice(), device)?)?)?;
         for (layer, bl) in self.blocks.iter().enumerate() {
-            let pb = self.packed.as_ref().map(|p| &p[layer]);
+            let pb = self.packed.as_ref().map(|p| &p.blocks[layer]);
             let lin = |x: &Tensor, w: &Tensor, b: &Tensor, p: Option<&infer::Packed>| -> Result<Tensor> {
                 match p {
                     Some(p) => Ok(p.linear(x, b)?),
@@ -414,7 +463,7 @@ impl Gpt {
     /// attends each token over its own slot, giving `[N, C]`.
     fn packed_attention(&self, qkv: &Tensor, segs: &[Segment], kv: &Tensor) -> Result<Tensor> {
         let h = self.cfg.n_head;
-        if fused::applies(&[qkv, kv]) {
+        if fused::applies(&[qkv]) && kv.device().is_cpu() && matches!(kv.dtype(), DType::F32 | DType::F16) {
             kv.inplace_op2(qkv, &infer::WriteKv { segs, n_head: h })?;
             return Ok(qkv.apply_op2_no_bwd(kv, &infer::RaggedAttention { segs, n_head: h })?);
         }
@@ -461,6 +510,9 @@ impl Gpt {
     /// Logits `[R, V]` of hidden-state rows `[R, C]` (the engine's selected positions), each row
     /// computed the same whatever the others are (the inference kernel, on f32 CPU tensors).
     pub fn lm_head_rows(&self, rows: &Tensor) -> Result<Tensor> {
+        if let Some(head) = self.packed.as_ref().and_then(|p| p.head.as_ref()) {
+            return Ok(head.product(rows)?);
+        }
         if fused::applies(&[rows, &self.wte]) {
             return Ok(infer::times_transposed(rows, &self.wte)?);
         }
@@ -487,8 +539,20 @@ impl Gpt {
     }
 
     /// A fresh KV cache of `slots` sequences of up to `capacity` tokens (at most the context).
+    /// KV slots for the engine, in the model's dtype or f16 ([`Gpt::set_kv_dtype`]).
     pub fn new_slots(&self, slots: usize, capacity: usize) -> Result<KvSlots> {
-        KvSlots::new(&self.cfg, slots, capacity, self.dtype(), self.device())
+        let dtype = if self.kv_f16 && fused::applies(&[&self.wte]) {
+            DType::F16
+        } else {
+            self.dtype()
+        };
+        KvSlots::new(&self.cfg, slots, capacity, dtype, self.device())
+    }
+
+    /// Keeps the engine's keys and values in f16 (half the memory of a KV slot; attention still
+    /// computes in f32). Applies on the CPU in f32.
+    pub fn set_kv_dtype(&mut self, dtype: super::KvDtype) {
+        self.kv_f16 = dtype == super::KvDtype::F16;
     }
 }
 

@@ -8,6 +8,33 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::GptConfig;
 
+/// The element type of the engine's keys and values (`--kv-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    /// Half the memory per slot; attention widens them back to f32.
+    F16,
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            other => bail!("unknown --kv-dtype {other:?} (expected f32 or f16)"),
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if *self == Self::F16 { "f16" } else { "f32" })
+    }
+}
+
 /// New tokens of one sequence in a packed batch: they continue the `past` tokens already cached
 /// in `slot`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

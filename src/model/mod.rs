@@ -10,4 +10,5 @@ pub mod ops;
 
 pub use config::{Activation, GptConfig, PRESETS};
 pub use gpt::{Gpt, init_weights, last_logits, parameter_shapes};
-pub use kv_cache::{KvSlots, Segment};
+pub use infer::WeightDtype;
+pub use kv_cache::{KvDtype, KvSlots, Segment};

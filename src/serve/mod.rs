@@ -78,6 +78,10 @@ pub struct ServeConfig {
     /// The SQLite feedback database, created if absent.
     pub db: PathBuf,
     pub scheduler: SchedulerConfig,
+    /// The precision generation reads the weights in.
+    pub dtype: crate::model::WeightDtype,
+    /// The element type of the KV cache.
+    pub kv_dtype: crate::model::KvDtype,
     pub access: Access,
 }
 
@@ -276,7 +280,9 @@ async fn count_requests(State(s): Shared, req: Request, next: Next) -> Response 
 /// Loads the model, opens the database and serves until Ctrl-C. Prints the bound address
 /// (useful with port 0) as `listening on http://ADDR`.
 pub fn serve(cfg: &ServeConfig) -> Result<()> {
-    let bot = Chatbot::load(&cfg.ckpt, &candle_core::Device::Cpu)?;
+    let mut bot = Chatbot::load(&cfg.ckpt, &candle_core::Device::Cpu)?;
+    bot.model.set_decode_dtype(cfg.dtype);
+    bot.model.set_kv_dtype(cfg.kv_dtype);
     if !bot.is_chat() {
         eprintln!(
             "note: {}; /v1/completions serves it, /v1/chat/completions and the chat page answer 400",

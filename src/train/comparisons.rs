@@ -37,6 +37,8 @@ pub struct LabelConfig {
     pub max_new_tokens: usize,
     pub seed: u64,
     pub progress: bool,
+    /// The precision the policy's answers are decoded with.
+    pub dtype: crate::model::WeightDtype,
 }
 
 /// What a labelling run wrote.
@@ -99,7 +101,8 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
     let ck = Checkpoint::load(&cfg.policy, DType::F32, &device)?;
     let (_, tok) = ck.tokenizer(&cfg.policy)?;
     let template = ChatTemplate::new(&tok)?;
-    let model = ck.model()?;
+    let mut model = ck.model()?;
+    model.set_decode_dtype(cfg.dtype);
     let prompts = Task::load_jsonl(&cfg.prompts)?;
     if let Some(dir) = cfg.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
