@@ -39,6 +39,7 @@ pub fn jinja_template() -> String {
             .to_string(),
         format!("{{{{- {opener}[message['role']] + message['content'] + '{}' -}}}}", tokenizer::END),
         "{%- endfor -%}".to_string(),
+        "{%- if add_generation_prompt and messages[-1]['role'] != 'user' -%}{{- raise_exception('a prompt for an answer must end with a user message') -}}{%- endif -%}".to_string(),
         format!("{{%- if add_generation_prompt -%}}{{{{- '{}' -}}}}{{%- endif -%}}", tokenizer::ASSISTANT),
     ]
     .concat()

@@ -171,7 +171,7 @@ fn export_hf_writes_a_chat_ready_directory_with_a_model_card() {
         "| sft | 200 |",
         "| pretrain | 0 |",
         "apply_chat_template",
-        "No `talaria eval` results",
+        "No `talaria eval` results were found",
     ] {
         assert!(card.contains(want), "the model card lacks {want:?}:\n{card}");
     }
@@ -214,6 +214,11 @@ fn export_hf_writes_a_chat_ready_directory_with_a_model_card() {
         serde_json::to_string(&summary).unwrap(),
     )
     .unwrap();
+    // Only a speedrun directory's eval.json counts: without its settings file the card quotes nothing.
+    interop::export_hf(&tmp.path().join("run/ppo"), &tmp.path().join("hf1")).unwrap();
+    let card = std::fs::read_to_string(tmp.path().join("hf1/README.md")).unwrap();
+    assert!(card.contains("No `talaria eval` results were found"), "{card}");
+    std::fs::write(tmp.path().join("run").join(talaria::eval::report::SETTINGS_FILE), "{}").unwrap();
     interop::export_hf(&tmp.path().join("run/ppo"), &tmp.path().join("hf2")).unwrap();
     let card = std::fs::read_to_string(tmp.path().join("hf2/README.md")).unwrap();
     for want in [

@@ -230,8 +230,7 @@ impl FeedbackCmd {
 impl ChatArgs {
     pub(crate) fn run(self) -> Result<()> {
         let mut bot = Chatbot::load(&self.ckpt, &Device::Cpu)?;
-        bot.model.set_decode_dtype(self.dtype);
-        bot.model.set_kv_dtype(self.kv_dtype);
+        bot.set_dtypes(self.dtype, self.kv_dtype)?;
         let opts = ChatOptions {
             sampling: SamplingParams {
                 temperature: self.temperature,

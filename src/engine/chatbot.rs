@@ -68,6 +68,15 @@ impl Chatbot {
         })
     }
 
+    /// Decodes with weights in `dtype` and keys and values in `kv`, converted once now (every
+    /// answer then reuses the converted copy).
+    pub fn set_dtypes(&mut self, dtype: crate::model::WeightDtype, kv: crate::model::KvDtype) -> Result<()> {
+        self.model.set_decode_dtype(dtype);
+        self.model.set_kv_dtype(kv);
+        self.model = self.model.for_decoding()?;
+        Ok(())
+    }
+
     /// Whether the model has a chat template (otherwise it only continues text).
     pub fn is_chat(&self) -> bool {
         self.template.is_some()
@@ -95,12 +104,13 @@ impl Chatbot {
     }
 
     /// The engine request continuing `text` as a plain completion, stopping at `<|endoftext|>`;
-    /// an error naming the sizes when the text leaves no room in the context.
+    /// an error naming the sizes when the text leaves no room in the context (a prompt that is
+    /// only scored, `max_new_tokens` 0, may fill it).
     pub fn completion_request(&self, text: &str, samples: Vec<Sampling>, max_new_tokens: usize) -> Result<Request> {
         let ids = self.tokenizer.encode(text)?;
         let ctx = self.model.config().n_positions;
         anyhow::ensure!(
-            ids.len() < ctx,
+            ids.len() < ctx || (ids.len() == ctx && max_new_tokens == 0),
             "the prompt is {} tokens and the model's context is {ctx} tokens",
             ids.len()
         );

@@ -225,8 +225,8 @@ fn generation_config(r: &SpecialRoles) -> Value {
     })
 }
 
-/// The run directory of a checkpoint inside it (`RUN/STAGE/checkpoint`) and the stage's name in
-/// `RUN/eval.json` (`base` for `pretrain`).
+/// The speedrun directory of a checkpoint inside it (`RUN/STAGE/checkpoint`, where `RUN` holds the
+/// speedrun's settings file) and the stage's name in `RUN/eval.json` (`base` for `pretrain`).
 fn run_and_stage(ckpt: &Path) -> Option<(PathBuf, String)> {
     let dir = checkpoint::resolve(ckpt).canonicalize().ok()?;
     let stage_dir = if dir.file_name()? == checkpoint::CHECKPOINT_DIR {
@@ -236,7 +236,10 @@ fn run_and_stage(ckpt: &Path) -> Option<(PathBuf, String)> {
     };
     let name = stage_dir.file_name()?.to_str()?;
     let name = if name == "pretrain" { "base" } else { name };
-    Some((stage_dir.parent()?.to_path_buf(), name.to_string()))
+    let run = stage_dir.parent()?;
+    run.join(crate::eval::report::SETTINGS_FILE)
+        .exists()
+        .then(|| (run.to_path_buf(), name.to_string()))
 }
 
 /// The chain of checkpoints this one was trained from, newest first, as far as their
@@ -324,7 +327,8 @@ fn model_card(ckpt: &Path, ck: &Checkpoint, kind: ExportKind, roles: Option<&Spe
                     pct(summary.reward_on_policy_content)
                 );
             } else {
-                s += "| stage | strict accuracy | content accuracy | gold score | gold win-rate vs SFT | KL to SFT |\n\
+                s += "On the evaluation prompts in the phrasings seen in training (`eval_seen_prompts.jsonl`):\n\n\
+                      | stage | strict accuracy | content accuracy | gold score | gold win-rate vs SFT | KL to SFT |\n\
                       |---|---|---|---|---|---|\n";
                 for e in &summary.stages {
                     let seen = e.behaviour.as_ref().map(|b| &b.seen);
@@ -344,7 +348,9 @@ fn model_card(ckpt: &Path, ck: &Checkpoint, kind: ExportKind, roles: Option<&Spe
                 s += &format!("\nThe pretrained model's validation loss: {bpb:.3} bits per byte.\n");
             }
         }
-        None => s += "No `talaria eval` results (`eval.json`) were found in the run directory of this checkpoint.\n",
+        None => {
+            s += "No `talaria eval` results were found: the checkpoint is not inside a speedrun directory with an `eval.json`.\n"
+        }
     }
 
     s += "\n## Use\n\n```python\n";

@@ -244,6 +244,9 @@ impl Gpt {
     /// Makes [`Gpt::for_decoding`] (and so every engine on this model) read its weights in
     /// `dtype`; the model's own tensors, and any checkpoint written from them, stay as they are.
     pub fn set_decode_dtype(&mut self, dtype: infer::WeightDtype) {
+        if dtype != self.decode_dtype {
+            self.packed = None;
+        }
         self.decode_dtype = dtype;
     }
 
@@ -257,6 +260,11 @@ impl Gpt {
     /// actor) makes a new one after each update.
     pub fn for_decoding(&self) -> Result<Gpt> {
         let mut m = self.detached();
+        // Already converted (set_decode_dtype drops a conversion): share it.
+        if self.packed.is_some() {
+            m.packed = self.packed.clone();
+            return Ok(m);
+        }
         if fused::applies(&[&self.wte]) {
             let dt = self.decode_dtype;
             let pack = |w: &Tensor| infer::Packed::with_dtype(w, dt);

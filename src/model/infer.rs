@@ -3,9 +3,10 @@
 //! times the transposed embedding (the LM head), writes of new keys and values into the KV slots,
 //! and attention of packed tokens over their own slots.
 //!
-//! Every output element is computed the same way whatever else is in the batch: a product is one
-//! fused multiply-add per term in the order of the summed index, and a tile of several rows or
-//! columns only computes several such chains side by side. So a sequence's logits never depend
+//! Every output element is computed the same way whatever else is in the batch: an f32 product is
+//! one fused multiply-add per term in the order of the summed index (a q8 one sums each group of 32
+//! terms so, then adds it scaled), and a tile of several rows or columns only computes several such
+//! chains side by side. So a sequence's logits never depend
 //! on the other sequences of a batch, on how a prompt was split into prefill chunks, or on the
 //! number of threads; the engine's tests check this bit for bit.
 //!
@@ -252,8 +253,8 @@ pub enum WeightDtype {
     /// bfloat16: half the bytes, f32's range, 8 significant bits.
     Bf16,
     /// 8-bit integers in blocks of 32 along the input dimension, each block with an f32 scale
-    /// (its largest magnitude / 127), as llama.cpp's q8_0 does; a matrix whose input dimension is
-    /// not a multiple of 32 is kept in f16.
+    /// (its largest magnitude / 127), like llama.cpp's q8_0 (which keeps the scales in f16); a
+    /// matrix whose input dimension is not a multiple of 32 is kept in f16.
     Q8,
 }
 
@@ -315,7 +316,8 @@ pub fn quantize_q8(column: &[f32]) -> (Vec<i8>, Vec<f32>) {
 /// A weight matrix re-laid out for decoding: blocks of 64 columns, each a contiguous row-major
 /// `[K, 64]` (the last one zero-padded), so a task streams its block from memory in order
 /// instead of reading a 256-byte piece of every row. In f32, products through it equal those
-/// through the row-major matrix bit for bit; in f16, bf16 or q8 it reads 2x or 3.8x fewer bytes.
+/// through the row-major matrix bit for bit; in f16 or bf16 it reads 2x fewer bytes, in q8 3.6x
+/// (a byte per weight and a 4-byte scale per 32).
 #[derive(Debug, Clone)]
 pub struct Packed {
     k: usize,
@@ -947,9 +949,10 @@ impl CustomOp2 for RaggedAttention<'_> {
                     attend(y, q, keys, values, &mut p[..pos + 1], scale);
                 },
             ),
-            // f16 keys and values are widened into per-thread buffers, then attended in f32.
+            // f16 keys and values are widened into per-task buffers (grown as needed, never
+            // cleared: every value read is written first), then attended in f32.
             CpuStorage::F16(cache) => y.par_chunks_mut(dh).enumerate().with_min_len(4).for_each_init(
-                || (vec![0f32; cap], vec![0f32; cap * dh], vec![0f32; cap * dh]),
+                || (vec![0f32; cap], Vec::new(), Vec::new()),
                 |(p, kb, vb), (th, y)| {
                     use half::slice::HalfFloatSliceExt;
                     let (i, hi) = (th / h, th % h);
@@ -957,6 +960,10 @@ impl CustomOp2 for RaggedAttention<'_> {
                     let q = &qkv[i * c3 + hi * dh..i * c3 + (hi + 1) * dh];
                     let start = base + (slot * h + hi) * cap * dh;
                     let len = (pos + 1) * dh;
+                    if kb.len() < len {
+                        kb.resize(len, 0.0);
+                        vb.resize(len, 0.0);
+                    }
                     cache[start..start + len].convert_to_f32_slice(&mut kb[..len]);
                     cache[plane + start..plane + start + len].convert_to_f32_slice(&mut vb[..len]);
                     attend(y, q, &kb[..len], &vb[..len], &mut p[..pos + 1], scale);

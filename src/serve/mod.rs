@@ -26,7 +26,10 @@
 //!   and `/tokenize`, `/detokenize` need `Authorization: Bearer KEY` (401 otherwise). POST routes
 //!   take only `Content-Type: application/json` (415 otherwise), so a page on another site cannot
 //!   post a form here; CORS headers are sent only for `--cors-origin`. Requests are cut off after
-//!   `--request-timeout` seconds (408) and more than `--max-connections` at once get a 503.
+//!   `--request-timeout` seconds (408), and requests beyond `--max-connections` being started at
+//!   once get a 503 (a stream counts until its response starts; then --max-batch and --queue bound it).
+//! - Streamed completions with `logprobs` carry one entry per generated token; the whole response
+//!   also ends with the stop token's entry when one ended the answer (scoring tools expect it).
 //! - Requests run together: each joins the running batch at the next decode step once slots are
 //!   free (`--max-batch` sequences, `--max-batch-tokens` per step) and leaves it when it finishes;
 //!   up to `--queue` requests wait (then 503). A streamed response starts when its request joins
@@ -281,8 +284,7 @@ async fn count_requests(State(s): Shared, req: Request, next: Next) -> Response 
 /// (useful with port 0) as `listening on http://ADDR`.
 pub fn serve(cfg: &ServeConfig) -> Result<()> {
     let mut bot = Chatbot::load(&cfg.ckpt, &candle_core::Device::Cpu)?;
-    bot.model.set_decode_dtype(cfg.dtype);
-    bot.model.set_kv_dtype(cfg.kv_dtype);
+    bot.set_dtypes(cfg.dtype, cfg.kv_dtype)?;
     if !bot.is_chat() {
         eprintln!(
             "note: {}; /v1/completions serves it, /v1/chat/completions and the chat page answer 400",

@@ -90,6 +90,17 @@ struct JobState {
     prompt_tokens: usize,
     arrived: Instant,
     echo: bool,
+    /// Whether the job has been counted as finished (it ends once, whichever way).
+    counted: Cell<bool>,
+}
+
+impl JobState {
+    /// Counts the job as finished, the first time only.
+    fn finish(&self, m: &ServeMetrics) {
+        if !self.counted.replace(true) {
+            m.finished.inc();
+        }
+    }
 }
 
 /// A job's engine requests waiting for slots, with the choice index of each one's first sample.
@@ -279,7 +290,7 @@ fn run(bot: &Chatbot, cfg: SchedulerConfig, rx: Receiver<Job>, m: &ServeMetrics)
                 for (_, a) in active.drain() {
                     if !failed.iter().any(|j| Rc::ptr_eq(j, &a.job)) {
                         let _ = a.job.events.send(Event::Failed(ApiError::internal(message.clone())));
-                        m.finished.inc();
+                        a.job.finish(m);
                         failed.push(a.job);
                     }
                 }
@@ -346,7 +357,7 @@ fn run(bot: &Chatbot, cfg: SchedulerConfig, rx: Receiver<Job>, m: &ServeMetrics)
                     job.left.set(job.left.get() - 1);
                     if job.left.get() == 0 {
                         let _ = job.events.send(Event::Done);
-                        m.finished.inc();
+                        job.finish(m);
                     }
                 }
             }
@@ -366,7 +377,7 @@ fn leave(w: &Waiting, active: &HashMap<RequestId, Active>, engine: &mut Engine, 
             engine.cancel(*id);
         }
     }
-    m.finished.inc();
+    w.job.finish(m);
 }
 
 /// Turns a job into engine requests (every prompt rendered, fitted and checked), or reports why
@@ -442,6 +453,7 @@ fn prepare(bot: &Chatbot, job: Job, m: &ServeMetrics) -> Option<Waiting> {
             prompt_tokens,
             arrived: job.arrived,
             echo: p.echo,
+            counted: Cell::new(false),
         }),
         requests,
     })
