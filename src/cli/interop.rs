@@ -18,6 +18,7 @@ pub(crate) enum ImportCmd {
         /// The Hub revision (branch, tag or commit) of a Hub id.
         #[arg(long, default_value = "main")]
         revision: String,
+        /// The Talaria checkpoint directory to write.
         #[arg(long)]
         out: PathBuf,
     },
@@ -28,13 +29,17 @@ pub(crate) enum ExportCmd {
     /// A directory that `transformers` loads as it is: a chat model with its chat template, or a
     /// reward model as GPT2ForSequenceClassification; with a model card.
     Hf {
+        /// Checkpoint (or run directory).
         ckpt: PathBuf,
+        /// The directory to write (replaced atomically if it exists).
         #[arg(long)]
         out: PathBuf,
     },
     /// One GGUF file for llama.cpp and Ollama (llama.cpp's gpt2 architecture).
     Gguf {
+        /// Checkpoint (or run directory) of a language model.
         ckpt: PathBuf,
+        /// The .gguf file to write.
         #[arg(long)]
         out: PathBuf,
         /// Precision of the weight matrices: f32, f16 or q8_0.
