@@ -580,6 +580,60 @@ fn import_hf_takes_a_hub_id_from_the_cache_offline_and_says_when_it_cannot() {
     let text = "the thin cat, 123 <|endoftext|>";
     assert_eq!(ta.encode(text).unwrap(), tb.encode(text).unwrap());
 
+    // A sharded copy (an index and two files) in the cache imports the same weights.
+    let shards = tmp.path().join("shards");
+    std::fs::create_dir_all(&shards).unwrap();
+    let mut names: Vec<&String> = a.weights.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let tensors: HashMap<String, Tensor> = part.iter().map(|n| ((*n).clone(), a.weights[*n].clone())).collect();
+        talaria::checkpoint::save_safetensors(&shards.join(file), &tensors).unwrap();
+        for n in part {
+            map.insert((*n).clone(), json!(file));
+        }
+    }
+    std::fs::write(
+        shards.join("model.safetensors.index.json"),
+        json!({"weight_map": map}).to_string(),
+    )
+    .unwrap();
+    cache_hub_model(
+        &home,
+        "someone/sharded",
+        &[
+            ("config.json", &hf.join("config.json")),
+            (
+                "model.safetensors.index.json",
+                &shards.join("model.safetensors.index.json"),
+            ),
+            (
+                "model-00001-of-00002.safetensors",
+                &shards.join("model-00001-of-00002.safetensors"),
+            ),
+            (
+                "model-00002-of-00002.safetensors",
+                &shards.join("model-00002-of-00002.safetensors"),
+            ),
+            ("vocab.json", &tmp.path().join("vocab.json")),
+            ("merges.txt", &tmp.path().join("merges.txt")),
+        ],
+    );
+    let out2 = tmp.path().join("imported_sharded");
+    let o = talaria_offline(
+        &home,
+        &["import", "hf", "someone/sharded", "--out", out2.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c = Checkpoint::load(&out2, DType::F32, &Device::Cpu).unwrap();
+    for (name, t) in &a.weights {
+        assert_eq!(common::max_abs_diff(t, &c.weights[name]), 0.0, "{name}");
+    }
+
     // Not in the cache and no network: a clear message, quickly.
     let t0 = std::time::Instant::now();
     let o = talaria_offline(

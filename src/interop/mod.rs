@@ -115,7 +115,13 @@ pub fn fetch_hub_model(id: &str, revision: &str) -> Result<PathBuf> {
     let cache = hf_hub::Cache::from_env();
     let repo = Repo::with_revision(id.to_string(), RepoType::Model, revision.to_string());
     let cached = cache.repo(repo.clone());
-    if let (Some(config), Some(_)) = (cached.get("config.json"), cached.get(checkpoint::WEIGHTS_FILE))
+    // Weights: one file, or an index whose every shard is cached.
+    let weights_cached = cached.get(checkpoint::WEIGHTS_FILE).is_some()
+        || cached.get("model.safetensors.index.json").is_some_and(|index| {
+            shard_files(&index).is_ok_and(|shards| shards.iter().all(|f| cached.get(f).is_some()))
+        });
+    if let Some(config) = cached.get("config.json")
+        && weights_cached
         && (cached.get(checkpoint::TOKENIZER_FILE).is_some()
             || (cached.get("vocab.json").is_some() && cached.get("merges.txt").is_some()))
     {
