@@ -91,6 +91,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// Whether long texts may be cut at line breaks and encoded in parallel ([`is_cuttable`]).
     cuttable: bool,
+    /// Ids of the added tokens, whose text is their content ([`Tokenizer::token_bytes`]).
+    added: std::collections::HashSet<u32>,
 }
 
 impl Tokenizer {
@@ -121,7 +123,8 @@ impl Tokenizer {
         // that spells a special token must not become that token. (The flag is not serialized.)
         inner.set_encode_special_tokens(true);
         let cuttable = is_cuttable(&inner);
-        Self { inner, cuttable }
+        let added = inner.get_added_tokens_decoder().into_keys().collect();
+        Self { inner, cuttable, added }
     }
 
     /// The `tokenizer.json` text of this tokenizer.
@@ -209,41 +212,40 @@ impl Tokenizer {
     /// always text; `decode` of the one token would show a replacement character).
     pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
         let entry = self.inner.id_to_token(id)?;
-        if self.inner.get_added_tokens_decoder().contains_key(&id) {
+        if self.added.contains(&id) {
             return Some(entry.into_bytes());
         }
-        let table = byte_level_chars();
-        Some(
-            entry
-                .chars()
-                .flat_map(|c| match table.iter().position(|&t| t == c) {
-                    Some(b) => vec![b as u8],
-                    None => c.to_string().into_bytes(),
-                })
-                .collect(),
-        )
+        let byte_of = byte_level_bytes();
+        let mut bytes = Vec::with_capacity(entry.len());
+        for c in entry.chars() {
+            match byte_of.get(&c) {
+                Some(&b) => bytes.push(b),
+                None => bytes.extend_from_slice(c.to_string().as_bytes()),
+            }
+        }
+        Some(bytes)
     }
 }
 
-/// GPT-2's byte-level alphabet: the character that stands for each byte in vocabulary entries
-/// (`bytes_to_unicode` in OpenAI's encoder.py). Written here because the `tokenizers` crate
-/// keeps its copy private.
-fn byte_level_chars() -> &'static [char; 256] {
-    static TABLE: std::sync::OnceLock<[char; 256]> = std::sync::OnceLock::new();
+/// GPT-2's byte-level alphabet read backwards: the byte each character of a vocabulary entry
+/// stands for (`bytes_to_unicode` in OpenAI's encoder.py, inverted). Written here because the
+/// `tokenizers` crate keeps its copy private.
+fn byte_level_bytes() -> &'static HashMap<char, u8> {
+    static TABLE: std::sync::OnceLock<HashMap<char, u8>> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| {
         let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
-        let mut table = ['\0'; 256];
         let mut shifted = 0;
-        for b in 0..256u32 {
-            let c = if printable(b) {
-                b
-            } else {
-                shifted += 1;
-                255 + shifted
-            };
-            table[b as usize] = char::from_u32(c).expect("below the surrogates");
-        }
-        table
+        (0..256u32)
+            .map(|b| {
+                let c = if printable(b) {
+                    b
+                } else {
+                    shifted += 1;
+                    255 + shifted
+                };
+                (char::from_u32(c).expect("below the surrogates"), b as u8)
+            })
+            .collect()
     })
 }
 

@@ -504,3 +504,22 @@ fn a_corrupted_decoder_section_is_an_error_not_a_panic() {
     let e = err_of(Tokenizer::from_json(&broken));
     assert!(e.contains("invalid tokenizer.json"), "{e}");
 }
+
+#[test]
+fn token_bytes_spell_the_text_back_even_for_split_characters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = train_small(tmp.path(), 500);
+    let text = "Héllo wörld 你好 🙂 <|end|> tab\tend";
+    let ids = tok.encode(text).unwrap();
+    let bytes: Vec<u8> = ids.iter().flat_map(|&id| tok.token_bytes(id).unwrap()).collect();
+    assert_eq!(bytes, text.as_bytes());
+    // Some token holds part of a character, so its bytes are no text of their own.
+    assert!(
+        ids.iter()
+            .any(|&id| std::str::from_utf8(&tok.token_bytes(id).unwrap()).is_err())
+    );
+    // A special token's bytes are its text.
+    let end = tok.special_id(tokenizer::END).unwrap();
+    assert_eq!(tok.token_bytes(end).unwrap(), tokenizer::END.as_bytes());
+    assert_eq!(tok.token_bytes(u32::MAX), None);
+}
