@@ -28,6 +28,13 @@ pub struct Sampling {
 }
 
 impl Sampling {
+    pub fn new(params: &SamplingParams, seed: u64) -> Self {
+        Self {
+            params: params.clone(),
+            seed,
+        }
+    }
+
     pub fn greedy() -> Self {
         Self {
             params: SamplingParams::greedy(),

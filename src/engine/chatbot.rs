@@ -107,7 +107,11 @@ impl Chatbot {
     /// an error naming the sizes when the text leaves no room in the context (a prompt that is
     /// only scored, `max_new_tokens` 0, may fill it).
     pub fn completion_request(&self, text: &str, samples: Vec<Sampling>, max_new_tokens: usize) -> Result<Request> {
-        let ids = self.tokenizer.encode(text)?;
+        self.ids_request(self.tokenizer.encode(text)?, samples, max_new_tokens)
+    }
+
+    /// [`Chatbot::completion_request`] for a prompt given as token ids.
+    pub fn ids_request(&self, ids: Vec<u32>, samples: Vec<Sampling>, max_new_tokens: usize) -> Result<Request> {
         let ctx = self.model.config().n_positions;
         anyhow::ensure!(
             ids.len() < ctx || (ids.len() == ctx && max_new_tokens == 0),
@@ -127,10 +131,7 @@ impl Chatbot {
         max_new_tokens: usize,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Answer> {
-        let sampling = Sampling {
-            params: params.clone(),
-            seed,
-        };
+        let sampling = Sampling::new(params, seed);
         let (req, dropped_turns) = self.request(messages, vec![sampling], max_new_tokens)?;
         self.stream(req, dropped_turns, on_text)
     }
@@ -145,11 +146,7 @@ impl Chatbot {
         max_new_tokens: usize,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Answer> {
-        let sampling = Sampling {
-            params: params.clone(),
-            seed,
-        };
-        let req = self.completion_request(text, vec![sampling], max_new_tokens)?;
+        let req = self.completion_request(text, vec![Sampling::new(params, seed)], max_new_tokens)?;
         self.stream(req, 0, on_text)
     }
 

@@ -76,19 +76,19 @@ impl SpecialRoles {
                 .with_context(|| format!("the config names token {id}, which the tokenizer does not have"))?;
             Ok(Special { text, id })
         };
-        if let (Ok(_), Some(bos), Some(end)) = (
-            crate::chat::ChatTemplate::new(tok),
-            special(tokenizer::BOS),
-            special(tokenizer::END),
-        ) {
+        if let Ok(t) = crate::chat::ChatTemplate::new(tok) {
             let pad = special(tokenizer::EOT);
-            let mut stops = vec![end.id];
-            stops.extend(pad.as_ref().map(|p| p.id));
             return Ok(Self {
-                bos,
-                eos: end,
+                bos: Special {
+                    text: tokenizer::BOS.into(),
+                    id: t.bos,
+                },
+                eos: Special {
+                    text: tokenizer::END.into(),
+                    id: t.end,
+                },
+                stops: t.stop_tokens(tok),
                 pad,
-                stops,
                 chat: true,
             });
         }

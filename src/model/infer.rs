@@ -48,7 +48,102 @@ fn madd(fma: bool, a: f32, b: f32, c: f32) -> f32 {
 // ---------------------------------------------------------------------------------------------
 // Rows times a weight matrix
 
-/// `acc[r][v][l] = Σ_k x_r[k] · w[k·ldw + 8v + l]`, for `RT` rows and `8·CV` columns.
+/// How a tile widens eight stored weights to f32 lanes.
+#[cfg(target_arch = "x86_64")]
+trait Lanes: Copy {
+    /// # Safety
+    /// `p` points at eight readable weights and the CPU has the features of the calling tile.
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for f32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: by the caller's promise.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+/// An f16 weight's bits.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct F16Bits(u16);
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for F16Bits {
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: by the caller's promise (F16C present).
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+}
+
+/// A bf16 weight's bits: the upper half of an f32.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct Bf16Bits(u16);
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Bf16Bits {
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: by the caller's promise.
+        unsafe {
+            _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+                16,
+            ))
+        }
+    }
+}
+
+/// `acc[r][v][l] = Σ_k x_r[k] · w[k·ldw + 8v + l]`, for `RT` rows and `8·CV` columns of weights
+/// stored as `L`: the body of [`tile_avx2`] and [`tile_half_avx2`], inlined into each so that it
+/// compiles with their target features.
+///
+/// # Safety
+/// The caller's target features cover `L::load8`; every `x_r` holds `k` values and `w` points at
+/// `(k - 1)·ldw + 8·CV` weights.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile_body<L: Lanes, const RT: usize, const CV: usize>(
+    x: [&[f32]; RT],
+    w: *const L,
+    ldw: usize,
+    k: usize,
+    out: &mut [[[f32; 8]; CV]; RT],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY (the whole body): in bounds by the caller's promise; `out[r][v]` is 8 f32s.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); CV]; RT];
+        for kk in 0..k {
+            let row = w.add(kk * ldw);
+            let mut wv = [_mm256_setzero_ps(); CV];
+            for (v, wv) in wv.iter_mut().enumerate() {
+                *wv = L::load8(row.add(8 * v));
+            }
+            for r in 0..RT {
+                let a = _mm256_set1_ps(*x[r].get_unchecked(kk));
+                for v in 0..CV {
+                    acc[r][v] = _mm256_fmadd_ps(a, wv[v], acc[r][v]);
+                }
+            }
+        }
+        for r in 0..RT {
+            for v in 0..CV {
+                _mm256_storeu_ps(out[r][v].as_mut_ptr(), acc[r][v]);
+            }
+        }
+    }
+}
+
+/// [`tile_body`] over f32 weights.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; every `x_r` holds `k` values and `w` holds
@@ -62,31 +157,8 @@ unsafe fn tile_avx2<const RT: usize, const CV: usize>(
     k: usize,
     out: &mut [[[f32; 8]; CV]; RT],
 ) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); CV]; RT];
-    let wp = w.as_ptr();
-    for kk in 0..k {
-        // SAFETY: in bounds by the caller's promise.
-        unsafe {
-            let row = wp.add(kk * ldw);
-            let mut wv = [_mm256_setzero_ps(); CV];
-            for (v, wv) in wv.iter_mut().enumerate() {
-                *wv = _mm256_loadu_ps(row.add(8 * v));
-            }
-            for r in 0..RT {
-                let a = _mm256_set1_ps(*x[r].get_unchecked(kk));
-                for v in 0..CV {
-                    acc[r][v] = _mm256_fmadd_ps(a, wv[v], acc[r][v]);
-                }
-            }
-        }
-    }
-    for r in 0..RT {
-        for v in 0..CV {
-            // SAFETY: `out[r][v]` is 8 f32s.
-            unsafe { _mm256_storeu_ps(out[r][v].as_mut_ptr(), acc[r][v]) };
-        }
-    }
+    // SAFETY: the features are on and the lengths are the caller's promise.
+    unsafe { tile_body::<f32, RT, CV>(x, w.as_ptr(), ldw, k, out) }
 }
 
 /// The portable version of [`tile_avx2`] (a multiply and an add per term).
@@ -444,8 +516,7 @@ fn half_weight(low: &Low, at: usize) -> f32 {
     }
 }
 
-/// `acc[r][v] = Σ_k x_r[k] · w[k][8v..8v+8]` over one 64-column block of f16 or bf16 weights (row
-/// stride 64), the weights widened to f32 as they are loaded.
+/// [`tile_body`] over one 64-column block of f16 or bf16 weights (row stride 64), from column `j0`.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C; every `x_r` holds `k` values and `w` `k * 64`.
@@ -459,34 +530,14 @@ unsafe fn tile_half_avx2<const RT: usize, const CV: usize>(
     k: usize,
     out: &mut [[[f32; 8]; CV]; RT],
 ) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); CV]; RT];
-    let wp = w.as_ptr();
-    for kk in 0..k {
-        // SAFETY: in bounds by the caller's promise.
-        unsafe {
-            let row = wp.add(kk * COLS_PER_TASK + j0);
-            let mut wv = [_mm256_setzero_ps(); CV];
-            for (v, wv) in wv.iter_mut().enumerate() {
-                let raw = _mm_loadu_si128(row.add(8 * v) as *const __m128i);
-                *wv = if bf16 {
-                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
-                } else {
-                    _mm256_cvtph_ps(raw)
-                };
-            }
-            for r in 0..RT {
-                let a = _mm256_set1_ps(*x[r].get_unchecked(kk));
-                for v in 0..CV {
-                    acc[r][v] = _mm256_fmadd_ps(a, wv[v], acc[r][v]);
-                }
-            }
-        }
-    }
-    for r in 0..RT {
-        for v in 0..CV {
-            // SAFETY: `out[r][v]` is 8 f32s.
-            unsafe { _mm256_storeu_ps(out[r][v].as_mut_ptr(), acc[r][v]) };
+    // SAFETY: the features are on and the lengths are the caller's promise; the bits types are
+    // `repr(transparent)` over u16.
+    unsafe {
+        let p = w.as_ptr().add(j0);
+        if bf16 {
+            tile_body::<Bf16Bits, RT, CV>(x, p.cast(), COLS_PER_TASK, k, out)
+        } else {
+            tile_body::<F16Bits, RT, CV>(x, p.cast(), COLS_PER_TASK, k, out)
         }
     }
 }

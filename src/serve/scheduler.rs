@@ -384,16 +384,11 @@ fn leave(w: &Waiting, active: &HashMap<RequestId, Active>, engine: &mut Engine, 
 /// it cannot run.
 fn prepare(bot: &Chatbot, job: Job, m: &ServeMetrics) -> Option<Waiting> {
     let p = &job.params;
-    let ctx = bot.model.config().n_positions;
-    let eot: Vec<u32> = bot.tokenizer.special_id(crate::tokenizer::EOT).into_iter().collect();
     let mut requests = VecDeque::with_capacity(job.prompts.len());
     for (i, prompt) in job.prompts.iter().enumerate() {
         let base = i * p.n;
         let samples: Vec<Sampling> = (0..p.n)
-            .map(|j| Sampling {
-                params: p.sampling.clone(),
-                seed: job.seed.wrapping_add((base + j) as u64),
-            })
+            .map(|j| Sampling::new(&p.sampling, job.seed.wrapping_add((base + j) as u64)))
             .collect();
         let at = |name: &str| {
             if job.prompts.len() > 1 {
@@ -415,15 +410,9 @@ fn prepare(bot: &Chatbot, job: Job, m: &ServeMetrics) -> Option<Waiting> {
             Prompt::Text(text) => bot
                 .completion_request(text, samples, p.max_tokens)
                 .map_err(|e| too_long(&at("prompt"), format!("{e:#}"))),
-            // A prompt that is only scored may fill the context.
-            Prompt::Ids(ids) if ids.len() > ctx || (ids.len() == ctx && p.max_tokens > 0) => Err(too_long(
-                &at("prompt"),
-                format!(
-                    "the prompt is {} tokens and the model's context is {ctx} tokens",
-                    ids.len()
-                ),
-            )),
-            Prompt::Ids(ids) => Ok(Request::greedy(ids.clone(), p.max_tokens, eot.clone()).with_samples(samples)),
+            Prompt::Ids(ids) => bot
+                .ids_request(ids.clone(), samples, p.max_tokens)
+                .map_err(|e| too_long(&at("prompt"), format!("{e:#}"))),
         };
         match request {
             Ok(mut request) => {
