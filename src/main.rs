@@ -23,6 +23,12 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
+    // Joins the MPI job first (under mpirun/srun), before any thread starts.
+    // Finalizes MPI when `main` returns.
+    let _mpi = talaria::train::collective::init().unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    });
     let cli = cli::Cli::parse();
     // The work runs on the kernels' thread pool, except the server's, whose async runtime must not
     // hold a worker: it gives its scheduler thread to the pool itself.
@@ -32,6 +38,12 @@ fn main() {
         talaria::model::fused::on_pool(|| cli.run())
     };
     if let Err(e) = result {
+        let world = talaria::train::collective::world();
+        if world.size() > 1 {
+            // The other ranks may be waiting in a collective: end them all now.
+            eprintln!("error on rank {} of {}: {e:#}", world.rank(), world.size());
+            world.abort(1);
+        }
         eprintln!("error: {e:#}");
         // Any failure after a Ctrl-C (normally the stop after a checkpoint) exits as SIGINT asks,
         // so a script can tell an interrupted run from one that failed on its own.

@@ -7,7 +7,6 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use talaria::checkpoint::{self, Checkpoint};
-use talaria::data::shards::write_shard;
 use talaria::metrics::read_metrics;
 use talaria::model::{Gpt, GptConfig};
 use talaria::train::pretrain::{PretrainConfig, pretrain};
@@ -42,6 +41,10 @@ impl Objective for FixedBatches {
         let x = Tensor::from_vec(xs, (b.len(), t), &Device::Cpu)?;
         let y = Tensor::from_vec(ys, (b.len(), t), &Device::Cpu)?;
         Ok((model.lm_loss(&x, &y, None)?, b.len() * t))
+    }
+    fn skip(&mut self) -> Result<()> {
+        self.next += 1;
+        Ok(())
     }
     fn evaluate(&mut self, _model: &Gpt, _params: &ParamSet) -> Result<EvalReport> {
         Ok(EvalReport::default())
@@ -120,28 +123,6 @@ fn training_loop_matches_pytorch_losses_step_by_step() {
 }
 
 /// Token shards with learnable structure: counting sequences with noise, vocabulary 64.
-fn write_data(dir: &Path, n: usize) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut state = 12345u64;
-    let mut rand = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 33) as u32
-    };
-    let mut stream = |len: usize| -> Vec<u32> {
-        let mut v = Vec::with_capacity(len);
-        let mut x = rand() % 64;
-        for _ in 0..len {
-            x = if rand() % 5 == 0 { rand() % 64 } else { (x + 1) % 64 };
-            v.push(x);
-        }
-        v
-    };
-    write_shard(&dir.join("train_0000.bin"), &stream(n), 64).unwrap();
-    write_shard(&dir.join("val_0000.bin"), &stream(n / 4), 64).unwrap();
-}
-
 fn pretrain_config(data: &Path, out: &Path, steps: u64) -> PretrainConfig {
     PretrainConfig {
         data: data.to_path_buf(),
@@ -164,7 +145,7 @@ fn pretrain_config(data: &Path, out: &Path, steps: u64) -> PretrainConfig {
 fn resumed_run_gives_exactly_the_losses_of_an_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    write_data(&data, 20_000);
+    common::write_token_shards(&data, 20_000);
     let whole = tmp.path().join("whole");
     let outcome = pretrain(&pretrain_config(&data, &whole, 12)).unwrap();
     assert!(!outcome.interrupted);
@@ -214,7 +195,7 @@ fn bad_pretraining_input_gives_clear_errors() {
     let data = tmp.path().join("data");
     let out = tmp.path().join("run");
     assert!(err(&pretrain_config(&data, &out, 2)).contains("does not exist"));
-    write_data(&data, 5_000);
+    common::write_token_shards(&data, 5_000);
 
     let mut long = pretrain_config(&data, &out, 2);
     long.seq_len = Some(65);
@@ -245,7 +226,7 @@ fn bad_pretraining_input_gives_clear_errors() {
 fn cli_pretrains_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    write_data(&data, 5_000);
+    common::write_token_shards(&data, 5_000);
     let run = tmp.path().join("run");
     let bin = env!("CARGO_BIN_EXE_talaria");
     let args = |extra: &[&str]| {

@@ -91,6 +91,17 @@ impl Cli {
 
     /// Runs the command.
     pub fn run(self) -> Result<()> {
+        let world = talaria::train::collective::world();
+        let data_parallel = matches!(
+            self.command,
+            Command::Pretrain(_) | Command::Sft(_) | Command::Reward(_) | Command::Dpo(_)
+        );
+        anyhow::ensure!(
+            world.size() == 1 || data_parallel,
+            "started as one of {} MPI ranks: only pretrain, sft, reward and dpo train data-parallel; run this command \
+             as one process (docs/scale-out.md)",
+            world.size()
+        );
         match self.command {
             Command::Import(c) => c.run(),
             Command::Export(c) => c.run(),
@@ -132,6 +143,8 @@ pub(crate) struct TrainArgs {
     /// Train for this long instead (e.g. 90s, 10m, 1h); the schedule is fitted to the budget.
     #[arg(long, value_parser = parse_duration)]
     time_budget: Option<std::time::Duration>,
+    /// Micro-batches per optimizer step (per rank under mpirun: the global batch is ranks x
+    /// batch x accumulation steps).
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
     /// Peak learning rate.
@@ -208,6 +221,9 @@ pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 }
 
 pub(crate) fn print_outcome(stage: &str, o: &TrainOutcome) {
+    if !talaria::train::collective::is_main() {
+        return;
+    }
     let evals: Vec<String> = o.last_eval.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
     println!(
         "{stage}: {} steps, {} tokens, {:.1}s, final loss {:.4}{}{} -> {}",

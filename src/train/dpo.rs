@@ -102,6 +102,13 @@ impl Objective for Dpo {
         Ok((self.loss_on(model, &pairs)?.0, tokens))
     }
 
+    fn skip(&mut self) -> Result<()> {
+        for _ in 0..self.batch {
+            self.order.next();
+        }
+        Ok(())
+    }
+
     fn evaluate(&mut self, model: &Gpt, _params: &ParamSet) -> Result<EvalReport> {
         let (mut loss, mut correct, mut margin, mut n) = (0.0, 0usize, 0.0, 0usize);
         for chunk in self.val.chunks(self.batch) {
@@ -185,12 +192,14 @@ pub fn dpo(cfg: &DpoConfig) -> Result<TrainOutcome> {
     };
     let (train, long_t) = render_pairs(&tok, &template, &train, ctx)?;
     let (val, long_v) = render_pairs(&tok, &template, &val, ctx)?;
-    eprintln!(
-        "dpo: {} training and {} held-out pairs; {skipped} records skipped (empty or identical answers), {} pairs longer than the context left out (prompts are first shortened to their latest turns)",
-        train.len(),
-        val.len(),
-        long_t + long_v
-    );
+    if crate::train::collective::is_main() {
+        eprintln!(
+            "dpo: {} training and {} held-out pairs; {skipped} records skipped (empty or identical answers), {} pairs longer than the context left out (prompts are first shortened to their latest turns)",
+            train.len(),
+            val.len(),
+            long_t + long_v
+        );
+    }
     ensure!(!train.is_empty(), "every preference pair is longer than the context");
     let mut objective = Dpo {
         reference: ck.model()?,

@@ -2,6 +2,7 @@
 //! that run on it.
 
 pub mod answers;
+pub mod collective;
 pub mod comparisons;
 pub mod dpo;
 pub mod optim;

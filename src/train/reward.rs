@@ -243,13 +243,10 @@ struct RewardObjective {
     pad: u32,
 }
 
-impl Objective for RewardObjective {
-    fn stage(&self) -> &'static str {
-        "reward"
-    }
-
-    fn loss(&mut self, model: &Gpt, params: &ParamSet) -> Result<(Tensor, usize)> {
-        let head = params.get(SCORE_HEAD).context("reward head missing")?;
+impl RewardObjective {
+    /// The next groups' sequences (at least a batch of them) and their (chosen, rejected) pairs
+    /// as indices into those sequences.
+    fn next_groups(&mut self) -> (Vec<Vec<u32>>, Vec<u32>, Vec<u32>) {
         let (mut seqs, mut chosen, mut rejected) = (vec![], vec![], vec![]);
         while seqs.len() < self.batch {
             let gi = self.order.next();
@@ -261,12 +258,29 @@ impl Objective for RewardObjective {
                 rejected.push(base + r as u32);
             }
         }
+        (seqs, chosen, rejected)
+    }
+}
+
+impl Objective for RewardObjective {
+    fn stage(&self) -> &'static str {
+        "reward"
+    }
+
+    fn loss(&mut self, model: &Gpt, params: &ParamSet) -> Result<(Tensor, usize)> {
+        let head = params.get(SCORE_HEAD).context("reward head missing")?;
+        let (seqs, chosen, rejected) = self.next_groups();
         let scores = sequence_scores(model, head, &seqs, self.pad)?;
         let dev = scores.device();
         let diff = (scores.index_select(&Tensor::new(chosen, dev)?, 0)?
             - scores.index_select(&Tensor::new(rejected, dev)?, 0)?)?;
         let tokens = seqs.iter().map(Vec::len).sum();
         Ok((neg_log_sigmoid(&diff)?.mean_all()?, tokens))
+    }
+
+    fn skip(&mut self) -> Result<()> {
+        self.next_groups();
+        Ok(())
     }
 
     fn evaluate(&mut self, model: &Gpt, params: &ParamSet) -> Result<EvalReport> {
@@ -372,15 +386,17 @@ pub fn train_reward_model(cfg: &RewardConfig) -> Result<TrainOutcome> {
     };
     let train = render_groups(&tok, &template, &train, ctx)?;
     let val = render_groups(&tok, &template, &val, ctx)?;
-    eprintln!(
-        "reward: {} training and {} held-out prompts ({} pairs); {} records skipped (empty or identical answers), {} prompts shortened to their latest turns and {} longer than the context left out",
-        train.groups.len(),
-        val.groups.len(),
-        train.groups.iter().map(|g| g.pairs.len()).sum::<usize>(),
-        skipped,
-        train.shortened + val.shortened,
-        train.too_long + val.too_long
-    );
+    if crate::train::collective::is_main() {
+        eprintln!(
+            "reward: {} training and {} held-out prompts ({} pairs); {} records skipped (empty or identical answers), {} prompts shortened to their latest turns and {} longer than the context left out",
+            train.groups.len(),
+            val.groups.len(),
+            train.groups.iter().map(|g| g.pairs.len()).sum::<usize>(),
+            skipped,
+            train.shortened + val.shortened,
+            train.too_long + val.too_long
+        );
+    }
     ensure!(
         !train.groups.is_empty(),
         "every preference group is longer than the context"

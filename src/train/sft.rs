@@ -192,13 +192,10 @@ struct Sft {
     device: Device,
 }
 
-impl Objective for Sft {
-    fn stage(&self) -> &'static str {
-        "sft"
-    }
-
-    fn loss(&mut self, model: &Gpt, _params: &ParamSet) -> Result<(Tensor, usize)> {
-        // Enough upcoming examples to fill the batch; the cursor then moves past those used.
+impl Sft {
+    /// The next packed rows `(x, y, weights)`: enough upcoming examples to fill the batch; the
+    /// cursor then moves past those used.
+    fn next_rows(&mut self) -> Result<(Tensor, Tensor, Tensor)> {
         let mut peek = self.cursor.clone();
         let (need, mut tokens, mut upcoming) = (self.batch * (self.t + 1), 0, vec![]);
         while tokens < need {
@@ -210,8 +207,23 @@ impl Objective for Sft {
         for _ in 0..used {
             self.cursor.next();
         }
+        Ok((x, y, w))
+    }
+}
+
+impl Objective for Sft {
+    fn stage(&self) -> &'static str {
+        "sft"
+    }
+
+    fn loss(&mut self, model: &Gpt, _params: &ParamSet) -> Result<(Tensor, usize)> {
+        let (x, y, w) = self.next_rows()?;
         let n = x.elem_count();
         Ok((model.lm_loss(&x, &y, Some(&w))?, n))
+    }
+
+    fn skip(&mut self) -> Result<()> {
+        self.next_rows().map(drop)
     }
 
     fn evaluate(&mut self, model: &Gpt, _params: &ParamSet) -> Result<EvalReport> {
@@ -286,7 +298,8 @@ pub fn sft(cfg: &SftConfig) -> Result<TrainOutcome> {
         cfg.train.seed,
         t + 1,
     )?;
-    if data.truncated + data.too_long + data.reader_skips > 0 {
+    let main_rank = crate::train::collective::is_main();
+    if main_rank && data.truncated + data.too_long + data.reader_skips > 0 {
         eprintln!(
             "sft: {} conversations truncated at a turn boundary, {} longer than {} tokens left out, {} records skipped by the readers",
             data.truncated,
@@ -295,11 +308,13 @@ pub fn sft(cfg: &SftConfig) -> Result<TrainOutcome> {
             data.reader_skips
         );
     }
-    eprintln!(
-        "sft: {} training and {} held-out conversations",
-        data.train.len(),
-        data.val.len()
-    );
+    if main_rank {
+        eprintln!(
+            "sft: {} training and {} held-out conversations",
+            data.train.len(),
+            data.val.len()
+        );
+    }
     let pad = tokenizer.special_id(crate::tokenizer::EOT).unwrap_or(template.end);
     let mut config = ck.config.clone();
     config.eos_token_id = Some(template.end);

@@ -4,6 +4,11 @@
 //!
 //! A stage plugs in as an [`Objective`]: it supplies the loss of the next micro-batch, its
 //! evaluation, and the state its data needs to resume.
+//!
+//! Under MPI (src/train/collective.rs) each of N ranks computes every N-th micro-batch of the one
+//! data stream and skips the others (llm.c's loader interleaves the same way), the gradients are
+//! summed over the ranks, and every rank takes the same optimizer step: the run is the
+//! single-process run with N times the accumulation steps. Rank 0 alone writes files and prints.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +23,7 @@ use serde_json::{Value, json};
 use crate::checkpoint::{CHECKPOINT_DIR, Checkpoint, CheckpointWriter, Meta};
 use crate::metrics::MetricsLog;
 use crate::model::Gpt;
+use crate::train::collective::{self, Collective};
 use crate::train::{AdamW, AdamWConfig, LrSchedule, ParamSet, accumulate, clip_scale, global_norm};
 
 /// What every stage's loop needs to know.
@@ -35,7 +41,7 @@ pub struct TrainConfig {
     pub adamw: AdamWConfig,
     /// Clip the global gradient norm to this value.
     pub grad_clip: Option<f64>,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step on each rank.
     pub grad_accum: usize,
     pub eval_every: u64,
     pub save_every: u64,
@@ -104,6 +110,8 @@ pub trait Objective {
     /// The loss of the next micro-batch (a scalar to backpropagate) and the tokens it covers.
     /// `params` holds the model's variables and any heads the stage trains.
     fn loss(&mut self, model: &Gpt, params: &ParamSet) -> Result<(Tensor, usize)>;
+    /// Moves past the next micro-batch without computing anything: another rank's share.
+    fn skip(&mut self) -> Result<()>;
     /// Held-out evaluation.
     fn evaluate(&mut self, model: &Gpt, params: &ParamSet) -> Result<EvalReport>;
     /// The data position and anything else needed to resume exactly.
@@ -160,13 +168,13 @@ pub fn train(cfg: &TrainConfig, init: Init, objective: &mut dyn Objective) -> Re
     cfg.validate()?;
     let mut run = Run::start(cfg, init, objective)?;
     let interrupted = loop {
-        match run.stop_reason() {
+        match run.stop_reason()? {
             Some(Stop::Done) => break false,
             Some(Stop::Interrupted) => break true,
             None => {}
         }
         run.step(objective)?;
-        run.calibrate_time_budget();
+        run.calibrate_time_budget()?;
         run.log()?;
         if run.eval_due() {
             run.evaluate(objective)?;
@@ -190,6 +198,8 @@ enum Stop {
 struct Run<'c> {
     cfg: &'c TrainConfig,
     stage: &'static str,
+    /// The ranks this run is spread over (one, without MPI).
+    world: &'static dyn Collective,
     ckpt_dir: PathBuf,
     params: ParamSet,
     model: Gpt,
@@ -204,7 +214,8 @@ struct Run<'c> {
     elapsed_before: f64,
     started: Instant,
     calibrate_at: u64,
-    metrics: MetricsLog,
+    /// Rank 0's metrics log (other ranks write nothing).
+    metrics: Option<MetricsLog>,
     flag: Arc<AtomicBool>,
     pb: ProgressBar,
     /// The last step's learning rate, gradient norm, loss and tokens.
@@ -224,6 +235,7 @@ impl<'c> Run<'c> {
         std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
         let ckpt_dir = cfg.out.join(CHECKPOINT_DIR);
         let device = Device::Cpu;
+        let world = collective::world();
         let (params, tokenizer_json, parent, step, tokens, total, elapsed_before, opt_state) = if cfg.resume {
             ensure!(
                 ckpt_dir.join("config.json").exists(),
@@ -243,6 +255,17 @@ impl<'c> Run<'c> {
                 ckpt_dir.display()
             );
             let st = &ck.meta.state;
+            let saved_ranks = st["world_size"].as_u64().unwrap_or(1);
+            if saved_ranks != world.size() as u64 && world.rank() == 0 {
+                // The data position is one place in the one stream every rank reads, so it holds
+                // for any number of ranks; only the global batch changes.
+                eprintln!(
+                    "{stage}: resuming a run saved on {saved_ranks} rank(s) on {}: the data continues where it \
+                     stopped, with a global batch of {} x the per-rank batch",
+                    world.size(),
+                    world.size() * cfg.grad_accum
+                );
+            }
             objective
                 .restore(&st["objective"])
                 .context("restoring the data position")?;
@@ -276,15 +299,19 @@ impl<'c> Run<'c> {
                 None,
             )
         };
+        collective::broadcast_vars(world, params.vars())?;
         let mut opt = AdamW::new(params.vars(), cfg.adamw)?;
         if let Some(state) = &opt_state {
             opt.load_state(state)?;
         }
         let model = params.model()?;
-        let metrics = MetricsLog::open(&cfg.out, stage, step)?;
+        let metrics = match world.rank() {
+            0 => Some(MetricsLog::open(&cfg.out, stage, step)?),
+            _ => None,
+        };
         let flag = interrupt_flag();
         flag.store(false, Ordering::SeqCst);
-        let pb = if cfg.progress {
+        let pb = if cfg.progress && world.rank() == 0 {
             ProgressBar::new(total.unwrap_or(0))
         } else {
             ProgressBar::hidden()
@@ -299,6 +326,7 @@ impl<'c> Run<'c> {
         Ok(Self {
             cfg,
             stage,
+            world,
             ckpt_dir,
             params,
             model,
@@ -328,21 +356,25 @@ impl<'c> Run<'c> {
         self.elapsed_before + self.started.elapsed().as_secs_f64()
     }
 
-    fn stop_reason(&self) -> Option<Stop> {
-        if self.total.is_some_and(|t| self.step >= t) {
-            return Some(Stop::Done);
-        }
-        if self.cfg.time_budget.is_some_and(|b| self.elapsed() >= b.as_secs_f64()) {
-            return Some(Stop::Done);
-        }
-        if self.cfg.stop_at.is_some_and(|s| self.step >= s) || self.flag.load(Ordering::SeqCst) {
-            return Some(Stop::Interrupted);
-        }
-        None
+    /// Whether to stop before the next step, agreed by all ranks: any rank's time budget or
+    /// Ctrl-C stops them all.
+    fn stop_reason(&self) -> Result<Option<Stop>> {
+        let done = self.total.is_some_and(|t| self.step >= t)
+            || self.cfg.time_budget.is_some_and(|b| self.elapsed() >= b.as_secs_f64());
+        let interrupted = self.cfg.stop_at.is_some_and(|s| self.step >= s) || self.flag.load(Ordering::SeqCst);
+        let mut votes = [f64::from(u8::from(done)), f64::from(u8::from(interrupted))];
+        self.world.all_reduce_f64(&mut votes)?;
+        Ok(if votes[0] > 0.0 {
+            Some(Stop::Done)
+        } else if votes[1] > 0.0 {
+            Some(Stop::Interrupted)
+        } else {
+            None
+        })
     }
 
-    /// One optimizer step: the gradients of `grad_accum` micro-batches summed, the global norm
-    /// clipped, AdamW at the scheduled learning rate.
+    /// One optimizer step: the gradients of `grad_accum` micro-batches per rank summed over the
+    /// ranks, the global norm clipped, AdamW at the scheduled learning rate.
     fn step(&mut self, objective: &mut dyn Objective) -> Result<()> {
         let cfg = self.cfg;
         let schedule = LrSchedule {
@@ -352,10 +384,16 @@ impl<'c> Run<'c> {
             total: self.total.unwrap_or(u64::MAX),
         };
         self.lr = schedule.at(self.step);
+        let (rank, ranks) = (self.world.rank(), self.world.size());
+        let micro_batches = cfg.grad_accum * ranks;
         let mut sum: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
         let mut step_tokens = 0;
-        for _ in 0..cfg.grad_accum {
+        for j in 0..micro_batches {
+            if j % ranks != rank {
+                objective.skip()?;
+                continue;
+            }
             let (loss, n) = objective.loss(&self.model, &self.params)?;
             let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             ensure!(
@@ -369,8 +407,14 @@ impl<'c> Run<'c> {
             let grads = self.params.grads(&loss.backward()?)?;
             accumulate(&mut sum, grads)?;
         }
-        let grads = sum.expect("grad_accum >= 1");
-        let inv_accum = 1.0 / cfg.grad_accum as f64;
+        let mut grads = sum.expect("grad_accum >= 1");
+        if ranks > 1 {
+            grads = collective::all_reduce_tensors(self.world, grads)?;
+            let mut totals = [loss_sum, step_tokens as f64];
+            self.world.all_reduce_f64(&mut totals)?;
+            (loss_sum, step_tokens) = (totals[0], totals[1] as u64);
+        }
+        let inv_accum = 1.0 / micro_batches as f64;
         self.grad_norm = global_norm(&grads)? * inv_accum;
         let clip = cfg.grad_clip.map_or(1.0, |max| clip_scale(self.grad_norm, max));
         self.opt.step(&grads, self.lr, inv_accum * clip)?;
@@ -381,14 +425,19 @@ impl<'c> Run<'c> {
         Ok(())
     }
 
-    /// With a time budget, fixes the schedule's length from the speed of the first steps.
-    fn calibrate_time_budget(&mut self) {
+    /// With a time budget, fixes the schedule's length from the speed of the first steps (rank
+    /// 0's, for every rank).
+    fn calibrate_time_budget(&mut self) -> Result<()> {
         if self.total.is_none() && self.step == self.calibrate_at {
             let per_step = self.elapsed() / self.step as f64;
             let budget = self.cfg.time_budget.expect("validated").as_secs_f64();
-            self.total = Some(self.step.max((budget / per_step) as u64));
-            self.pb.set_length(self.total.unwrap_or(0));
+            let mut total = self.step.max((budget / per_step) as u64).to_le_bytes().to_vec();
+            self.world.broadcast_bytes(&mut total)?;
+            let total = u64::from_le_bytes(total.try_into().map_err(|_| anyhow::anyhow!("bad schedule length"))?);
+            self.total = Some(total);
+            self.pb.set_length(total);
         }
+        Ok(())
     }
 
     /// The step's loss, learning rate, gradient norm and throughput to `metrics.jsonl` and the bar.
@@ -398,17 +447,19 @@ impl<'c> Run<'c> {
         if self.window.0.elapsed() > Duration::from_secs(10) {
             self.window = (Instant::now(), 0);
         }
-        self.metrics.log(
-            self.stage,
-            self.step,
-            self.tokens,
-            &[
-                ("loss", self.last_loss),
-                ("lr", self.lr),
-                ("grad_norm", self.grad_norm),
-                ("tokens_per_s", tps),
-            ],
-        )?;
+        if let Some(metrics) = &mut self.metrics {
+            metrics.log(
+                self.stage,
+                self.step,
+                self.tokens,
+                &[
+                    ("loss", self.last_loss),
+                    ("lr", self.lr),
+                    ("grad_norm", self.grad_norm),
+                    ("tokens_per_s", tps),
+                ],
+            )?;
+        }
         self.pb.set_position(self.step);
         self.pb
             .set_message(format!("loss {:.4} | {tps:.0} tok/s", self.last_loss));
@@ -427,9 +478,14 @@ impl<'c> Run<'c> {
         self.step.is_multiple_of(self.cfg.save_every) && !self.done()
     }
 
-    /// The objective's held-out evaluation, printed and logged.
+    /// The objective's held-out evaluation, printed and logged. Every rank evaluates, so that
+    /// whatever state evaluation touches stays the same on all of them; rank 0 reports.
     fn evaluate(&mut self, objective: &mut dyn Objective) -> Result<()> {
         let report = objective.evaluate(&self.model, &self.params)?;
+        self.last_eval = report.values.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let Some(metrics) = &mut self.metrics else {
+            return Ok(());
+        };
         let line: Vec<String> = report.values.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
         let (stage, step, loss) = (self.stage, self.step, self.last_loss);
         self.pb.suspend(|| {
@@ -438,20 +494,30 @@ impl<'c> Run<'c> {
                 eprintln!("  sample: {}", s.replace('\n', "\\n"));
             }
         });
-        self.metrics.log(stage, step, self.tokens, &report.values)?;
-        self.last_eval = report.values.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        metrics.log(stage, step, self.tokens, &report.values)?;
         Ok(())
     }
 
-    /// Writes the checkpoint: weights, optimizer state, data position and schedule.
+    /// Writes the checkpoint (rank 0): weights, optimizer state, data position, schedule and the
+    /// number of ranks. Every rank's data position must be rank 0's: one stream, one position.
     fn save(&self, objective: &dyn Objective) -> Result<()> {
+        let position = objective.state();
+        collective::ensure_same(self.world, position.to_string().as_bytes(), "the data position")?;
+        if self.world.rank() != 0 {
+            return Ok(());
+        }
         let meta = Meta {
             stage: self.stage.to_string(),
             step: self.step,
             tokens: self.tokens,
             seed: Some(self.cfg.seed),
             parent: self.parent.clone(),
-            state: json!({"objective": objective.state(), "schedule_steps": self.total, "elapsed_s": self.elapsed()}),
+            state: json!({
+                "objective": position,
+                "schedule_steps": self.total,
+                "elapsed_s": self.elapsed(),
+                "world_size": self.world.size(),
+            }),
             talaria_version: String::new(),
         };
         CheckpointWriter {
@@ -468,8 +534,10 @@ impl<'c> Run<'c> {
     fn finish(self, objective: &dyn Objective, interrupted: bool) -> Result<TrainOutcome> {
         self.pb.finish_and_clear();
         self.save(objective)?;
-        plot_loss(&self.cfg.out, self.stage)?;
-        if interrupted {
+        if self.world.rank() == 0 {
+            plot_loss(&self.cfg.out, self.stage)?;
+        }
+        if interrupted && self.world.rank() == 0 {
             eprintln!(
                 "{}: stopped at step {}; checkpoint saved in {} (continue with --resume)",
                 self.stage,

@@ -138,3 +138,27 @@ pub fn plain_completion_checkpoint(dir: &Path, name: &str) -> std::path::PathBuf
     save_checkpoint(&path, &cfg, &w, Some(&tok.to_json().unwrap()), "import");
     path
 }
+
+/// Token shards `train_0000.bin` (`n` tokens) and `val_0000.bin` (`n / 4`) in `dir`: runs of
+/// consecutive ids over a 64-token vocabulary with random jumps, so that a model can learn them.
+pub fn write_token_shards(dir: &Path, n: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut state = 12345u64;
+    let mut rand = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    let mut stream = |len: usize| -> Vec<u32> {
+        let mut v = Vec::with_capacity(len);
+        let mut x = rand() % 64;
+        for _ in 0..len {
+            x = if rand() % 5 == 0 { rand() % 64 } else { (x + 1) % 64 };
+            v.push(x);
+        }
+        v
+    };
+    talaria::data::shards::write_shard(&dir.join("train_0000.bin"), &stream(n), 64).unwrap();
+    talaria::data::shards::write_shard(&dir.join("val_0000.bin"), &stream(n / 4), 64).unwrap();
+}
