@@ -94,12 +94,12 @@ impl Cli {
         let world = talaria::train::collective::world();
         let data_parallel = matches!(
             self.command,
-            Command::Pretrain(_) | Command::Sft(_) | Command::Reward(_) | Command::Dpo(_)
+            Command::Pretrain(_) | Command::Sft(_) | Command::Reward(_) | Command::Dpo(_) | Command::Ppo(_)
         );
         anyhow::ensure!(
             world.size() == 1 || data_parallel,
-            "started as one of {} MPI ranks: only pretrain, sft, reward and dpo train data-parallel; run this command \
-             as one process (docs/scale-out.md)",
+            "started as one of {} MPI ranks: only pretrain, sft, reward, dpo and ppo train data-parallel; run this \
+             command as one process (docs/scale-out.md)",
             world.size()
         );
         match self.command {

@@ -1,4 +1,5 @@
-//! Data parallelism's few collective operations (rank, world size, all-reduce, broadcast, barrier)
+//! Data parallelism's few collective operations (rank, world size, all-reduce, all-gather,
+//! broadcast, barrier)
 //! over an existing engine: MPI through rsmpi with `--features mpi`, one process otherwise.
 //!
 //! `mpirun -np N talaria pretrain ...` starts N copies of the binary; [`init`] joins them into one
@@ -18,6 +19,8 @@ pub trait Collective: Send + Sync {
     /// Replaces `buf` on every rank with its element-wise sum over all ranks.
     fn all_reduce_f32(&self, buf: &mut [f32]) -> Result<()>;
     fn all_reduce_f64(&self, buf: &mut [f64]) -> Result<()>;
+    /// Every rank's `mine` (of any length), in rank order, on every rank.
+    fn all_gather_f64(&self, mine: &[f64]) -> Result<Vec<Vec<f64>>>;
     /// Replaces `buf` on every rank with rank 0's (every rank passes the same length).
     fn broadcast_f32(&self, buf: &mut [f32]) -> Result<()>;
     /// Replaces `buf` on every rank with rank 0's, whatever its length on the others.
@@ -43,6 +46,9 @@ impl Collective for Solo {
     }
     fn all_reduce_f64(&self, _: &mut [f64]) -> Result<()> {
         Ok(())
+    }
+    fn all_gather_f64(&self, mine: &[f64]) -> Result<Vec<Vec<f64>>> {
+        Ok(vec![mine.to_vec()])
     }
     fn broadcast_f32(&self, _: &mut [f32]) -> Result<()> {
         Ok(())
@@ -198,6 +204,7 @@ mod mpi_world {
     use anyhow::{Result, bail, ensure};
     use mpi::Threading;
     use mpi::collective::SystemOperation;
+    use mpi::datatype::PartitionMut;
     use mpi::environment::Universe;
     use mpi::topology::SimpleCommunicator;
     use mpi::traits::*;
@@ -235,6 +242,29 @@ mod mpi_world {
             let send = buf.to_vec();
             self.call(|w| w.all_reduce_into(&send[..], buf, SystemOperation::sum()));
             Ok(())
+        }
+        fn all_gather_f64(&self, mine: &[f64]) -> Result<Vec<Vec<f64>>> {
+            let mut counts = vec![0 as mpi::Count; self.size];
+            let n = mine.len() as mpi::Count;
+            self.call(|w| w.all_gather_into(&n, &mut counts[..]));
+            let displs: Vec<mpi::Count> = counts
+                .iter()
+                .scan(0, |at, &c| {
+                    let d = *at;
+                    *at += c;
+                    Some(d)
+                })
+                .collect();
+            let mut all = vec![0f64; counts.iter().map(|&c| c as usize).sum()];
+            {
+                let mut parts = PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
+                self.call(|w| w.all_gather_varcount_into(mine, &mut parts));
+            }
+            Ok(counts
+                .iter()
+                .zip(&displs)
+                .map(|(&c, &d)| all[d as usize..(d + c) as usize].to_vec())
+                .collect())
         }
         fn broadcast_f32(&self, buf: &mut [f32]) -> Result<()> {
             self.call(|w| w.process_at_rank(0).broadcast_into(buf));

@@ -6,6 +6,11 @@
 //!
 //! The reward source can be the learned reward model or the gold labeller (the truth), so the gap
 //! between two runs measures what the reward model leaves on the table.
+//!
+//! Under MPI (src/train/collective.rs) rank r answers the step's prompts r, r + N, ..., scores and
+//! passes over its own answers, and takes its share of every minibatch; reward statistics,
+//! advantage whitening, the KL and the gradients are computed over all ranks, so every rank takes
+//! the optimizer steps of the one-process run.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -26,6 +31,7 @@ use crate::metrics::MetricsLog;
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
 use crate::train::answers::{Batch, answer_logprobs, answer_rows, exact_kl, grouped_batch, last_token_scores};
+use crate::train::collective::{self, Collective};
 use crate::train::order::EpochOrder;
 use crate::train::reward::{RewardModel, SCORE_HEAD};
 use crate::train::rl::{self, KlController, RunningStats};
@@ -387,9 +393,22 @@ struct Progress {
     ptx: Option<TokenLoader>,
 }
 
-/// One step's sampled answers, and for each the index of its prompt record and its decoded text.
+/// What every rank knows of each of the step's answers, in the one-process order (by prompt).
+struct Shared {
+    group: usize,
+    answer_len: usize,
+    score: f64,
+    ended: bool,
+    /// Its index in this rank's `rollouts`, when this rank sampled it.
+    local: Option<usize>,
+}
+
+/// One step's sampled answers (this rank's), and for each the index of its prompt record and its
+/// decoded text.
 struct StepBatch {
     rollouts: Vec<Rollout>,
+    /// Every rank's answers, filled in by scoring.
+    shared: Vec<Shared>,
     records: Vec<(usize, String)>,
     /// Whether each answer is right by the verifier (for the training-accuracy metric).
     correct: Vec<bool>,
@@ -411,6 +430,8 @@ struct UpdateStats {
 /// A PPO run in progress.
 struct Ppo<'c> {
     cfg: &'c PpoConfig,
+    /// The ranks this run is spread over (one, without MPI).
+    world: &'static dyn Collective,
     device: Device,
     m: Models,
     actor_opt: AdamW,
@@ -419,7 +440,8 @@ struct Ppo<'c> {
     prompts: Vec<PromptRecord>,
     eval_prompts: Option<Vec<PromptRecord>>,
     ckpt_dir: PathBuf,
-    metrics: MetricsLog,
+    /// Rank 0's metrics log (other ranks write nothing).
+    metrics: Option<MetricsLog>,
     flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pb: ProgressBar,
     started: Instant,
@@ -430,22 +452,22 @@ struct Ppo<'c> {
 pub fn ppo(cfg: &PpoConfig) -> Result<PpoOutcome> {
     cfg.validate()?;
     let mut run = Ppo::start(cfg)?;
-    if run.at.step == 0 {
+    if run.at.step == 0 && run.world.rank() == 0 {
         // The starting point of the KL / reward curves: the policy before any update.
         let probe = run.probe()?;
-        run.metrics.log("ppo", 0, 0, &probe)?;
+        run.log(0, &probe)?;
     }
     let interrupted = loop {
         if run.at.step >= cfg.steps {
             break false;
         }
-        if cfg.stop_at.is_some_and(|s| run.at.step >= s) || run.flag.load(Ordering::SeqCst) {
+        if run.interrupted()? {
             break true;
         }
         let mut batch = run.rollouts()?;
         run.score(&mut batch)?;
         run.reference_and_values(&mut batch)?;
-        run.advantages(&mut batch);
+        run.advantages(&mut batch)?;
         let update = run.update(&batch)?;
         run.report(&batch, &update)?;
         if run.at.step.is_multiple_of(cfg.save_every) && run.at.step < cfg.steps {
@@ -461,6 +483,11 @@ impl<'c> Ppo<'c> {
     /// actor, critic, optimizers and position of a run to resume.
     fn start(cfg: &'c PpoConfig) -> Result<Self> {
         let device = Device::Cpu;
+        let world = collective::world();
+        ensure!(
+            world.size() == 1 || cfg.ptx_data.is_none(),
+            "--ptx-data runs on one process only: its batches follow each rank's chunks of a minibatch"
+        );
         let sft = Checkpoint::load(&cfg.policy, DType::F32, &device)?;
         let (tok_json, tok) = sft.tokenizer(&cfg.policy)?;
         let template = ChatTemplate::new(&tok)?;
@@ -628,10 +655,15 @@ impl<'c> Ppo<'c> {
                 &Checkpoint::load_optimizer(&critic_dir, &device)?.context("--resume: no critic optimizer state")?,
             )?;
         }
-        let metrics = MetricsLog::open(&cfg.out, "ppo", at.step)?;
+        collective::broadcast_vars(world, actor.vars())?;
+        collective::broadcast_vars(world, critic.vars())?;
+        let metrics = match world.rank() {
+            0 => Some(MetricsLog::open(&cfg.out, "ppo", at.step)?),
+            _ => None,
+        };
         let flag = crate::train::trainer::interrupt_flag();
         flag.store(false, Ordering::SeqCst);
-        let pb = if cfg.progress {
+        let pb = if cfg.progress && world.rank() == 0 {
             ProgressBar::new(cfg.steps)
         } else {
             ProgressBar::hidden()
@@ -644,6 +676,7 @@ impl<'c> Ppo<'c> {
         pb.set_position(at.step);
         Ok(Self {
             cfg,
+            world,
             device,
             m: Models {
                 tok_json,
@@ -683,8 +716,13 @@ impl<'c> Ppo<'c> {
         let stop_tokens = self.m.template.stop_tokens(&self.m.tok);
         let mut recs = Vec::with_capacity(cfg.prompts_per_step);
         let mut requests = Vec::with_capacity(cfg.prompts_per_step);
+        let mut groups = Vec::with_capacity(cfg.prompts_per_step);
+        let (rank, ranks) = (self.world.rank(), self.world.size());
         for p in 0..cfg.prompts_per_step {
             let rec = self.at.order.next();
+            if p % ranks != rank {
+                continue;
+            }
             let prompt_ids = self
                 .m
                 .template
@@ -707,9 +745,10 @@ impl<'c> Ppo<'c> {
             r.sampled_stats = true;
             requests.push(r);
             recs.push(rec);
+            groups.push(p);
         }
         let prompt_ids: Vec<Vec<u32>> = requests.iter().map(|r| r.prompt.clone()).collect();
-        let n = cfg.prompts_per_step * cfg.samples_per_prompt;
+        let n = requests.len() * cfg.samples_per_prompt;
         let engine_cfg = EngineConfig {
             max_batch: n.max(1),
             token_budget: crate::model::infer::MAX_ROWS.max(n),
@@ -733,7 +772,7 @@ impl<'c> Ppo<'c> {
                 let sampled = c.sampled.unwrap_or_default();
                 records.push((recs[p], c.text));
                 rollouts.push(Rollout {
-                    group: p,
+                    group: groups[p],
                     seq,
                     prompt_len: prompt_ids[p].len(),
                     ended: c.finish.ended(),
@@ -747,7 +786,9 @@ impl<'c> Ppo<'c> {
                 });
             }
         }
-        ensure!(!rollouts.is_empty(), "no rollouts could be sampled");
+        let mut sampled = [rollouts.len() as f64];
+        self.world.all_reduce_f64(&mut sampled)?;
+        ensure!(sampled[0] > 0.0, "no rollouts could be sampled");
         let correct = records
             .iter()
             .map(|(i, text)| {
@@ -757,6 +798,7 @@ impl<'c> Ppo<'c> {
             .collect();
         Ok(StepBatch {
             rollouts,
+            shared: vec![],
             records,
             correct,
             mean_kl: 0.0,
@@ -786,12 +828,59 @@ impl<'c> Ppo<'c> {
         };
         for (r, s) in b.rollouts.iter_mut().zip(&scores) {
             r.score = *s;
-            if r.ended {
-                self.at.stats.push(*s);
-            }
+        }
+        b.shared = self.share(&b.rollouts)?;
+        for s in b.shared.iter().filter(|s| s.ended) {
+            self.at.stats.push(s.score);
         }
         b.times[1] = t.elapsed().as_secs_f64();
         Ok(())
+    }
+
+    /// Every rank's answers (prompt, length, score, whether it ended) in the one-process order: by
+    /// prompt, a prompt's answers in sampling order (each prompt is answered on one rank).
+    fn share(&self, rollouts: &[Rollout]) -> Result<Vec<Shared>> {
+        let mine: Vec<f64> = rollouts
+            .iter()
+            .flat_map(|r| {
+                [
+                    r.group as f64,
+                    r.answer_len() as f64,
+                    r.score,
+                    f64::from(u8::from(r.ended)),
+                ]
+            })
+            .collect();
+        let mut shared = vec![];
+        for (rank, theirs) in self.world.all_gather_f64(&mine)?.iter().enumerate() {
+            for (j, f) in theirs.chunks_exact(4).enumerate() {
+                shared.push(Shared {
+                    group: f[0] as usize,
+                    answer_len: f[1] as usize,
+                    score: f[2],
+                    ended: f[3] > 0.0,
+                    local: (rank == self.world.rank()).then_some(j),
+                });
+            }
+        }
+        shared.sort_by_key(|s| s.group);
+        Ok(shared)
+    }
+
+    /// `values` to `metrics.jsonl` (rank 0).
+    fn log(&mut self, step: u64, values: &[(&'static str, f64)]) -> Result<()> {
+        match self.metrics.as_mut() {
+            Some(m) => m.log("ppo", step, self.at.tokens, values),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a Ctrl-C (on any rank) or `--stop-at` stops the run before the next step.
+    fn interrupted(&self) -> Result<bool> {
+        let stop = self.cfg.stop_at.is_some_and(|s| self.at.step >= s) || self.flag.load(Ordering::SeqCst);
+        let mut votes = [f64::from(u8::from(stop))];
+        self.world.all_reduce_f64(&mut votes)?;
+        Ok(votes[0] > 0.0)
     }
 
     /// Step 3: the reference model's log-probabilities and the critic's values at every answer token,
@@ -821,7 +910,7 @@ impl<'c> Ppo<'c> {
     /// Step 4: per-token rewards (the KL penalty to the reference on every token, the normalised score,
     /// centred on its prompt's answers with `prompt_baseline`, on the last), GAE advantages and
     /// returns, and the advantages whitened over the whole step.
-    fn advantages(&self, b: &mut StepBatch) {
+    fn advantages(&self, b: &mut StepBatch) -> Result<()> {
         let cfg = self.cfg;
         let stats = &self.at.stats;
         let baseline_free: Option<Vec<f64>> = cfg.prompt_baseline.then(|| {
@@ -853,14 +942,17 @@ impl<'c> Ppo<'c> {
             r.ret = ret;
         }
         let mut all_adv: Vec<f64> = b.rollouts.iter().flat_map(|r| r.adv.clone()).collect();
-        rl::whiten(&mut all_adv);
+        rl::whiten_with(&mut all_adv, |sums| self.world.all_reduce_f64(sums))?;
         let mut at = 0;
         for r in b.rollouts.iter_mut() {
             let n = r.adv.len();
             r.adv = all_adv[at..at + n].to_vec();
             at += n;
         }
-        b.mean_kl = kl_sum / b.rollouts.len() as f64;
+        let mut kl = [kl_sum];
+        self.world.all_reduce_f64(&mut kl)?;
+        b.mean_kl = kl[0] / b.shared.len() as f64;
+        Ok(())
     }
 
     /// Step 5: pPO epochs over shuffled minibatches: for each, one AdamW step of the actor on the
@@ -879,7 +971,7 @@ impl<'c> Ppo<'c> {
         };
         let step = self.at.step;
         let rollouts = &b.rollouts;
-        let n_roll = rollouts.len();
+        let n_roll = b.shared.len();
         let (mut pl_sum, mut vl_sum, mut clip_sum, mut updates) = (0.0, 0.0, 0.0, 0.0);
         let mut ptx_sum = 0.0;
         let mut mb_order = EpochOrder::new(cfg.seed ^ step, n_roll, 0, 0);
@@ -887,11 +979,13 @@ impl<'c> Ppo<'c> {
         for _ in 0..cfg.ppo_epochs {
             let idx: Vec<usize> = (0..n_roll).map(|_| mb_order.next()).collect();
             for mb in idx.chunks(cfg.minibatch) {
-                // Each chunk's losses are weighted by its share of the minibatch's answer tokens.
-                let mb_tokens: usize = mb.iter().map(|&i| rollouts[i].answer_len()).sum();
+                // Each chunk's losses are weighted by its share of the minibatch's answer tokens
+                // (over all ranks); this rank computes the chunks of the answers it sampled.
+                let mb_tokens: usize = mb.iter().map(|&i| b.shared[i].answer_len).sum();
+                let mine: Vec<usize> = mb.iter().filter_map(|&i| b.shared[i].local).collect();
                 let (mut actor_grads, mut critic_grads) = (None, None);
                 let mut clip_mb = 0.0;
-                for chunk in by_prompt(mb, rollouts) {
+                for chunk in by_prompt(&mine, rollouts) {
                     let refs: Vec<&Rollout> = chunk.iter().map(|&i| &rollouts[i]).collect();
                     let share = refs.iter().map(|r| r.answer_len()).sum::<usize>() as f64 / mb_tokens as f64;
                     let batch = batch_of(&refs, pad, &device)?;
@@ -920,20 +1014,32 @@ impl<'c> Ppo<'c> {
                     accumulate(&mut critic_grads, self.m.critic.grads(&vloss.backward()?)?)?;
                     clip_mb += clip_frac * share;
                 }
-                for (opt, grads, lr) in [
-                    (&mut self.actor_opt, actor_grads, lr),
-                    (&mut self.critic_opt, critic_grads, critic_lr),
+                for (opt, params, grads, lr) in [
+                    (&mut self.actor_opt, &self.m.actor, actor_grads, lr),
+                    (&mut self.critic_opt, &self.m.critic, critic_grads, critic_lr),
                 ] {
-                    let grads = grads.expect("a minibatch holds at least one chunk");
+                    // A rank with no answer in this minibatch adds zeros.
+                    let grads = match grads {
+                        Some(g) => g,
+                        None => params
+                            .vars()
+                            .iter()
+                            .map(|(_, v)| v.as_tensor().zeros_like())
+                            .collect::<candle_core::Result<_>>()?,
+                    };
+                    let grads = collective::all_reduce_tensors(self.world, grads)?;
                     opt.step(&grads, lr, clip_scale(global_norm(&grads)?, cfg.grad_clip))?;
                 }
                 clip_sum += clip_mb;
                 updates += 1.0;
             }
         }
+        let mut sums = [pl_sum, vl_sum, clip_sum, ptx_sum];
+        self.world.all_reduce_f64(&mut sums)?;
+        let [pl_sum, vl_sum, clip_sum, ptx_sum] = sums;
         self.at.kl.update(b.mean_kl, n_roll);
         self.at.step += 1;
-        self.at.tokens += rollouts.iter().map(|r| r.answer_len() as u64).sum::<u64>();
+        self.at.tokens += b.shared.iter().map(|s| s.answer_len as u64).sum::<u64>();
         Ok(UpdateStats {
             lr,
             seconds: t.elapsed().as_secs_f64(),
@@ -948,18 +1054,31 @@ impl<'c> Ppo<'c> {
     /// failures, and the held-out verifier accuracy at evaluation steps.
     fn report(&mut self, b: &StepBatch, u: &UpdateStats) -> Result<()> {
         let (cfg, step) = (self.cfg, self.at.step);
-        let rollouts = &b.rollouts;
-        let n_roll = rollouts.len() as f64;
+        let shared = &b.shared;
+        let n_roll = shared.len() as f64;
         let mean_kl = b.mean_kl;
-        let mean_len = rollouts.iter().map(|r| r.answer_len() as f64).sum::<f64>() / n_roll;
-        // Mean entropy per answer token of the distributions the answers were sampled from.
-        let entropy = rollouts.iter().flat_map(|r| &r.entropy).sum::<f64>()
-            / rollouts.iter().map(|r| r.entropy.len()).sum::<usize>().max(1) as f64;
-        let ended = rollouts.iter().filter(|r| r.ended).count() as f64 / n_roll;
+        let mean_len = shared.iter().map(|s| s.answer_len as f64).sum::<f64>() / n_roll;
+        // Mean entropy per answer token of the distributions the answers were sampled from, and
+        // the verifier's accuracy, over every rank's answers.
+        let mut sums = [
+            b.rollouts.iter().flat_map(|r| &r.entropy).sum::<f64>(),
+            b.rollouts.iter().map(|r| r.entropy.len()).sum::<usize>() as f64,
+            b.correct.iter().filter(|c| **c).count() as f64,
+            b.correct.len() as f64,
+            f64::from(u8::from(
+                b.records.iter().any(|(i, _)| self.prompts[*i].answer.is_some()),
+            )),
+        ];
+        self.world.all_reduce_f64(&mut sums)?;
+        let entropy = sums[0] / sums[1].max(1.0);
+        let accuracy = sums[2] / sums[3].max(1.0);
+        let ended = shared.iter().filter(|s| s.ended).count() as f64 / n_roll;
         let first = *self.at.first_len.get_or_insert(mean_len);
-        let mean_score = rollouts.iter().map(|r| r.score).sum::<f64>() / n_roll;
-        let accuracy = b.correct.iter().filter(|c| **c).count() as f64 / b.correct.len().max(1) as f64;
-        let pb = &self.pb;
+        let mean_score = shared.iter().map(|s| s.score).sum::<f64>() / n_roll;
+        if self.world.rank() != 0 {
+            return Ok(());
+        }
+        let pb = self.pb.clone();
         if mean_kl < -1e-3 {
             pb.suspend(|| eprintln!("ppo step {step}: warning: negative KL estimate {mean_kl:.4} (too few samples or a sampling/loss temperature mismatch)"));
         }
@@ -993,15 +1112,15 @@ impl<'c> Ppo<'c> {
         if let Some(ptx) = u.ptx_loss {
             values.push(("ptx_loss", ptx));
         }
-        if b.records.iter().any(|(i, _)| self.prompts[*i].answer.is_some()) {
+        if sums[4] > 0.0 {
             values.push(("train_accuracy", accuracy));
         }
-        self.metrics.log("ppo", step, self.at.tokens, &values)?;
+        self.log(step, &values)?;
         pb.set_position(step);
         pb.set_message(format!("reward {mean_score:.3} kl {mean_kl:.3}"));
         if step.is_multiple_of(cfg.eval_every) || step == cfg.steps {
             let probe = self.probe()?;
-            self.metrics.log("ppo", step, self.at.tokens, &probe)?;
+            self.log(step, &probe)?;
             values.extend(probe);
             let line: Vec<String> = values.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
             pb.suspend(|| eprintln!("ppo step {step}: {}", line.join(" | ")));
@@ -1102,7 +1221,12 @@ impl<'c> Ppo<'c> {
             "reward_stats": at.stats,
             "first_answer_len": at.first_len,
             "ptx_position": at.ptx.as_ref().map(|l| l.position()),
+            "world_size": self.world.size(),
         });
+        collective::ensure_same(self.world, state.to_string().as_bytes(), "the run's position")?;
+        if self.world.rank() != 0 {
+            return Ok(());
+        }
         let meta = Meta {
             stage: "ppo".into(),
             step: at.step,
@@ -1138,7 +1262,7 @@ impl<'c> Ppo<'c> {
     fn finish(self, interrupted: bool) -> Result<PpoOutcome> {
         self.pb.finish_and_clear();
         self.save()?;
-        if interrupted {
+        if interrupted && self.world.rank() == 0 {
             eprintln!(
                 "ppo: stopped at step {}; checkpoint saved in {} (continue with --resume)",
                 self.at.step,

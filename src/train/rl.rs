@@ -25,16 +25,27 @@ pub fn gae(rewards: &[f64], values: &[f64], gamma: f64, lambda: f64) -> (Vec<f64
 
 /// Shifts and scales to mean 0, standard deviation 1 (unchanged when constant).
 pub fn whiten(x: &mut [f64]) {
-    let n = x.len() as f64;
-    if x.len() < 2 {
-        return;
+    whiten_with(x, |_| Ok(())).expect("sums within one process cannot fail");
+}
+
+/// [`whiten`] over values spread across processes: `sum` replaces a slice with its element-wise
+/// sum over all of them (the identity for one process), so every process uses the global mean and
+/// standard deviation.
+pub fn whiten_with(x: &mut [f64], mut sum: impl FnMut(&mut [f64]) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let mut totals = [x.len() as f64, x.iter().sum::<f64>()];
+    sum(&mut totals)?;
+    let n = totals[0];
+    if n < 2.0 {
+        return Ok(());
     }
-    let mean = x.iter().sum::<f64>() / n;
-    let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
-    let std = var.sqrt();
+    let mean = totals[1] / n;
+    let mut squares = [x.iter().map(|v| (v - mean).powi(2)).sum::<f64>()];
+    sum(&mut squares)?;
+    let std = (squares[0] / n).sqrt();
     for v in x.iter_mut() {
         *v = if std > 1e-8 { (*v - mean) / std } else { *v - mean };
     }
+    Ok(())
 }
 
 /// Per-token KL estimators of KL(policy || reference) from log-probabilities of the sampled
