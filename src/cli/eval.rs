@@ -234,6 +234,14 @@ impl BenchArgs {
         );
         println!("peak RSS            {:.0} MiB", r.peak_rss_mib);
         println!("median step         {:.2} ms", 1e3 * r.median_step_s);
+        if self.ckpt.is_none() {
+            // What data parallelism sums each step (docs/scale-out.md).
+            let n = talaria::model::GptConfig::preset(&cfg.preset)?.num_params();
+            println!(
+                "parameters          {n} ({:.1} MB of f32 gradients)",
+                4.0 * n as f64 / 1e6
+            );
+        }
         if self.json {
             println!("{}", r.to_json(&cfg));
         }

@@ -223,6 +223,8 @@ struct Run<'c> {
     grad_norm: f64,
     last_loss: f64,
     step_tokens: u64,
+    /// Seconds the last step spent summing gradients over the ranks (logged under MPI).
+    allreduce_s: f64,
     last_eval: Vec<(String, f64)>,
     /// Tokens since `window.0`, for the tokens/s figure.
     window: (Instant, u64),
@@ -346,6 +348,7 @@ impl<'c> Run<'c> {
             grad_norm: 0.0,
             last_loss: f64::NAN,
             step_tokens: 0,
+            allreduce_s: 0.0,
             last_eval: vec![],
             window: (Instant::now(), 0),
         })
@@ -409,7 +412,9 @@ impl<'c> Run<'c> {
         }
         let mut grads = sum.expect("grad_accum >= 1");
         if ranks > 1 {
+            let t = Instant::now();
             grads = collective::all_reduce_tensors(self.world, grads)?;
+            self.allreduce_s = t.elapsed().as_secs_f64();
             let mut totals = [loss_sum, step_tokens as f64];
             self.world.all_reduce_f64(&mut totals)?;
             (loss_sum, step_tokens) = (totals[0], totals[1] as u64);
@@ -448,17 +453,16 @@ impl<'c> Run<'c> {
             self.window = (Instant::now(), 0);
         }
         if let Some(metrics) = &mut self.metrics {
-            metrics.log(
-                self.stage,
-                self.step,
-                self.tokens,
-                &[
-                    ("loss", self.last_loss),
-                    ("lr", self.lr),
-                    ("grad_norm", self.grad_norm),
-                    ("tokens_per_s", tps),
-                ],
-            )?;
+            let mut values = vec![
+                ("loss", self.last_loss),
+                ("lr", self.lr),
+                ("grad_norm", self.grad_norm),
+                ("tokens_per_s", tps),
+            ];
+            if self.world.size() > 1 {
+                values.push(("allreduce_s", self.allreduce_s));
+            }
+            metrics.log(self.stage, self.step, self.tokens, &values)?;
         }
         self.pb.set_position(self.step);
         self.pb
