@@ -211,6 +211,25 @@ fn two_ranks_pretrain_as_one_process_with_twice_the_accumulation_and_resume_exac
         &Path::new(&resumed).join("checkpoint"),
         1e-7,
     );
+
+    // Resumed as one process with twice the accumulation: the same global batch, the same stream.
+    let moved = path("moved");
+    run_ok(mpirun(2, bin, &pretrain_args(d, &moved, "1", &["--stop-at", "3"])));
+    let out = run_ok(one_process(bin, &pretrain_args(d, &moved, "2", &["--resume"])));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("resuming a run saved on 2 rank(s) on 1"), "{stderr}");
+    assert_same_losses(
+        &losses(Path::new(&two), "pretrain"),
+        &losses(Path::new(&moved), "pretrain"),
+        6,
+        1e-5,
+        "moved",
+    );
+    assert_same_weights(
+        &Path::new(&two).join("checkpoint"),
+        &Path::new(&moved).join("checkpoint"),
+        1e-5,
+    );
 }
 
 #[test]
