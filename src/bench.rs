@@ -42,6 +42,8 @@ pub struct BenchConfig {
     pub dtype: crate::model::WeightDtype,
     /// Decode: the KV cache's element type.
     pub kv_dtype: crate::model::KvDtype,
+    /// Where the model runs (`--device`).
+    pub device: Device,
 }
 
 /// The measured figures.
@@ -120,10 +122,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Runs the benchmark on the CPU in f32.
+/// Runs the benchmark in f32 on `cfg.device`.
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     ensure!(cfg.steps > 0, "--steps must be positive");
-    let device = Device::Cpu;
+    let device = cfg.device.clone();
     let (model_cfg, weights) = match &cfg.ckpt {
         Some(path) => {
             ensure!(
@@ -241,6 +243,8 @@ pub struct ServeBenchConfig {
     pub requests_per_client: usize,
     pub max_tokens: usize,
     pub scheduler: crate::serve::scheduler::SchedulerConfig,
+    /// Where the model runs (`--device`).
+    pub device: Device,
 }
 
 /// The figures of one concurrency level.
@@ -313,8 +317,8 @@ pub fn serve_bench(cfg: &ServeBenchConfig) -> Result<Vec<ServeLevel>> {
     );
     ensure!(cfg.requests_per_client > 0, "--requests must be positive");
     let bot = match &cfg.ckpt {
-        Some(p) => crate::engine::Chatbot::load(p, &Device::Cpu)?,
-        None => random_chatbot(&cfg.preset)?,
+        Some(p) => crate::engine::Chatbot::load(p, &cfg.device)?,
+        None => random_chatbot(&cfg.preset, &cfg.device)?,
     };
     let dir = std::env::temp_dir().join(format!("talaria-bench-serve-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -398,7 +402,7 @@ pub fn serve_bench(cfg: &ServeBenchConfig) -> Result<Vec<ServeLevel>> {
 
 /// A chat model of `preset` with random weights and a tokenizer of its vocabulary size trained on
 /// a small default world: what the serving benchmark measures when no checkpoint is given.
-fn random_chatbot(preset: &str) -> Result<crate::engine::Chatbot> {
+fn random_chatbot(preset: &str, device: &Device) -> Result<crate::engine::Chatbot> {
     let mut model_cfg = GptConfig::preset(preset)?;
     let dir = std::env::temp_dir().join(format!("talaria-bench-world-{}", std::process::id()));
     crate::data::synth::generate(&crate::data::synth::SynthConfig {
@@ -418,7 +422,10 @@ fn random_chatbot(preset: &str) -> Result<crate::engine::Chatbot> {
     )?;
     let _ = std::fs::remove_dir_all(&dir);
     model_cfg.vocab_size = tok.vocab_size();
-    let weights = init_weights(&model_cfg, 0, DType::F32, &Device::Cpu)?;
+    let weights = init_weights(&model_cfg, 0, DType::F32, &Device::Cpu)?
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(device)?)))
+        .collect::<Result<_>>()?;
     crate::engine::Chatbot::new(Gpt::from_weights(&model_cfg, &weights)?, tok)
 }
 
@@ -447,6 +454,7 @@ mod tests {
                 ckpt: None,
                 dtype: crate::model::WeightDtype::F32,
                 kv_dtype: crate::model::KvDtype::F32,
+                device: Device::Cpu,
             };
             let r = run(&cfg).unwrap();
             assert!(r.tokens_per_s > 0.0 && r.gflops > 0.0, "{r:?}");

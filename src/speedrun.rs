@@ -179,6 +179,8 @@ pub struct SpeedrunConfig {
     /// trains further on them and PPO continues from that policy (InstructGPT's iterated collection).
     pub rl_rounds: usize,
     pub progress: bool,
+    /// Where every stage runs (`--device`).
+    pub device: candle_core::Device,
 }
 
 /// What a speedrun produced.
@@ -269,9 +271,10 @@ fn stage(
     Ok((summary, wall))
 }
 
-fn train_cfg(out: &Path, steps: u64, lr: f64, seed: u64, resume: bool, progress: bool) -> TrainConfig {
+fn train_cfg(out: &Path, steps: u64, lr: f64, cfg: &SpeedrunConfig, resume: bool) -> TrainConfig {
     TrainConfig {
         out: out.to_path_buf(),
+        device: cfg.device.clone(),
         steps: Some(steps),
         time_budget: None,
         lr,
@@ -282,10 +285,10 @@ fn train_cfg(out: &Path, steps: u64, lr: f64, seed: u64, resume: bool, progress:
         grad_accum: 1,
         eval_every: (steps / 4).max(1),
         save_every: (steps / 4).max(1),
-        seed,
+        seed: cfg.seed,
         resume,
         stop_at: None,
-        progress,
+        progress: cfg.progress,
     }
 }
 
@@ -377,7 +380,7 @@ impl<'c> Chain<'c> {
     }
 
     fn train_cfg(&self, out: &Path, steps: u64, lr: f64, resume: bool) -> TrainConfig {
-        train_cfg(out, steps, lr, self.cfg.seed, resume, self.cfg.progress)
+        train_cfg(out, steps, lr, self.cfg, resume)
     }
 
     /// Stage 1: the default world: corpus, demonstrations, preferences, prompt files.
@@ -512,6 +515,7 @@ impl<'c> Chain<'c> {
                 seed: self.cfg.seed,
                 progress: self.cfg.progress,
                 dtype: crate::model::WeightDtype::F32,
+                device: self.cfg.device.clone(),
             })?;
             Ok(serde_json::to_value(s)?)
         })?;
@@ -578,6 +582,7 @@ impl<'c> Chain<'c> {
         stage(self.next(), name, &dir, &key, |resume| {
             let o = ppo::ppo(&PpoConfig {
                 policy: policy.dir.clone(),
+                device: self.cfg.device.clone(),
                 reference: (policy.key != reference.key).then(|| reference.dir.clone()),
                 reward,
                 monitor: monitor.map(|m| m.dir.clone()),
@@ -655,7 +660,13 @@ impl<'c> Chain<'c> {
     fn evaluate(&self, world: &Done) -> Result<EvalSummary> {
         let start = Instant::now();
         let (n, total) = self.next();
-        let eval = evaluate_run(&self.cfg.out, &world.dir, self.cfg.seed, self.p().max_new_tokens)?;
+        let eval = evaluate_run(
+            &self.cfg.out,
+            &world.dir,
+            self.cfg.seed,
+            self.p().max_new_tokens,
+            &self.cfg.device,
+        )?;
         stop_if_interrupted("eval")?;
         println!(
             "[{n}/{total}] eval         done in {:.0}s",

@@ -199,20 +199,35 @@ fn batch(cfg: &GptConfig, b: usize, t: usize, seed: u32) -> (Tensor, Tensor) {
     (all.narrow(1, 0, t).unwrap(), all.narrow(1, 1, t).unwrap())
 }
 
+/// On both training paths: the fused CPU kernels (f32 on the CPU) and the composed candle ops that
+/// every other device and dtype takes (a GPU's path, run here in f64).
 #[test]
 fn every_parameter_receives_a_gradient_from_the_lm_loss() {
     let cfg = GptConfig::preset("test").unwrap();
-    let (model, vars) = trainable(&cfg, DType::F32);
-    let (x, y) = batch(&cfg, 2, 16, 1);
-    let loss = model.lm_loss(&x, &y, None).unwrap();
-    let grads = loss.backward().unwrap();
-    assert_eq!(vars.len(), talaria::model::parameter_shapes(&cfg).len());
-    for (name, v) in &vars {
-        let g = grads
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("{name} received no gradient"));
-        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient norm {norm}");
+    for dtype in [DType::F32, DType::F64] {
+        let (model, vars) = trainable(&cfg, dtype);
+        let (x, y) = batch(&cfg, 2, 16, 1);
+        let loss = model.lm_loss(&x, &y, None).unwrap();
+        let grads = loss.backward().unwrap();
+        assert_eq!(vars.len(), talaria::model::parameter_shapes(&cfg).len());
+        for (name, v) in &vars {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{name} received no gradient ({dtype:?})"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{name}: gradient norm {norm} ({dtype:?})"
+            );
+        }
     }
 }
 

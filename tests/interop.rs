@@ -331,7 +331,7 @@ fn the_exported_reward_model_scores_as_talaria_in_transformers() {
     let config = read_json(&out.join("config.json"));
     assert_eq!(config["architectures"], json!(["GPT2ForSequenceClassification"]));
     assert_eq!(config["num_labels"], json!(1));
-    let rm = RewardModel::load(&rm_path).unwrap();
+    let rm = RewardModel::load(&rm_path, &Device::Cpu).unwrap();
     assert_eq!(
         config["pad_token_id"],
         json!(rm.tokenizer.special_id(tokenizer::EOT).unwrap())

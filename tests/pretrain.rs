@@ -262,4 +262,14 @@ fn cli_pretrains_and_resumes() {
     let out = args(&["--lr", "2"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--lr must be in (0, 1)"));
+    let out = args(&["--device", "tpu"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--device tpu: expected cpu, cuda or cuda:N"));
+    if !cfg!(feature = "cuda") {
+        let out = args(&["--device", "cuda:0"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("built without CUDA"),
+            "{stderr}"
+        );
+    }
 }

@@ -168,7 +168,7 @@ fn real_preference_files_parse() {
 #[test]
 fn win_rate_and_the_reward_models_verdicts_on_a_models_own_answers() {
     let f = fixture();
-    let rm = RewardModel::load(&f.reward).unwrap();
+    let rm = RewardModel::load(&f.reward, &Device::Cpu).unwrap();
     let rec = |q: &str, answer: &str| PromptRecord {
         messages: vec![Message::new(Role::User, q)],
         answer: Some(answer.into()),
@@ -228,7 +228,7 @@ fn win_rate_and_the_reward_models_verdicts_on_a_models_own_answers() {
 #[test]
 fn the_reward_head_reads_the_last_answer_token_not_padding() {
     let f = fixture();
-    let rm = RewardModel::load(&f.reward).unwrap();
+    let rm = RewardModel::load(&f.reward, &Device::Cpu).unwrap();
     let t = ChatTemplate::new(&f.tok).unwrap();
     let prompt = vec![Message::new(Role::User, "What is storm spelled backwards?")];
     let short = render_answer(&f.tok, &t, &prompt, "mrots").unwrap();
@@ -272,6 +272,7 @@ fn the_reward_model_learns_the_labeller_and_flags_length_bias() {
 fn ppo_cfg(f: &Fixture, out: &Path, reward: RewardSpec, steps: u64) -> PpoConfig {
     PpoConfig {
         policy: f.sft.clone(),
+        device: Device::Cpu,
         reference: None,
         reward,
         monitor: None,
@@ -487,6 +488,7 @@ fn the_labeller_ranks_the_policys_own_answers() {
         seed: 3,
         progress: false,
         dtype: talaria::model::WeightDtype::F32,
+        device: Device::Cpu,
     };
     let s = label(&cfg).unwrap();
     let prompts = talaria::data::prompts::read_prompts(&f.world.join("label_prompts.jsonl")).unwrap();

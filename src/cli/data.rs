@@ -154,6 +154,8 @@ pub(crate) enum DataCmd {
         /// The precision the policy's answers are decoded with: f32, f16, bf16 or q8.
         #[arg(long, default_value = "f32")]
         dtype: talaria::model::WeightDtype,
+        #[command(flatten)]
+        device: super::DeviceArg,
     },
     /// Download a dataset's data files from the Hugging Face Hub (needs internet).
     Download {
@@ -304,6 +306,7 @@ impl DataCmd {
                 max_new_tokens,
                 seed,
                 dtype,
+                device,
             } => {
                 let start = std::time::Instant::now();
                 let s = comparisons::label(&LabelConfig {
@@ -316,6 +319,7 @@ impl DataCmd {
                     seed,
                     progress: progress(),
                     dtype,
+                    device: device.device()?,
                 })?;
                 println!(
                     "{} rankings ({} pairs) from {} prompts, {} without a difference; {:.1}% of the greedy answers and {:.1}% of the samples were correct; -> {} in {:.1}s",

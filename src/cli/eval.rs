@@ -25,6 +25,8 @@ pub(crate) enum BenchWhat {
 #[derive(Args)]
 pub(crate) struct BenchArgs {
     what: BenchWhat,
+    #[command(flatten)]
+    device: super::DeviceArg,
     /// Model preset (see the presets in src/model/config.rs).
     #[arg(long, default_value = "bench")]
     preset: String,
@@ -66,6 +68,8 @@ pub(crate) struct EvalArgs {
     /// A speedrun directory (evaluates base, SFT, PPO/DPO and the reward model, writes eval.json),
     /// or a single checkpoint with --prompts / --mmlu / --gsm8k.
     target: PathBuf,
+    #[command(flatten)]
+    device: super::DeviceArg,
     /// A single checkpoint's answers decoded with weights in this precision (f32, f16, bf16, q8).
     #[arg(long, default_value = "f32")]
     dtype: talaria::model::WeightDtype,
@@ -114,7 +118,13 @@ impl EvalArgs {
                 self.dtype == talaria::model::WeightDtype::F32,
                 "--dtype applies to a single checkpoint (with --prompts, --mmlu or --gsm8k), not a whole run"
             );
-            let e = evaluate_run(&self.target, &world, self.seed, self.max_new_tokens)?;
+            let e = evaluate_run(
+                &self.target,
+                &world,
+                self.seed,
+                self.max_new_tokens,
+                &self.device.device()?,
+            )?;
             for s in &e.stages {
                 println!("{:<5} accuracy {:.1}%", s.name, s.macro_accuracy * 100.0);
             }
@@ -122,6 +132,7 @@ impl EvalArgs {
             return Ok(());
         }
         let cfg = CheckpointEvalConfig {
+            device: self.device.device()?,
             target: self.target.clone(),
             prompts: self.prompts,
             few_shot: self.few_shot,
@@ -215,6 +226,7 @@ impl BenchArgs {
             BenchWhat::Serve => return self.serve(),
         };
         let cfg = BenchConfig {
+            device: self.device.device()?,
             kind,
             preset: self.preset,
             steps,
@@ -250,6 +262,7 @@ impl BenchArgs {
 
     fn serve(self) -> Result<()> {
         let cfg = ServeBenchConfig {
+            device: self.device.device()?,
             ckpt: self.ckpt.clone(),
             preset: self.preset.clone(),
             clients: self.clients.clone(),

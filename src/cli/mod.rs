@@ -132,11 +132,27 @@ fn progress() -> bool {
     std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
 
+/// `--device`, on every command that runs a model.
+#[derive(Args, Clone)]
+pub(crate) struct DeviceArg {
+    /// Where the model runs: cpu, cuda (GPU 0) or cuda:N (CUDA needs a `--features cuda` build).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl DeviceArg {
+    pub(crate) fn device(&self) -> Result<candle_core::Device> {
+        talaria::model::parse_device(&self.device)
+    }
+}
+
 #[derive(Args)]
 pub(crate) struct TrainArgs {
     /// Run directory (checkpoint/, metrics.jsonl, plots).
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    device: DeviceArg,
     /// Optimizer steps.
     #[arg(long, required_unless_present = "time_budget")]
     steps: Option<u64>,
@@ -177,9 +193,10 @@ pub(crate) struct TrainArgs {
 }
 
 impl TrainArgs {
-    pub(crate) fn config(&self) -> TrainConfig {
-        TrainConfig {
+    pub(crate) fn config(&self) -> Result<TrainConfig> {
+        Ok(TrainConfig {
             out: self.out.clone(),
+            device: self.device.device()?,
             steps: self.steps,
             time_budget: self.time_budget,
             lr: self.lr,
@@ -197,7 +214,7 @@ impl TrainArgs {
             resume: self.resume,
             stop_at: self.stop_at,
             progress: progress(),
-        }
+        })
     }
 }
 

@@ -8,7 +8,7 @@ use clap::Args;
 use talaria::train::dpo::{self, DpoConfig};
 use talaria::train::ppo::{self, PpoConfig, RewardSpec};
 
-use super::{TrainArgs, print_outcome, progress};
+use super::{DeviceArg, TrainArgs, print_outcome, progress};
 
 #[derive(Args)]
 pub(crate) struct DpoArgs {
@@ -38,6 +38,8 @@ pub(crate) struct PpoArgs {
     /// The SFT checkpoint: actor and frozen reference.
     #[arg(long)]
     policy: PathBuf,
+    #[command(flatten)]
+    device: DeviceArg,
     /// A reward-model checkpoint, `verifier` for the default world's rule-based reward, or `gold` for
     /// its gold labeller.
     #[arg(long)]
@@ -135,7 +137,7 @@ impl DpoArgs {
             beta: self.beta,
             nll_coef: self.nll_coef,
             batch_size: self.batch_size,
-            train: self.train.config(),
+            train: self.train.config()?,
         };
         print_outcome("dpo", &dpo::dpo(&cfg)?);
         Ok(())
@@ -152,6 +154,7 @@ impl PpoArgs {
             RewardSpec::Model(self.reward.into())
         };
         let cfg = PpoConfig {
+            device: self.device.device()?,
             policy: self.policy,
             reference: self.reference,
             reward,

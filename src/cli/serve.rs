@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::{Args, Subcommand};
 
 use talaria::checkpoint::Checkpoint;
@@ -17,6 +17,8 @@ use talaria::tokenizer::Tokenizer;
 pub(crate) struct ServeArgs {
     /// Chat checkpoint (or run directory).
     ckpt: PathBuf,
+    #[command(flatten)]
+    device: super::DeviceArg,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Port to listen on; 0 picks a free one (the address is printed).
@@ -113,6 +115,8 @@ impl SamplingArgs {
 pub(crate) struct GenerateArgs {
     /// Checkpoint directory.
     ckpt: PathBuf,
+    #[command(flatten)]
+    device: super::DeviceArg,
     /// The prompt as text (needs a checkpoint with a tokenizer).
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
@@ -141,6 +145,8 @@ pub(crate) struct GenerateArgs {
 pub(crate) struct ChatArgs {
     /// Chat checkpoint (or run directory).
     ckpt: PathBuf,
+    #[command(flatten)]
+    device: super::DeviceArg,
     /// Answer this message once and exit.
     #[arg(long)]
     prompt: Option<String>,
@@ -187,6 +193,7 @@ impl ServeArgs {
             bail!("the API key is empty: give a non-empty --api-key, --api-key-file or TALARIA_API_KEY");
         }
         serve::serve(&serve::ServeConfig {
+            device: self.device.device()?,
             ckpt: self.ckpt,
             host: self.host,
             port: self.port,
@@ -229,7 +236,7 @@ impl FeedbackCmd {
 
 impl ChatArgs {
     pub(crate) fn run(self) -> Result<()> {
-        let mut bot = Chatbot::load(&self.ckpt, &Device::Cpu)?;
+        let mut bot = Chatbot::load(&self.ckpt, &self.device.device()?)?;
         bot.set_dtypes(self.dtype, self.kv_dtype)?;
         let opts = ChatOptions {
             sampling: SamplingParams {
@@ -252,7 +259,7 @@ impl ChatArgs {
 
 impl GenerateArgs {
     pub(crate) fn run(self) -> Result<()> {
-        let ck = Checkpoint::load(&self.ckpt, DType::F32, &Device::Cpu)?;
+        let ck = Checkpoint::load(&self.ckpt, DType::F32, &self.device.device()?)?;
         let mut model = ck.model()?;
         model.set_decode_dtype(self.dtype);
         model.set_kv_dtype(self.kv_dtype);

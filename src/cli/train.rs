@@ -85,6 +85,8 @@ pub(crate) struct SpeedrunArgs {
     /// cpu (about 20 minutes on two cores) or tiny (a few minutes, a smoke test).
     #[arg(long, default_value = "cpu")]
     preset: String,
+    #[command(flatten)]
+    device: super::DeviceArg,
     #[arg(long, default_value = "runs/speedrun")]
     out: PathBuf,
     #[arg(long, default_value_t = 0)]
@@ -106,7 +108,7 @@ impl PretrainArgs {
             seq_len: self.seq_len,
             val_batches: self.val_batches,
             samples: 2,
-            train: self.train.config(),
+            train: self.train.config()?,
         };
         print_outcome("pretrain", &pretrain::pretrain(&cfg)?);
         Ok(())
@@ -122,7 +124,7 @@ impl SftArgs {
             val_fraction: self.val_fraction,
             batch_size: self.batch_size,
             seq_len: self.seq_len,
-            train: self.train.config(),
+            train: self.train.config()?,
         };
         print_outcome("sft", &sft::sft(&cfg)?);
         Ok(())
@@ -137,7 +139,7 @@ impl RewardArgs {
             val_data: self.val_data,
             val_fraction: self.val_fraction,
             batch_size: self.batch_size,
-            train: self.train.config(),
+            train: self.train.config()?,
         };
         print_outcome("reward", &reward::train_reward_model(&cfg)?);
         Ok(())
@@ -152,6 +154,7 @@ impl SpeedrunArgs {
             seed: self.seed,
             rl_rounds: self.rl_rounds as usize,
             progress: progress(),
+            device: self.device.device()?,
         };
         let o = speedrun::speedrun(&cfg)?;
         println!("report: {}", o.report.display());

@@ -18,7 +18,7 @@ use crate::tokenizer::Tokenizer;
 use crate::train::reward::{RewardMetrics, RewardModel, evaluate_reward_model};
 
 /// What to measure on a checkpoint.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CheckpointEvalConfig {
     pub target: PathBuf,
     /// Held-out prompts with reference answers (the default world's format).
@@ -40,6 +40,8 @@ pub struct CheckpointEvalConfig {
     pub seed: u64,
     /// The precision the decoding kernels read the weights in (the evaluated model's answers).
     pub dtype: crate::model::WeightDtype,
+    /// Where the models run (`--device`).
+    pub device: Device,
 }
 
 /// What was measured; a field is `None` when it was not asked for.
@@ -66,7 +68,7 @@ pub fn evaluate_checkpoint(cfg: &CheckpointEvalConfig) -> Result<CheckpointEval>
         cfg.against.is_none() || cfg.prompts.is_some(),
         "--against needs --prompts (the prompts both models answer)"
     );
-    let device = Device::Cpu;
+    let device = cfg.device.clone();
     let ck = Checkpoint::load(&cfg.target, DType::F32, &device)?;
     let mut model = ck.model()?;
     model.set_decode_dtype(cfg.dtype);
@@ -75,7 +77,11 @@ pub fn evaluate_checkpoint(cfg: &CheckpointEvalConfig) -> Result<CheckpointEval>
             .as_deref()
             .context("the checkpoint has no tokenizer.json")?,
     )?;
-    let rm = cfg.reward.as_deref().map(RewardModel::load).transpose()?;
+    let rm = cfg
+        .reward
+        .as_deref()
+        .map(|p| RewardModel::load(p, &device))
+        .transpose()?;
     let mut out = CheckpointEval::default();
     if let Some(p) = &cfg.prompts {
         let prompts = read_prompts(p)?;

@@ -271,8 +271,8 @@ const CHAT_STAGES: [(&str, &str); 5] = [
 ];
 
 /// Evaluates a run's base, SFT and RLHF models on the held-out sets and writes `eval.json`.
-pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize) -> Result<EvalSummary> {
-    let device = Device::Cpu;
+pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize, device: &Device) -> Result<EvalSummary> {
+    let device = device.clone();
     let sets = Sets::load(world)?;
     let (legacy, prompts) = (&sets.legacy, &sets.seen);
     let base = Checkpoint::load(&run.join("pretrain"), DType::F32, &device)?;
@@ -284,7 +284,7 @@ pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize) -> Resu
     let template = ChatTemplate::new(&tok)?;
     let rm_dir = run.join("reward");
     let rm = if rm_dir.join("checkpoint").exists() {
-        Some(RewardModel::load(&rm_dir)?)
+        Some(RewardModel::load(&rm_dir, &device)?)
     } else {
         None
     };

@@ -212,6 +212,7 @@ fn gguf_name(name: &str) -> Result<(String, bool)> {
 /// Writes the language model at `ckpt` as a GGUF file at `out` (atomically: a temporary file
 /// renamed into place), its matrices in `dtype`.
 pub fn export_gguf(ckpt: &Path, out: &Path, dtype: GgufDtype) -> Result<GgufSummary> {
+    // Export converts files: the weights are read on the CPU, whatever trained them.
     let ck = Checkpoint::load(ckpt, DType::F32, &Device::Cpu)?;
     let c = &ck.config;
     ensure!(

@@ -120,6 +120,7 @@ impl SpecialRoles {
 /// model card. A reward model (a checkpoint with a `score.weight` head) becomes
 /// `GPT2ForSequenceClassification`.
 pub fn export_hf(ckpt: &Path, out: &Path) -> Result<ExportSummary> {
+    // Export converts files: the weights are read on the CPU, whatever trained them.
     let ck = Checkpoint::load(ckpt, DType::F32, &Device::Cpu)?;
     let model = ck.model()?;
     let mut weights = model.weights();

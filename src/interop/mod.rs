@@ -224,6 +224,7 @@ pub fn import_hf(hf_dir: &Path, out: &Path) -> Result<ImportSummary> {
         bail!("{} is not a directory", hf_dir.display());
     }
     let config = GptConfig::load(&hf_dir.join("config.json"))?;
+    // Import converts files on the CPU; a later command moves the weights to its --device.
     let device = Device::Cpu;
     let weights = canonical_names(read_hf_weights(hf_dir, &device)?);
     let model = Gpt::from_weights(&config, &weights).with_context(|| format!("importing {}", hf_dir.display()))?;

@@ -2,6 +2,7 @@
 //! (composed, fused for training, and the inference kernels of the engine's batches).
 
 pub mod config;
+pub mod device;
 pub mod fused;
 pub mod gpt;
 pub mod infer;
@@ -9,6 +10,7 @@ pub mod kv_cache;
 pub mod ops;
 
 pub use config::{Activation, GptConfig, PRESETS};
+pub use device::{device_name, parse_device};
 pub use gpt::{Gpt, init_weights, last_logits, parameter_shapes};
 pub use infer::WeightDtype;
 pub use kv_cache::{KvDtype, KvSlots, Segment};

@@ -86,6 +86,8 @@ pub struct ServeConfig {
     /// The element type of the KV cache.
     pub kv_dtype: crate::model::KvDtype,
     pub access: Access,
+    /// Where the model runs (`--device`).
+    pub device: candle_core::Device,
 }
 
 /// Who may call the API and how much at once.
@@ -283,7 +285,7 @@ async fn count_requests(State(s): Shared, req: Request, next: Next) -> Response 
 /// Loads the model, opens the database and serves until Ctrl-C. Prints the bound address
 /// (useful with port 0) as `listening on http://ADDR`.
 pub fn serve(cfg: &ServeConfig) -> Result<()> {
-    let mut bot = Chatbot::load(&cfg.ckpt, &candle_core::Device::Cpu)?;
+    let mut bot = Chatbot::load(&cfg.ckpt, &cfg.device)?;
     bot.set_dtypes(cfg.dtype, cfg.kv_dtype)?;
     if !bot.is_chat() {
         eprintln!(

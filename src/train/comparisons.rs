@@ -39,6 +39,8 @@ pub struct LabelConfig {
     pub progress: bool,
     /// The precision the policy's answers are decoded with.
     pub dtype: crate::model::WeightDtype,
+    /// Where the policy runs (`--device`).
+    pub device: Device,
 }
 
 /// What a labelling run wrote.
@@ -97,7 +99,7 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary> {
         "--temperature must be positive"
     );
     ensure!(cfg.max_new_tokens > 0, "--max-new-tokens must be positive");
-    let device = Device::Cpu;
+    let device = cfg.device.clone();
     let ck = Checkpoint::load(&cfg.policy, DType::F32, &device)?;
     let (_, tok) = ck.tokenizer(&cfg.policy)?;
     let template = ChatTemplate::new(&tok)?;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, ensure};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde_json::Value;
 
 use crate::chat::ChatTemplate;
@@ -179,7 +179,7 @@ pub fn dpo(cfg: &DpoConfig) -> Result<TrainOutcome> {
         cfg.nll_coef
     );
     ensure!(cfg.batch_size >= 1, "--batch-size must be at least 1");
-    let ck = Checkpoint::load(&cfg.policy, DType::F32, &Device::Cpu)?;
+    let ck = Checkpoint::load(&cfg.policy, DType::F32, &cfg.train.device)?;
     let (tok_json, tok) = ck.tokenizer(&cfg.policy)?;
     let template = ChatTemplate::new(&tok)?;
     let ctx = ck.config.n_positions;

@@ -81,6 +81,8 @@ fn evenly<T>(all: Vec<T>, n: usize) -> Vec<T> {
 pub struct PpoConfig {
     /// The actor's starting point; also the frozen reference unless `reference` is given.
     pub policy: PathBuf,
+    /// Where the actor, critic, reference and reward model run (`--device`).
+    pub device: Device,
     /// The model the KL penalty keeps the actor near (default: `policy`).
     pub reference: Option<PathBuf>,
     pub reward: RewardSpec,
@@ -482,7 +484,7 @@ impl<'c> Ppo<'c> {
     /// critic (from the reward model, or from SFT with a zero head for the verifier), or the saved
     /// actor, critic, optimizers and position of a run to resume.
     fn start(cfg: &'c PpoConfig) -> Result<Self> {
-        let device = Device::Cpu;
+        let device = cfg.device.clone();
         let world = collective::world();
         ensure!(
             world.size() == 1 || cfg.ptx_data.is_none(),
@@ -500,7 +502,7 @@ impl<'c> Ppo<'c> {
             .transpose()?;
         let reward_model = match &cfg.reward {
             RewardSpec::Model(p) => {
-                let rm = RewardModel::load(p)?;
+                let rm = RewardModel::load(p, &device)?;
                 rm.ensure_tokenizer_of(p, &cfg.policy, Some(&tok_json))?;
                 Some(rm)
             }
@@ -532,7 +534,7 @@ impl<'c> Ppo<'c> {
             .monitor
             .as_deref()
             .map(|p| -> Result<RewardModel> {
-                let rm = RewardModel::load(p)?;
+                let rm = RewardModel::load(p, &device)?;
                 rm.ensure_tokenizer_of(p, &cfg.policy, Some(&tok_json))?;
                 Ok(rm)
             })

@@ -147,7 +147,7 @@ pub fn pretrain(cfg: &PretrainConfig) -> Result<TrainOutcome> {
 
     let (config, weights, parent) = match &cfg.init {
         Some(init) => {
-            let ck = Checkpoint::load(init, DType::F32, &Device::Cpu)?;
+            let ck = Checkpoint::load(init, DType::F32, &cfg.train.device)?;
             (ck.config, ck.weights, Some(init.display().to_string()))
         }
         None => {
@@ -158,7 +158,11 @@ pub fn pretrain(cfg: &PretrainConfig) -> Result<TrainOutcome> {
                 c.eos_token_id = eot;
                 c.bos_token_id = eot;
             }
-            let w = init_weights(&c, cfg.train.seed, DType::F32, &Device::Cpu)?;
+            // Drawn on the CPU whatever the device, so that a seed gives the same model everywhere.
+            let w = init_weights(&c, cfg.train.seed, DType::F32, &Device::Cpu)?
+                .into_iter()
+                .map(|(k, t)| Ok((k, t.to_device(&cfg.train.device)?)))
+                .collect::<Result<_>>()?;
             (c, w, None)
         }
     };
@@ -189,7 +193,7 @@ pub fn pretrain(cfg: &PretrainConfig) -> Result<TrainOutcome> {
         samples: cfg.samples,
         token_bytes,
         tokenizer,
-        device: Device::Cpu,
+        device: cfg.train.device.clone(),
     };
     let init = Init {
         params: ParamSet::from_weights(&config, &weights)?,

@@ -100,8 +100,8 @@ pub struct RewardModel {
 }
 
 impl RewardModel {
-    pub fn load(path: &Path) -> Result<Self> {
-        let ck = Checkpoint::load(path, DType::F32, &Device::Cpu)?;
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let ck = Checkpoint::load(path, DType::F32, device)?;
         let head = ck
             .weights
             .get(SCORE_HEAD)
@@ -371,7 +371,7 @@ pub fn evaluate_reward_model(rm: &RewardModel, paths: &[PathBuf], batch: usize) 
 /// Trains a reward model; it ends up in `train.out/checkpoint` with its `score.weight` head.
 pub fn train_reward_model(cfg: &RewardConfig) -> Result<TrainOutcome> {
     ensure!(cfg.batch_size >= 2, "--batch-size must be at least 2 (a pair)");
-    let ck = Checkpoint::load(&cfg.init, DType::F32, &Device::Cpu)?;
+    let ck = Checkpoint::load(&cfg.init, DType::F32, &cfg.train.device)?;
     let (tok_json, tok) = ck.tokenizer(&cfg.init)?;
     let template = ChatTemplate::new(&tok)?;
     let ctx = ck.config.n_positions;
@@ -417,7 +417,7 @@ pub fn train_reward_model(cfg: &RewardConfig) -> Result<TrainOutcome> {
             let normal = Normal::new(0.0f32, 1.0 / (c as f32 + 1.0).sqrt()).expect("positive std");
             let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.train.seed);
             let head: Vec<f32> = (0..c).map(|_| normal.sample(&mut rng)).collect();
-            Tensor::from_vec(head, (1, c), &Device::Cpu)?
+            Tensor::from_vec(head, (1, c), &cfg.train.device)?
         }
     };
     weights.insert(SCORE_HEAD.into(), head);

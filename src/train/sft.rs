@@ -274,7 +274,7 @@ impl Objective for Sft {
 /// Runs SFT; the chat model ends up in `train.out/checkpoint`.
 pub fn sft(cfg: &SftConfig) -> Result<TrainOutcome> {
     ensure!(cfg.batch_size >= 1, "--batch-size must be at least 1");
-    let ck = Checkpoint::load(&cfg.init, DType::F32, &Device::Cpu)?;
+    let ck = Checkpoint::load(&cfg.init, DType::F32, &cfg.train.device)?;
     let tok_json = ck.tokenizer_json.clone().with_context(|| {
         format!(
             "{} has no tokenizer.json; SFT needs the chat tokens",
@@ -329,7 +329,7 @@ pub fn sft(cfg: &SftConfig) -> Result<TrainOutcome> {
         pad,
         tokenizer,
         template,
-        device: Device::Cpu,
+        device: cfg.train.device.clone(),
     };
     let init = Init {
         params: ParamSet::from_weights(&config, &ck.weights)?,

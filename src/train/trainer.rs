@@ -31,6 +31,8 @@ use crate::train::{AdamW, AdamWConfig, LrSchedule, ParamSet, accumulate, clip_sc
 pub struct TrainConfig {
     /// Run directory: `checkpoint/`, `metrics.jsonl`, plots.
     pub out: PathBuf,
+    /// Where the model, its batches and the optimizer state live (`--device`).
+    pub device: Device,
     /// Optimizer steps (the schedule's length). With `time_budget` and no explicit steps the
     /// loop calibrates this from the speed of its first steps.
     pub steps: Option<u64>,
@@ -236,7 +238,7 @@ impl<'c> Run<'c> {
         let stage = objective.stage();
         std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
         let ckpt_dir = cfg.out.join(CHECKPOINT_DIR);
-        let device = Device::Cpu;
+        let device = cfg.device.clone();
         let world = collective::world();
         let (params, tokenizer_json, parent, step, tokens, total, elapsed_before, opt_state) = if cfg.resume {
             ensure!(

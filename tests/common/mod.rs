@@ -28,6 +28,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 pub fn train_cfg(out: &Path, steps: u64, lr: f64) -> TrainConfig {
     TrainConfig {
         out: out.to_path_buf(),
+        device: candle_core::Device::Cpu,
         steps: Some(steps),
         time_budget: None,
         lr,
