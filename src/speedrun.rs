@@ -275,6 +275,7 @@ fn train_cfg(out: &Path, steps: u64, lr: f64, cfg: &SpeedrunConfig, resume: bool
     TrainConfig {
         out: out.to_path_buf(),
         device: cfg.device.clone(),
+        dtype: candle_core::DType::F32,
         steps: Some(steps),
         time_budget: None,
         lr,
@@ -583,6 +584,7 @@ impl<'c> Chain<'c> {
             let o = ppo::ppo(&PpoConfig {
                 policy: policy.dir.clone(),
                 device: self.cfg.device.clone(),
+                dtype: candle_core::DType::F32,
                 reference: (policy.key != reference.key).then(|| reference.dir.clone()),
                 reward,
                 monitor: monitor.map(|m| m.dir.clone()),

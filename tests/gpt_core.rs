@@ -231,6 +231,42 @@ fn every_parameter_receives_a_gradient_from_the_lm_loss() {
     }
 }
 
+/// Mixed precision (bf16 products, f32 everything else): the f32 loss to bf16's accuracy, and every
+/// parameter's gradient in f32 and pointing where the f32 gradient points.
+#[test]
+fn mixed_precision_keeps_the_loss_and_every_gradient() {
+    let cfg = GptConfig::preset("test").unwrap();
+    let (model, vars) = trainable(&cfg, DType::F32);
+    let (x, y) = batch(&cfg, 2, 16, 3);
+    let full = model.lm_loss(&x, &y, None).unwrap();
+    let tensors: HashMap<String, Tensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    let mut mixed_model = Gpt::from_weights(&cfg, &tensors).unwrap();
+    mixed_model.set_matmul_dtype(Some(DType::BF16));
+    let mixed = mixed_model.lm_loss(&x, &y, None).unwrap();
+    assert_eq!(mixed.dtype(), DType::F32);
+    let (a, b) = (full.to_scalar::<f32>().unwrap(), mixed.to_scalar::<f32>().unwrap());
+    assert!(
+        a != b,
+        "the bf16 products changed nothing: mixed precision is not in effect"
+    );
+    assert!((a - b).abs() < 1e-2 * a, "loss {a} in f32 vs {b} in mixed precision");
+    let (gf, gm) = (full.backward().unwrap(), mixed.backward().unwrap());
+    for (name, v) in &vars {
+        let f = gf.get(v.as_tensor()).unwrap();
+        let m = gm
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name} received no gradient in mixed precision"));
+        assert_eq!(m.dtype(), DType::F32, "{name}");
+        let dot = (f * m).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let norm = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        let cosine = dot / (norm(f) * norm(m)).max(1e-30);
+        assert!(
+            cosine > 0.99,
+            "{name}: gradient cosine {cosine} between f32 and mixed precision"
+        );
+    }
+}
+
 #[test]
 fn loss_gradient_matches_finite_differences() {
     // f64 so that central differences are accurate to ~1e-8.

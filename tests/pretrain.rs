@@ -182,6 +182,42 @@ fn resumed_run_gives_exactly_the_losses_of_an_uninterrupted_run() {
     }
 }
 
+/// Mixed precision (bf16 products) trains as f32 does, to bf16's accuracy, and checkpoints f32.
+#[test]
+fn mixed_precision_pretraining_follows_the_f32_losses_and_saves_f32_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::write_token_shards(&data, 20_000);
+    let (full, mixed) = (tmp.path().join("f32"), tmp.path().join("bf16"));
+    pretrain(&pretrain_config(&data, &full, 12)).unwrap();
+    let mut cfg = pretrain_config(&data, &mixed, 12);
+    cfg.train.dtype = DType::BF16;
+    pretrain(&cfg).unwrap();
+    let (a, b) = (losses(&full), losses(&mixed));
+    assert_eq!(a.len(), 12);
+    assert_ne!(
+        a, b,
+        "the bf16 products changed nothing: mixed precision is not in effect"
+    );
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() < 2e-2 * x,
+            "step {}: loss {x} in f32 vs {y} in mixed precision",
+            i + 1
+        );
+    }
+    assert!(b[11] < b[0] - 0.5, "mixed precision did not learn: {b:?}");
+    let ck = Checkpoint::load(&mixed.join("checkpoint"), DType::F32, &Device::Cpu).unwrap();
+    let raw = std::fs::read(mixed.join("checkpoint/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&raw).unwrap();
+    assert!(st.tensors().iter().all(|(_, t)| t.dtype() == safetensors::Dtype::F32));
+    assert_eq!(ck.weights.len(), st.len());
+    let mut bad = cfg.clone();
+    bad.train.dtype = DType::F16;
+    bad.train.out = tmp.path().join("f16");
+    assert!(err(&bad).contains("--dtype must be f32 or bf16"));
+}
+
 fn err(cfg: &PretrainConfig) -> String {
     match pretrain(cfg) {
         Ok(_) => panic!("expected an error"),

@@ -273,6 +273,7 @@ fn ppo_cfg(f: &Fixture, out: &Path, reward: RewardSpec, steps: u64) -> PpoConfig
     PpoConfig {
         policy: f.sft.clone(),
         device: Device::Cpu,
+        dtype: DType::F32,
         reference: None,
         reward,
         monitor: None,

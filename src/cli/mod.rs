@@ -153,6 +153,10 @@ pub(crate) struct TrainArgs {
     out: PathBuf,
     #[command(flatten)]
     device: DeviceArg,
+    /// The precision of the matrix products: f32, or bf16 for mixed precision (f32 weights,
+    /// optimizer state, loss and checkpoints).
+    #[arg(long, default_value = "f32", value_parser = parse_train_dtype)]
+    dtype: candle_core::DType,
     /// Optimizer steps.
     #[arg(long, required_unless_present = "time_budget")]
     steps: Option<u64>,
@@ -197,6 +201,7 @@ impl TrainArgs {
         Ok(TrainConfig {
             out: self.out.clone(),
             device: self.device.device()?,
+            dtype: self.dtype,
             steps: self.steps,
             time_budget: self.time_budget,
             lr: self.lr,
@@ -263,5 +268,14 @@ pub(crate) fn print_outcome(stage: &str, o: &TrainOutcome) {
     if o.interrupted && talaria::train::trainer::interrupt_flag().load(std::sync::atomic::Ordering::SeqCst) {
         // Stopped by Ctrl-C: a script must not carry on as if the stage had finished.
         std::process::exit(130);
+    }
+}
+
+/// `--dtype` of the training commands.
+pub(crate) fn parse_train_dtype(s: &str) -> std::result::Result<candle_core::DType, String> {
+    match s {
+        "f32" => Ok(candle_core::DType::F32),
+        "bf16" => Ok(candle_core::DType::BF16),
+        _ => Err(format!("expected f32 or bf16, got {s}")),
     }
 }

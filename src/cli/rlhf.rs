@@ -40,6 +40,9 @@ pub(crate) struct PpoArgs {
     policy: PathBuf,
     #[command(flatten)]
     device: DeviceArg,
+    /// The precision of the update's matrix products: f32, or bf16 for mixed precision.
+    #[arg(long, default_value = "f32", value_parser = super::parse_train_dtype)]
+    dtype: candle_core::DType,
     /// A reward-model checkpoint, `verifier` for the default world's rule-based reward, or `gold` for
     /// its gold labeller.
     #[arg(long)]
@@ -155,6 +158,7 @@ impl PpoArgs {
         };
         let cfg = PpoConfig {
             device: self.device.device()?,
+            dtype: self.dtype,
             policy: self.policy,
             reference: self.reference,
             reward,

@@ -120,6 +120,9 @@ pub struct Gpt {
     decode_dtype: infer::WeightDtype,
     /// Whether [`Gpt::new_slots`] keeps keys and values in f16.
     kv_f16: bool,
+    /// Mixed precision of the training forward pass: the products of the linear layers and the LM
+    /// head in this dtype (bf16), weights, activations and loss in f32 ([`Gpt::set_matmul_dtype`]).
+    matmul_dtype: Option<DType>,
 }
 
 impl Gpt {
@@ -199,6 +202,7 @@ impl Gpt {
             packed: None,
             decode_dtype: infer::WeightDtype::F32,
             kv_f16: false,
+            matmul_dtype: None,
         })
     }
 
@@ -238,6 +242,7 @@ impl Gpt {
             packed: None,
             decode_dtype: self.decode_dtype,
             kv_f16: self.kv_f16,
+            matmul_dtype: None,
         }
     }
 
@@ -408,7 +413,7 @@ impl Gpt {
     fn blocks_and_head(&self, mut x: Tensor, branches: Option<&ops::Branches>) -> Result<Tensor> {
         for block in &self.blocks {
             let a = self.ln(&x, &block.ln1_w, &block.ln1_b)?;
-            let qkv = ops::linear(&a, &block.attn_w, &block.attn_b)?;
+            let qkv = self.linear(&a, &block.attn_w, &block.attn_b)?;
             let y = ops::causal_self_attention(&qkv, self.cfg.n_head, branches)?;
             x = self.block_rest(block, &x, &y)?;
         }
@@ -461,10 +466,24 @@ impl Gpt {
 
     /// The rest of a block after attention `y`: output projection and residual, then the MLP.
     fn block_rest(&self, bl: &Block, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-        let x = (x + ops::linear(y, &bl.attn_proj_w, &bl.attn_proj_b)?)?;
+        let x = (x + self.linear(y, &bl.attn_proj_w, &bl.attn_proj_b)?)?;
         let m = self.ln(&x, &bl.ln2_w, &bl.ln2_b)?;
-        let m = ops::activation(&ops::linear(&m, &bl.fc_w, &bl.fc_b)?, self.cfg.activation)?;
-        Ok((&x + ops::linear(&m, &bl.fc_proj_w, &bl.fc_proj_b)?)?)
+        let m = ops::activation(&self.linear(&m, &bl.fc_w, &bl.fc_b)?, self.cfg.activation)?;
+        Ok((&x + self.linear(&m, &bl.fc_proj_w, &bl.fc_proj_b)?)?)
+    }
+
+    /// A linear layer of the blocks, in the mixed precision when one is set.
+    fn linear(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(match self.matmul_dtype {
+            Some(dtype) => ops::linear_in(x, w, b, dtype)?,
+            None => ops::linear(x, w, b)?,
+        })
+    }
+
+    /// Logits `[N, V]` of hidden rows `[N, C]` with the product in the mixed precision (f32 result).
+    fn mixed_logits(&self, rows: &Tensor, dtype: DType) -> Result<Tensor> {
+        let e = self.wte.to_dtype(dtype)?;
+        Ok(rows.to_dtype(dtype)?.matmul(&e.t()?)?.to_dtype(rows.dtype())?)
     }
 
     /// Writes the keys and values of packed `qkv` `[N, 3C]` into the layer's KV buffer `kv` and
@@ -512,6 +531,9 @@ impl Gpt {
     /// Log-probabilities `[R]` of `targets` `[R]` (u32) under the logits of hidden-state rows
     /// `[R, C]`, with a backward pass; on f32 CPU tensors the logits are never held whole.
     pub fn head_target_logprobs(&self, rows: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        if let Some(dtype) = self.matmul_dtype {
+            return Ok(ops::target_logprobs(&self.mixed_logits(rows, dtype)?, targets)?);
+        }
         Ok(ops::head_target_logprobs(rows, &self.wte, targets)?)
     }
 
@@ -538,6 +560,10 @@ impl Gpt {
     pub fn lm_loss(&self, inputs: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
         let hidden = self.forward_hidden(inputs)?;
         let flat_w = weights.map(|w| w.flatten_all()).transpose()?;
+        if let Some(dtype) = self.matmul_dtype {
+            let logits = self.mixed_logits(&hidden.reshape(((), self.cfg.n_embd))?, dtype)?;
+            return Ok(ops::cross_entropy(&logits, &targets.flatten_all()?, flat_w.as_ref())?);
+        }
         Ok(ops::head_cross_entropy(
             &hidden.reshape(((), self.cfg.n_embd))?,
             &self.wte,
@@ -561,6 +587,13 @@ impl Gpt {
     /// computes in f32). Applies on the CPU in f32.
     pub fn set_kv_dtype(&mut self, dtype: super::KvDtype) {
         self.kv_f16 = dtype == super::KvDtype::F16;
+    }
+
+    /// Mixed-precision training: `Some(BF16)` takes the products of the linear layers and the LM
+    /// head in bf16 while weights, LayerNorm, attention, loss and gradients stay f32 (`None`: all
+    /// f32). Untracked views ([`Gpt::detached`]) decode in f32 either way.
+    pub fn set_matmul_dtype(&mut self, dtype: Option<DType>) {
+        self.matmul_dtype = dtype;
     }
 }
 

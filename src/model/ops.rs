@@ -41,6 +41,20 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     composed::linear(x, w, b)
 }
 
+/// [`linear`] with the product taken in `dtype` (mixed precision: bf16 products of the f32 weights
+/// and activations) and the result and bias add back in `x`'s dtype. Composed candle ops, so it has
+/// a backward pass on every device; the gradients reach the f32 weights through the casts.
+pub fn linear_in(x: &Tensor, w: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (k, n) = w.dims2()?;
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, k))?.to_dtype(dtype)?.matmul(&w.to_dtype(dtype)?)?;
+    let y = y.to_dtype(x.dtype())?.broadcast_add(b)?;
+    let mut out = dims;
+    *out.last_mut().expect("rank >= 1") = n;
+    y.reshape(out)
+}
+
 /// `x E^T` for `x` `[N, C]` and `E` `[V, C]` (the tied LM head). Untracked f32 CPU rows as in
 /// [`linear`] take the inference kernel; the rest a candle matmul.
 pub fn matmul_transposed(x: &Tensor, e: &Tensor) -> Result<Tensor> {

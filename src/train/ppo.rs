@@ -83,6 +83,9 @@ pub struct PpoConfig {
     pub policy: PathBuf,
     /// Where the actor, critic, reference and reward model run (`--device`).
     pub device: Device,
+    /// The precision of the actor's and critic's matrix products in the update: F32, or BF16 for
+    /// mixed precision (`--dtype`; rollouts and the other passes stay f32).
+    pub dtype: DType,
     /// The model the KL penalty keeps the actor near (default: `policy`).
     pub reference: Option<PathBuf>,
     pub reward: RewardSpec,
@@ -139,6 +142,11 @@ pub struct PpoConfig {
 impl PpoConfig {
     fn validate(&self) -> Result<()> {
         ensure!(self.steps > 0, "--steps must be positive");
+        ensure!(
+            matches!(self.dtype, DType::F32 | DType::BF16),
+            "--dtype must be f32 or bf16, got {:?}",
+            self.dtype
+        );
         ensure!(
             self.prompts_per_step > 0 && self.samples_per_prompt > 0,
             "--prompts-per-step and --samples-per-prompt must be positive"
@@ -577,7 +585,8 @@ impl<'c> Ppo<'c> {
             cfg.policy.display()
         );
         let actor = ParamSet::from_weights(&actor_ck.config, &actor_ck.weights)?;
-        let actor_model = actor.model()?;
+        let mut actor_model = actor.model()?;
+        actor_model.set_matmul_dtype((cfg.dtype != DType::F32).then_some(cfg.dtype));
         let rollout_model = actor_model.detached();
         let adam = AdamWConfig {
             weight_decay: 0.0,
@@ -611,7 +620,8 @@ impl<'c> Ppo<'c> {
         );
         let critic = ParamSet::with_heads(&critic_cfg, &critic_weights, &[SCORE_HEAD])?;
         let mut critic_opt = AdamW::new(critic.vars(), adam)?;
-        let critic_model = critic.model()?;
+        let mut critic_model = critic.model()?;
+        critic_model.set_matmul_dtype((cfg.dtype != DType::F32).then_some(cfg.dtype));
         let value_head = critic.get(SCORE_HEAD).expect("head present").clone();
         let critic_view = critic_model.detached();
 

@@ -33,6 +33,9 @@ pub struct TrainConfig {
     pub out: PathBuf,
     /// Where the model, its batches and the optimizer state live (`--device`).
     pub device: Device,
+    /// The precision of the forward pass's matrix products: F32, or BF16 for mixed precision
+    /// (weights, optimizer state, loss and checkpoints stay f32; `--dtype`).
+    pub dtype: DType,
     /// Optimizer steps (the schedule's length). With `time_budget` and no explicit steps the
     /// loop calibrates this from the speed of its first steps.
     pub steps: Option<u64>,
@@ -77,6 +80,11 @@ impl TrainConfig {
             self.min_lr
         );
         ensure!(self.grad_accum >= 1, "--grad-accum must be at least 1");
+        ensure!(
+            matches!(self.dtype, DType::F32 | DType::BF16),
+            "--dtype must be f32 or bf16, got {:?}",
+            self.dtype
+        );
         ensure!(
             self.eval_every >= 1 && self.save_every >= 1,
             "--eval-every and --save-every must be at least 1"
@@ -308,7 +316,8 @@ impl<'c> Run<'c> {
         if let Some(state) = &opt_state {
             opt.load_state(state)?;
         }
-        let model = params.model()?;
+        let mut model = params.model()?;
+        model.set_matmul_dtype((cfg.dtype != DType::F32).then_some(cfg.dtype));
         let metrics = match world.rank() {
             0 => Some(MetricsLog::open(&cfg.out, stage, step)?),
             _ => None,

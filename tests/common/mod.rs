@@ -29,6 +29,7 @@ pub fn train_cfg(out: &Path, steps: u64, lr: f64) -> TrainConfig {
     TrainConfig {
         out: out.to_path_buf(),
         device: candle_core::Device::Cpu,
+        dtype: candle_core::DType::F32,
         steps: Some(steps),
         time_budget: None,
         lr,
