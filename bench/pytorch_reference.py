@@ -7,6 +7,10 @@ figures and, with --json, one JSON object with the same keys on the last line.
 
     python3 bench/pytorch_reference.py train --json
     python3 bench/pytorch_reference.py decode --json
+
+On a GPU (scripts/gpu_check.sh): `train --preset gpt2 --device cuda --dtype bf16 [--compile]`, bf16
+autocast with f32 weights and optimizer state, the reference for `talaria bench train --device cuda
+--dtype bf16`.
 """
 
 import argparse
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 PRESETS = {
     "test": dict(vocab=512, ctx=64, width=32, layers=2, heads=4),
     "bench": dict(vocab=8192, ctx=256, width=384, layers=6, heads=6),
+    "gpt2": dict(vocab=50257, ctx=1024, width=768, layers=12, heads=12),
 }
 
 
@@ -74,7 +79,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, caches=None, pos=0):
         t = idx.shape[1]
-        x = self.wte(idx) + self.wpe(torch.arange(pos, pos + t))
+        x = self.wte(idx) + self.wpe(torch.arange(pos, pos + t, device=idx.device))
         for i, blk in enumerate(self.h):
             x = blk(x, None if caches is None else caches[i], pos)
         return self.ln_f(x) @ self.wte.weight.t()
@@ -85,13 +90,20 @@ def forward_flops_per_token(p, attended):
     return 2.0 * (l * 12 * c * c + c * v) + l * 4.0 * c * attended
 
 
-def peak_matmul_gflops():
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_matmul_gflops(device, dtype):
+    n = 1024 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(6):
+        sync(device)
         t = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2.0 * n**3 / best / 1e9
 
@@ -104,12 +116,19 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32", help="train: bf16 autocast")
+    ap.add_argument("--compile", action="store_true", help="train: torch.compile the model")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     p = PRESETS[a.preset]
-    peak = peak_matmul_gflops()
-    model = GPT(p)
+    device = torch.device(a.device)
+    assert a.what == "train" or device.type == "cpu", "decode runs on the CPU only"
+    amp = torch.bfloat16 if a.dtype == "bf16" else None
+    peak = peak_matmul_gflops(device, amp or torch.float32)
+    model = GPT(p).to(device)
+    step_model = torch.compile(model) if a.compile else model
     if a.what == "train":
         steps = a.steps or 5
         decay = [w for w in model.parameters() if w.dim() >= 2]
@@ -122,17 +141,22 @@ def main():
         )
         b, t = a.batch, p["ctx"]
         times = []
-        for step in range(steps + 1):
-            data = torch.randint(0, p["vocab"], (b, t + 1))
+        # With --compile the first steps compile; they are left out of the timing.
+        warmup = 3 if a.compile else 1
+        for step in range(steps + warmup):
+            data = torch.randint(0, p["vocab"], (b, t + 1), device=device)
             x, y = data[:, :-1], data[:, 1:]
+            sync(device)
             start = time.perf_counter()
-            logits = model(x)
-            loss = F.cross_entropy(logits.reshape(-1, p["vocab"]), y.reshape(-1))
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = step_model(x)
+                loss = F.cross_entropy(logits.reshape(-1, p["vocab"]).float(), y.reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            if step > 0:
+            sync(device)
+            if step >= warmup:
                 times.append(time.perf_counter() - start)
         step_s = sorted(times)[len(times) // 2] if len(times) % 2 else 0.5 * sum(sorted(times)[len(times) // 2 - 1 : len(times) // 2 + 1])
         tokens_per_s = b * t / step_s
@@ -170,7 +194,8 @@ def main():
     print(f"median step         {1e3 * step_s:.2f} ms")
     if a.json:
         print(json.dumps(dict(
-            impl="pytorch", kind=a.what, preset=a.preset, threads=torch.get_num_threads(),
+            impl="pytorch" + ("+compile" if a.compile else ""), kind=a.what, preset=a.preset,
+            threads=torch.get_num_threads(), device=a.device, dtype=a.dtype,
             tokens_per_s=tokens_per_s, gflops=gflops, peak_matmul_gflops=peak,
             peak_rss_mib=rss, median_step_s=step_s,
         )))

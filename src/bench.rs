@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde_json::json;
@@ -146,7 +146,13 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         BenchKind::Train => {
             let params = ParamSet::from_weights(&model_cfg, &weights)?;
             drop(weights);
-            let model = params.model()?;
+            let mut model = params.model()?;
+            // --dtype bf16: mixed-precision training, as `bench/pytorch_reference.py --dtype bf16`.
+            match cfg.dtype {
+                crate::model::WeightDtype::F32 => {}
+                crate::model::WeightDtype::Bf16 => model.set_matmul_dtype(Some(DType::BF16)),
+                other => bail!("bench train takes --dtype f32 or bf16 (mixed precision), not {other}"),
+            }
             let mut opt = AdamW::new(params.vars(), AdamWConfig::default())?;
             let (b, t) = (cfg.batch, model_cfg.n_positions);
             let mut rng = StdRng::seed_from_u64(0);
@@ -158,12 +164,15 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
                     .collect();
                 let all = Tensor::from_vec(data, (b, t + 1), &device)?;
                 let (x, y) = (all.narrow(1, 0, t)?, all.narrow(1, 1, t)?);
+                // A GPU runs asynchronously: each step is timed from an idle device to an idle device.
+                device.synchronize()?;
                 let start = Instant::now();
                 let loss = model.lm_loss(&x, &y, None)?;
                 let grads = params.grads(&loss.backward()?)?;
                 let norm = global_norm(&grads)?;
                 let scale = if norm > 1.0 { 1.0 / norm } else { 1.0 };
                 opt.step(&grads, 3e-4, scale)?;
+                device.synchronize()?;
                 if step > 0 {
                     times.push(start.elapsed().as_secs_f64());
                 }

@@ -61,6 +61,8 @@ pub struct SpeedrunPreset {
     /// Weight of the chosen answers' NLL in the DPO loss (RPO).
     pub dpo_nll_coef: f64,
     pub max_new_tokens: usize,
+    /// Mixed precision (bf16 matrix products, f32 weights) in the training stages.
+    pub bf16: bool,
 }
 
 /// The settings of one PPO stage.
@@ -89,7 +91,7 @@ const TINY_PPO: PpoPreset = PpoPreset {
 };
 
 /// `cpu`: the README's main job, sized for 20 minutes on two laptop cores. `tiny`: a
-/// three-minute smoke test of every stage.
+/// three-minute smoke test of every stage. `gpu`: GPT-2 small's shape for one GPU.
 pub fn preset(name: &str) -> Result<SpeedrunPreset> {
     match name {
         "cpu" => Ok(SpeedrunPreset {
@@ -140,6 +142,7 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             dpo_beta: 0.1,
             dpo_nll_coef: 1.0,
             max_new_tokens: 40,
+            bf16: false,
         }),
         "tiny" => Ok(SpeedrunPreset {
             name: "tiny",
@@ -164,8 +167,54 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             dpo_beta: 0.1,
             dpo_nll_coef: 1.0,
             max_new_tokens: 12,
+            bf16: false,
         }),
-        other => bail!("unknown speedrun preset {other:?}; choose cpu or tiny"),
+        // One GPU (`--device cuda`): GPT-2 small's shape on a default world four times the `cpu`
+        // one's, in mixed precision, at nanoGPT's pretraining rate for that shape and the `cpu`
+        // preset's KL settings. Meant for about ten minutes on one H100-class GPU; it has not run
+        // on one yet (scripts/gpu_check.sh runs it where a GPU is lent).
+        "gpu" => Ok(SpeedrunPreset {
+            name: "gpu",
+            synth_scale: 4.0,
+            vocab_size: 300,
+            model: "gpt2",
+            seq_len: 256,
+            pretrain_steps: 2000,
+            pretrain_batch: 32,
+            pretrain_lr: 6e-4,
+            sft_steps: 800,
+            sft_batch: 32,
+            sft_lr: 1e-4,
+            label_samples: 4,
+            reward_steps: 500,
+            reward_batch: 32,
+            reward_lr: 5e-5,
+            ppo: PpoPreset {
+                steps: 40,
+                prompts: 32,
+                samples: 8,
+                lr: 5e-6,
+                kl_coef: 0.15,
+                epochs: 2,
+                temperature: 1.0,
+            },
+            ppo_gold: PpoPreset {
+                steps: 40,
+                prompts: 32,
+                samples: 8,
+                lr: 5e-6,
+                kl_coef: 0.05,
+                epochs: 2,
+                temperature: 0.7,
+            },
+            dpo_steps: 300,
+            dpo_lr: 1e-5,
+            dpo_beta: 0.1,
+            dpo_nll_coef: 1.0,
+            max_new_tokens: 40,
+            bf16: true,
+        }),
+        other => bail!("unknown speedrun preset {other:?}; choose cpu, tiny or gpu"),
     }
 }
 
@@ -275,7 +324,11 @@ fn train_cfg(out: &Path, steps: u64, lr: f64, cfg: &SpeedrunConfig, resume: bool
     TrainConfig {
         out: out.to_path_buf(),
         device: cfg.device.clone(),
-        dtype: candle_core::DType::F32,
+        dtype: if cfg.preset.bf16 {
+            candle_core::DType::BF16
+        } else {
+            candle_core::DType::F32
+        },
         steps: Some(steps),
         time_budget: None,
         lr,
@@ -584,7 +637,11 @@ impl<'c> Chain<'c> {
             let o = ppo::ppo(&PpoConfig {
                 policy: policy.dir.clone(),
                 device: self.cfg.device.clone(),
-                dtype: candle_core::DType::F32,
+                dtype: if p.bf16 {
+                    candle_core::DType::BF16
+                } else {
+                    candle_core::DType::F32
+                },
                 reference: (policy.key != reference.key).then(|| reference.dir.clone()),
                 reward,
                 monitor: monitor.map(|m| m.dir.clone()),

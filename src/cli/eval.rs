@@ -40,7 +40,8 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object with the figures on the last line.
     #[arg(long)]
     json: bool,
-    /// Decode: the precision the decoding kernels read the weights in (f32, f16, bf16 or q8).
+    /// Decode: the precision the decoding kernels read the weights in (f32, f16, bf16 or q8);
+    /// train: f32, or bf16 for mixed precision.
     #[arg(long, default_value = "f32")]
     dtype: talaria::model::WeightDtype,
     /// Decode: the KV cache's element type (f32 or f16).

@@ -82,7 +82,8 @@ pub(crate) struct RewardArgs {
 
 #[derive(Args)]
 pub(crate) struct SpeedrunArgs {
-    /// cpu (about 20 minutes on two cores) or tiny (a few minutes, a smoke test).
+    /// cpu (about 20 minutes on two cores), tiny (a few minutes, a smoke test) or gpu (GPT-2 small's
+    /// shape in mixed precision, with --device cuda).
     #[arg(long, default_value = "cpu")]
     preset: String,
     #[command(flatten)]
