@@ -5,7 +5,8 @@
 #   eval "$(bash scripts/install_cuda_build_tools.sh .cuda-tools | grep '^export ')"
 #   cargo build --release --features cuda --target-dir target/cuda
 #
-# then, on the GPU machine, from the repository root:
+# (the stripped binary is about 68 MB, 19 MB gzipped: `strip` and `gzip -9` it to carry it), then,
+# on the GPU machine, from the repository root:
 #
 #   bash scripts/gpu_check.sh target/cuda/release/talaria OUT [SPEEDRUN_SECONDS]
 #

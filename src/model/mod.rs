@@ -10,7 +10,7 @@ pub mod kv_cache;
 pub mod ops;
 
 pub use config::{Activation, GptConfig, PRESETS};
-pub use device::{device_name, parse_device};
+pub use device::parse_device;
 pub use gpt::{Gpt, init_weights, last_logits, parameter_shapes};
 pub use infer::WeightDtype;
 pub use kv_cache::{KvDtype, KvSlots, Segment};
