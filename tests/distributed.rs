@@ -462,6 +462,31 @@ fn a_binary_without_mpi_and_single_process_commands_refuse_to_run_under_mpirun()
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(stderr.contains("only pretrain, sft, reward, dpo and ppo"), "{stderr}");
+    let o = mpirun(
+        2,
+        mpi_bin,
+        &[
+            "ppo",
+            "--policy",
+            &out,
+            "--reward",
+            "gold",
+            "--prompts",
+            d,
+            "--out",
+            &out,
+            "--prompts-per-step",
+            "1",
+        ],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("--prompts-per-step 1 is fewer than the 2 ranks"),
+        "{stderr}"
+    );
 }
 
 /// The pid of rank `rank` among the children of the `mpirun` process `parent`.

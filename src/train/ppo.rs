@@ -498,6 +498,12 @@ impl<'c> Ppo<'c> {
             world.size() == 1 || cfg.ptx_data.is_none(),
             "--ptx-data runs on one process only: its batches follow each rank's chunks of a minibatch"
         );
+        ensure!(
+            cfg.prompts_per_step >= world.size(),
+            "--prompts-per-step {} is fewer than the {} ranks: every rank answers at least one prompt a step",
+            cfg.prompts_per_step,
+            world.size()
+        );
         let sft = Checkpoint::load(&cfg.policy, DType::F32, &device)?;
         let (tok_json, tok) = sft.tokenizer(&cfg.policy)?;
         let template = ChatTemplate::new(&tok)?;
