@@ -150,7 +150,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
             // --dtype bf16: mixed-precision training, as `bench/pytorch_reference.py --dtype bf16`.
             match cfg.dtype {
                 crate::model::WeightDtype::F32 => {}
-                crate::model::WeightDtype::Bf16 => model.set_matmul_dtype(Some(DType::BF16)),
+                crate::model::WeightDtype::Bf16 => model.set_matmul_dtype(DType::BF16),
                 other => bail!("bench train takes --dtype f32 or bf16 (mixed precision), not {other}"),
             }
             let mut opt = AdamW::new(params.vars(), AdamWConfig::default())?;
@@ -431,10 +431,7 @@ fn random_chatbot(preset: &str, device: &Device) -> Result<crate::engine::Chatbo
     )?;
     let _ = std::fs::remove_dir_all(&dir);
     model_cfg.vocab_size = tok.vocab_size();
-    let weights = init_weights(&model_cfg, 0, DType::F32, &Device::Cpu)?
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_device(device)?)))
-        .collect::<Result<_>>()?;
+    let weights = init_weights(&model_cfg, 0, DType::F32, device)?;
     crate::engine::Chatbot::new(Gpt::from_weights(&model_cfg, &weights)?, tok)
 }
 

@@ -65,6 +65,17 @@ pub struct SpeedrunPreset {
     pub bf16: bool,
 }
 
+impl SpeedrunPreset {
+    /// The training stages' `--dtype`.
+    fn train_dtype(&self) -> candle_core::DType {
+        if self.bf16 {
+            candle_core::DType::BF16
+        } else {
+            candle_core::DType::F32
+        }
+    }
+}
+
 /// The settings of one PPO stage.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PpoPreset {
@@ -324,11 +335,7 @@ fn train_cfg(out: &Path, steps: u64, lr: f64, cfg: &SpeedrunConfig, resume: bool
     TrainConfig {
         out: out.to_path_buf(),
         device: cfg.device.clone(),
-        dtype: if cfg.preset.bf16 {
-            candle_core::DType::BF16
-        } else {
-            candle_core::DType::F32
-        },
+        dtype: cfg.preset.train_dtype(),
         steps: Some(steps),
         time_budget: None,
         lr,
@@ -637,11 +644,7 @@ impl<'c> Chain<'c> {
             let o = ppo::ppo(&PpoConfig {
                 policy: policy.dir.clone(),
                 device: self.cfg.device.clone(),
-                dtype: if p.bf16 {
-                    candle_core::DType::BF16
-                } else {
-                    candle_core::DType::F32
-                },
+                dtype: p.train_dtype(),
                 reference: (policy.key != reference.key).then(|| reference.dir.clone()),
                 reward,
                 monitor: monitor.map(|m| m.dir.clone()),

@@ -10,11 +10,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use talaria::checkpoint::Checkpoint;
-use talaria::data::readers::ReadOptions;
-use talaria::data::synth::{self, SynthConfig};
 use talaria::metrics::read_metrics;
 use talaria::model::{GptConfig, init_weights};
-use talaria::tokenizer;
 
 mod common;
 
@@ -115,6 +112,20 @@ fn assert_same_losses(a: &[f64], b: &[f64], steps: usize, tol: f64, what: &str) 
     }
 }
 
+/// Runs `a` and `b` of `stage`: the same per-step losses (within `loss_tol`) and final weights
+/// (within `weight_tol`).
+fn assert_same_run(a: &str, b: &str, stage: &str, steps: usize, loss_tol: f64, weight_tol: f32) {
+    let (a, b) = (Path::new(a), Path::new(b));
+    assert_same_losses(
+        &losses(a, stage),
+        &losses(b, stage),
+        steps,
+        loss_tol,
+        &b.display().to_string(),
+    );
+    assert_same_weights(&a.join("checkpoint"), &b.join("checkpoint"), weight_tol);
+}
+
 /// Every weight of the two checkpoints equal within `tol` relative to its tensor's largest value
 /// (at least 0.01: a bias that starts at zero moves by little more than the rounding).
 fn assert_same_weights(a: &Path, b: &Path, tol: f32) {
@@ -178,18 +189,7 @@ fn two_ranks_pretrain_as_one_process_with_twice_the_accumulation_and_resume_exac
         1,
         "rank 0 alone reports: {stdout}"
     );
-    assert_same_losses(
-        &losses(Path::new(&solo), "pretrain"),
-        &losses(Path::new(&two), "pretrain"),
-        6,
-        1e-5,
-        "2 ranks",
-    );
-    assert_same_weights(
-        &Path::new(&solo).join("checkpoint"),
-        &Path::new(&two).join("checkpoint"),
-        1e-5,
-    );
+    assert_same_run(&solo, &two, "pretrain", 6, 1e-5, 1e-5);
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(Path::new(&two).join("checkpoint/talaria.json")).unwrap())
             .unwrap();
@@ -199,18 +199,7 @@ fn two_ranks_pretrain_as_one_process_with_twice_the_accumulation_and_resume_exac
     let out = run_ok(mpirun(2, bin, &pretrain_args(d, &resumed, "1", &["--stop-at", "3"])));
     assert!(String::from_utf8_lossy(&out.stdout).contains("stopped early"));
     run_ok(mpirun(2, bin, &pretrain_args(d, &resumed, "1", &["--resume"])));
-    assert_same_losses(
-        &losses(Path::new(&two), "pretrain"),
-        &losses(Path::new(&resumed), "pretrain"),
-        6,
-        1e-9,
-        "resumed",
-    );
-    assert_same_weights(
-        &Path::new(&two).join("checkpoint"),
-        &Path::new(&resumed).join("checkpoint"),
-        1e-7,
-    );
+    assert_same_run(&two, &resumed, "pretrain", 6, 1e-9, 1e-7);
 
     // Resumed as one process with twice the accumulation: the same global batch, the same stream.
     let moved = path("moved");
@@ -218,18 +207,7 @@ fn two_ranks_pretrain_as_one_process_with_twice_the_accumulation_and_resume_exac
     let out = run_ok(one_process(bin, &pretrain_args(d, &moved, "2", &["--resume"])));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("resuming a run saved on 2 rank(s) on 1"), "{stderr}");
-    assert_same_losses(
-        &losses(Path::new(&two), "pretrain"),
-        &losses(Path::new(&moved), "pretrain"),
-        6,
-        1e-5,
-        "moved",
-    );
-    assert_same_weights(
-        &Path::new(&two).join("checkpoint"),
-        &Path::new(&moved).join("checkpoint"),
-        1e-5,
-    );
+    assert_same_run(&two, &moved, "pretrain", 6, 1e-5, 1e-5);
 }
 
 #[test]
@@ -237,19 +215,7 @@ fn sft_reward_dpo_and_ppo_on_two_ranks_match_one_process() {
     let Some(bin) = mpi_binary() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let world = tmp.path().join("world");
-    synth::generate(&SynthConfig {
-        out: world.clone(),
-        seed: 1,
-        scale: 0.05,
-    })
-    .unwrap();
-    let tcfg = tokenizer::TrainConfig {
-        vocab_size: 300,
-        min_frequency: 2,
-        show_progress: false,
-    };
-    let (tok, _) =
-        talaria::data::bpe::train_from_files(&[world.join("pretrain.txt")], &ReadOptions::default(), &tcfg).unwrap();
+    let tok = common::small_world(&world, 300);
     let mut cfg = GptConfig::preset("test").unwrap();
     cfg.vocab_size = tok.vocab_size();
     // Room for the default world's longest prompts and an answer.
@@ -377,8 +343,7 @@ fn sft_reward_dpo_and_ppo_on_two_ranks_match_one_process() {
         ));
         let two_args = run(&two, "1");
         run_ok(mpirun(2, bin, &two_args.iter().map(String::as_str).collect::<Vec<_>>()));
-        assert_same_losses(&losses(&solo, stage), &losses(&two, stage), 4, 1e-5, stage);
-        assert_same_weights(&solo.join("checkpoint"), &two.join("checkpoint"), 1e-5);
+        assert_same_run(solo.to_str().unwrap(), two.to_str().unwrap(), stage, 4, 1e-5, 1e-5);
     }
 }
 

@@ -241,7 +241,7 @@ fn mixed_precision_keeps_the_loss_and_every_gradient() {
     let full = model.lm_loss(&x, &y, None).unwrap();
     let tensors: HashMap<String, Tensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
     let mut mixed_model = Gpt::from_weights(&cfg, &tensors).unwrap();
-    mixed_model.set_matmul_dtype(Some(DType::BF16));
+    mixed_model.set_matmul_dtype(DType::BF16);
     let mixed = mixed_model.lm_loss(&x, &y, None).unwrap();
     assert_eq!(mixed.dtype(), DType::F32);
     let (a, b) = (full.to_scalar::<f32>().unwrap(), mixed.to_scalar::<f32>().unwrap());

@@ -9,9 +9,7 @@ use talaria::chat::{ChatTemplate, Message, Role};
 use talaria::data::preferences::read_preferences;
 use talaria::data::prepare::{PrepareConfig, prepare};
 use talaria::data::prompts::PromptRecord;
-use talaria::data::readers::ReadOptions;
 use talaria::data::shards::{Split, TokenLoader};
-use talaria::data::synth::{self, SynthConfig};
 use talaria::eval::tasks::{reward_on_mistakes, win_rate};
 use talaria::metrics::read_metrics;
 use talaria::model::{Gpt, GptConfig, init_weights};
@@ -51,20 +49,7 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let world = dir.path().join("world");
-        synth::generate(&SynthConfig {
-            out: world.clone(),
-            seed: 1,
-            scale: 0.05,
-        })
-        .unwrap();
-        let tcfg = tokenizer::TrainConfig {
-            vocab_size: 400,
-            min_frequency: 2,
-            show_progress: false,
-        };
-        let (tok, _) =
-            talaria::data::bpe::train_from_files(&[world.join("pretrain.txt")], &ReadOptions::default(), &tcfg)
-                .unwrap();
+        let tok = common::small_world(&world, 400);
         let mut cfg = GptConfig::preset("tiny").unwrap();
         cfg.vocab_size = tok.vocab_size();
         let w = init_weights(&cfg, 2, DType::F32, &Device::Cpu).unwrap();

@@ -589,11 +589,11 @@ impl Gpt {
         self.kv_f16 = dtype == super::KvDtype::F16;
     }
 
-    /// Mixed-precision training: `Some(BF16)` takes the products of the linear layers and the LM
-    /// head in bf16 while weights, LayerNorm, attention, loss and gradients stay f32 (`None`: all
-    /// f32). Untracked views ([`Gpt::detached`]) decode in f32 either way.
-    pub fn set_matmul_dtype(&mut self, dtype: Option<DType>) {
-        self.matmul_dtype = dtype;
+    /// Mixed-precision training: `BF16` takes the products of the linear layers and the LM head in
+    /// bf16 while weights, LayerNorm, attention, loss and gradients stay f32; the model's own dtype
+    /// turns it off. Untracked views ([`Gpt::detached`]) decode in the model's dtype either way.
+    pub fn set_matmul_dtype(&mut self, dtype: DType) {
+        self.matmul_dtype = (dtype != self.dtype()).then_some(dtype);
     }
 }
 

@@ -142,11 +142,7 @@ pub struct PpoConfig {
 impl PpoConfig {
     fn validate(&self) -> Result<()> {
         ensure!(self.steps > 0, "--steps must be positive");
-        ensure!(
-            matches!(self.dtype, DType::F32 | DType::BF16),
-            "--dtype must be f32 or bf16, got {:?}",
-            self.dtype
-        );
+        crate::train::trainer::ensure_matmul_dtype(self.dtype)?;
         ensure!(
             self.prompts_per_step > 0 && self.samples_per_prompt > 0,
             "--prompts-per-step and --samples-per-prompt must be positive"
@@ -592,7 +588,7 @@ impl<'c> Ppo<'c> {
         );
         let actor = ParamSet::from_weights(&actor_ck.config, &actor_ck.weights)?;
         let mut actor_model = actor.model()?;
-        actor_model.set_matmul_dtype((cfg.dtype != DType::F32).then_some(cfg.dtype));
+        actor_model.set_matmul_dtype(cfg.dtype);
         let rollout_model = actor_model.detached();
         let adam = AdamWConfig {
             weight_decay: 0.0,
@@ -627,7 +623,7 @@ impl<'c> Ppo<'c> {
         let critic = ParamSet::with_heads(&critic_cfg, &critic_weights, &[SCORE_HEAD])?;
         let mut critic_opt = AdamW::new(critic.vars(), adam)?;
         let mut critic_model = critic.model()?;
-        critic_model.set_matmul_dtype((cfg.dtype != DType::F32).then_some(cfg.dtype));
+        critic_model.set_matmul_dtype(cfg.dtype);
         let value_head = critic.get(SCORE_HEAD).expect("head present").clone();
         let critic_view = critic_model.detached();
 

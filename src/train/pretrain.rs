@@ -158,11 +158,7 @@ pub fn pretrain(cfg: &PretrainConfig) -> Result<TrainOutcome> {
                 c.eos_token_id = eot;
                 c.bos_token_id = eot;
             }
-            // Drawn on the CPU whatever the device, so that a seed gives the same model everywhere.
-            let w = init_weights(&c, cfg.train.seed, DType::F32, &Device::Cpu)?
-                .into_iter()
-                .map(|(k, t)| Ok((k, t.to_device(&cfg.train.device)?)))
-                .collect::<Result<_>>()?;
+            let w = init_weights(&c, cfg.train.seed, DType::F32, &cfg.train.device)?;
             (c, w, None)
         }
     };

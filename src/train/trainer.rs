@@ -80,11 +80,7 @@ impl TrainConfig {
             self.min_lr
         );
         ensure!(self.grad_accum >= 1, "--grad-accum must be at least 1");
-        ensure!(
-            matches!(self.dtype, DType::F32 | DType::BF16),
-            "--dtype must be f32 or bf16, got {:?}",
-            self.dtype
-        );
+        ensure_matmul_dtype(self.dtype)?;
         ensure!(
             self.eval_every >= 1 && self.save_every >= 1,
             "--eval-every and --save-every must be at least 1"
@@ -104,6 +100,15 @@ impl TrainConfig {
         );
         Ok(())
     }
+}
+
+/// Rejects a `--dtype` of the training commands other than f32 and bf16 (mixed precision).
+pub fn ensure_matmul_dtype(dtype: DType) -> Result<()> {
+    ensure!(
+        matches!(dtype, DType::F32 | DType::BF16),
+        "--dtype must be f32 or bf16, got {dtype:?}"
+    );
+    Ok(())
 }
 
 /// What an evaluation produced: named values for `metrics.jsonl` and text samples to show.
@@ -317,7 +322,7 @@ impl<'c> Run<'c> {
             opt.load_state(state)?;
         }
         let mut model = params.model()?;
-        model.set_matmul_dtype((cfg.dtype != DType::F32).then_some(cfg.dtype));
+        model.set_matmul_dtype(cfg.dtype);
         let metrics = match world.rank() {
             0 => Some(MetricsLog::open(&cfg.out, stage, step)?),
             _ => None,

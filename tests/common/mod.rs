@@ -164,3 +164,23 @@ pub fn write_token_shards(dir: &Path, n: usize) {
     talaria::data::shards::write_shard(&dir.join("train_0000.bin"), &stream(n), 64).unwrap();
     talaria::data::shards::write_shard(&dir.join("val_0000.bin"), &stream(n / 4), 64).unwrap();
 }
+
+/// A small default world (seed 1, scale 0.05) in `dir` and a BPE tokenizer of `vocab_size` tokens
+/// trained on its pretraining text.
+pub fn small_world(dir: &Path, vocab_size: usize) -> talaria::tokenizer::Tokenizer {
+    talaria::data::synth::generate(&talaria::data::synth::SynthConfig {
+        out: dir.to_path_buf(),
+        seed: 1,
+        scale: 0.05,
+    })
+    .unwrap();
+    let cfg = talaria::tokenizer::TrainConfig {
+        vocab_size,
+        min_frequency: 2,
+        show_progress: false,
+    };
+    let read = talaria::data::readers::ReadOptions::default();
+    talaria::data::bpe::train_from_files(&[dir.join("pretrain.txt")], &read, &cfg)
+        .unwrap()
+        .0
+}
