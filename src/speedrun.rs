@@ -85,9 +85,17 @@ pub struct PpoPreset {
     pub samples: usize,
     pub lr: f64,
     pub kl_coef: f64,
+    /// Weight of the exact-KL term in the actor's loss (`talaria ppo --kl-loss-coef`); left out of
+    /// the stage key when 0, so runs made before the term existed are reused.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub kl_loss: f64,
     pub epochs: usize,
     /// Sampling temperature of the rollouts (and of the PPO loss).
     pub temperature: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// Both PPO stages of the smoke test: a few steps, enough to exercise every part of the loop.
@@ -97,6 +105,7 @@ const TINY_PPO: PpoPreset = PpoPreset {
     samples: 2,
     lr: 2e-5,
     kl_coef: 0.1,
+    kl_loss: 0.0,
     epochs: 1,
     temperature: 1.0,
 };
@@ -133,6 +142,7 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
                 samples: 8,
                 lr: 2e-5,
                 kl_coef: 0.15,
+                kl_loss: 0.0,
                 epochs: 2,
                 temperature: 1.0,
             },
@@ -145,6 +155,7 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
                 samples: 8,
                 lr: 2e-5,
                 kl_coef: 0.05,
+                kl_loss: 0.0,
                 epochs: 2,
                 temperature: 0.7,
             },
@@ -206,6 +217,7 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
                 samples: 8,
                 lr: 5e-6,
                 kl_coef: 0.15,
+                kl_loss: 0.0,
                 epochs: 2,
                 temperature: 1.0,
             },
@@ -215,6 +227,7 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
                 samples: 8,
                 lr: 5e-6,
                 kl_coef: 0.05,
+                kl_loss: 0.0,
                 epochs: 2,
                 temperature: 0.7,
             },
@@ -668,6 +681,7 @@ impl<'c> Chain<'c> {
                 kl_coef: pp.kl_coef,
                 kl_target: None,
                 kl_horizon: 10_000.0,
+                kl_loss_coef: pp.kl_loss,
                 reward_clip: 5.0,
                 prompt_baseline: pp.samples > 1,
                 no_end_penalty: -2.0,

@@ -331,6 +331,74 @@ fn loss_gradient_matches_finite_differences() {
     assert_eq!(checked, 24);
 }
 
+/// PPO's exact-KL loss term (`talaria ppo --kl-loss-coef`): its value is the mean over answer tokens
+/// of the per-answer exact KL that the evaluation reports, and its gradient matches finite differences.
+#[test]
+fn exact_kl_loss_matches_the_reported_kl_and_finite_differences() {
+    use talaria::train::answers::{answer_dists, answer_logprobs_and_dists, exact_kl, grouped_batch, token_kl};
+    use talaria::train::rl::masked_mean;
+    let cfg = GptConfig {
+        n_positions: 16,
+        vocab_size: 40,
+        ..GptConfig::preset("test").unwrap()
+    };
+    let (policy, vars) = trainable(&cfg, DType::F64);
+    let other = init_weights(&cfg, 8, DType::F64, &Device::Cpu).unwrap();
+    let reference = Gpt::from_weights(&cfg, &other).unwrap();
+    let (p1, p2): (Vec<u32>, Vec<u32>) = ((1..5).collect(), vec![7, 3, 9]);
+    let groups = [
+        (&p1[..], vec![&[5u32, 6, 7][..], &[8u32][..]]),
+        (&p2[..], vec![&[2u32, 11, 30, 4][..]]),
+    ];
+    let b = grouped_batch(&groups, 0, &Device::Cpu).unwrap();
+    let lq = answer_dists(&reference, &b).unwrap();
+    let loss = |m: &Gpt| {
+        let (_, lp) = answer_logprobs_and_dists(m, &b, 1.0).unwrap();
+        masked_mean(&token_kl(&lp, &lq, &b).unwrap(), &b.mask.to_dtype(DType::F64).unwrap()).unwrap()
+    };
+    let value = loss(&policy).to_scalar::<f64>().unwrap();
+    let reported: f64 = exact_kl(&policy, &reference, &b).unwrap().iter().sum();
+    assert!(value > 0.0, "KL between two different models is {value}");
+    assert!(
+        (value - reported / 8.0).abs() < 1e-9,
+        "loss {value} vs the reported KL {reported} over 8 answer tokens"
+    );
+    let grads = loss(&policy).backward().unwrap();
+    let h = 1e-5;
+    for name in [
+        "transformer.wte.weight",
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.ln_f.weight",
+    ] {
+        let var = &vars[name];
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for idx in [0, orig.len() / 2, orig.len() - 1] {
+            let at = |d: f64| {
+                let mut p = orig.clone();
+                p[idx] += d;
+                var.set(&Tensor::from_vec(p, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss(&policy).to_scalar::<f64>().unwrap()
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h);
+            at(0.0);
+            let err = (fd - g[idx]).abs() / (fd.abs() + g[idx].abs()).max(1e-6);
+            assert!(
+                err < 1e-4,
+                "{name}[{idx}]: finite difference {fd} vs autograd {}",
+                g[idx]
+            );
+        }
+    }
+}
+
 #[test]
 fn generation_stops_when_the_context_is_full() {
     let cfg = GptConfig::preset("test").unwrap();

@@ -282,6 +282,7 @@ fn ppo_cfg(f: &Fixture, out: &Path, reward: RewardSpec, steps: u64) -> PpoConfig
         kl_coef: 0.05,
         kl_target: Some(1.0),
         kl_horizon: 100.0,
+        kl_loss_coef: 0.0,
         reward_clip: 5.0,
         prompt_baseline: false,
         no_end_penalty: -2.0,
@@ -351,6 +352,38 @@ fn ppo_logs_every_quantity_and_resumes_exactly() {
     cfg.steps = 6;
     let e = format!("{:#}", ppo(&cfg).unwrap_err());
     assert!(e.contains("at step 4 but its critic at step 2"), "{e}");
+}
+
+/// `--kl-loss-coef`: the exact KL to the reference as a loss term is logged, and a strong one keeps
+/// the policy measurably closer to its reference (the exact KL on held-out prompts) than none.
+#[test]
+fn the_exact_kl_loss_holds_the_policy_near_its_reference() {
+    let f = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut last_kl = vec![];
+    for coef in [0.0, 20.0] {
+        let out = tmp.path().join(format!("kl{coef}"));
+        let mut cfg = ppo_cfg(f, &out, RewardSpec::Model(f.reward.clone()), 4);
+        cfg.kl_loss_coef = coef;
+        cfg.kl_target = None;
+        ppo(&cfg).unwrap();
+        let logged = metric(&out, "ppo", "kl_loss");
+        if coef > 0.0 {
+            assert!(
+                logged.len() == 4 && logged.iter().all(|k| k.is_finite() && *k >= 0.0),
+                "{logged:?}"
+            );
+        } else {
+            assert!(logged.is_empty(), "kl_loss logged with the term off: {logged:?}");
+        }
+        last_kl.push(*metric(&out, "ppo", "eval_kl").last().unwrap());
+    }
+    assert!(
+        last_kl[1] < 0.5 * last_kl[0],
+        "exact KL to the reference after 4 steps: {} without the term, {} with it",
+        last_kl[0],
+        last_kl[1]
+    );
 }
 
 #[test]

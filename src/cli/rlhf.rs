@@ -99,6 +99,10 @@ pub(crate) struct PpoArgs {
     kl_target: Option<f64>,
     #[arg(long, default_value_t = 10000.0)]
     kl_horizon: f64,
+    /// Weight of the exact per-token KL to the reference over the whole vocabulary as a term of the
+    /// actor's loss (0: off; it holds the logits of every answer token, so suits small vocabularies).
+    #[arg(long, default_value_t = 0.0)]
+    kl_loss_coef: f64,
     #[arg(long, default_value_t = 5.0)]
     reward_clip: f64,
     /// Subtract each prompt's mean score from its answers' scores (a per-prompt baseline; needs
@@ -183,6 +187,7 @@ impl PpoArgs {
             kl_coef: self.kl_coef,
             kl_target: self.kl_target,
             kl_horizon: self.kl_horizon,
+            kl_loss_coef: self.kl_loss_coef,
             reward_clip: self.reward_clip,
             prompt_baseline: self.prompt_baseline,
             no_end_penalty: self.no_end_penalty,

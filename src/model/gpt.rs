@@ -537,6 +537,14 @@ impl Gpt {
         Ok(ops::head_target_logprobs(rows, &self.wte, targets)?)
     }
 
+    /// Logits `[R, V]` of hidden-state rows `[R, C]` with a backward pass, in the model's matmul dtype.
+    pub fn head_logits(&self, rows: &Tensor) -> Result<Tensor> {
+        match self.matmul_dtype {
+            Some(dtype) => self.mixed_logits(rows, dtype),
+            None => Ok(ops::matmul_transposed(rows, &self.wte)?),
+        }
+    }
+
     /// Logits `[R, V]` of hidden-state rows `[R, C]` (the engine's selected positions), each row
     /// computed the same whatever the others are (the inference kernel, on f32 CPU tensors).
     pub fn lm_head_rows(&self, rows: &Tensor) -> Result<Tensor> {

@@ -163,19 +163,40 @@ pub fn last_token_scores(model: &Gpt, head: &Tensor, b: &Batch) -> Result<Tensor
     Ok(picked.matmul(&head.t()?)?.squeeze(1)?)
 }
 
+/// Log-probabilities `[N, A]` of the answer tokens at `temperature`, and the whole next-token
+/// log-distribution `[N * A, V]` at temperature 1 at the same positions, from one forward pass and
+/// with a backward (PPO's exact-KL loss). Holds the logits whole: meant for small vocabularies.
+pub fn answer_logprobs_and_dists(model: &Gpt, b: &Batch, temperature: f64) -> Result<(Tensor, Tensor)> {
+    let rows = answer_rows(model, b)?;
+    let scaled = if temperature == 1.0 {
+        rows.clone()
+    } else {
+        (&rows / temperature)?
+    };
+    let logp = model.head_target_logprobs(&scaled, &b.targets)?.reshape((b.n, b.a))?;
+    Ok((logp, log_dists(model, &rows)?))
+}
+
+/// Next-token log-distributions `[R, V]` at temperature 1 of hidden-state rows `[R, C]`.
+fn log_dists(model: &Gpt, rows: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::log_softmax(&model.head_logits(rows)?, 1)?)
+}
+
+/// `KL(p || q)` `[N, A]` at each answer position from log-distributions `[N * A, V]`.
+pub fn token_kl(lp: &Tensor, lq: &Tensor, b: &Batch) -> Result<Tensor> {
+    Ok((lp.exp()? * (lp - lq)?)?.sum(1)?.reshape((b.n, b.a))?)
+}
+
 /// The exact KL(policy || reference) of each answer `[N]`: at every answer position the divergence
 /// between the two full next-token distributions at temperature 1, summed over the answer's tokens
 /// (not the sampled estimate `log p - log q` of one token).
 pub fn exact_kl(policy: &Gpt, reference: &Gpt, b: &Batch) -> Result<Vec<f64>> {
-    let logp = |m: &Gpt| -> Result<Tensor> {
-        let rows = answer_rows(m, b)?;
-        Ok(candle_nn::ops::log_softmax(
-            &m.lm_head_rows(&rows)?.to_dtype(candle_core::DType::F32)?,
-            1,
-        )?)
-    };
-    let (lp, lq) = (logp(policy)?, logp(reference)?);
-    let per_row = (lp.exp()? * (&lp - &lq)?)?.sum(1)?.reshape((b.n, b.a))?;
-    let per_answer = (per_row * b.mask.to_dtype(candle_core::DType::F32)?)?.sum(1)?;
+    let (lp, lq) = (answer_dists(policy, b)?, answer_dists(reference, b)?);
+    let per_answer = (token_kl(&lp, &lq, b)? * b.mask.to_dtype(lp.dtype())?)?.sum(1)?;
     Ok(per_answer.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?)
+}
+
+/// The next-token log-distributions `[N * A, V]` at temperature 1 at the answer positions.
+pub fn answer_dists(model: &Gpt, b: &Batch) -> Result<Tensor> {
+    log_dists(model, &answer_rows(model, b)?)
 }

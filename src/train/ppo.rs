@@ -30,7 +30,10 @@ use crate::engine::{self, EngineConfig, FinishReason, Request, Sampling, Samplin
 use crate::metrics::MetricsLog;
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
-use crate::train::answers::{Batch, answer_logprobs, answer_rows, exact_kl, grouped_batch, last_token_scores};
+use crate::train::answers::{
+    Batch, answer_logprobs, answer_logprobs_and_dists, answer_rows, exact_kl, grouped_batch, last_token_scores,
+    token_kl,
+};
 use crate::train::collective::{self, Collective};
 use crate::train::order::EpochOrder;
 use crate::train::reward::{RewardModel, SCORE_HEAD};
@@ -116,6 +119,11 @@ pub struct PpoConfig {
     /// Target KL per answer for the adaptive controller (`None`: fixed coefficient).
     pub kl_target: Option<f64>,
     pub kl_horizon: f64,
+    /// Weight of the exact per-token KL(policy || reference) over the whole vocabulary, averaged over
+    /// the answer tokens, as a term of the actor's loss (0: off). Unlike the sampled penalty in the
+    /// reward, its gradient pulls every token's distribution back toward the reference without the
+    /// policy gradient's noise, so tokens the reward cannot judge drift less.
+    pub kl_loss_coef: f64,
     /// Normalised rewards are clipped to this magnitude.
     pub reward_clip: f64,
     /// Subtract the mean score of each prompt's answers before normalising (needs several samples per prompt).
@@ -168,6 +176,10 @@ impl PpoConfig {
             self.kl_coef >= 0.0 && self.kl_coef.is_finite(),
             "--kl-coef must be non-negative"
         );
+        ensure!(
+            self.kl_loss_coef >= 0.0 && self.kl_loss_coef.is_finite(),
+            "--kl-loss-coef must be non-negative"
+        );
         if let Some(t) = self.kl_target {
             ensure!(t > 0.0, "--kl-target must be positive");
         }
@@ -198,6 +210,9 @@ struct Rollout {
     /// Entropy of the sampling distribution at each answer token.
     entropy: Vec<f64>,
     logp_ref: Vec<f64>,
+    /// The reference's next-token log-distribution at each answer token, `[answer_len * V]` at
+    /// temperature 1 (kept only for the exact-KL loss).
+    ref_dist: Vec<f32>,
     values: Vec<f64>,
     adv: Vec<f64>,
     ret: Vec<f64>,
@@ -219,6 +234,7 @@ impl Rollout {
             logp_old: vec![],
             entropy: vec![],
             logp_ref: vec![],
+            ref_dist: vec![],
             values: vec![],
             adv: vec![],
             ret: vec![],
@@ -246,6 +262,20 @@ fn batch_of(refs: &[&Rollout], pad: u32, device: &Device) -> Result<Batch> {
         groups.last_mut().expect("pushed above").1.push(answer);
     }
     grouped_batch(&groups, pad, device)
+}
+
+/// The reference's stored log-distributions of `refs`' answers laid out as [`batch_of`]'s answer
+/// positions, `[N * A, V]` (padding positions zero, removed by the batch's mask).
+fn reference_dists(refs: &[&Rollout], a: usize, v: usize, device: &Device) -> Result<Tensor> {
+    let mut flat = vec![0f32; refs.len() * a * v];
+    for (i, r) in refs.iter().enumerate() {
+        ensure!(
+            r.ref_dist.len() == r.answer_len() * v,
+            "reference distributions missing for an answer"
+        );
+        flat[i * a * v..i * a * v + r.ref_dist.len()].copy_from_slice(&r.ref_dist);
+    }
+    Ok(Tensor::from_vec(flat, (refs.len() * a, v), device)?)
 }
 
 fn rows_of(t: &Tensor, lens: &[usize]) -> Result<Vec<Vec<f64>>> {
@@ -429,6 +459,8 @@ struct UpdateStats {
     policy_loss: f64,
     /// Mean PPO-ptx language-model loss (None without PPO-ptx).
     ptx_loss: Option<f64>,
+    /// Mean exact per-token KL of the actor's loss term (None when it is off).
+    kl_loss: Option<f64>,
     value_loss: f64,
     clip_frac: f64,
 }
@@ -794,6 +826,7 @@ impl<'c> Ppo<'c> {
                     logp_old: sampled.iter().map(|s| s.0 as f64).collect(),
                     entropy: sampled.iter().map(|s| s.1 as f64).collect(),
                     logp_ref: vec![],
+                    ref_dist: vec![],
                     values: vec![],
                     adv: vec![],
                     ret: vec![],
@@ -907,14 +940,25 @@ impl<'c> Ppo<'c> {
             let refs: Vec<&Rollout> = chunk.iter().map(|&i| &b.rollouts[i]).collect();
             let batch = batch_of(&refs, pad, &self.device)?;
             let lens: Vec<usize> = refs.iter().map(|r| r.answer_len()).collect();
-            let reference_lp = rows_of(
-                &answer_logprobs(&self.m.reference, &batch, self.cfg.temperature)?,
-                &lens,
-            )?;
+            let (reference_lp, dists) = if self.cfg.kl_loss_coef > 0.0 {
+                let (lp, d) = answer_logprobs_and_dists(&self.m.reference, &batch, self.cfg.temperature)?;
+                (lp, Some(d))
+            } else {
+                (answer_logprobs(&self.m.reference, &batch, self.cfg.temperature)?, None)
+            };
+            let reference_lp = rows_of(&reference_lp, &lens)?;
             let values = rows_of(&answer_values(&self.m.critic_view, &head, &batch)?, &lens)?;
-            for ((&i, rl), v) in chunk.iter().zip(reference_lp).zip(values) {
-                b.rollouts[i].logp_ref = rl;
-                b.rollouts[i].values = v;
+            let dists = dists
+                .map(|d| d.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>())
+                .transpose()?;
+            for (k, ((&i, rl), values)) in chunk.iter().zip(reference_lp).zip(values).enumerate() {
+                let r = &mut b.rollouts[i];
+                if let Some(d) = &dists {
+                    let vocab = d.len() / (batch.n * batch.a);
+                    r.ref_dist = d[k * batch.a * vocab..(k * batch.a + r.answer_len()) * vocab].to_vec();
+                }
+                r.logp_ref = rl;
+                r.values = values;
             }
         }
         b.times[2] = t.elapsed().as_secs_f64();
@@ -987,7 +1031,7 @@ impl<'c> Ppo<'c> {
         let rollouts = &b.rollouts;
         let n_roll = b.shared.len();
         let (mut pl_sum, mut vl_sum, mut clip_sum, mut updates) = (0.0, 0.0, 0.0, 0.0);
-        let mut ptx_sum = 0.0;
+        let (mut ptx_sum, mut kl_loss_sum) = (0.0, 0.0);
         let mut mb_order = EpochOrder::new(cfg.seed ^ step, n_roll, 0, 0);
         let (lr, critic_lr) = (schedule(cfg.lr).at(step), schedule(cfg.critic_lr).at(step));
         for _ in 0..cfg.ppo_epochs {
@@ -1009,9 +1053,20 @@ impl<'c> Ppo<'c> {
                     let (old, adv) = (rows(|r| &r.logp_old)?, rows(|r| &r.adv)?);
                     let (ret, vold) = (rows(|r| &r.ret)?, rows(|r| &r.values)?);
                     // Actor.
-                    let logp = answer_logprobs(&self.m.actor_model, &batch, cfg.temperature)?;
+                    let (logp, dists) = if cfg.kl_loss_coef > 0.0 {
+                        let (lp, d) = answer_logprobs_and_dists(&self.m.actor_model, &batch, cfg.temperature)?;
+                        (lp, Some(d))
+                    } else {
+                        (answer_logprobs(&self.m.actor_model, &batch, cfg.temperature)?, None)
+                    };
                     let (mut loss, clip_frac) = rl::policy_loss(&logp, &old, &adv, &batch.mask, cfg.clip)?;
                     pl_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * share;
+                    if let Some(lp) = dists {
+                        let lq = reference_dists(&refs, batch.a, lp.dim(1)?, &device)?;
+                        let kl = rl::masked_mean(&token_kl(&lp, &lq, &batch)?, &batch.mask)?;
+                        kl_loss_sum += kl.to_dtype(DType::F64)?.to_scalar::<f64>()? * share;
+                        loss = (loss + (kl * cfg.kl_loss_coef)?)?;
+                    }
                     if let Some(loader) = self.at.ptx.as_mut() {
                         let tokens: usize = refs.iter().map(|r| r.seq.len()).sum();
                         let (x, y) = loader.next_batch(tokens.div_ceil(loader.seq_len()).max(1), &device)?;
@@ -1048,9 +1103,9 @@ impl<'c> Ppo<'c> {
                 updates += 1.0;
             }
         }
-        let mut sums = [pl_sum, vl_sum, clip_sum, ptx_sum];
+        let mut sums = [pl_sum, vl_sum, clip_sum, ptx_sum, kl_loss_sum];
         self.world.all_reduce_f64(&mut sums)?;
-        let [pl_sum, vl_sum, clip_sum, ptx_sum] = sums;
+        let [pl_sum, vl_sum, clip_sum, ptx_sum, kl_loss_sum] = sums;
         self.at.kl.update(b.mean_kl, n_roll);
         self.at.step += 1;
         self.at.tokens += b.shared.iter().map(|s| s.answer_len as u64).sum::<u64>();
@@ -1059,6 +1114,7 @@ impl<'c> Ppo<'c> {
             seconds: t.elapsed().as_secs_f64(),
             policy_loss: pl_sum / updates,
             ptx_loss: self.at.ptx.is_some().then_some(ptx_sum / updates),
+            kl_loss: (cfg.kl_loss_coef > 0.0).then_some(kl_loss_sum / updates),
             value_loss: vl_sum / updates,
             clip_frac: clip_sum / updates,
         })
@@ -1125,6 +1181,9 @@ impl<'c> Ppo<'c> {
         ];
         if let Some(ptx) = u.ptx_loss {
             values.push(("ptx_loss", ptx));
+        }
+        if let Some(kl) = u.kl_loss {
+            values.push(("kl_loss", kl));
         }
         if sums[4] > 0.0 {
             values.push(("train_accuracy", accuracy));

@@ -134,7 +134,8 @@ pub fn group_centred(scores: &[f64], groups: &[usize], counted: &[bool]) -> Vec<
         .collect()
 }
 
-fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+/// The mean of `x` over the positions where `mask` is 1.
+pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let total = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0);
     Ok(((x * mask)?.sum_all()? / total)?)
 }
