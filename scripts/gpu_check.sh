@@ -8,7 +8,12 @@
 # (the stripped binary is about 68 MB, 19 MB gzipped: `strip` and `gzip -9` it to carry it), then,
 # on the GPU machine, from the repository root:
 #
-#   bash scripts/gpu_check.sh target/cuda/release/talaria OUT [SPEEDRUN_SECONDS]
+#   bash scripts/gpu_check.sh target/cuda/release/talaria OUT [SPEEDRUN_SECONDS] [NCCL_BIN]
+#
+# NCCL_BIN, optional, is a `--features nccl` build (`cargo build --release --features nccl
+# --target-dir target/nccl`). It links the MPI library, which a GPU machine may lack: carry the
+# libraries `ldd NCCL_BIN` lists from OpenMPI (libmpi, libopen-rte, libopen-pal, libhwloc, libevent,
+# libpmix) in a folder `lib` beside it; the check puts that folder on LD_LIBRARY_PATH.
 #
 # It writes OUT/summary.txt and every command's output:
 #   1. parity: the same 30 pretraining steps from the same weights on the CPU, on CUDA in f32 and
@@ -17,11 +22,14 @@
 #   2. training speed on GPT-2 small's shape (124M, batch 8 x 1024) in bf16: `talaria bench train`
 #      against bench/pytorch_reference.py eager, and with torch.compile;
 #   3. batched decoding speed (1 and 16 sequences);
-#   4. the `gpu` speedrun, cut off after SPEEDRUN_SECONDS (default 240; 0 skips it).
+#   4. the `gpu` speedrun, cut off after SPEEDRUN_SECONDS (default 240; 0 skips it);
+#   5. with NCCL_BIN: a one-rank NCCL communicator, bootstrapped as under mpirun, and its all-reduce of
+#      256 MiB checked against the sum worked out on the host (`talaria bench allreduce`).
 set -uo pipefail
 bin=$(realpath "${1:?usage: gpu_check.sh BIN OUT [SPEEDRUN_SECONDS]}")
 out=${2:?usage: gpu_check.sh BIN OUT [SPEEDRUN_SECONDS]}
 speedrun_s=${3:-240}
+nccl_bin=${4:+$(realpath "$4")}
 mkdir -p "$out"
 out=$(realpath "$out")
 summary=$out/summary.txt
@@ -33,7 +41,7 @@ libs=$(python3 - <<'PY'
 import glob, os, site
 dirs = set()
 for root in site.getsitepackages() + [site.getusersitepackages()]:
-    for name in ("libcublas.so.13", "libcurand.so.10", "libnvrtc.so.13", "libcudart.so.13"):
+    for name in ("libcublas.so.13", "libcurand.so.10", "libnvrtc.so.13", "libcudart.so.13", "libnccl.so.2"):
         for f in glob.glob(os.path.join(root, "nvidia", "**", name), recursive=True):
             dirs.add(os.path.dirname(f))
 print(":".join(sorted(dirs)))
@@ -116,5 +124,13 @@ done
 if [ "$speedrun_s" -gt 0 ]; then
   timeout "$speedrun_s" "$bin" speedrun --preset gpu --device cuda --out "$out/speedrun" > "$out/speedrun.txt" 2>&1
   say "gpu speedrun (exit $?; 124 = cut off at ${speedrun_s}s): $(grep -E '^\[' "$out/speedrun.txt" | tr '\n' ' ')"
+fi
+# 5. NCCL through the one-rank world.
+if [ -n "$nccl_bin" ]; then
+  LD_LIBRARY_PATH="$(dirname "$nccl_bin")/lib:$LD_LIBRARY_PATH" "$nccl_bin" bench allreduce --device cuda --mb 256 \
+    --steps 10 --json > "$out/allreduce_nccl.txt" 2>&1
+  status=$?
+  say "nccl all-reduce (exit $status; 0 = equal to the host's sum): $(grep -E '^(engine|median|bus|max)' \
+    "$out/allreduce_nccl.txt" | tr -s ' ' | tr '\n' ';')"
 fi
 say "done: $summary"

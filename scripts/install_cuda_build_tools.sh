@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs a CUDA 13.0 toolchain from PyPI wheels (no GPU and no system CUDA needed), enough to
 # compile and link Talaria with `--features cuda` (candle 0.11's CUDA backend: cudarc 0.19 and
-# candle-kernels 0.11). README, "GPUs", says how the build and the GPU run use it.
+# candle-kernels 0.11), and NCCL for `--features nccl`. README, "GPUs", says how the build and the
+# GPU run use it.
 #
 #   usage: bash scripts/install_cuda_build_tools.sh [DIR]   (DIR defaults to .cuda-tools)
 #          eval "$(bash scripts/install_cuda_build_tools.sh DIR | grep '^export ')"
@@ -15,6 +16,8 @@
 #   ROOT/include (+ include/crt, include/cccl)      (runtime, crt, cccl, cublas, curand, nvrtc)
 #   ROOT/lib/lib{cudart,cublas,cublasLt,curand,nvrtc}.so -> versioned .so shipped by the wheels
 #   ROOT/lib64 -> lib
+#   ROOT/lib/libnccl.so{,.2} -> DIR/nccl/nvidia/nccl/lib/libnccl.so.2   (nvidia-nccl-cu13, its own
+#                               pip target: pip --target would replace the shared nvidia/ folder)
 #   ROOT/lib/stubs/libcuda.so   link-time stub (SONAME libcuda.so.1) built here with gcc; no wheel
 #                               ships one. NEVER put lib/stubs on LD_LIBRARY_PATH at run time.
 set -euo pipefail
@@ -54,6 +57,23 @@ else
 fi
 
 [[ -x "$ROOT/bin/nvcc" && -x "$ROOT/nvvm/bin/cicc" ]] || { log "nvcc/cicc missing under $ROOT"; exit 1; }
+
+# NCCL 2.32 for CUDA 13 (~305 MB): only `--features nccl` links it.
+NCCL_PKG="nvidia-nccl-cu13==2.32.3"
+NCCL_LIB="$DIR/nccl/nvidia/nccl/lib/libnccl.so.2"
+if [[ -f "$DIR/.nccl-installed" && "$(cat "$DIR/.nccl-installed")" == "$NCCL_PKG" && -f "$NCCL_LIB" ]]; then
+  log "NCCL already installed in $DIR/nccl"
+else
+  log "installing $NCCL_PKG into $DIR/nccl"
+  rm -rf "$DIR/nccl"
+  "${PYTHON:-python3}" -m pip install --quiet --disable-pip-version-check --no-deps --no-cache-dir \
+    --only-binary=:all: --target "$DIR/nccl" "$NCCL_PKG" >&2
+  echo "$NCCL_PKG" > "$DIR/.nccl-installed"
+fi
+[[ -f "$NCCL_LIB" ]] || { log "missing $NCCL_LIB"; exit 1; }
+# Relative links (ROOT/lib is DIR/site/nvidia/cu13/lib), so that DIR can move.
+ln -sfn ../../../../nccl/nvidia/nccl/lib/libnccl.so.2 "$ROOT/lib/libnccl.so.2"
+ln -sfn libnccl.so.2 "$ROOT/lib/libnccl.so"
 
 # Unversioned names for the linker (-lcudart -lcublas -lcublasLt -lcurand -lnvrtc).
 cd "$ROOT/lib"

@@ -1,7 +1,8 @@
 //! `talaria bench`: training and decoding throughput on a preset, with achieved GFLOP/s against
 //! the measured peak of one large matmul, and the process's peak resident memory (the same
 //! figures `bench/pytorch_reference.py` prints, so the two compare side by side); and serving
-//! throughput and latency under concurrent streaming clients.
+//! throughput and latency under concurrent streaming clients; and the all-reduce that data
+//! parallelism runs each step.
 
 use std::time::Instant;
 
@@ -233,6 +234,67 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         peak_matmul_gflops: peak,
         peak_rss_mib: peak_rss_mib()?,
         median_step_s,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// All-reduce
+
+/// What `talaria bench allreduce` measured: the sum of a gradient-sized buffer over all ranks.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AllReduceReport {
+    /// `mpi`, `nccl`, or `none (one process)`.
+    pub engine: &'static str,
+    pub ranks: usize,
+    pub bytes: usize,
+    /// Median seconds per all-reduce.
+    pub median_s: f64,
+    /// Bytes per second of the buffer (algorithm bandwidth), and NCCL's bus bandwidth, which
+    /// scales it by 2 (N - 1) / N so that it compares across rank counts.
+    pub algo_gb_per_s: f64,
+    pub bus_gb_per_s: f64,
+    /// Largest difference from the sum worked out on the host (0 when the engine is right).
+    pub max_abs_error: f64,
+}
+
+/// Sums `megabytes` of f32 on `device` over every rank of the world, `rounds` times: rank r holds
+/// `(r + 1) * (i % 7)` at element i, so the result must be `N (N + 1) / 2 * (i % 7)` exactly.
+pub fn allreduce_bench(device: &Device, megabytes: f64, rounds: usize) -> Result<AllReduceReport> {
+    ensure!(megabytes > 0.0 && rounds > 0, "--mb and --steps must be positive");
+    let world = crate::train::collective::world();
+    let (rank, ranks) = (world.rank(), world.size());
+    let n = ((megabytes * (1 << 20) as f64) / 4.0).max(1.0) as usize;
+    let pattern: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let mine = (Tensor::from_slice(&pattern, n, device)? * (rank + 1) as f64)?;
+    let (mut times, mut last, mut engine) = (vec![], None, "");
+    for _ in 0..rounds {
+        world.barrier();
+        let t = Instant::now();
+        let (out, e) = crate::train::collective::sum_over_ranks(world, vec![mine.clone()])?;
+        // Reading one element waits for the device's queue, so the time includes the transfer.
+        out[0].get(n - 1)?.to_scalar::<f32>()?;
+        times.push(t.elapsed().as_secs_f64());
+        (last, engine) = (out.into_iter().next(), e);
+    }
+    let got = last.context("no round ran")?.to_vec1::<f32>()?;
+    let scale = (ranks * (ranks + 1) / 2) as f32;
+    let max_abs_error = got
+        .iter()
+        .zip(&pattern)
+        .map(|(g, p)| f64::from((g - scale * p).abs()))
+        .fold(0.0, f64::max);
+    times.sort_by(f64::total_cmp);
+    let median_s = times[times.len() / 2];
+    let bytes = 4 * n;
+    let algo = bytes as f64 / median_s / 1e9;
+    Ok(AllReduceReport {
+        engine,
+        ranks,
+        bytes,
+        median_s,
+        algo_gb_per_s: algo,
+        bus_gb_per_s: algo * 2.0 * (ranks as f64 - 1.0) / ranks as f64,
+        max_abs_error,
     })
 }
 

@@ -426,7 +426,10 @@ fn a_binary_without_mpi_and_single_process_commands_refuse_to_run_under_mpirun()
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(stderr.contains("only pretrain, sft, reward, dpo and ppo"), "{stderr}");
+    assert!(
+        stderr.contains("only pretrain, sft, reward, dpo, ppo and bench allreduce"),
+        "{stderr}"
+    );
     let o = mpirun(
         2,
         mpi_bin,
@@ -484,4 +487,28 @@ fn rank_pid(parent: u32, rank: usize) -> Option<i32> {
         }
     }
     None
+}
+
+/// `talaria bench allreduce` over two ranks: MPI's sum of 1 MiB equals the sum worked out on the
+/// host, and rank 0 alone prints the figures.
+#[test]
+fn the_allreduce_bench_sums_exactly_over_mpi() {
+    let Some(bin) = mpi_binary() else { return };
+    let o = mpirun(2, bin, &["bench", "allreduce", "--mb", "1", "--steps", "3", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    let reports: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(reports.len(), 1, "{stdout}");
+    let r = &reports[0];
+    assert_eq!(r["engine"], "mpi", "{r}");
+    assert_eq!(r["ranks"], 2, "{r}");
+    assert_eq!(r["bytes"], 1 << 20, "{r}");
+    assert_eq!(r["max_abs_error"], 0.0, "{r}");
+    assert!(r["bus_gb_per_s"].as_f64().unwrap() > 0.0, "{r}");
 }

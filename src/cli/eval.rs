@@ -20,6 +20,10 @@ pub(crate) enum BenchWhat {
     /// Concurrent streaming clients against an in-process server: aggregate tokens/s, time to
     /// first token and inter-token latency per concurrency level.
     Serve,
+    /// The gradient all-reduce of data parallelism: time and bandwidth of summing `--mb` MiB over
+    /// every rank (run it under mpirun; with `--device cuda` in a `--features nccl` build, NCCL),
+    /// checked against the sum worked out on the host.
+    Allreduce,
 }
 
 #[derive(Args)]
@@ -62,6 +66,9 @@ pub(crate) struct BenchArgs {
     /// Serve: the server's --max-batch.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
+    /// Allreduce: MiB of f32 summed per round.
+    #[arg(long, default_value_t = 16.0)]
+    mb: f64,
 }
 
 #[derive(Args)]
@@ -220,11 +227,17 @@ impl BenchArgs {
         matches!(self.what, BenchWhat::Serve)
     }
 
+    /// Whether this is the all-reduce benchmark, which runs on every rank of an MPI job.
+    pub(crate) fn collective(&self) -> bool {
+        matches!(self.what, BenchWhat::Allreduce)
+    }
+
     pub(crate) fn run(self) -> Result<()> {
         let (kind, steps, batch) = match self.what {
             BenchWhat::Train => (BenchKind::Train, self.steps.unwrap_or(5), self.batch.unwrap_or(8)),
             BenchWhat::Decode => (BenchKind::Decode, self.steps.unwrap_or(200), self.batch.unwrap_or(1)),
             BenchWhat::Serve => return self.serve(),
+            BenchWhat::Allreduce => return self.allreduce(),
         };
         let cfg = BenchConfig {
             device: self.device.device()?,
@@ -258,6 +271,30 @@ impl BenchArgs {
         if self.json {
             println!("{}", r.to_json(&cfg));
         }
+        Ok(())
+    }
+
+    fn allreduce(self) -> Result<()> {
+        let r = talaria::bench::allreduce_bench(&self.device.device()?, self.mb, self.steps.unwrap_or(10))?;
+        if !talaria::train::collective::is_main() {
+            return Ok(());
+        }
+        println!("engine              {}", r.engine);
+        println!("ranks               {}", r.ranks);
+        println!("buffer              {:.1} MiB", r.bytes as f64 / (1 << 20) as f64);
+        println!("median all-reduce   {:.3} ms", 1e3 * r.median_s);
+        println!("algorithm bandwidth {:.2} GB/s", r.algo_gb_per_s);
+        println!("bus bandwidth       {:.2} GB/s", r.bus_gb_per_s);
+        println!("max abs error       {:e}", r.max_abs_error);
+        if self.json {
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        anyhow::ensure!(
+            r.max_abs_error == 0.0,
+            "the {} all-reduce is wrong: {} away from the sum worked out on the host",
+            r.engine,
+            r.max_abs_error
+        );
         Ok(())
     }
 

@@ -95,11 +95,11 @@ impl Cli {
         let data_parallel = matches!(
             self.command,
             Command::Pretrain(_) | Command::Sft(_) | Command::Reward(_) | Command::Dpo(_) | Command::Ppo(_)
-        );
+        ) || matches!(&self.command, Command::Bench(b) if b.collective());
         anyhow::ensure!(
             world.size() == 1 || data_parallel,
-            "started as one of {} MPI ranks: only pretrain, sft, reward, dpo and ppo train data-parallel; run this \
-             command as one process (docs/scale-out.md)",
+            "started as one of {} MPI ranks: only pretrain, sft, reward, dpo, ppo and bench allreduce run \
+             data-parallel; run this command as one process (docs/scale-out.md)",
             world.size()
         );
         match self.command {
@@ -141,8 +141,16 @@ pub(crate) struct DeviceArg {
 }
 
 impl DeviceArg {
+    /// The device; plain `cuda` under an MPI launcher is this rank's GPU on its machine (its local
+    /// rank), so that `mpirun -np 8 talaria pretrain --device cuda` uses eight GPUs.
     pub(crate) fn device(&self) -> Result<candle_core::Device> {
-        talaria::model::parse_device(&self.device)
+        let world = talaria::train::collective::world();
+        match talaria::train::collective::local_rank() {
+            Some(local) if world.size() > 1 && self.device.trim() == "cuda" => {
+                talaria::model::parse_device(&format!("cuda:{local}"))
+            }
+            _ => talaria::model::parse_device(&self.device),
+        }
     }
 }
 

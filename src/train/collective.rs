@@ -1,6 +1,7 @@
 //! Data parallelism's few collective operations (rank, world size, all-reduce, all-gather,
 //! broadcast, barrier)
-//! over an existing engine: MPI through rsmpi with `--features mpi`, one process otherwise.
+//! over an existing engine: MPI through rsmpi with `--features mpi`, one process otherwise; with
+//! `--features nccl`, gradients on GPUs are summed by NCCL (bootstrapped through MPI, `nccl.rs`).
 //!
 //! `mpirun -np N talaria pretrain ...` starts N copies of the binary; [`init`] joins them into one
 //! MPI world, and the training loop (src/train/trainer.rs) uses [`world`] to broadcast rank 0's
@@ -92,6 +93,14 @@ fn local_size() -> Option<usize> {
         .or_else(|| var("SLURM_NTASKS_PER_NODE"))
 }
 
+/// This process's index among the launcher's processes on its machine (which GPU it takes).
+pub fn local_rank() -> Option<usize> {
+    let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+    var("OMPI_COMM_WORLD_LOCAL_RANK")
+        .or_else(|| var("MPI_LOCALRANKID"))
+        .or_else(|| var("SLURM_LOCALID"))
+}
+
 /// Kept by `main` for the whole run: finalizes MPI when dropped.
 pub struct Guard {
     #[cfg(feature = "mpi")]
@@ -128,6 +137,9 @@ pub fn init() -> Result<Guard> {
     )
 }
 
+#[cfg(feature = "nccl")]
+mod nccl;
+
 /// Floats per all-reduce: bounds the staging copy of the gradients (16 MiB).
 const BUCKET: usize = 1 << 22;
 
@@ -137,6 +149,32 @@ const BUCKET: usize = 1 << 22;
 pub fn all_reduce_tensors(world: &dyn Collective, tensors: Vec<Tensor>) -> Result<Vec<Tensor>> {
     if world.size() == 1 {
         return Ok(tensors);
+    }
+    Ok(sum_over_ranks(world, tensors)?.0)
+}
+
+/// Which engine sums tensors on `device`: NCCL for CUDA tensors in a `--features nccl` build,
+/// else MPI through the host (the identity in a one-process world).
+pub fn engine_for(world: &dyn Collective, device: &candle_core::Device) -> &'static str {
+    if cfg!(feature = "nccl") && device.is_cuda() {
+        "nccl"
+    } else if world.size() > 1 {
+        "mpi"
+    } else {
+        "none (one process)"
+    }
+}
+
+/// [`all_reduce_tensors`] without its one-process shortcut, so that a one-rank NCCL communicator is
+/// really made and used (`talaria bench allreduce` checks it); with the engine's name.
+pub fn sum_over_ranks(world: &dyn Collective, tensors: Vec<Tensor>) -> Result<(Vec<Tensor>, &'static str)> {
+    let Some(first) = tensors.first() else {
+        return Ok((tensors, "none (nothing to sum)"));
+    };
+    let engine = engine_for(world, first.device());
+    #[cfg(feature = "nccl")]
+    if engine == "nccl" {
+        return Ok((nccl::all_reduce(world, tensors)?, engine));
     }
     let mut out = Vec::with_capacity(tensors.len());
     let mut start = 0;
@@ -161,7 +199,7 @@ pub fn all_reduce_tensors(world: &dyn Collective, tensors: Vec<Tensor>) -> Resul
         }
         start = end;
     }
-    Ok(out)
+    Ok((out, engine))
 }
 
 /// Gives every rank rank 0's values of `vars`, so that all start from the same weights.
