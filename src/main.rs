@@ -23,6 +23,13 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
+    // candle's own pool for large element-wise ops keeps a thread spinning after each op, which on
+    // a small machine takes a core from the kernels' rayon pool; with one thread it runs them
+    // inline. Measured in BENCHMARKS.md ("Micro-batches side by side").
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: before any other thread exists.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
     // Joins the MPI job first (under mpirun/srun), before any thread starts.
     // Finalizes MPI when `main` returns.
     let _mpi = talaria::train::collective::init().unwrap_or_else(|e| {

@@ -61,6 +61,10 @@ pub struct SpeedrunPreset {
     /// Weight of the chosen answers' NLL in the DPO loss (RPO).
     pub dpo_nll_coef: f64,
     pub max_new_tokens: usize,
+    /// Micro-batches each step of the trainer stages splits its batch into: on a CPU they run side
+    /// by side, one kernel thread each (src/train/trainer.rs), which a small model's kernels cannot
+    /// keep busy alone.
+    pub micro_batches: usize,
     /// Mixed precision (bf16 matrix products, f32 weights) in the training stages.
     pub bf16: bool,
 }
@@ -164,6 +168,7 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             dpo_beta: 0.1,
             dpo_nll_coef: 1.0,
             max_new_tokens: 40,
+            micro_batches: 2,
             bf16: false,
         }),
         "tiny" => Ok(SpeedrunPreset {
@@ -189,6 +194,7 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             dpo_beta: 0.1,
             dpo_nll_coef: 1.0,
             max_new_tokens: 12,
+            micro_batches: 1,
             bf16: false,
         }),
         // One GPU (`--device cuda`): GPT-2 small's shape on a default world four times the `cpu`
@@ -236,6 +242,7 @@ pub fn preset(name: &str) -> Result<SpeedrunPreset> {
             dpo_beta: 0.1,
             dpo_nll_coef: 1.0,
             max_new_tokens: 40,
+            micro_batches: 1,
             bf16: true,
         }),
         other => bail!("unknown speedrun preset {other:?}; choose cpu, tiny or gpu"),
@@ -356,7 +363,7 @@ fn train_cfg(out: &Path, steps: u64, lr: f64, cfg: &SpeedrunConfig, resume: bool
         warmup: (steps / 20).clamp(1, 50),
         adamw: AdamWConfig::default(),
         grad_clip: Some(1.0),
-        grad_accum: 1,
+        grad_accum: cfg.preset.micro_batches,
         eval_every: (steps / 4).max(1),
         save_every: (steps / 4).max(1),
         seed: cfg.seed,
@@ -523,6 +530,7 @@ impl<'c> Chain<'c> {
             p.seq_len,
             p.pretrain_steps,
             p.pretrain_batch,
+            p.micro_batches,
             p.pretrain_lr,
             self.cfg.seed
         ]));
@@ -532,7 +540,7 @@ impl<'c> Chain<'c> {
                 model: p.model.into(),
                 tokenizer: None,
                 init: None,
-                batch_size: p.pretrain_batch,
+                batch_size: p.pretrain_batch / p.micro_batches,
                 seq_len: Some(p.seq_len),
                 val_batches: 8,
                 samples: 1,
@@ -547,14 +555,22 @@ impl<'c> Chain<'c> {
     fn sft(&self, world: &Done, base: &Done) -> Result<Done> {
         let p = self.p();
         let dir = self.cfg.out.join("sft");
-        let key = key_of(&json!(["sft", world.key, base.key, p.sft_steps, p.sft_batch, p.sft_lr]));
+        let key = key_of(&json!([
+            "sft",
+            world.key,
+            base.key,
+            p.sft_steps,
+            p.sft_batch,
+            p.sft_lr,
+            p.micro_batches
+        ]));
         stage(self.next(), "sft", &dir, &key, |resume| {
             let o = sft::sft(&SftConfig {
                 init: base.dir.clone(),
                 data: vec![world.dir.join("sft_train.jsonl")],
                 val_data: vec![world.dir.join("sft_val.jsonl")],
                 val_fraction: 0.0,
-                batch_size: p.sft_batch,
+                batch_size: p.sft_batch / p.micro_batches,
                 seq_len: Some(p.seq_len),
                 train: self.train_cfg(&dir, p.sft_steps, p.sft_lr, resume),
             })?;
@@ -602,7 +618,15 @@ impl<'c> Chain<'c> {
         let p = self.p();
         let dir = self.cfg.out.join(name.replace('-', "_"));
         let ranked: Vec<&str> = rankings.iter().map(|r| r.key.as_str()).collect();
-        let key = key_of(&json!(["reward", init.key, ranked, steps, p.reward_batch, p.reward_lr]));
+        let key = key_of(&json!([
+            "reward",
+            init.key,
+            ranked,
+            steps,
+            p.reward_batch,
+            p.reward_lr,
+            p.micro_batches
+        ]));
         stage(self.next(), name, &dir, &key, |resume| {
             let mut data = vec![
                 world.dir.join("prefs_train.jsonl"),
@@ -614,7 +638,7 @@ impl<'c> Chain<'c> {
                 data,
                 val_data: vec![world.dir.join("prefs_val.jsonl")],
                 val_fraction: 0.0,
-                batch_size: p.reward_batch,
+                batch_size: p.reward_batch / p.micro_batches,
                 train: self.train_cfg(&dir, steps, p.reward_lr, resume),
             })?;
             Ok(json!({"steps": o.steps, "last_eval": o.last_eval}))
@@ -709,6 +733,7 @@ impl<'c> Chain<'c> {
         let dir = self.cfg.out.join("dpo");
         let key = key_of(&json!([
             "dpo",
+            p.micro_batches,
             sft.key,
             rankings.key,
             p.dpo_steps,
@@ -724,7 +749,7 @@ impl<'c> Chain<'c> {
                 val_fraction: 0.05,
                 beta: p.dpo_beta,
                 nll_coef: p.dpo_nll_coef,
-                batch_size: 8,
+                batch_size: 8 / p.micro_batches,
                 train: self.train_cfg(&dir, p.dpo_steps, p.dpo_lr, resume),
             })?;
             Ok(json!({"steps": o.steps, "last_eval": o.last_eval}))

@@ -29,12 +29,16 @@ struct FixedBatches {
 }
 
 impl Objective for FixedBatches {
+    type Batch = usize;
     fn stage(&self) -> &'static str {
         "pretrain"
     }
-    fn loss(&mut self, model: &Gpt, _params: &ParamSet) -> Result<(Tensor, usize)> {
-        let b = &self.batches[self.next];
+    fn next(&mut self) -> Result<usize> {
         self.next += 1;
+        Ok(self.next - 1)
+    }
+    fn loss(&self, &i: &usize, model: &Gpt, _params: &ParamSet) -> Result<(Tensor, usize)> {
+        let b = &self.batches[i];
         let t = b[0].len() - 1;
         let xs: Vec<u32> = b.iter().flat_map(|s| s[..t].to_vec()).collect();
         let ys: Vec<u32> = b.iter().flat_map(|s| s[1..].to_vec()).collect();
@@ -177,6 +181,35 @@ fn resumed_run_gives_exactly_the_losses_of_an_uninterrupted_run() {
     // Final weights are identical too.
     let wa = Checkpoint::load(&whole, DType::F32, &Device::Cpu).unwrap().weights;
     let wb = Checkpoint::load(&split, DType::F32, &Device::Cpu).unwrap().weights;
+    for (name, t) in &wa {
+        assert_eq!(max_abs_diff(t, &wb[name]), 0.0, "{name}");
+    }
+}
+
+/// With `--grad-accum 2` on two threads, the trainer runs the two micro-batches side by side, each
+/// on a pool of one thread; the run equals the one that computes them one after the other on one
+/// thread, loss for loss and weight for weight.
+#[test]
+fn micro_batches_side_by_side_give_the_sequential_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::write_token_shards(&data, 20_000);
+    let run_on = |threads: usize, name: &str| {
+        let out = tmp.path().join(name);
+        let mut cfg = pretrain_config(&data, &out, 6);
+        cfg.train.grad_accum = 2;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| pretrain(&cfg)).unwrap();
+        out
+    };
+    let (side_by_side, one_by_one) = (run_on(2, "two"), run_on(1, "one"));
+    let (a, b) = (losses(&side_by_side), losses(&one_by_one));
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b, "micro-batches side by side changed the losses");
+    let wa = Checkpoint::load(&side_by_side, DType::F32, &Device::Cpu)
+        .unwrap()
+        .weights;
+    let wb = Checkpoint::load(&one_by_one, DType::F32, &Device::Cpu).unwrap().weights;
     for (name, t) in &wa {
         assert_eq!(max_abs_diff(t, &wb[name]), 0.0, "{name}");
     }

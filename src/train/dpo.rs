@@ -91,12 +91,17 @@ impl Dpo {
 }
 
 impl Objective for Dpo {
+    type Batch = Vec<usize>;
+
     fn stage(&self) -> &'static str {
         "dpo"
     }
 
-    fn loss(&mut self, model: &Gpt, _params: &ParamSet) -> Result<(Tensor, usize)> {
-        let idx: Vec<usize> = (0..self.batch).map(|_| self.order.next()).collect();
+    fn next(&mut self) -> Result<Vec<usize>> {
+        Ok((0..self.batch).map(|_| self.order.next()).collect())
+    }
+
+    fn loss(&self, idx: &Vec<usize>, model: &Gpt, _params: &ParamSet) -> Result<(Tensor, usize)> {
         let pairs: Vec<&Pair> = idx.iter().map(|&i| &self.train[i]).collect();
         let tokens = pairs.iter().map(|p| p.chosen.len() + p.rejected.len()).sum();
         Ok((self.loss_on(model, &pairs)?.0, tokens))

@@ -55,14 +55,18 @@ fn token_nll(model: &Gpt, x: &Tensor, y: &Tensor) -> Result<Vec<f32>> {
 }
 
 impl Objective for Pretrain {
+    type Batch = (Tensor, Tensor);
+
     fn stage(&self) -> &'static str {
         "pretrain"
     }
 
-    fn loss(&mut self, model: &Gpt, _params: &ParamSet) -> Result<(Tensor, usize)> {
-        let (x, y) = self.train.next_batch(self.batch, &self.device)?;
-        let n = x.elem_count();
-        Ok((model.lm_loss(&x, &y, None)?, n))
+    fn next(&mut self) -> Result<(Tensor, Tensor)> {
+        self.train.next_batch(self.batch, &self.device)
+    }
+
+    fn loss(&self, (x, y): &(Tensor, Tensor), model: &Gpt, _params: &ParamSet) -> Result<(Tensor, usize)> {
+        Ok((model.lm_loss(x, y, None)?, x.elem_count()))
     }
 
     fn skip(&mut self) -> Result<()> {

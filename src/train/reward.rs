@@ -263,17 +263,27 @@ impl RewardObjective {
 }
 
 impl Objective for RewardObjective {
+    type Batch = (Vec<Vec<u32>>, Vec<u32>, Vec<u32>);
+
     fn stage(&self) -> &'static str {
         "reward"
     }
 
-    fn loss(&mut self, model: &Gpt, params: &ParamSet) -> Result<(Tensor, usize)> {
+    fn next(&mut self) -> Result<(Vec<Vec<u32>>, Vec<u32>, Vec<u32>)> {
+        Ok(self.next_groups())
+    }
+
+    fn loss(
+        &self,
+        (seqs, chosen, rejected): &(Vec<Vec<u32>>, Vec<u32>, Vec<u32>),
+        model: &Gpt,
+        params: &ParamSet,
+    ) -> Result<(Tensor, usize)> {
         let head = params.get(SCORE_HEAD).context("reward head missing")?;
-        let (seqs, chosen, rejected) = self.next_groups();
-        let scores = sequence_scores(model, head, &seqs, self.pad)?;
+        let scores = sequence_scores(model, head, seqs, self.pad)?;
         let dev = scores.device();
-        let diff = (scores.index_select(&Tensor::new(chosen, dev)?, 0)?
-            - scores.index_select(&Tensor::new(rejected, dev)?, 0)?)?;
+        let diff = (scores.index_select(&Tensor::new(chosen.as_slice(), dev)?, 0)?
+            - scores.index_select(&Tensor::new(rejected.as_slice(), dev)?, 0)?)?;
         let tokens = seqs.iter().map(Vec::len).sum();
         Ok((neg_log_sigmoid(&diff)?.mean_all()?, tokens))
     }

@@ -212,14 +212,18 @@ impl Sft {
 }
 
 impl Objective for Sft {
+    type Batch = (Tensor, Tensor, Tensor);
+
     fn stage(&self) -> &'static str {
         "sft"
     }
 
-    fn loss(&mut self, model: &Gpt, _params: &ParamSet) -> Result<(Tensor, usize)> {
-        let (x, y, w) = self.next_rows()?;
-        let n = x.elem_count();
-        Ok((model.lm_loss(&x, &y, Some(&w))?, n))
+    fn next(&mut self) -> Result<(Tensor, Tensor, Tensor)> {
+        self.next_rows()
+    }
+
+    fn loss(&self, (x, y, w): &(Tensor, Tensor, Tensor), model: &Gpt, _params: &ParamSet) -> Result<(Tensor, usize)> {
+        Ok((model.lm_loss(x, y, Some(w))?, x.elem_count()))
     }
 
     fn skip(&mut self) -> Result<()> {

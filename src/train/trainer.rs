@@ -2,8 +2,11 @@
 //! with a warmup + cosine schedule, metrics, periodic evaluation, atomic checkpoints with the
 //! optimizer and data position, exact resume, and a checkpoint on Ctrl-C.
 //!
-//! A stage plugs in as an [`Objective`]: it supplies the loss of the next micro-batch, its
-//! evaluation, and the state its data needs to resume.
+//! A stage plugs in as an [`Objective`]: it draws the next micro-batch, computes its loss, and
+//! supplies its evaluation and the state its data needs to resume. On a CPU a step's micro-batches
+//! run side by side, as many as the thread pool has threads, each its own graph: the kernels of a
+//! small model leave threads idle that another micro-batch can use, and since every kernel reduces
+//! in a fixed order, the result does not depend on how they are grouped.
 //!
 //! Under MPI (src/train/collective.rs) each of N ranks computes every N-th micro-batch of the one
 //! data stream and skips the others (llm.c's loader interleaves the same way), the gradients are
@@ -119,12 +122,16 @@ pub struct EvalReport {
 }
 
 /// One training stage's data and loss.
-pub trait Objective {
+pub trait Objective: Sync {
+    /// A micro-batch drawn from the data stream, computed on apart from it.
+    type Batch: Send + Sync;
     /// `pretrain`, `sft`, `reward`, ...: the `stage` of metrics and checkpoints.
     fn stage(&self) -> &'static str;
-    /// The loss of the next micro-batch (a scalar to backpropagate) and the tokens it covers.
-    /// `params` holds the model's variables and any heads the stage trains.
-    fn loss(&mut self, model: &Gpt, params: &ParamSet) -> Result<(Tensor, usize)>;
+    /// Draws the next micro-batch.
+    fn next(&mut self) -> Result<Self::Batch>;
+    /// The loss of a micro-batch (a scalar to backpropagate) and the tokens it covers. `params`
+    /// holds the model's variables and any heads the stage trains.
+    fn loss(&self, batch: &Self::Batch, model: &Gpt, params: &ParamSet) -> Result<(Tensor, usize)>;
     /// Moves past the next micro-batch without computing anything: another rank's share.
     fn skip(&mut self) -> Result<()>;
     /// Held-out evaluation.
@@ -177,9 +184,28 @@ pub fn interrupt_flag() -> Arc<AtomicBool> {
     .clone()
 }
 
+/// Single-threaded pools, one per thread of the calling pool: a step's micro-batches run on them
+/// side by side, each with its kernels on one thread, as MPI ranks of one thread would.
+fn solo_pools() -> &'static [rayon::ThreadPool] {
+    static POOLS: OnceLock<Vec<rayon::ThreadPool>> = OnceLock::new();
+    let pools = POOLS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (0..cores.max(rayon::current_num_threads()))
+            .filter_map(|i| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .thread_name(move |_| format!("micro-batch-{i}"))
+                    .build()
+                    .ok()
+            })
+            .collect()
+    });
+    &pools[..rayon::current_num_threads().min(pools.len())]
+}
+
 /// Runs `objective` from `init` (or from the checkpoint in `cfg.out` when resuming): the loop
 /// nanoGPT's train.py has, step by step.
-pub fn train(cfg: &TrainConfig, init: Init, objective: &mut dyn Objective) -> Result<TrainOutcome> {
+pub fn train<O: Objective>(cfg: &TrainConfig, init: Init, objective: &mut O) -> Result<TrainOutcome> {
     cfg.validate()?;
     let mut run = Run::start(cfg, init, objective)?;
     let interrupted = loop {
@@ -247,7 +273,7 @@ struct Run<'c> {
 
 impl<'c> Run<'c> {
     /// A fresh run from `init`, or the checkpoint in `cfg.out` with its optimizer and data position.
-    fn start(cfg: &'c TrainConfig, init: Init, objective: &mut dyn Objective) -> Result<Self> {
+    fn start<O: Objective>(cfg: &'c TrainConfig, init: Init, objective: &mut O) -> Result<Self> {
         let stage = objective.stage();
         std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
         let ckpt_dir = cfg.out.join(CHECKPOINT_DIR);
@@ -394,7 +420,7 @@ impl<'c> Run<'c> {
 
     /// One optimizer step: the gradients of `grad_accum` micro-batches per rank summed over the
     /// ranks, the global norm clipped, AdamW at the scheduled learning rate.
-    fn step(&mut self, objective: &mut dyn Objective) -> Result<()> {
+    fn step<O: Objective>(&mut self, objective: &mut O) -> Result<()> {
         let cfg = self.cfg;
         let schedule = LrSchedule {
             max_lr: cfg.lr,
@@ -405,26 +431,59 @@ impl<'c> Run<'c> {
         self.lr = schedule.at(self.step);
         let (rank, ranks) = (self.world.rank(), self.world.size());
         let micro_batches = cfg.grad_accum * ranks;
+        let mut mine = Vec::with_capacity(cfg.grad_accum);
+        for j in 0..micro_batches {
+            if j % ranks == rank {
+                mine.push(objective.next()?);
+            } else {
+                objective.skip()?;
+            }
+        }
+        let pools = if self.model.device().is_cpu() {
+            solo_pools()
+        } else {
+            &[]
+        };
         let mut sum: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
         let mut step_tokens = 0;
-        for j in 0..micro_batches {
-            if j % ranks != rank {
-                objective.skip()?;
-                continue;
-            }
-            let (loss, n) = objective.loss(&self.model, &self.params)?;
+        let compute = |b: &O::Batch| -> Result<(f64, usize, Vec<Tensor>)> {
+            let (loss, n) = objective.loss(b, &self.model, &self.params)?;
             let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            ensure!(
-                l.is_finite(),
-                "{} loss became {l} at step {}: lower --lr or check the data",
-                self.stage,
-                self.step
-            );
-            loss_sum += l;
-            step_tokens += n as u64;
-            let grads = self.params.grads(&loss.backward()?)?;
-            accumulate(&mut sum, grads)?;
+            Ok((l, n, self.params.grads(&loss.backward()?)?))
+        };
+        for group in mine.chunks(pools.len().max(1)) {
+            let done: Vec<Result<(f64, usize, Vec<Tensor>)>> = if group.len() == 1 {
+                vec![compute(&group[0])]
+            } else {
+                std::thread::scope(|s| {
+                    let running: Vec<_> = group
+                        .iter()
+                        .zip(pools)
+                        .map(|(b, pool)| s.spawn(|| pool.install(|| compute(b))))
+                        .collect();
+                    running
+                        .into_iter()
+                        .map(|h| {
+                            h.join()
+                                .unwrap_or_else(|_| Err(anyhow::anyhow!("a micro-batch's thread panicked")))
+                        })
+                        .collect()
+                })
+            };
+            // Summed in the stream's order, whichever finished first.
+            for d in done {
+                let (l, n, grads) = d?;
+                ensure!(
+                    l.is_finite(),
+                    "{} loss became {l} at step {}: lower --lr or check the data",
+                    self.stage,
+                    self.step
+                );
+                loss_sum += l;
+                step_tokens += n as u64;
+                accumulate(&mut sum, grads)?;
+            }
         }
         let mut grads = sum.expect("grad_accum >= 1");
         if ranks > 1 {
@@ -500,7 +559,7 @@ impl<'c> Run<'c> {
 
     /// The objective's held-out evaluation, printed and logged. Every rank evaluates, so that
     /// whatever state evaluation touches stays the same on all of them; rank 0 reports.
-    fn evaluate(&mut self, objective: &mut dyn Objective) -> Result<()> {
+    fn evaluate<O: Objective>(&mut self, objective: &mut O) -> Result<()> {
         let report = objective.evaluate(&self.model, &self.params)?;
         self.last_eval = report.values.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let Some(metrics) = &mut self.metrics else {
@@ -520,7 +579,7 @@ impl<'c> Run<'c> {
 
     /// Writes the checkpoint (rank 0): weights, optimizer state, data position, schedule and the
     /// number of ranks. Every rank's data position must be rank 0's: one stream, one position.
-    fn save(&self, objective: &dyn Objective) -> Result<()> {
+    fn save<O: Objective>(&self, objective: &O) -> Result<()> {
         let position = objective.state();
         collective::ensure_same(self.world, position.to_string().as_bytes(), "the data position")?;
         if self.world.rank() != 0 {
@@ -551,7 +610,7 @@ impl<'c> Run<'c> {
     }
 
     /// The last checkpoint, the loss plot, and what the run reports.
-    fn finish(self, objective: &dyn Objective, interrupted: bool) -> Result<TrainOutcome> {
+    fn finish<O: Objective>(self, objective: &O, interrupted: bool) -> Result<TrainOutcome> {
         self.pb.finish_and_clear();
         self.save(objective)?;
         if self.world.rank() == 0 {
