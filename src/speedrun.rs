@@ -61,9 +61,9 @@ pub struct SpeedrunPreset {
     /// Weight of the chosen answers' NLL in the DPO loss (RPO).
     pub dpo_nll_coef: f64,
     pub max_new_tokens: usize,
-    /// Micro-batches each step of the trainer stages splits its batch into: on a CPU they run side
-    /// by side, one kernel thread each (src/train/trainer.rs), which a small model's kernels cannot
-    /// keep busy alone.
+    /// Micro-batches each step of the trainer stages splits its batch into; on a CPU they run side
+    /// by side, each on its share of the threads (`--side-by-side`, src/train/trainer.rs), which a
+    /// small model's kernels cannot keep busy alone.
     pub micro_batches: usize,
     /// Mixed precision (bf16 matrix products, f32 weights) in the training stages.
     pub bf16: bool,
@@ -364,6 +364,7 @@ fn train_cfg(out: &Path, steps: u64, lr: f64, cfg: &SpeedrunConfig, resume: bool
         adamw: AdamWConfig::default(),
         grad_clip: Some(1.0),
         grad_accum: cfg.preset.micro_batches,
+        side_by_side: true,
         eval_every: (steps / 4).max(1),
         save_every: (steps / 4).max(1),
         seed: cfg.seed,

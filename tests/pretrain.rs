@@ -198,6 +198,7 @@ fn micro_batches_side_by_side_give_the_sequential_run() {
         let out = tmp.path().join(name);
         let mut cfg = pretrain_config(&data, &out, 6);
         cfg.train.grad_accum = 2;
+        cfg.train.side_by_side = true;
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| pretrain(&cfg)).unwrap();
         out

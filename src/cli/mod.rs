@@ -172,10 +172,14 @@ pub(crate) struct TrainArgs {
     #[arg(long, value_parser = parse_duration)]
     time_budget: Option<std::time::Duration>,
     /// Micro-batches per optimizer step (per rank under mpirun: the global batch is ranks x
-    /// batch x accumulation steps). On a CPU they run side by side, one kernel thread each, as many
-    /// at once as there are threads: faster than one batch of the same size for small models.
+    /// batch x accumulation steps).
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
+    /// On a CPU, run the --grad-accum micro-batches at once, each on its share of the threads:
+    /// faster for small models, whose kernels cannot keep every thread busy; each holds its own
+    /// activations. The results are the same either way.
+    #[arg(long)]
+    side_by_side: bool,
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
@@ -222,6 +226,7 @@ impl TrainArgs {
             },
             grad_clip: (self.grad_clip > 0.0).then_some(self.grad_clip),
             grad_accum: self.grad_accum,
+            side_by_side: self.side_by_side,
             eval_every: self.eval_every,
             save_every: self.save_every,
             seed: self.seed,

@@ -3,10 +3,10 @@
 //! optimizer and data position, exact resume, and a checkpoint on Ctrl-C.
 //!
 //! A stage plugs in as an [`Objective`]: it draws the next micro-batch, computes its loss, and
-//! supplies its evaluation and the state its data needs to resume. On a CPU a step's micro-batches
-//! run side by side, as many as the thread pool has threads, each its own graph: the kernels of a
-//! small model leave threads idle that another micro-batch can use, and since every kernel reduces
-//! in a fixed order, the result does not depend on how they are grouped.
+//! supplies its evaluation and the state its data needs to resume. With `side_by_side`, a step's
+//! micro-batches run at once on a CPU, each its own graph on its share of the threads: the kernels
+//! of a small model leave threads idle that another micro-batch can use, and since every kernel
+//! reduces in a fixed order, the result does not depend on how they are grouped.
 //!
 //! Under MPI (src/train/collective.rs) each of N ranks computes every N-th micro-batch of the one
 //! data stream and skips the others (llm.c's loader interleaves the same way), the gradients are
@@ -15,7 +15,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -51,6 +51,9 @@ pub struct TrainConfig {
     pub grad_clip: Option<f64>,
     /// Micro-batches per optimizer step on each rank.
     pub grad_accum: usize,
+    /// On a CPU, run a step's micro-batches at once, each on its share of the threads (a small
+    /// model's kernels cannot keep every thread busy; each graph in flight holds its activations).
+    pub side_by_side: bool,
     pub eval_every: u64,
     pub save_every: u64,
     pub seed: u64,
@@ -184,23 +187,31 @@ pub fn interrupt_flag() -> Arc<AtomicBool> {
     .clone()
 }
 
-/// Single-threaded pools, one per thread of the calling pool: a step's micro-batches run on them
-/// side by side, each with its kernels on one thread, as MPI ranks of one thread would.
-fn solo_pools() -> &'static [rayon::ThreadPool] {
-    static POOLS: OnceLock<Vec<rayon::ThreadPool>> = OnceLock::new();
-    let pools = POOLS.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (0..cores.max(rayon::current_num_threads()))
-            .filter_map(|i| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .thread_name(move |_| format!("micro-batch-{i}"))
-                    .build()
-                    .ok()
-            })
-            .collect()
-    });
-    &pools[..rayon::current_num_threads().min(pools.len())]
+/// Pools for `wanted` micro-batches at once: as many as the calling pool has threads (at most
+/// `wanted`), the threads shared out between them, so that the micro-batches together use what one
+/// batch would. Made once per shape and kept.
+fn side_pools(wanted: usize) -> &'static [rayon::ThreadPool] {
+    type Shapes = Vec<((usize, usize), &'static [rayon::ThreadPool])>;
+    static MADE: Mutex<Shapes> = Mutex::new(Vec::new());
+    let threads = rayon::current_num_threads();
+    let k = wanted.min(threads).max(1);
+    let shape = (k, threads / k);
+    let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, pools)) = made.iter().find(|(s, _)| *s == shape) {
+        return pools;
+    }
+    let pools: Vec<rayon::ThreadPool> = (0..k)
+        .filter_map(|i| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(shape.1)
+                .thread_name(move |t| format!("micro-batch-{i}.{t}"))
+                .build()
+                .ok()
+        })
+        .collect();
+    let pools: &'static [rayon::ThreadPool] = Vec::leak(pools);
+    made.push((shape, pools));
+    pools
 }
 
 /// Runs `objective` from `init` (or from the checkpoint in `cfg.out` when resuming): the loop
@@ -439,8 +450,8 @@ impl<'c> Run<'c> {
                 objective.skip()?;
             }
         }
-        let pools = if self.model.device().is_cpu() {
-            solo_pools()
+        let pools = if cfg.side_by_side && self.model.device().is_cpu() && mine.len() > 1 {
+            side_pools(mine.len())
         } else {
             &[]
         };

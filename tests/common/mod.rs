@@ -38,6 +38,7 @@ pub fn train_cfg(out: &Path, steps: u64, lr: f64) -> TrainConfig {
         adamw: AdamWConfig::default(),
         grad_clip: Some(1.0),
         grad_accum: 1,
+        side_by_side: false,
         eval_every: 1000,
         save_every: 1000,
         seed: 1,
