@@ -267,6 +267,50 @@ fn mixed_precision_keeps_the_loss_and_every_gradient() {
     }
 }
 
+/// Checks autograd's gradient `grads` of `loss` against central differences (step 1e-5, so f64
+/// parameters; relative error under 1e-4) at the first, the `len / split`-th and the last element of
+/// each named parameter, restoring every value after; returns how many elements it checked.
+fn assert_matches_finite_differences(
+    vars: &HashMap<String, Var>,
+    grads: &candle_core::backprop::GradStore,
+    names: &[&str],
+    split: usize,
+    loss: impl Fn() -> f64,
+) -> usize {
+    let h = 1e-5;
+    let mut checked = 0;
+    for name in names {
+        let var = &vars[*name];
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for idx in [0, orig.len() / split, orig.len() - 1] {
+            let at = |d: f64| {
+                let mut p = orig.clone();
+                p[idx] += d;
+                var.set(&Tensor::from_vec(p, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss()
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h);
+            at(0.0);
+            let err = (fd - g[idx]).abs() / (fd.abs() + g[idx].abs()).max(1e-6);
+            assert!(
+                err < 1e-4,
+                "{name}[{idx}]: finite difference {fd} vs autograd {}",
+                g[idx]
+            );
+            checked += 1;
+        }
+    }
+    checked
+}
+
 #[test]
 fn loss_gradient_matches_finite_differences() {
     // f64 so that central differences are accurate to ~1e-8.
@@ -283,11 +327,9 @@ fn loss_gradient_matches_finite_differences() {
         &Device::Cpu,
     )
     .unwrap();
-    let loss = |m: &Gpt| m.lm_loss(&x, &y, Some(&w)).unwrap().to_scalar::<f64>().unwrap();
+    let loss = || model.lm_loss(&x, &y, Some(&w)).unwrap().to_scalar::<f64>().unwrap();
     let grads = model.lm_loss(&x, &y, Some(&w)).unwrap().backward().unwrap();
-    let h = 1e-5;
-    let mut checked = 0;
-    for name in [
+    let names = [
         "transformer.wte.weight",
         "transformer.wpe.weight",
         "transformer.h.0.ln_1.weight",
@@ -296,38 +338,8 @@ fn loss_gradient_matches_finite_differences() {
         "transformer.h.1.mlp.c_fc.weight",
         "transformer.h.1.mlp.c_proj.weight",
         "transformer.ln_f.bias",
-    ] {
-        let var = &vars[name];
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        for idx in [0, orig.len() / 3, orig.len() - 1] {
-            let mut p = orig.clone();
-            p[idx] += h;
-            var.set(&Tensor::from_vec(p.clone(), var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            let up = loss(&model);
-            p[idx] -= 2.0 * h;
-            var.set(&Tensor::from_vec(p, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            let down = loss(&model);
-            var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            let fd = (up - down) / (2.0 * h);
-            let err = (fd - g[idx]).abs() / (fd.abs() + g[idx].abs()).max(1e-6);
-            assert!(
-                err < 1e-4,
-                "{name}[{idx}]: finite difference {fd} vs autograd {}",
-                g[idx]
-            );
-            checked += 1;
-        }
-    }
+    ];
+    let checked = assert_matches_finite_differences(&vars, &grads, &names, 3, loss);
     assert_eq!(checked, 24);
 }
 
@@ -364,39 +376,14 @@ fn exact_kl_loss_matches_the_reported_kl_and_finite_differences() {
         "loss {value} vs the reported KL {reported} over 8 answer tokens"
     );
     let grads = loss(&policy).backward().unwrap();
-    let h = 1e-5;
-    for name in [
+    let names = [
         "transformer.wte.weight",
         "transformer.h.0.attn.c_attn.weight",
         "transformer.ln_f.weight",
-    ] {
-        let var = &vars[name];
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        for idx in [0, orig.len() / 2, orig.len() - 1] {
-            let at = |d: f64| {
-                let mut p = orig.clone();
-                p[idx] += d;
-                var.set(&Tensor::from_vec(p, var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                loss(&policy).to_scalar::<f64>().unwrap()
-            };
-            let fd = (at(h) - at(-h)) / (2.0 * h);
-            at(0.0);
-            let err = (fd - g[idx]).abs() / (fd.abs() + g[idx].abs()).max(1e-6);
-            assert!(
-                err < 1e-4,
-                "{name}[{idx}]: finite difference {fd} vs autograd {}",
-                g[idx]
-            );
-        }
-    }
+    ];
+    let checked =
+        assert_matches_finite_differences(&vars, &grads, &names, 2, || loss(&policy).to_scalar::<f64>().unwrap());
+    assert_eq!(checked, 9);
 }
 
 #[test]

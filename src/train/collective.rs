@@ -155,7 +155,7 @@ pub fn all_reduce_tensors(world: &dyn Collective, tensors: Vec<Tensor>) -> Resul
 
 /// Which engine sums tensors on `device`: NCCL for CUDA tensors in a `--features nccl` build,
 /// else MPI through the host (the identity in a one-process world).
-pub fn engine_for(world: &dyn Collective, device: &candle_core::Device) -> &'static str {
+fn engine_for(world: &dyn Collective, device: &candle_core::Device) -> &'static str {
     if cfg!(feature = "nccl") && device.is_cuda() {
         "nccl"
     } else if world.size() > 1 {
@@ -177,6 +177,27 @@ pub fn sum_over_ranks(world: &dyn Collective, tensors: Vec<Tensor>) -> Result<(V
         return Ok((nccl::all_reduce(world, tensors)?, engine));
     }
     let mut out = Vec::with_capacity(tensors.len());
+    for bucket in buckets(&tensors) {
+        let mut flat = vec![];
+        for t in &tensors[bucket.clone()] {
+            flat.extend(t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
+        }
+        world.all_reduce_f32(&mut flat)?;
+        let mut offset = 0;
+        for t in &tensors[bucket] {
+            let len = t.elem_count();
+            let summed = Tensor::from_slice(&flat[offset..offset + len], t.shape(), t.device())?;
+            out.push(summed.to_dtype(t.dtype())?);
+            offset += len;
+        }
+    }
+    Ok((out, engine))
+}
+
+/// Consecutive runs of `tensors` of at most [`BUCKET`] floats together (a larger tensor alone),
+/// each summed in one call.
+fn buckets(tensors: &[Tensor]) -> Vec<std::ops::Range<usize>> {
+    let mut out = vec![];
     let mut start = 0;
     while start < tensors.len() {
         let mut end = start + 1;
@@ -185,21 +206,10 @@ pub fn sum_over_ranks(world: &dyn Collective, tensors: Vec<Tensor>) -> Result<(V
             n += tensors[end].elem_count();
             end += 1;
         }
-        let mut flat = Vec::with_capacity(n);
-        for t in &tensors[start..end] {
-            flat.extend(t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
-        }
-        world.all_reduce_f32(&mut flat)?;
-        let mut offset = 0;
-        for t in &tensors[start..end] {
-            let len = t.elem_count();
-            let summed = Tensor::from_slice(&flat[offset..offset + len], t.shape(), t.device())?;
-            out.push(summed.to_dtype(t.dtype())?);
-            offset += len;
-        }
+        out.push(start..end);
         start = end;
     }
-    Ok((out, engine))
+    out
 }
 
 /// Gives every rank rank 0's values of `vars`, so that all start from the same weights.

@@ -107,13 +107,6 @@ impl Objective for Dpo {
         Ok((self.loss_on(model, &pairs)?.0, tokens))
     }
 
-    fn skip(&mut self) -> Result<()> {
-        for _ in 0..self.batch {
-            self.order.next();
-        }
-        Ok(())
-    }
-
     fn evaluate(&mut self, model: &Gpt, _params: &ParamSet) -> Result<EvalReport> {
         let (mut loss, mut correct, mut margin, mut n) = (0.0, 0usize, 0.0, 0usize);
         for chunk in self.val.chunks(self.batch) {

@@ -264,6 +264,17 @@ fn batch_of(refs: &[&Rollout], pad: u32, device: &Device) -> Result<Batch> {
     grouped_batch(&groups, pad, device)
 }
 
+/// The answer tokens' log-probabilities at the run's temperature, and with the exact-KL loss term the
+/// whole next-token log-distributions at temperature 1 (see [`answer_logprobs_and_dists`]).
+fn logprobs_for(cfg: &PpoConfig, model: &Gpt, batch: &Batch) -> Result<(Tensor, Option<Tensor>)> {
+    if cfg.kl_loss_coef > 0.0 {
+        let (lp, d) = answer_logprobs_and_dists(model, batch, cfg.temperature)?;
+        Ok((lp, Some(d)))
+    } else {
+        Ok((answer_logprobs(model, batch, cfg.temperature)?, None))
+    }
+}
+
 /// The reference's stored log-distributions of `refs`' answers laid out as [`batch_of`]'s answer
 /// positions, `[N * A, V]` (padding positions zero, removed by the batch's mask).
 fn reference_dists(refs: &[&Rollout], a: usize, v: usize, device: &Device) -> Result<Tensor> {
@@ -940,12 +951,7 @@ impl<'c> Ppo<'c> {
             let refs: Vec<&Rollout> = chunk.iter().map(|&i| &b.rollouts[i]).collect();
             let batch = batch_of(&refs, pad, &self.device)?;
             let lens: Vec<usize> = refs.iter().map(|r| r.answer_len()).collect();
-            let (reference_lp, dists) = if self.cfg.kl_loss_coef > 0.0 {
-                let (lp, d) = answer_logprobs_and_dists(&self.m.reference, &batch, self.cfg.temperature)?;
-                (lp, Some(d))
-            } else {
-                (answer_logprobs(&self.m.reference, &batch, self.cfg.temperature)?, None)
-            };
+            let (reference_lp, dists) = logprobs_for(self.cfg, &self.m.reference, &batch)?;
             let reference_lp = rows_of(&reference_lp, &lens)?;
             let values = rows_of(&answer_values(&self.m.critic_view, &head, &batch)?, &lens)?;
             let dists = dists
@@ -1053,12 +1059,7 @@ impl<'c> Ppo<'c> {
                     let (old, adv) = (rows(|r| &r.logp_old)?, rows(|r| &r.adv)?);
                     let (ret, vold) = (rows(|r| &r.ret)?, rows(|r| &r.values)?);
                     // Actor.
-                    let (logp, dists) = if cfg.kl_loss_coef > 0.0 {
-                        let (lp, d) = answer_logprobs_and_dists(&self.m.actor_model, &batch, cfg.temperature)?;
-                        (lp, Some(d))
-                    } else {
-                        (answer_logprobs(&self.m.actor_model, &batch, cfg.temperature)?, None)
-                    };
+                    let (logp, dists) = logprobs_for(cfg, &self.m.actor_model, &batch)?;
                     let (mut loss, clip_frac) = rl::policy_loss(&logp, &old, &adv, &batch.mask, cfg.clip)?;
                     pl_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * share;
                     if let Some(lp) = dists {

@@ -69,11 +69,6 @@ impl Objective for Pretrain {
         Ok((model.lm_loss(x, y, None)?, x.elem_count()))
     }
 
-    fn skip(&mut self) -> Result<()> {
-        self.train.next_batch(self.batch, &self.device)?;
-        Ok(())
-    }
-
     fn evaluate(&mut self, model: &Gpt, _params: &ParamSet) -> Result<EvalReport> {
         let windows = (self.val_batches * self.batch).min(self.val.num_windows());
         let (mut nats, mut count, mut bytes) = (0f64, 0usize, 0u64);

@@ -288,11 +288,6 @@ impl Objective for RewardObjective {
         Ok((neg_log_sigmoid(&diff)?.mean_all()?, tokens))
     }
 
-    fn skip(&mut self) -> Result<()> {
-        self.next_groups();
-        Ok(())
-    }
-
     fn evaluate(&mut self, model: &Gpt, params: &ParamSet) -> Result<EvalReport> {
         let head = params.get(SCORE_HEAD).context("reward head missing")?;
         let m = evaluate_groups(model, head, &self.val, self.pad, self.batch)?;

@@ -226,10 +226,6 @@ impl Objective for Sft {
         Ok((model.lm_loss(x, y, Some(w))?, x.elem_count()))
     }
 
-    fn skip(&mut self) -> Result<()> {
-        self.next_rows().map(drop)
-    }
-
     fn evaluate(&mut self, model: &Gpt, _params: &ParamSet) -> Result<EvalReport> {
         let mut values = vec![];
         if !self.data.val.is_empty() {

@@ -135,8 +135,10 @@ pub trait Objective: Sync {
     /// The loss of a micro-batch (a scalar to backpropagate) and the tokens it covers. `params`
     /// holds the model's variables and any heads the stage trains.
     fn loss(&self, batch: &Self::Batch, model: &Gpt, params: &ParamSet) -> Result<(Tensor, usize)>;
-    /// Moves past the next micro-batch without computing anything: another rank's share.
-    fn skip(&mut self) -> Result<()>;
+    /// Moves past the next micro-batch without computing on it: another rank's share.
+    fn skip(&mut self) -> Result<()> {
+        self.next().map(drop)
+    }
     /// Held-out evaluation.
     fn evaluate(&mut self, model: &Gpt, params: &ParamSet) -> Result<EvalReport>;
     /// The data position and anything else needed to resume exactly.

@@ -16,7 +16,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::nccl::{Comm, Id, ReduceOp};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, DeviceLocation, Layout, Shape, Tensor};
 
-use super::{BUCKET, Collective};
+use super::{Collective, buckets};
 
 /// One communicator per process, for the GPU it was made on.
 struct Held {
@@ -92,7 +92,7 @@ impl CustomOp1 for AllReduce<'_> {
 }
 
 /// Sums `tensors` (on one CUDA device) over all ranks with NCCL, in buckets of at most
-/// [`BUCKET`] floats, each flattened into one buffer for one NCCL call.
+/// [`super::BUCKET`] floats, each flattened into one buffer for one NCCL call.
 pub fn all_reduce(world: &dyn Collective, tensors: Vec<Tensor>) -> Result<Vec<Tensor>> {
     let Some(first) = tensors.first() else {
         return Ok(tensors);
@@ -100,15 +100,8 @@ pub fn all_reduce(world: &dyn Collective, tensors: Vec<Tensor>) -> Result<Vec<Te
     let device = first.device().clone();
     with_comm(world, &device, |comm| {
         let mut out = Vec::with_capacity(tensors.len());
-        let mut start = 0;
-        while start < tensors.len() {
-            let mut end = start + 1;
-            let mut n = tensors[start].elem_count();
-            while end < tensors.len() && n + tensors[end].elem_count() <= BUCKET {
-                n += tensors[end].elem_count();
-                end += 1;
-            }
-            let flat: Vec<Tensor> = tensors[start..end]
+        for bucket in buckets(&tensors) {
+            let flat: Vec<Tensor> = tensors[bucket.clone()]
                 .iter()
                 .map(|t| t.flatten_all()?.to_dtype(DType::F32))
                 .collect::<candle_core::Result<_>>()?;
@@ -116,12 +109,11 @@ pub fn all_reduce(world: &dyn Collective, tensors: Vec<Tensor>) -> Result<Vec<Te
                 .contiguous()?
                 .apply_op1_no_bwd(&AllReduce(comm))?;
             let mut offset = 0;
-            for t in &tensors[start..end] {
+            for t in &tensors[bucket] {
                 let len = t.elem_count();
                 out.push(summed.narrow(0, offset, len)?.reshape(t.shape())?.to_dtype(t.dtype())?);
                 offset += len;
             }
-            start = end;
         }
         Ok(out)
     })
