@@ -173,6 +173,49 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
     ] {
         assert!(text.contains(line), "eval --against lacks {line}: {text}");
     }
+    // `--answers` writes each answer with the gold labeller's reading, the readings the report counts.
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("speedrun.json")).unwrap()).unwrap();
+    let max_new = settings["preset"]["max_new_tokens"].as_u64().unwrap().to_string();
+    let answers_file = tmp.path().join("answers.jsonl");
+    let answered = talaria([
+        "eval".into(),
+        run.join("ppo"),
+        "--prompts".into(),
+        run.join("world/eval_seen_prompts.jsonl"),
+        "--max-new-tokens".into(),
+        max_new.into(),
+        "--answers".into(),
+        answers_file.clone(),
+    ]);
+    assert!(
+        answered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&answered.stderr)
+    );
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&answers_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let prompts = std::fs::read_to_string(run.join("world/eval_seen_prompts.jsonl")).unwrap();
+    assert_eq!(rows.len(), prompts.lines().count());
+    let mut by_skill: std::collections::BTreeMap<&str, (f64, f64)> = Default::default();
+    for r in &rows {
+        assert!(
+            r["messages"].is_array() && r["answer"].is_string() && r["gold_score"].is_f64(),
+            "{r}"
+        );
+        let t = by_skill.entry(r["skill"].as_str().unwrap()).or_default();
+        t.0 += 1.0;
+        t.1 += f64::from(u8::from(r["strict"].as_bool().unwrap()));
+    }
+    let strict = by_skill.values().map(|(n, k)| k / n).sum::<f64>() / by_skill.len() as f64;
+    let reported = stages[2]["behaviour"]["seen"]["strict"].as_f64().unwrap();
+    assert!(
+        (strict - reported).abs() < 1e-9,
+        "--answers strict {strict} against eval.json {reported}"
+    );
     let lone = talaria(["eval".into(), run.join("ppo"), "--reward".into(), run.join("reward")]);
     assert!(!lone.status.success());
     assert!(String::from_utf8_lossy(&lone.stderr).contains("--reward needs --prefs"));

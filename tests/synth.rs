@@ -266,6 +266,42 @@ fn every_skill_everywhere_at_small_and_default_scale() {
     }
 }
 
+/// The RL prompts state a format three times as often as the evaluation and labelling prompts
+/// (`RL_CONSTRAINED` against `CONSTRAINED`), counted on the skills whose phrasings never state one themselves.
+#[test]
+fn rl_prompts_state_formats_more_often() {
+    let dir = tempfile::tempdir().unwrap();
+    make(dir.path(), 0, 1.0);
+    let share = |name: &str| {
+        let singles: Vec<Task> = Task::load_jsonl(&dir.path().join(name))
+            .unwrap()
+            .into_iter()
+            .filter(|t| ["reverse", "compare", "add_reversed", "sort", "fact"].contains(&t.skill.as_str()))
+            .filter(|t| {
+                t.messages
+                    .iter()
+                    .filter(|m| m.role == talaria::chat::Role::User)
+                    .count()
+                    == 1
+            })
+            .collect();
+        let stated = singles
+            .iter()
+            .filter(|t| synth::constraint_in(asked(t)).is_some())
+            .count();
+        stated as f64 / singles.len() as f64
+    };
+    let (rl, label, eval) = (
+        share("rl_prompts.jsonl"),
+        share("label_prompts.jsonl"),
+        share("eval_seen_prompts.jsonl"),
+    );
+    assert!((0.65..0.85).contains(&rl), "rl_prompts.jsonl: {rl:.3} state a format");
+    for (name, s) in [("label_prompts.jsonl", label), ("eval_seen_prompts.jsonl", eval)] {
+        assert!((0.18..0.32).contains(&s), "{name}: {s:.3} state a format");
+    }
+}
+
 #[test]
 fn eval_rl_and_training_prompts_are_disjoint() {
     let dir = tempfile::tempdir().unwrap();

@@ -84,6 +84,10 @@ pub(crate) struct EvalArgs {
     /// Held-out prompts with reference answers (default-world format) for a single chat checkpoint.
     #[arg(long)]
     prompts: Option<PathBuf>,
+    /// With --prompts: write every answer and the gold labeller's reading of it (strict, content, flaws,
+    /// score) to this file, one JSON line per prompt.
+    #[arg(long, requires = "prompts")]
+    answers: Option<PathBuf>,
     /// Few-shot prompt a base model in plain text instead of the chat template.
     #[arg(long)]
     few_shot: bool,
@@ -143,6 +147,7 @@ impl EvalArgs {
             device: self.device.device()?,
             target: self.target.clone(),
             prompts: self.prompts,
+            answers: self.answers,
             few_shot: self.few_shot,
             mmlu: self.mmlu,
             mmlu_dev: self.mmlu_dev,

@@ -3,14 +3,16 @@
 //! win-rate against another checkpoint, MMLU- and GSM8K-format benchmarks, and a reward model's
 //! pairwise accuracy on a preference file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, ensure};
 use candle_core::{DType, Device};
+use serde_json::json;
 
 use crate::chat::ChatTemplate;
 use crate::checkpoint::Checkpoint;
-use crate::data::prompts::read_prompts;
+use crate::data::prompts::{PromptRecord, read_prompts};
+use crate::data::synth::gold;
 use crate::eval::benchmarks;
 use crate::eval::tasks::{self, MistakeVerdicts, SkillReport, WinRate};
 use crate::model::Gpt;
@@ -23,6 +25,8 @@ pub struct CheckpointEvalConfig {
     pub target: PathBuf,
     /// Held-out prompts with reference answers (the default world's format).
     pub prompts: Option<PathBuf>,
+    /// With `prompts`: where to write every answer beside the gold labeller's reading of it (JSON lines).
+    pub answers: Option<PathBuf>,
     /// Prompt a base model few-shot in plain text instead of through the chat template.
     pub few_shot: bool,
     pub mmlu: Option<PathBuf>,
@@ -65,6 +69,10 @@ pub fn evaluate_checkpoint(cfg: &CheckpointEvalConfig) -> Result<CheckpointEval>
         "--reward needs --prefs (its pairwise accuracy) or --prompts (its verdicts on the model's own answers)"
     );
     ensure!(
+        cfg.answers.is_none() || cfg.prompts.is_some(),
+        "--answers needs --prompts (the prompts whose answers it writes)"
+    );
+    ensure!(
         cfg.against.is_none() || cfg.prompts.is_some(),
         "--against needs --prompts (the prompts both models answer)"
     );
@@ -95,6 +103,9 @@ pub fn evaluate_checkpoint(cfg: &CheckpointEvalConfig) -> Result<CheckpointEval>
             }
         };
         let r = answer(&model)?;
+        if let Some(path) = &cfg.answers {
+            write_answers(path, &prompts, &r.answers)?;
+        }
         if let (Some(rm), Some(rm_path)) = (&rm, &cfg.reward) {
             rm.ensure_tokenizer_of(rm_path, &cfg.target, ck.tokenizer_json.as_deref())?;
             out.mistakes = Some(tasks::reward_on_mistakes(&prompts, &r.answers, rm)?);
@@ -138,4 +149,43 @@ pub fn evaluate_checkpoint(cfg: &CheckpointEvalConfig) -> Result<CheckpointEval>
         out.reward = Some(evaluate_reward_model(rm, std::slice::from_ref(p), 16)?);
     }
     Ok(out)
+}
+
+/// Writes one JSON line per prompt: the conversation, the reference, the model's answer and the gold
+/// labeller's reading of it (src/data/synth/gold.rs), so that a reader can see what the scores count.
+fn write_answers(path: &Path, prompts: &[PromptRecord], answers: &[String]) -> Result<()> {
+    ensure!(
+        answers.len() == prompts.len(),
+        "{} answers to {} prompts",
+        answers.len(),
+        prompts.len()
+    );
+    let mut text = String::new();
+    for (p, a) in prompts.iter().zip(answers) {
+        let (answer, ended) = match a.strip_suffix(tasks::NO_END) {
+            Some(cut) => (cut, false),
+            None => (a.as_str(), true),
+        };
+        let skill = p.skill.as_deref().unwrap_or("");
+        let j = gold::judge(&p.messages, p.answer.as_deref().unwrap_or(""), skill, answer, ended);
+        let line = json!({
+            "messages": p.messages,
+            "reference": p.answer,
+            "skill": skill,
+            "answer": answer,
+            "ended": ended,
+            "turn": format!("{:?}", j.turn).to_lowercase(),
+            "strict": j.strict,
+            "content": j.content,
+            "padded": j.padded,
+            "explained": j.explained,
+            "constrained": j.constrained,
+            "ignored_constraint": j.ignored_constraint,
+            "invented": j.invented,
+            "gold_score": j.score,
+        });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    crate::checkpoint::write_file(path, text.as_bytes())
 }

@@ -17,7 +17,7 @@ use crate::eval::behaviour::{
     Answer, Behaviour, Difference, difference, flaws, gold_win_rate, invented, judgements, set_scores, turn_success,
 };
 use crate::eval::report::{EvalSummary, StageEval};
-use crate::eval::tasks::{SkillReport, beats, few_shot_accuracy, reward_on_mistakes, win_rate};
+use crate::eval::tasks::{NO_END, SkillReport, beats, few_shot_accuracy, reward_on_mistakes, win_rate};
 use crate::metrics::{METRICS_FILE, read_metrics};
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
@@ -313,7 +313,7 @@ pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize, device:
     let marked = |answers: &[Answer]| -> Vec<String> {
         answers
             .iter()
-            .map(|a| if a.1 { a.0.clone() } else { format!("{} [no end]", a.0) })
+            .map(|a| if a.1 { a.0.clone() } else { format!("{}{}", a.0, NO_END) })
             .collect()
     };
     let sft_texts = marked(&sft_answers.seen);

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::chat::ChatTemplate;
 use crate::data::prompts::PromptRecord;
@@ -54,6 +54,9 @@ impl SkillReport {
     }
 }
 
+/// What is appended to an answer that ran out of tokens before it ended, in a [`SkillReport`].
+pub const NO_END: &str = " [no end]";
+
 /// Exact-match accuracy of a chat model, per skill.
 pub fn chat_accuracy(
     model: &Gpt,
@@ -68,14 +71,15 @@ pub fn chat_accuracy(
         .iter()
         .zip(engine::chat_answers(model, tok, template, &convs, max_new)?)
     {
-        r.record(p, if ended { answer } else { format!("{answer} [no end]") });
+        r.record(p, if ended { answer } else { format!("{answer}{NO_END}") });
     }
     Ok(r)
 }
 
 /// Exact-match accuracy of a base (pretrained-only) model, prompted with `shots` solved
 /// examples of the same skill in the plain `Q: ...\nA: ...` form; the answer is the text up to
-/// the first newline.
+/// the first newline. A prompt without a skill has no examples to show and gets an empty answer, so
+/// that the answers stay in prompt order.
 pub fn few_shot_accuracy(
     model: &Gpt,
     tok: &Tokenizer,
@@ -87,7 +91,7 @@ pub fn few_shot_accuracy(
     let mut prefixes: BTreeMap<String, String> = BTreeMap::new();
     let eot: Vec<u32> = tok.special_id(crate::tokenizer::EOT).into_iter().collect();
     let ctx = model.config().n_positions;
-    let (mut asked, mut requests) = (vec![], vec![]);
+    let mut requests = vec![];
     for p in prompts {
         let Some(skill) = &p.skill else { continue };
         if !prefixes.contains_key(skill) {
@@ -101,12 +105,20 @@ pub fn few_shot_accuracy(
         let mut r = Request::greedy(ids, max_new, eot.clone());
         r.stop_strings = vec!["\n".into()];
         requests.push(r);
-        asked.push(p);
     }
-    let done = engine::generate_batch(model, Some(tok), requests, EngineConfig::default(), |_| {})?;
+    let mut done = engine::generate_batch(model, Some(tok), requests, EngineConfig::default(), |_| {})?.into_iter();
     let mut r = SkillReport::default();
-    for (p, c) in asked.into_iter().zip(done) {
-        r.record(p, c[0].text.trim().to_string());
+    for p in prompts {
+        let text = match p.skill {
+            Some(_) => done
+                .next()
+                .context("the engine returned fewer answers than it was asked for")?[0]
+                .text
+                .trim()
+                .to_string(),
+            None => String::new(),
+        };
+        r.record(p, text);
     }
     Ok(r)
 }

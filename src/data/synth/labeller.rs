@@ -146,6 +146,11 @@ const THANKS_PCT: usize = 3;
 /// Share of single questions that state an explicit format constraint.
 pub const CONSTRAINED: f64 = 0.25;
 
+/// The same share in the RL prompts, which state a format more often: PPO learns a format only from prompts
+/// that state one, and at a quarter a step of 16 prompts held about two (docs/tuning-history.md, "Formats
+/// in the RL prompts").
+pub const RL_CONSTRAINED: f64 = 0.75;
+
 const SYSTEM_PROMPTS: [&str; 3] = [
     "You are a helpful assistant.",
     "You are Talaria, a careful and polite assistant. Answer briefly.",

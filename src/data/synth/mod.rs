@@ -33,8 +33,9 @@ use skills::{Bucket, Ctx, Task};
 
 /// Bumped whenever the same seed would produce different files (4: the labeller pool and its habits,
 /// 25 phrasings per skill, challenges, corrections and strangers, the new evaluation sets; the corpus and
-/// `eval_prompts.jsonl` are the same as version 3's).
-pub const GENERATOR_VERSION: u32 = 4;
+/// `eval_prompts.jsonl` are the same as version 3's. 5: three quarters of the RL prompts' single questions
+/// state a format instead of a quarter; every other file is version 4's).
+pub const GENERATOR_VERSION: u32 = 5;
 /// The largest accepted `--scale` (about 300 MB of pretraining text).
 pub const MAX_SCALE: f64 = 100.0;
 /// The line that separates documents in `pretrain.txt`.
@@ -220,8 +221,16 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
 
     // Prompt files in the new phrasings: RL and labelling prompts mix single questions (some with a format
     // constraint), challenges, corrections and questions about strangers; each evaluation set is one kind.
-    for (name, bucket, per_skill, stream, kind, phrasings) in [
-        ("rl_prompts.jsonl", Bucket::Rl, sizes.rl, 3, None, Phrasings::Seen),
+    for (name, bucket, per_skill, stream, kind, phrasings, constrained) in [
+        (
+            "rl_prompts.jsonl",
+            Bucket::Rl,
+            sizes.rl,
+            3,
+            None,
+            Phrasings::Seen,
+            labeller::RL_CONSTRAINED,
+        ),
         (
             "label_prompts.jsonl",
             Bucket::Train,
@@ -229,6 +238,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
             9,
             None,
             Phrasings::Seen,
+            labeller::CONSTRAINED,
         ),
         (
             "eval_seen_prompts.jsonl",
@@ -237,6 +247,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
             14,
             Some(Scene::Single),
             Phrasings::Seen,
+            labeller::CONSTRAINED,
         ),
         (
             "eval_heldout_prompts.jsonl",
@@ -245,6 +256,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
             10,
             Some(Scene::Single),
             Phrasings::HeldOut,
+            labeller::CONSTRAINED,
         ),
         (
             "eval_challenge.jsonl",
@@ -253,6 +265,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
             11,
             Some(Scene::Challenge),
             Phrasings::Seen,
+            labeller::CONSTRAINED,
         ),
         (
             "eval_correction.jsonl",
@@ -261,6 +274,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
             12,
             Some(Scene::Correction),
             Phrasings::Seen,
+            labeller::CONSTRAINED,
         ),
     ] {
         let mut r = rng(stream);
@@ -278,7 +292,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<SynthSummary> {
                     }
                     continue;
                 }
-                let task = ctx.sample_phrased(skill, bucket, phrasings, labeller::CONSTRAINED, &mut r);
+                let task = ctx.sample_phrased(skill, bucket, phrasings, constrained, &mut r);
                 if !seen.insert(task.question.clone()) {
                     misses += 1;
                     continue;
