@@ -147,3 +147,37 @@ fn multiple_choice_scores_the_whole_continuation_of_each_letter() {
     let direct = log_softmax(&logits[n - 1], conts[1][0]) + log_softmax(&logits[n], conts[1][1]);
     assert!((lp[1] - direct).abs() < 1e-4, "{} vs {direct}", lp[1]);
 }
+
+/// Few-shot answers line up with their prompts: a prompt without a skill (no examples to show) gets an
+/// empty answer in its place instead of shifting the later answers onto the wrong prompts.
+#[test]
+fn few_shot_answers_stay_in_prompt_order() {
+    use talaria::chat::{Message, Role};
+    use talaria::data::prompts::PromptRecord;
+    use talaria::eval::tasks::few_shot_accuracy;
+    let cfg = tokenizer::TrainConfig {
+        vocab_size: 300,
+        min_frequency: 2,
+        show_progress: false,
+    };
+    let corpus = ["Q: What is 12 backwards?\nA: 21", "Q: Spell cat.\nA: c a t"].map(|l| Ok(l.to_string()));
+    let (tok, _) = tokenizer::train_bpe(&cfg, corpus.into_iter()).unwrap();
+    let model = tiny_model(&tok);
+    let record = |q: &str, skill: Option<&str>| PromptRecord {
+        messages: vec![Message::new(Role::User, q)],
+        answer: skill.map(|_| "x".to_string()),
+        skill: skill.map(str::to_string),
+    };
+    let prompts = [
+        record("Reverse the word cat.", Some("reverse")),
+        record("Tell me a story.", None),
+        record("Reverse the word dog.", Some("reverse")),
+    ];
+    let r = few_shot_accuracy(&model, &tok, &prompts, 2, 0, 4).unwrap();
+    assert_eq!(r.answers.len(), prompts.len());
+    assert_eq!(r.answers[1], "", "the prompt without a skill is not answered");
+    // The last prompt's answer is the one it gets when asked alone.
+    let alone = few_shot_accuracy(&model, &tok, &prompts[2..], 2, 0, 4).unwrap();
+    assert_eq!(r.answers[2], alone.answers[0]);
+    assert_eq!(r.by_skill["reverse"].total, 2);
+}
