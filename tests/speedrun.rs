@@ -193,6 +193,11 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "{}",
         String::from_utf8_lossy(&answered.stderr)
     );
+    let summary = String::from_utf8_lossy(&answered.stdout);
+    assert!(
+        summary.contains("gold labeller: strict") && summary.contains("content per skill:"),
+        "{summary}"
+    );
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(&answers_file)
         .unwrap()
         .lines()

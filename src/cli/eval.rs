@@ -173,6 +173,23 @@ impl EvalArgs {
             }
             println!("macro accuracy {:.1}%", r.macro_accuracy() * 100.0);
         }
+        if let Some(b) = &e.behaviour {
+            let content: Vec<String> = b
+                .per_skill_content
+                .iter()
+                .map(|(skill, c)| format!("{skill} {:.1}%", c * 100.0))
+                .collect();
+            println!(
+                "gold labeller: strict {:.1}%, content {:.1}% (macro), mean gold score {:.2}; pads {:.1}%, explains unasked {:.1}%, ignores the format {:.1}% of the prompts that state one",
+                b.strict * 100.0,
+                b.content * 100.0,
+                b.gold,
+                b.flaws.padded * 100.0,
+                b.flaws.explained * 100.0,
+                b.flaws.ignored_constraint * 100.0
+            );
+            println!("content per skill: {}", content.join(", "));
+        }
         if let Some(v) = &e.mistakes
             && let Some(acc) = v.accuracy()
         {

@@ -12,9 +12,8 @@ use serde_json::json;
 use crate::chat::ChatTemplate;
 use crate::checkpoint::Checkpoint;
 use crate::data::prompts::{PromptRecord, read_prompts};
-use crate::data::synth::gold;
-use crate::eval::benchmarks;
 use crate::eval::tasks::{self, MistakeVerdicts, SkillReport, WinRate};
+use crate::eval::{behaviour, benchmarks};
 use crate::model::Gpt;
 use crate::tokenizer::Tokenizer;
 use crate::train::reward::{RewardMetrics, RewardModel, evaluate_reward_model};
@@ -52,6 +51,8 @@ pub struct CheckpointEvalConfig {
 #[derive(Debug, Clone, Default)]
 pub struct CheckpointEval {
     pub skills: Option<SkillReport>,
+    /// The gold labeller's reading of the answers to `prompts` (when every prompt has a reference and a skill).
+    pub behaviour: Option<behaviour::SetScores>,
     /// The reward model on this model's wrong answers.
     pub mistakes: Option<MistakeVerdicts>,
     /// The other checkpoint's accuracy and the win-rate of this one against it.
@@ -103,8 +104,18 @@ pub fn evaluate_checkpoint(cfg: &CheckpointEvalConfig) -> Result<CheckpointEval>
             }
         };
         let r = answer(&model)?;
-        if let Some(path) = &cfg.answers {
-            write_answers(path, &prompts, &r.answers)?;
+        if prompts.iter().all(|p| p.answer.is_some() && p.skill.is_some()) {
+            let answered = ended_answers(&r.answers);
+            if let Some(path) = &cfg.answers {
+                write_answers(path, &prompts, &answered)?;
+            }
+            out.behaviour = Some(behaviour::set_scores(&prompts, &answered));
+        } else {
+            ensure!(
+                cfg.answers.is_none(),
+                "--answers needs a reference answer and a skill on every prompt of {}",
+                p.display()
+            );
         }
         if let (Some(rm), Some(rm_path)) = (&rm, &cfg.reward) {
             rm.ensure_tokenizer_of(rm_path, &cfg.target, ck.tokenizer_json.as_deref())?;
@@ -151,9 +162,20 @@ pub fn evaluate_checkpoint(cfg: &CheckpointEvalConfig) -> Result<CheckpointEval>
     Ok(out)
 }
 
+/// A report's answers as text and whether each ended (the report marks the ones that did not).
+fn ended_answers(answers: &[String]) -> Vec<behaviour::Answer> {
+    answers
+        .iter()
+        .map(|a| match a.strip_suffix(tasks::NO_END) {
+            Some(cut) => (cut.to_string(), false),
+            None => (a.clone(), true),
+        })
+        .collect()
+}
+
 /// Writes one JSON line per prompt: the conversation, the reference, the model's answer and the gold
 /// labeller's reading of it (src/data/synth/gold.rs), so that a reader can see what the scores count.
-fn write_answers(path: &Path, prompts: &[PromptRecord], answers: &[String]) -> Result<()> {
+fn write_answers(path: &Path, prompts: &[PromptRecord], answers: &[behaviour::Answer]) -> Result<()> {
     ensure!(
         answers.len() == prompts.len(),
         "{} answers to {} prompts",
@@ -161,17 +183,11 @@ fn write_answers(path: &Path, prompts: &[PromptRecord], answers: &[String]) -> R
         prompts.len()
     );
     let mut text = String::new();
-    for (p, a) in prompts.iter().zip(answers) {
-        let (answer, ended) = match a.strip_suffix(tasks::NO_END) {
-            Some(cut) => (cut, false),
-            None => (a.as_str(), true),
-        };
-        let skill = p.skill.as_deref().unwrap_or("");
-        let j = gold::judge(&p.messages, p.answer.as_deref().unwrap_or(""), skill, answer, ended);
+    for ((p, (answer, ended)), j) in prompts.iter().zip(answers).zip(behaviour::judgements(prompts, answers)) {
         let line = json!({
             "messages": p.messages,
             "reference": p.answer,
-            "skill": skill,
+            "skill": p.skill,
             "answer": answer,
             "ended": ended,
             "turn": format!("{:?}", j.turn).to_lowercase(),
