@@ -11,6 +11,21 @@ use talaria::eval::benchmarks::{
 use talaria::model::{Gpt, GptConfig, init_weights};
 use talaria::tokenizer::{self, Tokenizer};
 
+/// A byte-level BPE of at most 300 tokens trained on `lines`.
+fn bpe<'a, I: IntoIterator<Item = &'a str>>(lines: I) -> Tokenizer
+where
+    I::IntoIter: Send,
+{
+    let cfg = tokenizer::TrainConfig {
+        vocab_size: 300,
+        min_frequency: 2,
+        show_progress: false,
+    };
+    tokenizer::train_bpe(&cfg, lines.into_iter().map(|l| Ok(l.to_string())))
+        .unwrap()
+        .0
+}
+
 fn tiny_model(tok: &Tokenizer) -> Gpt {
     let mut cfg = GptConfig::preset("tiny").unwrap();
     cfg.vocab_size = tok.vocab_size();
@@ -33,13 +48,8 @@ fn mmlu_and_gsm8k_files_are_read_and_scored() {
         "every final answer is a number"
     );
 
-    let cfg = tokenizer::TrainConfig {
-        vocab_size: 300,
-        min_frequency: 2,
-        show_progress: false,
-    };
     let text = std::fs::read_to_string(root.join("mmlu_dev.jsonl")).unwrap();
-    let (tok, _) = tokenizer::train_bpe(&cfg, text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let tok = bpe(text.lines());
     let model = tiny_model(&tok);
     let dev = read_mmlu(&root.join("mmlu_dev.jsonl"), None).unwrap();
     let test = read_mmlu(&root.join("mmlu_test.jsonl"), Some(8)).unwrap();
@@ -70,13 +80,7 @@ fn malformed_benchmark_records_name_the_file_and_line() {
 fn multiple_choice_scores_the_whole_continuation_of_each_letter() {
     // A vocabulary in which " A" is one token and " B", " C", " D" are two (a space, then the letter):
     // reading only the first token would see three identical choices.
-    let cfg = tokenizer::TrainConfig {
-        vocab_size: 300,
-        min_frequency: 2,
-        show_progress: false,
-    };
-    let corpus = ["A A A A A A A A", "B C D"].map(|l| Ok(l.to_string()));
-    let (tok, _) = tokenizer::train_bpe(&cfg, corpus.into_iter()).unwrap();
+    let tok = bpe(["A A A A A A A A", "B C D"]);
     let lens: Vec<usize> = ["A", "B", "C", "D"]
         .iter()
         .map(|l| tok.encode(&format!(" {l}")).unwrap().len())
@@ -155,13 +159,7 @@ fn few_shot_answers_stay_in_prompt_order() {
     use talaria::chat::{Message, Role};
     use talaria::data::prompts::PromptRecord;
     use talaria::eval::tasks::few_shot_accuracy;
-    let cfg = tokenizer::TrainConfig {
-        vocab_size: 300,
-        min_frequency: 2,
-        show_progress: false,
-    };
-    let corpus = ["Q: What is 12 backwards?\nA: 21", "Q: Spell cat.\nA: c a t"].map(|l| Ok(l.to_string()));
-    let (tok, _) = tokenizer::train_bpe(&cfg, corpus.into_iter()).unwrap();
+    let tok = bpe(["Q: What is 12 backwards?\nA: 21", "Q: Spell cat.\nA: c a t"]);
     let model = tiny_model(&tok);
     let record = |q: &str, skill: Option<&str>| PromptRecord {
         messages: vec![Message::new(Role::User, q)],
