@@ -115,6 +115,15 @@ pub(super) fn max(x: &[f32]) -> f32 {
     acc.iter().chain(rest).fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
 
+/// Attention scores to softmax weights, unnormalised: `p[j] = e^(p[j] - max p)`; returns the factor
+/// `1 / sum p` that normalises them (the attention kernels fold it into the weighted sum).
+#[inline(always)]
+pub(super) fn exp_weights(p: &mut [f32]) -> f32 {
+    let m = max(p);
+    p.iter_mut().for_each(|x| *x = exp(*x - m));
+    1.0 / sum(p)
+}
+
 /// `sum(e^(x - m))` over a row.
 #[inline(always)]
 fn sum_exp(x: &[f32], m: f32) -> f32 {
@@ -1047,9 +1056,7 @@ impl CustomOp3 for DecodeAttention {
                         let ko = offset4(lk, bi, hi, j);
                         *p = dot(qi, &k[ko..ko + dh]) * scale;
                     }
-                    let m = max(p);
-                    p.iter_mut().for_each(|x| *x = exp(*x - m));
-                    let inv = 1.0 / sum(p);
+                    let inv = exp_weights(p);
                     y.fill(0.0);
                     for (j, &pj) in p.iter().enumerate() {
                         let vo = offset4(lv, bi, hi, j);

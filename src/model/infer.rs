@@ -19,7 +19,7 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp2, InplaceOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::fused::{SharedMut, dot, exp, f32_slice, max, multiversion, sum, with_f32};
+use super::fused::{SharedMut, dot, exp_weights, f32_slice, multiversion, with_f32};
 use super::kv_cache::Segment;
 
 /// Output columns per rayon task in [`linear`]: the task's block of `W` stays in cache while its
@@ -1097,9 +1097,7 @@ unsafe fn attend_avx2<const NV: usize>(
     for (r, pr) in p.iter_mut().enumerate().skip(j) {
         *pr = dot(q, &keys[r * dh..(r + 1) * dh]) * scale;
     }
-    let m = max(p);
-    p.iter_mut().for_each(|x| *x = exp(*x - m));
-    let inv = 1.0 / sum(p);
+    let inv = exp_weights(p);
     let mut out = [_mm256_setzero_ps(); NV];
     let vp = values.as_ptr();
     for (r, &pr) in p.iter().enumerate() {
@@ -1149,15 +1147,12 @@ fn transpose8(a: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 
 
 multiversion! {
     fn attend_any(y: &mut [f32], q: &[f32], keys: &[f32], values: &[f32], p: &mut [f32], scale: f32) {
-        // One query over its visible keys and values (`p.len()` rows of `q.len()`): scores,
-        // softmax, weighted sum.
+        // The portable kernel of [`attend`], for any head size.
         let dh = q.len();
         for (p, k) in p.iter_mut().zip(keys.chunks_exact(dh)) {
             *p = dot(q, k) * scale;
         }
-        let m = max(p);
-        p.iter_mut().for_each(|x| *x = exp(*x - m));
-        let inv = 1.0 / sum(p);
+        let inv = exp_weights(p);
         y.fill(0.0);
         for (&pj, v) in p.iter().zip(values.chunks_exact(dh)) {
             let w = pj * inv;
@@ -1175,8 +1170,8 @@ mod tests {
     use super::*;
 
     /// The tiled attention gives the portable kernel's bits for every head size and key count
-    /// (full groups of eight keys, a remainder, and fewer than eight); a head size that is not a
-    /// multiple of eight takes the portable kernel itself.
+    /// (full groups of eight keys, a remainder, and fewer than eight), writing every output; a
+    /// head size that is not a multiple of eight takes the portable kernel itself.
     #[test]
     fn tiled_attention_matches_the_portable_kernel_bit_for_bit() {
         #[cfg(target_arch = "x86_64")]
@@ -1190,7 +1185,7 @@ mod tests {
                 let mut draw = |len: usize| (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect::<Vec<_>>();
                 let (q, keys, values) = (draw(dh), draw(n * dh), draw(n * dh));
                 let scale = 1.0 / (dh as f32).sqrt();
-                let (mut y1, mut y2) = (vec![0f32; dh], vec![f32::NAN; dh]);
+                let (mut y1, mut y2) = (vec![f32::NAN; dh], vec![f32::NAN; dh]);
                 let (mut p1, mut p2) = (vec![0f32; n], vec![0f32; n]);
                 attend(&mut y1, &q, &keys, &values, &mut p1, scale);
                 attend_any(&mut y2, &q, &keys, &values, &mut p2, scale);
