@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
@@ -74,12 +75,24 @@ fn chat_checkpoint(dir: &Path, preset: &str) -> PathBuf {
 }
 
 /// A `talaria serve` process on a free loopback port, killed when dropped.
+/// The tests' servers run side by side, except one whose test times how fast its server reacts
+/// ([`Server::start_alone`]): on two cores, a dozen other servers decoding at once would measure
+/// the machine's load instead.
+static SIDE_BY_SIDE: RwLock<()> = RwLock::new(());
+
+/// A server's hold on [`SIDE_BY_SIDE`], for as long as it runs.
+enum Turn {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+}
+
 struct Server {
     child: Child,
     url: String,
     db: PathBuf,
     ckpt: PathBuf,
     _dir: tempfile::TempDir,
+    _turn: Turn,
 }
 
 impl Server {
@@ -100,6 +113,20 @@ impl Server {
 
     /// A server on the checkpoint `ckpt` (kept in `dir`, which the server owns).
     fn start_on(dir: tempfile::TempDir, ckpt: PathBuf, flags: &[&str]) -> Self {
+        // A test that panicked while holding the lock poisons it; the lock itself is still sound.
+        let turn = Turn::Shared(SIDE_BY_SIDE.read().unwrap_or_else(|e| e.into_inner()));
+        Self::spawn(dir, ckpt, flags, turn)
+    }
+
+    /// A server on the `test` preset that runs while no other test's server does.
+    fn start_alone() -> Self {
+        let turn = Turn::Alone(SIDE_BY_SIDE.write().unwrap_or_else(|e| e.into_inner()));
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = chat_checkpoint(dir.path(), "test");
+        Self::spawn(dir, ckpt, &[], turn)
+    }
+
+    fn spawn(dir: tempfile::TempDir, ckpt: PathBuf, flags: &[&str], turn: Turn) -> Self {
         let db = dir.path().join("feedback.sqlite");
         let mut child = Command::new(env!("CARGO_BIN_EXE_talaria"))
             .args([
@@ -130,6 +157,7 @@ impl Server {
             db,
             ckpt,
             _dir: dir,
+            _turn: turn,
         }
     }
 
@@ -859,7 +887,7 @@ fn generated_tokens(s: &Server) -> u64 {
 
 #[test]
 fn a_client_leaving_mid_stream_stops_its_generation() {
-    let s = Server::start();
+    let s = Server::start_alone();
     // A raw completion that runs to the end of the context unless stopped.
     let req = json!({"prompt": "abc", "max_tokens": CONTEXT - 8, "temperature": 0, "stream": true});
     let mut whole = req.clone();
