@@ -3,7 +3,7 @@
 //! the line plots drawn from it here appear beside each run and in the report.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use std::sync::OnceLock;
@@ -22,19 +22,26 @@ pub struct MetricsLog {
 impl MetricsLog {
     /// Opens `dir/metrics.jsonl` for appending, first dropping any records of `stage` past
     /// `keep_until_step` (records a resumed run will write again), so the log never holds a
-    /// step twice.
+    /// step twice, and a last record cut short by a kill mid-append (no closing newline).
     pub fn open(dir: &Path, stage: &str, keep_until_step: u64) -> Result<Self> {
         let path = dir.join(METRICS_FILE);
         if path.exists() {
-            let reader = BufReader::new(File::open(&path).with_context(|| format!("reading {}", path.display()))?);
+            let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let torn_tail = !text.is_empty() && !text.ends_with('\n');
+            let lines: Vec<&str> = text.lines().collect();
             let mut kept = String::new();
-            for line in reader.lines() {
-                let line = line?;
-                let drop = serde_json::from_str::<Value>(&line)
-                    .ok()
-                    .is_some_and(|v| v["stage"] == stage && v["step"].as_u64().is_some_and(|s| s > keep_until_step));
-                if !drop && !line.trim().is_empty() {
-                    kept.push_str(&line);
+            for (i, line) in lines.iter().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let record = match serde_json::from_str::<Value>(line) {
+                    Ok(v) => v,
+                    Err(_) if torn_tail && i + 1 == lines.len() => break,
+                    Err(e) => anyhow::bail!("{}:{}: not a JSON object: {e}", path.display(), i + 1),
+                };
+                let drop = record["stage"] == stage && record["step"].as_u64().is_some_and(|s| s > keep_until_step);
+                if !drop {
+                    kept.push_str(line);
                     kept.push('\n');
                 }
             }
@@ -50,7 +57,7 @@ impl MetricsLog {
         Ok(Self { path, file })
     }
 
-    /// Appends one record.
+    /// Appends one record, in a single write so a kill leaves at most a torn last line.
     pub fn log(&mut self, stage: &str, step: u64, tokens: u64, values: &[(&str, f64)]) -> Result<()> {
         let mut m = Map::new();
         m.insert("stage".into(), json!(stage));
@@ -59,7 +66,10 @@ impl MetricsLog {
         for (k, v) in values {
             m.insert((*k).into(), if v.is_finite() { json!(v) } else { Value::Null });
         }
-        writeln!(self.file, "{}", Value::Object(m)).with_context(|| format!("writing {}", self.path.display()))?;
+        let line = format!("{}\n", Value::Object(m));
+        self.file
+            .write_all(line.as_bytes())
+            .with_context(|| format!("writing {}", self.path.display()))?;
         Ok(())
     }
 }
@@ -175,4 +185,42 @@ pub fn series(metrics: &Path, stage: &str, key: &str) -> Result<Series> {
         .iter()
         .filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?)))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopening_drops_a_torn_last_record_and_the_steps_to_be_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = MetricsLog::open(dir.path(), "pretrain", 0).unwrap();
+        for step in 1..=3 {
+            log.log("pretrain", step, step * 10, &[("loss", 1.0 / step as f64)]).unwrap();
+        }
+        drop(log);
+        // A kill in the middle of appending step 4.
+        let path = dir.path().join(METRICS_FILE);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"stage\":\"pretrain\",\"step\":4,\"lo").unwrap();
+        drop(f);
+        let mut log = MetricsLog::open(dir.path(), "pretrain", 2).unwrap();
+        log.log("pretrain", 3, 30, &[("loss", 0.3)]).unwrap();
+        drop(log);
+        let steps: Vec<u64> = read_metrics(&path, Some("pretrain"))
+            .unwrap()
+            .iter()
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_corrupt_record_before_the_last_is_an_error_naming_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(METRICS_FILE);
+        fs::write(&path, "{\"stage\":\"sft\",\"step\":1}\nnot json\n{\"stage\":\"sft\",\"step\":2}\n").unwrap();
+        let err = MetricsLog::open(dir.path(), "sft", 5).err().expect("a corrupt line must not be skipped");
+        assert!(err.to_string().contains("metrics.jsonl:2: not a JSON object"), "{err}");
+    }
 }
