@@ -196,7 +196,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = MetricsLog::open(dir.path(), "pretrain", 0).unwrap();
         for step in 1..=3 {
-            log.log("pretrain", step, step * 10, &[("loss", 1.0 / step as f64)]).unwrap();
+            log.log("pretrain", step, step * 10, &[("loss", 1.0 / step as f64)])
+                .unwrap();
         }
         drop(log);
         // A kill in the middle of appending step 4.
@@ -219,8 +220,14 @@ mod tests {
     fn a_corrupt_record_before_the_last_is_an_error_naming_its_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(METRICS_FILE);
-        fs::write(&path, "{\"stage\":\"sft\",\"step\":1}\nnot json\n{\"stage\":\"sft\",\"step\":2}\n").unwrap();
-        let err = MetricsLog::open(dir.path(), "sft", 5).err().expect("a corrupt line must not be skipped");
+        fs::write(
+            &path,
+            "{\"stage\":\"sft\",\"step\":1}\nnot json\n{\"stage\":\"sft\",\"step\":2}\n",
+        )
+        .unwrap();
+        let err = MetricsLog::open(dir.path(), "sft", 5)
+            .err()
+            .expect("a corrupt line must not be skipped");
         assert!(err.to_string().contains("metrics.jsonl:2: not a JSON object"), "{err}");
     }
 }
