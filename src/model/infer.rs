@@ -1000,24 +1000,16 @@ impl CustomOp2 for RaggedAttention<'_> {
                     attend(y, q, keys, values, &mut p[..pos + 1], scale);
                 },
             ),
-            // f16 keys and values are widened into per-task buffers (grown as needed, never
-            // cleared: every value read is written first), then attended in f32.
             CpuStorage::F16(cache) => y.par_chunks_mut(dh).enumerate().with_min_len(4).for_each_init(
                 || (vec![0f32; cap], Vec::new(), Vec::new()),
                 |(p, kb, vb), (th, y)| {
-                    use half::slice::HalfFloatSliceExt;
                     let (i, hi) = (th / h, th % h);
                     let (slot, pos) = places[i];
                     let q = &qkv[i * c3 + hi * dh..i * c3 + (hi + 1) * dh];
                     let start = base + (slot * h + hi) * cap * dh;
                     let len = (pos + 1) * dh;
-                    if kb.len() < len {
-                        kb.resize(len, 0.0);
-                        vb.resize(len, 0.0);
-                    }
-                    cache[start..start + len].convert_to_f32_slice(&mut kb[..len]);
-                    cache[plane + start..plane + start + len].convert_to_f32_slice(&mut vb[..len]);
-                    attend(y, q, &kb[..len], &vb[..len], &mut p[..pos + 1], scale);
+                    let (keys, values) = (&cache[start..start + len], &cache[plane + start..plane + start + len]);
+                    attend_half(y, q, keys, values, &mut p[..pos + 1], scale, kb, vb);
                 },
             ),
             _ => bail!("{}: the cache must be f32 or f16", self.name()),
@@ -1052,6 +1044,75 @@ fn attend(y: &mut [f32], q: &[f32], keys: &[f32], values: &[f32], p: &mut [f32],
 /// score is `dot`'s sum: eight lanes of products added key element by key element, then the
 /// lanes added in order (here eight keys at once, their lane sums transposed so that the lanes
 /// add as vectors); each output lane adds `weight * value` key after key, as [`attend_any`] does.
+/// Keys and values stored as `L` are widened to f32 as they are loaded (exactly, for f16).
+///
+/// # Safety
+/// The caller's target features cover AVX2, FMA and `L::load8`; `q` and `y` hold `8 * NV` values
+/// and `keys` and `values` point at `p.len()` rows of them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn attend_body<L: Lanes, const NV: usize>(
+    y: &mut [f32],
+    q: &[f32],
+    keys: *const L,
+    values: *const L,
+    p: &mut [f32],
+    scale: f32,
+) {
+    use std::arch::x86_64::*;
+    let dh = 8 * NV;
+    let n = p.len();
+    debug_assert!(q.len() == dh && y.len() == dh);
+    // SAFETY (the whole body): in bounds by the caller's promise.
+    unsafe {
+        let mut qv = [_mm256_setzero_ps(); NV];
+        for (v, qv) in qv.iter_mut().enumerate() {
+            *qv = _mm256_loadu_ps(q.as_ptr().add(8 * v));
+        }
+        let mut j = 0;
+        while j + 8 <= n {
+            // acc[r]: lane l of key j + r's products, summed over the head's chunks of eight.
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (r, a) in acc.iter_mut().enumerate() {
+                let k = keys.add((j + r) * dh);
+                for (v, qv) in qv.iter().enumerate() {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(*qv, L::load8(k.add(8 * v))));
+                }
+            }
+            // Transpose so that t[l] holds lane l of the eight keys, then add the lanes in order.
+            let t = transpose8(acc);
+            let mut s = t[0];
+            for tl in &t[1..] {
+                s = _mm256_add_ps(s, *tl);
+            }
+            _mm256_storeu_ps(p.as_mut_ptr().add(j), _mm256_mul_ps(s, _mm256_set1_ps(scale)));
+            j += 8;
+        }
+        // The last keys (fewer than eight) one by one through `dot`, widened first.
+        let mut key = [0f32; 64];
+        for (r, pr) in p.iter_mut().enumerate().skip(j) {
+            let k = keys.add(r * dh);
+            for v in 0..NV {
+                _mm256_storeu_ps(key.as_mut_ptr().add(8 * v), L::load8(k.add(8 * v)));
+            }
+            *pr = dot(q, &key[..dh]) * scale;
+        }
+        let inv = exp_weights(p);
+        let mut out = [_mm256_setzero_ps(); NV];
+        for (r, &pr) in p.iter().enumerate() {
+            let w = _mm256_set1_ps(pr * inv);
+            let row = values.add(r * dh);
+            for (v, o) in out.iter_mut().enumerate() {
+                *o = _mm256_add_ps(*o, _mm256_mul_ps(w, L::load8(row.add(8 * v))));
+            }
+        }
+        for (v, o) in out.iter().enumerate() {
+            _mm256_storeu_ps(y.as_mut_ptr().add(8 * v), *o);
+        }
+    }
+}
+
+/// [`attend_body`] over an f32 cache.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `q` and `y` hold `8 * NV` values and `keys` and `values` `p.len()`
@@ -1066,50 +1127,81 @@ unsafe fn attend_avx2<const NV: usize>(
     p: &mut [f32],
     scale: f32,
 ) {
-    use std::arch::x86_64::*;
-    let dh = 8 * NV;
-    let n = p.len();
-    debug_assert!(q.len() == dh && y.len() == dh && keys.len() >= n * dh && values.len() >= n * dh);
-    let mut qv = [_mm256_setzero_ps(); NV];
-    for (v, qv) in qv.iter_mut().enumerate() {
-        *qv = unsafe { _mm256_loadu_ps(q.as_ptr().add(8 * v)) };
+    let n = p.len() * 8 * NV;
+    assert!(keys.len() >= n && values.len() >= n);
+    // SAFETY: the features are on and the lengths were checked.
+    unsafe { attend_body::<f32, NV>(y, q, keys.as_ptr(), values.as_ptr(), p, scale) }
+}
+
+/// [`attend_body`] over an f16 cache, which it reads at half the bytes of an f32 one (batched
+/// decoding waits on these loads).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `q` and `y` hold `8 * NV` values and `keys` and `values`
+/// `p.len()` rows of them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_f16_avx2<const NV: usize>(
+    y: &mut [f32],
+    q: &[f32],
+    keys: &[half::f16],
+    values: &[half::f16],
+    p: &mut [f32],
+    scale: f32,
+) {
+    let n = p.len() * 8 * NV;
+    assert!(keys.len() >= n && values.len() >= n);
+    // SAFETY: the features are on, the lengths were checked, and `half::f16` is a transparent u16.
+    unsafe {
+        attend_body::<F16Bits, NV>(
+            y,
+            q,
+            keys.as_ptr() as *const F16Bits,
+            values.as_ptr() as *const F16Bits,
+            p,
+            scale,
+        )
     }
-    let kp = keys.as_ptr();
-    let mut j = 0;
-    while j + 8 <= n {
-        // acc[r]: lane l of key j + r's products, summed over the head's chunks of eight.
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for (r, a) in acc.iter_mut().enumerate() {
-            let k = unsafe { kp.add((j + r) * dh) };
-            for (v, qv) in qv.iter().enumerate() {
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(*qv, unsafe { _mm256_loadu_ps(k.add(8 * v)) }));
-            }
+}
+
+/// [`attend`] over f16 keys and values, with the bits [`attend`] gives on them widened to f32.
+/// Head sizes of 8 to 64 (a multiple of 8) read them as they go where the CPU has F16C; others
+/// are widened into `kb` and `vb` (grown as needed) first.
+#[allow(clippy::too_many_arguments)]
+fn attend_half(
+    y: &mut [f32],
+    q: &[f32],
+    keys: &[half::f16],
+    values: &[half::f16],
+    p: &mut [f32],
+    scale: f32,
+    kb: &mut Vec<f32>,
+    vb: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() && std::arch::is_x86_feature_detected!("f16c") {
+        macro_rules! tiled {
+            ($($nv:literal),*) => {
+                match q.len() {
+                    $(n if n == 8 * $nv => {
+                        // SAFETY: the CPU has AVX2, FMA and F16C, and the head size is 8 * NV.
+                        return unsafe { attend_f16_avx2::<$nv>(y, q, keys, values, p, scale) };
+                    })*
+                    _ => {}
+                }
+            };
         }
-        // Transpose so that t[l] holds lane l of the eight keys, then add the lanes in order.
-        let t = transpose8(acc);
-        let mut s = t[0];
-        for tl in &t[1..] {
-            s = _mm256_add_ps(s, *tl);
-        }
-        unsafe { _mm256_storeu_ps(p.as_mut_ptr().add(j), _mm256_mul_ps(s, _mm256_set1_ps(scale))) };
-        j += 8;
+        tiled!(1, 2, 3, 4, 5, 6, 7, 8);
     }
-    for (r, pr) in p.iter_mut().enumerate().skip(j) {
-        *pr = dot(q, &keys[r * dh..(r + 1) * dh]) * scale;
+    use half::slice::HalfFloatSliceExt;
+    let len = p.len() * q.len();
+    if kb.len() < len {
+        kb.resize(len, 0.0);
+        vb.resize(len, 0.0);
     }
-    let inv = exp_weights(p);
-    let mut out = [_mm256_setzero_ps(); NV];
-    let vp = values.as_ptr();
-    for (r, &pr) in p.iter().enumerate() {
-        let w = _mm256_set1_ps(pr * inv);
-        let row = unsafe { vp.add(r * dh) };
-        for (v, o) in out.iter_mut().enumerate() {
-            *o = _mm256_add_ps(*o, _mm256_mul_ps(w, unsafe { _mm256_loadu_ps(row.add(8 * v)) }));
-        }
-    }
-    for (v, o) in out.iter().enumerate() {
-        unsafe { _mm256_storeu_ps(y.as_mut_ptr().add(8 * v), *o) };
-    }
+    keys[..len].convert_to_f32_slice(&mut kb[..len]);
+    values[..len].convert_to_f32_slice(&mut vb[..len]);
+    attend(y, q, &kb[..len], &vb[..len], p, scale)
 }
 
 /// The 8 x 8 transpose of eight vectors: lane `l` of output `r` is lane `r` of input `l`.
@@ -1189,6 +1281,34 @@ mod tests {
                 let (mut p1, mut p2) = (vec![0f32; n], vec![0f32; n]);
                 attend(&mut y1, &q, &keys, &values, &mut p1, scale);
                 attend_any(&mut y2, &q, &keys, &values, &mut p2, scale);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&p1), bits(&p2), "weights differ at head size {dh}, {n} keys");
+                assert_eq!(bits(&y1), bits(&y2), "outputs differ at head size {dh}, {n} keys");
+            }
+        }
+    }
+
+    /// Attention over an f16 cache gives the bits of attention over the same values widened to
+    /// f32, for every head size (the widening fallback included) and key count.
+    #[test]
+    fn attention_over_f16_keys_matches_attention_over_them_widened() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for dh in [8, 16, 32, 64, 12] {
+            for n in [1, 5, 8, 13, 64, 117] {
+                let mut draw = |len: usize| {
+                    (0..len)
+                        .map(|_| half::f16::from_f32(rng.random_range(-2.0f32..2.0)))
+                        .collect::<Vec<_>>()
+                };
+                let (keys, values) = (draw(n * dh), draw(n * dh));
+                let q: Vec<f32> = draw(dh).iter().map(|v| v.to_f32()).collect();
+                let widen = |v: &[half::f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+                let scale = 1.0 / (dh as f32).sqrt();
+                let (mut y1, mut y2) = (vec![f32::NAN; dh], vec![f32::NAN; dh]);
+                let (mut p1, mut p2) = (vec![0f32; n], vec![0f32; n]);
+                let (mut kb, mut vb) = (Vec::new(), Vec::new());
+                attend_half(&mut y1, &q, &keys, &values, &mut p1, scale, &mut kb, &mut vb);
+                attend(&mut y2, &q, &widen(&keys), &widen(&values), &mut p2, scale);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&p1), bits(&p2), "weights differ at head size {dh}, {n} keys");
                 assert_eq!(bits(&y1), bits(&y2), "outputs differ at head size {dh}, {n} keys");
