@@ -1018,24 +1018,33 @@ impl CustomOp2 for RaggedAttention<'_> {
     }
 }
 
+/// Returns `kernel::<NV>(args)` when the head size `dh` is `8 * NV` for an NV of 1 to 8 (the
+/// tiled attention kernels' sizes); other sizes fall through to the code after it. The caller
+/// has checked the kernel's target features.
+#[cfg(target_arch = "x86_64")]
+macro_rules! return_tiled {
+    ($dh:expr, $kernel:ident $args:tt) => {
+        return_tiled!(@ $dh, $kernel, $args, 1, 2, 3, 4, 5, 6, 7, 8)
+    };
+    (@ $dh:expr, $kernel:ident, $args:tt, $($nv:literal),*) => {
+        match $dh {
+            $(n if n == 8 * $nv => {
+                // SAFETY: the caller checked the kernel's target features, and the head size is
+                // 8 * NV.
+                return unsafe { $kernel::<$nv> $args };
+            })*
+            _ => {}
+        }
+    };
+}
+
 /// One query over its visible keys and values (`p.len()` rows of `q.len()`): scores, softmax,
 /// weighted sum. Head sizes of 8 to 64 (a multiple of 8) take [`attend_avx2`] where the CPU has
 /// AVX2 and FMA, which computes the same sums in the same order, so both give the same bits.
 fn attend(y: &mut [f32], q: &[f32], keys: &[f32], values: &[f32], p: &mut [f32], scale: f32) {
     #[cfg(target_arch = "x86_64")]
     if has_fma() {
-        macro_rules! tiled {
-            ($($nv:literal),*) => {
-                match q.len() {
-                    $(n if n == 8 * $nv => {
-                        // SAFETY: the CPU has AVX2 and FMA, and the head size is 8 * NV.
-                        return unsafe { attend_avx2::<$nv>(y, q, keys, values, p, scale) };
-                    })*
-                    _ => {}
-                }
-            };
-        }
-        tiled!(1, 2, 3, 4, 5, 6, 7, 8);
+        return_tiled!(q.len(), attend_avx2(y, q, keys, values, p, scale));
     }
     attend_any(y, q, keys, values, p, scale)
 }
@@ -1180,18 +1189,7 @@ fn attend_half(
 ) {
     #[cfg(target_arch = "x86_64")]
     if has_fma() && std::arch::is_x86_feature_detected!("f16c") {
-        macro_rules! tiled {
-            ($($nv:literal),*) => {
-                match q.len() {
-                    $(n if n == 8 * $nv => {
-                        // SAFETY: the CPU has AVX2, FMA and F16C, and the head size is 8 * NV.
-                        return unsafe { attend_f16_avx2::<$nv>(y, q, keys, values, p, scale) };
-                    })*
-                    _ => {}
-                }
-            };
-        }
-        tiled!(1, 2, 3, 4, 5, 6, 7, 8);
+        return_tiled!(q.len(), attend_f16_avx2(y, q, keys, values, p, scale));
     }
     use half::slice::HalfFloatSliceExt;
     let len = p.len() * q.len();
