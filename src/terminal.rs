@@ -7,7 +7,7 @@ use std::io::{BufRead, Write};
 use anyhow::Result;
 
 use crate::chat::{Message, Role};
-use crate::engine::{Chatbot, FinishReason, SamplingParams};
+use crate::engine::{Chatbot, FinishReason, SamplingParams, WriteSink};
 
 pub const HELP: &str = "commands: /reset (forget the conversation), /regenerate (answer the last message again), \
 /system TEXT (set the system message; empty to clear), /temperature X, /top_k N (0 = off), /top_p X (1 = off), \
@@ -55,14 +55,8 @@ impl<'a> Session<'a> {
     fn reply(&mut self, out: &mut dyn Write) -> Result<()> {
         self.turn += 1;
         let seed = self.opts.seed.wrapping_add(self.turn);
-        let mut write_err = None;
-        let show = |piece: &str| match write!(out, "{piece}").and_then(|_| out.flush()) {
-            Ok(()) => true,
-            Err(e) => {
-                write_err = Some(e);
-                false
-            }
-        };
+        let mut sink = WriteSink::new(out);
+        let show = |piece: &str| sink.piece(piece);
         let (params, max_new) = (&self.opts.sampling, self.opts.max_new_tokens);
         let answer = if self.bot.is_chat() {
             self.bot.answer(&self.messages(), params, seed, max_new, show)?
@@ -71,9 +65,7 @@ impl<'a> Session<'a> {
             let line = self.history.last().map_or("", |m| m.content.as_str());
             self.bot.complete(line, params, seed, max_new, show)?
         };
-        if let Some(e) = write_err {
-            return Err(e.into());
-        }
+        sink.finish()?;
         writeln!(out)?;
         if self.opts.interactive {
             if answer.dropped_turns > 0 {

@@ -55,6 +55,14 @@ fn is_cuttable(inner: &tokenizers::Tokenizer) -> bool {
     pre_ok && inner.get_normalizer().is_none() && inner.get_added_tokens_decoder().values().all(|t| t.special)
 }
 
+/// Keeps the last `max` ids of a sequence that must fit a context of `max` tokens (a prompt's
+/// nearest text, an answer's end), dropping the oldest.
+pub fn keep_last(ids: &mut Vec<u32>, max: usize) {
+    if ids.len() > max {
+        ids.drain(..ids.len() - max);
+    }
+}
+
 /// Byte positions `0 = c0 < c1 < ... < cn = text.len()` cutting `text` into pieces of about
 /// `piece` bytes, each cut just after a `\n` that has a visible ASCII character on both sides.
 pub fn safe_cuts(text: &str, piece: usize) -> Vec<usize> {

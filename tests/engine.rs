@@ -56,10 +56,19 @@ fn full_logits(m: &Gpt, seq: &[u32]) -> Vec<f32> {
 fn ragged_batches_decode_each_prompt_exactly_as_alone() {
     let m = model(3);
     let v = m.config().vocab_size;
-    // Prompts of different lengths, different budgets (some finish early), one stop token that
-    // some sequences hit, and a small batch so later requests join while others run.
+    // Prompts of different lengths and budgets; every other one stops on the token it would
+    // produce third when free (so it finishes early, on a stop token); a small batch, so later
+    // requests join while others run.
     let requests: Vec<Request> = (0..9)
-        .map(|i| Request::greedy(prompt(i, 1 + 3 * i, v), 4 + 5 * (i % 3), vec![(i * 11 % v) as u32]))
+        .map(|i| {
+            let (p, max_new) = (prompt(i, 1 + 3 * i, v), 4 + 5 * (i % 3));
+            let stop = if i % 2 == 1 {
+                vec![alone(&m, Request::greedy(p.clone(), 3, vec![]))[0].tokens[2]]
+            } else {
+                vec![]
+            };
+            Request::greedy(p, max_new, stop)
+        })
         .collect();
     let cfg = EngineConfig {
         max_batch: 3,
@@ -67,15 +76,20 @@ fn ragged_batches_decode_each_prompt_exactly_as_alone() {
         capacity: None,
     };
     let batched = generate_batch(&m, None, requests.clone(), cfg, |_| {}).unwrap();
-    let mut lengths = vec![];
+    let mut reasons = vec![];
     for (r, got) in requests.into_iter().zip(batched) {
         let want = alone(&m, r);
         assert_eq!(got, want);
-        lengths.push(got[0].tokens.len());
+        reasons.push(got[0].finish.clone());
     }
+    let stopped = reasons
+        .iter()
+        .filter(|f| matches!(f, FinishReason::StopToken(_)))
+        .count();
+    let at_length = reasons.iter().filter(|f| **f == FinishReason::Length).count();
     assert!(
-        lengths.iter().any(|&l| l < 14),
-        "some sequences finish early: {lengths:?}"
+        stopped >= 2 && at_length >= 2,
+        "the batch needs sequences that stop early and ones that run to their budget: {reasons:?}"
     );
 }
 

@@ -801,6 +801,104 @@ fn concurrent_clients_are_all_answered_and_health_stays_responsive() {
     println!("4 concurrent requests answered in {:?}", started.elapsed());
 }
 
+/// The largest batch `/metrics` saw, and how many steps ran with more than one sequence.
+fn batch_sizes(s: &Server) -> (f64, f64, f64) {
+    let resp = Server::agent().get(&format!("{}/metrics", s.url)).call().unwrap();
+    let text = resp.into_string().unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let steps = value("talaria_batch_size_count");
+    (
+        steps,
+        steps - value("talaria_batch_size_bucket{le=\"1\"}"),
+        steps - value("talaria_batch_size_bucket{le=\"8\"}"),
+    )
+}
+
+#[test]
+fn fifty_streams_with_disconnects_batch_together_and_leave_the_server_healthy() {
+    // 50 streaming clients at once against a batch of at most 8: the even ones read their whole
+    // answer, the odd ones leave after the first chunk. Greedy answers must not depend on what
+    // else shares the batch, so every whole stream equals the same request answered alone.
+    const CLIENTS: usize = 50;
+    let s = Server::start_with("test", &["--max-batch", "8", "--queue", "64"]);
+    let body = |i: usize| json!({"messages": user(&format!("stream {i}")), "max_tokens": 48, "temperature": 0, "stream": true, "ignore_eos": true});
+    let mut most_waiting = 0;
+    let streams: Vec<Option<Vec<String>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|i| {
+                let (s, body) = (&s, body(i));
+                scope.spawn(move || {
+                    if i % 2 == 0 {
+                        return Some(s.stream("/v1/chat/completions", &body));
+                    }
+                    let resp = Server::agent()
+                        .post(&format!("{}/v1/chat/completions", s.url))
+                        .set("Content-Type", "application/json")
+                        .send_string(&body.to_string())
+                        .unwrap();
+                    let mut first = String::new();
+                    BufReader::new(resp.into_reader()).read_line(&mut first).unwrap();
+                    assert!(first.starts_with("data: "), "{first:?}");
+                    None
+                })
+            })
+            .collect();
+        // Meanwhile /health answers and shows sequences waiting for the batch.
+        for _ in 0..20 {
+            let (status, h) = s.call("GET", "/health", None);
+            assert_eq!(status, 200);
+            assert!(h["running_sequences"].as_i64().unwrap() <= 8, "{h}");
+            most_waiting = most_waiting.max(h["waiting_sequences"].as_i64().unwrap());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Continuous batching: steps ran with several sequences, never more than --max-batch.
+    let (steps, batched, over) = batch_sizes(&s);
+    assert!(batched > 0.0, "no step of {steps} ran more than one sequence");
+    assert_eq!(over, 0.0, "steps ran more than --max-batch sequences");
+    assert!(most_waiting > 0, "50 clients against 8 slots left none waiting");
+    // The server is idle again soon: the abandoned streams left the batch.
+    let t = Instant::now();
+    loop {
+        let h = s.call("GET", "/health", None).1;
+        if h["running_sequences"] == 0 && h["waiting_sequences"] == 0 && h["waiting_requests"] == 0 {
+            assert_eq!(h["finished_requests"], CLIENTS as u64, "{h}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "still busy: {h}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The whole streams decoded 48 tokens each; the abandoned ones stopped well short of that.
+    let spent = generated_tokens(&s);
+    let half = CLIENTS as u64 / 2;
+    let abandoned = spent.saturating_sub(half * 48);
+    assert!(
+        abandoned < half * 48 * 3 / 4,
+        "the {half} abandoned streams decoded {abandoned} tokens"
+    );
+    for (i, chunks) in streams.iter().enumerate() {
+        let Some(chunks) = chunks else { continue };
+        let (texts, finish, _) = reassemble(chunks, true);
+        let mut alone = body(i);
+        alone["stream"] = json!(false);
+        let (status, whole) = s.post("/v1/chat/completions", &alone);
+        assert_eq!(status, 200, "{whole}");
+        assert_eq!(texts[0], whole["choices"][0]["message"]["content"], "client {i}");
+        assert_eq!(finish[0], "length", "client {i}");
+    }
+    println!(
+        "{steps} steps, {batched} with several sequences; {abandoned} tokens for the {half} abandoned streams; up to {most_waiting} sequences waiting"
+    );
+}
+
 #[test]
 fn a_full_queue_answers_503_and_abandoned_requests_cost_nothing() {
     // The bench shape decodes slowly enough here that no request can finish within its client's

@@ -8,7 +8,7 @@ use candle_core::DType;
 use clap::{Args, Subcommand};
 
 use talaria::checkpoint::Checkpoint;
-use talaria::engine::{self, Chatbot, Event, FinishReason, Request, Sampling, SamplingParams};
+use talaria::engine::{self, Chatbot, FinishReason, Request, Sampling, SamplingParams, WriteSink};
 use talaria::serve;
 use talaria::terminal::{self, ChatOptions};
 use talaria::tokenizer::Tokenizer;
@@ -297,24 +297,10 @@ impl GenerateArgs {
             write!(out, "{shown}")?;
             out.flush()?;
         }
-        let mut write_err = None;
-        let done = engine::generate_streaming(&model, tokenizer.as_ref(), request, |e| {
-            let (Event::Token { text, .. } | Event::Finished { rest: text, .. }) = e;
-            if text.is_empty() {
-                return true;
-            }
-            match write!(out, "{text}").and_then(|_| out.flush()) {
-                Ok(()) => true,
-                Err(e) => {
-                    write_err = Some(e);
-                    false
-                }
-            }
-        })
-        .context("generation failed")?;
-        if let Some(e) = write_err {
-            return Err(anyhow::Error::from(e).context("writing the generated text"));
-        }
+        let mut sink = WriteSink::new(&mut out);
+        let done = engine::generate_streaming(&model, tokenizer.as_ref(), request, |e| sink.piece(e.text()))
+            .context("generation failed")?;
+        sink.finish().context("writing the generated text")?;
         let c = &done[0];
         if stream_text {
             writeln!(out)?;

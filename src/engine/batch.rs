@@ -170,6 +170,15 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// The text this event makes showable: a token's piece, or what a finished sequence held back.
+    pub fn text(&self) -> &str {
+        match self {
+            Event::Token { text, .. } | Event::Finished { rest: text, .. } => text,
+        }
+    }
+}
+
 /// Sizes of an engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineConfig {

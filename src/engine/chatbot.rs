@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 
-use super::batch::{self, Completion, Event, FinishReason, Request, Sampling};
+use super::batch::{self, Completion, FinishReason, Request, Sampling};
 use super::sampling::SamplingParams;
 use crate::chat::{ChatTemplate, Message};
 use crate::checkpoint::Checkpoint;
@@ -153,8 +153,8 @@ impl Chatbot {
     fn stream(&self, mut req: Request, dropped_turns: usize, mut on_text: impl FnMut(&str) -> bool) -> Result<Answer> {
         req.stream = true;
         let prompt_tokens = req.prompt.len();
-        let mut done = batch::generate_streaming(&self.model, Some(&self.tokenizer), req, |e| match e {
-            Event::Token { text, .. } | Event::Finished { rest: text, .. } => text.is_empty() || on_text(text),
+        let mut done = batch::generate_streaming(&self.model, Some(&self.tokenizer), req, |e| {
+            e.text().is_empty() || on_text(e.text())
         })?;
         let Completion {
             tokens, text, finish, ..

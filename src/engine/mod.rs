@@ -5,7 +5,7 @@
 //!   sampling, stop tokens and strings, finish reasons, log-probabilities; [`generate_batch`] for
 //!   offline work and [`generate_streaming`] for one request at a time.
 //! - [`sampling`]: greedy, temperature, top-k and top-p sampling with a seeded stream per sequence.
-//! - [`stream`]: token ids to text pieces, and stop strings cut out of them.
+//! - [`stream`]: token ids to text pieces, stop strings cut out of them, and pieces written to a terminal.
 //! - [`chatbot`]: a chat model with its tokenizer and template, and the one way a conversation
 //!   becomes a request.
 
@@ -20,4 +20,4 @@ pub use batch::{
 };
 pub use chatbot::{Answer, Chatbot, NO_CHAT_TEMPLATE, chat_answers, chat_samples};
 pub use sampling::{Sampler, SamplingParams, argmax};
-pub use stream::{StopMatcher, TextStream};
+pub use stream::{StopMatcher, TextStream, WriteSink};

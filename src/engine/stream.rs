@@ -1,6 +1,8 @@
 //! Text out of a stream of token ids: pieces that are always whole UTF-8 characters, and stop
 //! strings cut out before they are shown.
 
+use std::io::Write;
+
 use anyhow::Result;
 
 use crate::tokenizer::Tokenizer;
@@ -100,9 +102,76 @@ fn partial_suffix(text: &str, stop: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Where a terminal command streams an answer: each piece is written and flushed as it comes, and
+/// the first write error (a closed pipe, a full disk) stops the generation and is kept for the
+/// caller, who reports it once decoding has returned.
+pub struct WriteSink<'w> {
+    out: &'w mut dyn Write,
+    error: Option<std::io::Error>,
+}
+
+impl<'w> WriteSink<'w> {
+    pub fn new(out: &'w mut dyn Write) -> Self {
+        Self { out, error: None }
+    }
+
+    /// Writes one piece; false (stop generating) once writing has failed.
+    pub fn piece(&mut self, text: &str) -> bool {
+        if self.error.is_some() {
+            return false;
+        }
+        if text.is_empty() {
+            return true;
+        }
+        match self.out.write_all(text.as_bytes()).and_then(|_| self.out.flush()) {
+            Ok(()) => true,
+            Err(e) => {
+                self.error = Some(e);
+                false
+            }
+        }
+    }
+
+    /// The write error that stopped the generation, if any.
+    pub fn finish(self) -> std::io::Result<()> {
+        self.error.map_or(Ok(()), Err)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Accepts `room` bytes, then fails as a closed pipe does.
+    struct Pipe {
+        got: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for Pipe {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.got.len() + buf.len() > self.room {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            self.got.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_write_sink_stops_at_the_first_write_error_and_keeps_it() {
+        let mut pipe = Pipe { got: vec![], room: 5 };
+        let mut sink = WriteSink::new(&mut pipe);
+        assert!(sink.piece("abc") && sink.piece("") && sink.piece("d"));
+        assert!(!sink.piece("efg"), "the pipe is full");
+        assert!(!sink.piece("h"), "nothing is written after an error");
+        let err = sink.finish().unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
+        assert_eq!(pipe.got, b"abcd");
+    }
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
         let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::data::conversations::for_each_json_line;
 use crate::engine::{self, EngineConfig, Request};
 use crate::model::Gpt;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{self, Tokenizer};
 
 /// One multiple-choice question.
 #[derive(Debug, Clone)]
@@ -66,14 +66,6 @@ fn format_mc(q: &McQuestion, with_answer: bool) -> String {
         s.push_str(&format!(" {}\n\n", LETTERS[q.answer]));
     }
     s
-}
-
-/// Keeps the last `max` tokens (the question and the nearest examples).
-fn fit(mut ids: Vec<u32>, max: usize) -> Vec<u32> {
-    if ids.len() > max {
-        ids.drain(..ids.len() - max);
-    }
-    ids
 }
 
 /// The log-probability of each continuation after `prompt` (the sum over its tokens). Continuations of
@@ -130,7 +122,9 @@ pub fn mmlu_accuracy(
             prompt.push_str(&format_mc(d, true));
         }
         prompt.push_str(&format_mc(q, false));
-        let ids = fit(tok.encode(&prompt)?, ctx.saturating_sub(longest - 1).max(1));
+        let mut ids = tok.encode(&prompt)?;
+        // The question and the nearest examples.
+        tokenizer::keep_last(&mut ids, ctx.saturating_sub(longest - 1).max(1));
         let scores = continuation_logprobs(model, &ids, &letters)?;
         // The first of equal scores: a tie is never resolved towards one letter by position.
         let best = (0..4).fold(0, |b, i| if scores[i] > scores[b] { i } else { b });
@@ -201,10 +195,8 @@ pub fn gsm8k_accuracy(
     let requests = test
         .iter()
         .map(|p| {
-            let ids = fit(
-                tok.encode(&format!("{prefix}Question: {}\nAnswer:", p.question))?,
-                ctx.saturating_sub(max_new).max(1),
-            );
+            let mut ids = tok.encode(&format!("{prefix}Question: {}\nAnswer:", p.question))?;
+            tokenizer::keep_last(&mut ids, ctx.saturating_sub(max_new).max(1));
             let mut r = Request::greedy(ids, max_new, eot.clone());
             // The solution ends where the next few-shot example would begin.
             r.stop_strings = vec!["\n\n".into()];

@@ -12,7 +12,7 @@ use crate::data::synth;
 use crate::data::synth::verify;
 use crate::engine::{self, EngineConfig, Request};
 use crate::model::Gpt;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{self, Tokenizer};
 use crate::train::reward::RewardModel;
 
 /// Correct and total answers of one skill.
@@ -99,9 +99,7 @@ pub fn few_shot_accuracy(
         }
         let question = &p.messages[p.messages.len() - 1].content;
         let mut ids = tok.encode(&synth::few_shot_prompt(&prefixes[skill], question))?;
-        if ids.len() + max_new > ctx {
-            ids.drain(..ids.len() + max_new - ctx);
-        }
+        tokenizer::keep_last(&mut ids, ctx.saturating_sub(max_new));
         let mut r = Request::greedy(ids, max_new, eot.clone());
         r.stop_strings = vec!["\n".into()];
         requests.push(r);

@@ -12,6 +12,8 @@ pub struct ServeMetrics {
     pub generated_tokens: IntCounter,
     pub running: IntGauge,
     pub waiting: IntGauge,
+    /// Sequences (a request's `n` samples each count) accepted and not yet in the batch.
+    pub waiting_sequences: IntGauge,
     /// Requests finished, whatever the outcome.
     pub finished: IntCounter,
     pub batch_size: Histogram,
@@ -38,6 +40,10 @@ impl ServeMetrics {
             generated_tokens: counter("generation_tokens_total", "Tokens generated"),
             running: gauge("running_sequences", "Sequences in the running batch"),
             waiting: gauge("waiting_requests", "Requests accepted and not yet running"),
+            waiting_sequences: gauge(
+                "waiting_sequences",
+                "Sequences accepted and not yet in the running batch",
+            ),
             finished: counter("finished_requests_total", "Requests finished, whatever the outcome"),
             batch_size: histogram(
                 "batch_size",
@@ -62,6 +68,7 @@ impl ServeMetrics {
             Box::new(m.generated_tokens.clone()),
             Box::new(m.running.clone()),
             Box::new(m.waiting.clone()),
+            Box::new(m.waiting_sequences.clone()),
             Box::new(m.finished.clone()),
             Box::new(m.batch_size.clone()),
             Box::new(m.time_to_first_token.clone()),

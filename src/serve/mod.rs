@@ -414,6 +414,7 @@ async fn health(State(s): Shared) -> Json<Value> {
         "model": s.model_id,
         "running_sequences": m.running.get(),
         "waiting_requests": m.waiting.get(),
+        "waiting_sequences": m.waiting_sequences.get(),
         "finished_requests": m.finished.get(),
         "generated_tokens": m.generated_tokens.get(),
     }))

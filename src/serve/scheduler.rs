@@ -273,6 +273,7 @@ fn run(bot: &Chatbot, cfg: SchedulerConfig, rx: Receiver<Job>, m: &ServeMetrics)
                 }
             }
         }
+        m.waiting_sequences.set(waiting_sequences(&waiting));
         // 4. One step of the batch; a panic or error fails the requests in it, never the server.
         let in_batch = engine.running() + engine.prefilling();
         if in_batch > 0 {
@@ -296,6 +297,7 @@ fn run(bot: &Chatbot, cfg: SchedulerConfig, rx: Receiver<Job>, m: &ServeMetrics)
                 }
                 // Their prompts not yet admitted go too.
                 waiting.retain(|w| !failed.iter().any(|j| Rc::ptr_eq(j, &w.job)));
+                m.waiting_sequences.set(waiting_sequences(&waiting));
                 match Engine::new(&bot.model, Some(&bot.tokenizer), ecfg) {
                     Ok(e) => engine = e,
                     Err(_) => return,
@@ -364,6 +366,15 @@ fn run(bot: &Chatbot, cfg: SchedulerConfig, rx: Receiver<Job>, m: &ServeMetrics)
         }
         m.running.set((engine.running() + engine.prefilling()) as i64);
     }
+}
+
+/// Sequences not yet admitted: each waiting request's samples.
+fn waiting_sequences(waiting: &VecDeque<Waiting>) -> i64 {
+    waiting
+        .iter()
+        .flat_map(|w| &w.requests)
+        .map(|(_, r)| r.samples.len() as i64)
+        .sum()
 }
 
 /// A job that leaves before it is done (its client went away, or one of its prompts failed): its

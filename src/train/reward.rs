@@ -15,7 +15,7 @@ use crate::chat::{ChatTemplate, Message, Role};
 use crate::checkpoint::Checkpoint;
 use crate::data::preferences::{PreferenceGroup, read_preferences};
 use crate::model::Gpt;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{self, Tokenizer};
 use crate::train::ParamSet;
 use crate::train::order::{EpochOrder, hold_out};
 use crate::train::rl::neg_log_sigmoid;
@@ -145,9 +145,7 @@ impl RewardModel {
                 .map(|(p, a)| {
                     let mut s = render_answer(&self.tokenizer, &self.template, p, a)?;
                     // Over-long answers are scored on their last `ctx` tokens.
-                    if s.len() > ctx {
-                        s.drain(..s.len() - ctx);
-                    }
+                    tokenizer::keep_last(&mut s, ctx);
                     Ok(s)
                 })
                 .collect::<Result<Vec<_>>>()?;
