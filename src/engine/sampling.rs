@@ -58,6 +58,10 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// Buffers kept across tokens, so that a sequence's steady-state draws allocate nothing.
+    weights: Vec<f32>,
+    cand: Vec<(u32, f64)>,
+    probs: Vec<f64>,
 }
 
 impl Sampler {
@@ -66,6 +70,9 @@ impl Sampler {
         Ok(Self {
             params,
             rng: StdRng::seed_from_u64(seed),
+            weights: vec![],
+            cand: vec![],
+            probs: vec![],
         })
     }
 
@@ -84,12 +91,15 @@ impl Sampler {
         if p.top_k.is_none() && p.top_p.is_none() {
             return self.sample_plain(logits, inv_t as f32);
         }
-        let mut cand: Vec<(u32, f64)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l as f64 * inv_t))
-            .collect();
+        let cand = &mut self.cand;
+        cand.clear();
+        cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.is_finite())
+                .map(|(i, &l)| (i as u32, l as f64 * inv_t)),
+        );
         if cand.is_empty() {
             return argmax(logits);
         }
@@ -103,7 +113,9 @@ impl Sampler {
             cand.sort_unstable_by(by_logit);
         }
         let max = cand.iter().map(|c| c.1).fold(f64::NEG_INFINITY, f64::max);
-        let mut probs: Vec<f64> = cand.iter().map(|(_, l)| (l - max).exp()).collect();
+        let probs = &mut self.probs;
+        probs.clear();
+        probs.extend(cand.iter().map(|(_, l)| (l - max).exp()));
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         if let Some(top_p) = p.top_p {
@@ -142,8 +154,9 @@ impl Sampler {
         if m == f32::NEG_INFINITY {
             return argmax(logits);
         }
-        let mut w = vec![0f32; logits.len()];
-        weights(&mut w, logits, m, inv_t);
+        let w = &mut self.weights;
+        w.resize(logits.len(), 0.0);
+        weights(w, logits, m, inv_t);
         let total: f64 = w.iter().map(|&x| x as f64).sum();
         let mut u = self.rng.random::<f64>() * total;
         let mut last = 0;
