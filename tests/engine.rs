@@ -121,7 +121,10 @@ fn a_batchs_logits_match_full_recomputation_bit_for_bit_across_batch_shapes() {
             len: 1,
         })
         .collect();
-    let hidden = m.forward_packed(&last, &segs, &mut cache).unwrap();
+    // On a pool of two threads, so that the step runs as two halves of its rows (one per thread)
+    // whatever this machine's core count.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let hidden = pool.install(|| m.forward_packed(&last, &segs, &mut cache)).unwrap();
     let batched = m.lm_head_rows(&hidden).unwrap().to_vec2::<f32>().unwrap();
     for (i, s) in seqs.iter().enumerate() {
         // The cache agrees with recomputation from scratch (up to the other kernels' rounding)...

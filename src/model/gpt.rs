@@ -433,6 +433,54 @@ impl Gpt {
         );
         self.check_vocab(ids)?;
         cache.check(segs)?;
+        let hidden = match self.halves(ids, segs) {
+            // Two halves of the rows through the whole stack, one per core: a decode step's
+            // products are too small to share between two threads op by op, where each of the
+            // step's many parallel regions would wake a sleeping worker. Rows are independent
+            // (each attends to its own slot), so the halves give the whole batch's bits.
+            Some(((ids_a, segs_a), (ids_b, segs_b))) => {
+                let slots = &*cache;
+                let (a, b) = rayon::join(
+                    || self.packed_rows(ids_a, segs_a, slots),
+                    || self.packed_rows(ids_b, segs_b, slots),
+                );
+                Tensor::cat(&[a?, b?], 0)?
+            }
+            None => self.packed_rows(ids, segs, cache)?,
+        };
+        cache.advance(segs);
+        Ok(hidden)
+    }
+
+    /// Where [`Gpt::forward_packed`] splits a batch in two: after the segment that brings the
+    /// rows nearest half, when the batch runs on the CPU, has enough rows to share (`SPLIT_ROWS`)
+    /// and the pool has a second thread.
+    #[allow(clippy::type_complexity)]
+    fn halves<'i, 's>(
+        &self,
+        ids: &'i [u32],
+        segs: &'s [Segment],
+    ) -> Option<((&'i [u32], &'s [Segment]), (&'i [u32], &'s [Segment]))> {
+        /// Fewer rows than this run as one batch: splitting them saves less than it costs.
+        const SPLIT_ROWS: usize = 4;
+        if !self.device().is_cpu() || segs.len() < 2 || ids.len() < SPLIT_ROWS || rayon::current_num_threads() < 2 {
+            return None;
+        }
+        let mut rows = 0;
+        let at = segs.iter().position(|s| {
+            rows += s.len;
+            2 * rows >= ids.len()
+        })?;
+        let (at, rows) = if at + 1 == segs.len() {
+            (at, rows - segs[at].len)
+        } else {
+            (at + 1, rows)
+        };
+        (at > 0).then(|| ((&ids[..rows], &segs[..at]), (&ids[rows..], &segs[at..])))
+    }
+
+    /// Final hidden states of packed rows whose keys and values go into `cache` (not advanced).
+    fn packed_rows(&self, ids: &[u32], segs: &[Segment], cache: &KvSlots) -> Result<Tensor> {
         let device = self.device();
         let pos: Vec<u32> = segs
             .iter()
@@ -456,7 +504,6 @@ impl Gpt {
             let m = ops::activation(&lin(&m, &bl.fc_w, &bl.fc_b, pb.map(|p| &p.fc))?, self.cfg.activation)?;
             x = (&x1 + lin(&m, &bl.fc_proj_w, &bl.fc_proj_b, pb.map(|p| &p.fc_proj))?)?;
         }
-        cache.advance(segs);
         self.ln(&x, &self.ln_f_w, &self.ln_f_b)
     }
 
