@@ -844,7 +844,7 @@ fn fifty_streams_with_disconnects_batch_together_and_leave_the_server_healthy() 
     const ASKED: u64 = CONTEXT as u64 / 2;
     let s = Server::start_with("test", &["--max-batch", "8", "--queue", "64"]);
     let body = |i: usize| {
-        let max_tokens = if i % 2 == 0 { WHOLE } else { ASKED };
+        let max_tokens = if i.is_multiple_of(2) { WHOLE } else { ASKED };
         json!({"messages": user(&format!("stream {i}")), "max_tokens": max_tokens, "temperature": 0, "stream": true, "ignore_eos": true})
     };
     let mut most_waiting = 0;

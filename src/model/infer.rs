@@ -39,6 +39,37 @@ fn has_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
+/// The widest vector kernels this CPU runs for products with f32 weights. Every choice gives the
+/// same bits (each output is one chain of fused multiply-adds); only the speed differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum Isa {
+    /// A multiply and an add per term, no vectors (a CPU without FMA).
+    Plain,
+    /// Eight lanes ([`tile_avx2`]).
+    Avx2,
+    /// Sixteen lanes ([`tile_avx512`]), then eight for the columns left over.
+    Avx512,
+}
+
+impl Isa {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if has_fma() {
+            return if std::arch::is_x86_feature_detected!("avx512f") {
+                Isa::Avx512
+            } else {
+                Isa::Avx2
+            };
+        }
+        Isa::Plain
+    }
+
+    fn fma(self) -> bool {
+        self != Isa::Plain
+    }
+}
+
 /// `a * b + c`, fused where the hardware has FMA (the same rounding as the vector tiles).
 #[inline(always)]
 fn madd(fma: bool, a: f32, b: f32, c: f32) -> f32 {
@@ -161,6 +192,49 @@ unsafe fn tile_avx2<const RT: usize, const CV: usize>(
     unsafe { tile_body::<f32, RT, CV>(x, w.as_ptr(), ldw, k, out) }
 }
 
+/// [`tile_avx2`] sixteen lanes at a time, for CPUs with AVX-512: `acc[r][v]` holds columns
+/// `16v..16v + 16`. Each lane is the same chain of fused multiply-adds in the order of `k` as in
+/// [`tile_avx2`], so the bits are the same; the wider registers do twice the work per instruction
+/// and its 32 registers hold a tile of six rows by 64 columns.
+///
+/// # Safety
+/// The CPU must have AVX-512F; every `x_r` holds `k` values and `w` holds `(k - 1)·ldw + 16·CZ`
+/// values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512<const RT: usize, const CZ: usize>(
+    x: [&[f32]; RT],
+    w: &[f32],
+    ldw: usize,
+    k: usize,
+    out: &mut [[[f32; 16]; CZ]; RT],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY (the whole body): in bounds by the caller's promise; `out[r][v]` is 16 f32s.
+    unsafe {
+        let w = w.as_ptr();
+        let mut acc = [[_mm512_setzero_ps(); CZ]; RT];
+        for kk in 0..k {
+            let row = w.add(kk * ldw);
+            let mut wv = [_mm512_setzero_ps(); CZ];
+            for (v, wv) in wv.iter_mut().enumerate() {
+                *wv = _mm512_loadu_ps(row.add(16 * v));
+            }
+            for r in 0..RT {
+                let a = _mm512_set1_ps(*x[r].get_unchecked(kk));
+                for v in 0..CZ {
+                    acc[r][v] = _mm512_fmadd_ps(a, wv[v], acc[r][v]);
+                }
+            }
+        }
+        for r in 0..RT {
+            for v in 0..CZ {
+                _mm512_storeu_ps(out[r][v].as_mut_ptr(), acc[r][v]);
+            }
+        }
+    }
+}
+
 /// The portable version of [`tile_avx2`] (a multiply and an add per term).
 fn tile_plain<const RT: usize, const CV: usize>(
     x: [&[f32]; RT],
@@ -222,8 +296,9 @@ fn linear_block(
     n: usize,
     rows: Range<usize>,
     cb: usize,
-    fma: bool,
+    isa: Isa,
 ) {
+    let fma = isa.fma();
     let (wb, ldw, readable) = w.block(cb, k, n);
     let c0 = cb * COLS_PER_TASK;
     let width = COLS_PER_TASK.min(n - c0);
@@ -233,11 +308,48 @@ fn linear_block(
             unsafe { out.write(r * n + c0 + j, v + b[c0 + j]) }
         }
     };
+    // With AVX-512 and several rows, a whole block of 64 columns for up to six rows at a time: 24
+    // accumulators, so that each weight loaded serves six rows. A single row (one sequence
+    // decoding) waits on its weights' loads either way and kept the eight-lane tile's pace
+    // (BENCHMARKS.md, "Sixteen lanes"). The eight-lane tiles below take what is left.
+    let mut wide_cols = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && readable == COLS_PER_TASK && rows.len() > 1 {
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let g = (rows.end - r0).min(6);
+            let xr = |i: usize| &x[(r0 + i) * k..(r0 + i + 1) * k];
+            macro_rules! wide_tile {
+                ($rt:literal) => {{
+                    let mut acc = [[[0f32; 16]; 4]; $rt];
+                    let xs: [&[f32]; $rt] = std::array::from_fn(|i| xr(i));
+                    let ws = &wb[..(k - 1) * ldw + 64];
+                    // SAFETY: AVX-512F is present and the slices have the promised lengths.
+                    unsafe { tile_avx512::<$rt, 4>(xs, ws, ldw, k, &mut acc) };
+                    for (i, row) in acc.iter().enumerate() {
+                        for (l, a) in row.as_flattened().iter().enumerate() {
+                            put(r0 + i, l, *a);
+                        }
+                    }
+                }};
+            }
+            match g {
+                6 => wide_tile!(6),
+                5 => wide_tile!(5),
+                4 => wide_tile!(4),
+                3 => wide_tile!(3),
+                2 => wide_tile!(2),
+                _ => wide_tile!(1),
+            }
+            r0 += g;
+        }
+        wide_cols = COLS_PER_TASK;
+    }
     let mut r0 = rows.start;
     while r0 < rows.end {
         let g = (rows.end - r0).min(4);
         let xr = |i: usize| &x[(r0 + i) * k..(r0 + i + 1) * k];
-        let mut j = 0;
+        let mut j = wide_cols;
         macro_rules! tiles {
             ($rt:literal, $cv:literal) => {
                 while j + 8 * $cv <= readable {
@@ -285,17 +397,18 @@ fn linear_block(
 }
 
 fn linear_any(x: &[f32], w: Weights, b: &[f32], k: usize, n: usize) -> Vec<f32> {
+    linear_on(Isa::detect(), x, w, b, k, n)
+}
+
+/// [`linear_any`] with the kernels of `isa` (which this CPU must run).
+fn linear_on(isa: Isa, x: &[f32], w: Weights, b: &[f32], k: usize, n: usize) -> Vec<f32> {
     let r = x.len() / k;
     let mut y = vec![0f32; r * n];
-    #[cfg(target_arch = "x86_64")]
-    let fma = has_fma();
-    #[cfg(not(target_arch = "x86_64"))]
-    let fma = false;
     let out = SharedMut(y.as_mut_ptr(), y.len());
     let col_blocks = n.div_ceil(COLS_PER_TASK);
     let tasks = r.div_ceil(ROWS_PER_TASK) * col_blocks;
     #[cfg(target_arch = "x86_64")]
-    let f16c = fma && std::arch::is_x86_feature_detected!("f16c");
+    let f16c = isa.fma() && std::arch::is_x86_feature_detected!("f16c");
     #[cfg(not(target_arch = "x86_64"))]
     let f16c = false;
     (0..tasks).into_par_iter().for_each(|t| {
@@ -303,7 +416,7 @@ fn linear_any(x: &[f32], w: Weights, b: &[f32], k: usize, n: usize) -> Vec<f32> 
         let rows = rb * ROWS_PER_TASK..((rb + 1) * ROWS_PER_TASK).min(r);
         match w {
             Weights::Low(low) => linear_block_low(out, x, low, b, k, n, rows, cb, f16c),
-            _ => linear_block(out, x, w, b, k, n, rows, cb, fma),
+            _ => linear_block(out, x, w, b, k, n, rows, cb, isa),
         }
     });
     y
@@ -1258,6 +1371,51 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+
+    /// Every vector width gives the bits of one fused multiply-add chain per output, in the order
+    /// of the summed index: row counts around the tile heights, column counts around the tile
+    /// widths, weights row-major and in [`Packed`]'s blocks.
+    #[test]
+    fn linear_kernels_of_every_width_give_the_same_bits() {
+        #[cfg(target_arch = "x86_64")]
+        if !has_fma() {
+            eprintln!("SKIPPED: this CPU lacks AVX2/FMA, so the vector kernels do not run");
+            return;
+        }
+        let wide = Isa::detect() == Isa::Avx512;
+        if !wide {
+            eprintln!("SKIPPED (in part): this CPU lacks AVX-512F; only the eight-lane kernel is checked");
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for (r, k, n) in [
+            (1, 7, 64),
+            (2, 33, 70),
+            (3, 64, 131),
+            (4, 20, 200),
+            (5, 48, 128),
+            (9, 40, 257),
+            (33, 16, 96),
+        ] {
+            let mut draw = |len: usize| (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect::<Vec<_>>();
+            let (x, w, b) = (draw(r * k), draw(k * n), draw(n));
+            let want: Vec<u32> = (0..r * n)
+                .map(|at| {
+                    let (i, j) = (at / n, at % n);
+                    let chain = (0..k).fold(0f32, |a, kk| x[i * k + kk].mul_add(w[kk * n + j], a));
+                    (chain + b[j]).to_bits()
+                })
+                .collect();
+            let packed = Packed::new(&Tensor::from_vec(w.clone(), (k, n), &candle_core::Device::Cpu).unwrap()).unwrap();
+            let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            let isas: &[Isa] = if wide { &[Isa::Avx2, Isa::Avx512] } else { &[Isa::Avx2] };
+            for &isa in isas {
+                let dense = linear_on(isa, &x, Weights::Dense(&w), &b, k, n);
+                assert_eq!(bits(dense), want, "{isa:?}, row-major, {r}x{k}x{n}");
+                let blocked = linear_on(isa, &x, Weights::Blocked(&packed.data), &b, k, n);
+                assert_eq!(bits(blocked), want, "{isa:?}, blocked, {r}x{k}x{n}");
+            }
+        }
+    }
 
     /// The tiled attention gives the portable kernel's bits for every head size and key count
     /// (full groups of eight keys, a remainder, and fewer than eight), writing every output; a
