@@ -206,6 +206,17 @@ impl SharedMut {
         // SAFETY: the caller's promise.
         unsafe { *self.0.add(i) = v }
     }
+
+    /// Elements `start..start + len` as a slice.
+    ///
+    /// # Safety
+    /// The range is within the buffer and no other thread touches it while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub(super) unsafe fn slice_mut(&self, start: usize, len: usize) -> &mut [f32] {
+        debug_assert!(start + len <= self.1);
+        // SAFETY: the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
 }
 
 /// `dst = a b`, or `dst += a b` with `accumulate`.

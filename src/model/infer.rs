@@ -285,6 +285,35 @@ impl<'a> Weights<'a> {
     }
 }
 
+/// Where a task of [`linear_block`] or [`linear_block_low`] writes: columns `c0..c0 + width` of the
+/// rows of `out` (row-major `[R, n]`), each value plus its bias.
+struct BlockOut<'a> {
+    out: SharedMut,
+    b: &'a [f32],
+    n: usize,
+    c0: usize,
+    width: usize,
+}
+
+impl BlockOut<'_> {
+    /// Writes `vals + b` at row `r` from block column `j` on, dropping the columns past the block's
+    /// width (a tile over the padded end of a block). One slice at a time, so it vectorises.
+    #[inline(always)]
+    fn row(&self, r: usize, j: usize, vals: &[f32]) {
+        let end = (j + vals.len()).min(self.width);
+        if j >= end {
+            return;
+        }
+        let at = r * self.n + self.c0 + j;
+        // SAFETY: the task owns these rows and columns of `out`, which holds R x n values.
+        let dst = unsafe { self.out.slice_mut(at, end - j) };
+        let bias = &self.b[self.c0 + j..self.c0 + end];
+        for ((d, v), bias) in dst.iter_mut().zip(vals).zip(bias) {
+            *d = v + bias;
+        }
+    }
+}
+
 /// Computes rows `rows` of column block `cb` of `y = x W + b` into `out` (row-major `[R, n]`).
 #[allow(clippy::too_many_arguments)]
 fn linear_block(
@@ -302,12 +331,7 @@ fn linear_block(
     let (wb, ldw, readable) = w.block(cb, k, n);
     let c0 = cb * COLS_PER_TASK;
     let width = COLS_PER_TASK.min(n - c0);
-    // SAFETY (all writes below): the task owns these rows and columns of `out` (R x n values).
-    let put = |r: usize, j: usize, v: f32| {
-        if j < width {
-            unsafe { out.write(r * n + c0 + j, v + b[c0 + j]) }
-        }
-    };
+    let put = BlockOut { out, b, n, c0, width };
     // With AVX-512 and several rows, a whole block of 64 columns for up to six rows at a time: 24
     // accumulators, so that each weight loaded serves six rows. A single row (one sequence
     // decoding) waits on its weights' loads either way and kept the eight-lane tile's pace
@@ -327,9 +351,7 @@ fn linear_block(
                     // SAFETY: AVX-512F is present and the slices have the promised lengths.
                     unsafe { tile_avx512::<$rt, 4>(xs, ws, ldw, k, &mut acc) };
                     for (i, row) in acc.iter().enumerate() {
-                        for (l, a) in row.as_flattened().iter().enumerate() {
-                            put(r0 + i, l, *a);
-                        }
+                        put.row(r0 + i, 0, row.as_flattened());
                     }
                 }};
             }
@@ -366,11 +388,7 @@ fn linear_block(
                     #[cfg(not(target_arch = "x86_64"))]
                     tile_plain::<$rt, $cv>(xs, ws, ldw, k, &mut acc);
                     for (i, row) in acc.iter().enumerate() {
-                        for (v, lanes) in row.iter().enumerate() {
-                            for (l, a) in lanes.iter().enumerate() {
-                                put(r0 + i, j + 8 * v + l, *a);
-                            }
-                        }
+                        put.row(r0 + i, j, row.as_flattened());
                     }
                     j += 8 * $cv;
                 }
@@ -389,7 +407,7 @@ fn linear_block(
                 for (kk, &xv) in xr(i).iter().enumerate() {
                     a = madd(fma, xv, wb[kk * ldw + jj], a);
                 }
-                put(r0 + i, jj, a);
+                put.row(r0 + i, jj, &[a]);
             }
         }
         r0 += g;
@@ -724,12 +742,7 @@ fn linear_block_low(
     let c0 = cb * COLS_PER_TASK;
     let width = COLS_PER_TASK.min(n - c0);
     let base = cb * k * COLS_PER_TASK;
-    // SAFETY (all writes below): the task owns these rows and columns of `out` (R x n values).
-    let put = |r: usize, j: usize, v: f32| {
-        if j < width {
-            unsafe { out.write(r * n + c0 + j, v + b[c0 + j]) }
-        }
-    };
+    let put = BlockOut { out, b, n, c0, width };
     let mut r0 = rows.start;
     while r0 < rows.end {
         let g = (rows.end - r0).min(4);
@@ -768,11 +781,7 @@ fn linear_block_low(
                                 }
                             }
                             for (i, row) in acc.iter().enumerate() {
-                                for (v, lanes) in row.iter().enumerate() {
-                                    for (l, a) in lanes.iter().enumerate() {
-                                        put(r0 + i, j + 8 * v + l, *a);
-                                    }
-                                }
+                                put.row(r0 + i, j, row.as_flattened());
                             }
                             j += 8 * $cv;
                         }
@@ -811,7 +820,7 @@ fn linear_block_low(
                             }
                         }
                     }
-                    put(r0 + i, j, a);
+                    put.row(r0 + i, j, &[a]);
                 }
             }
         }
