@@ -812,7 +812,8 @@ fn concurrent_clients_are_all_answered_and_health_stays_responsive() {
     println!("4 concurrent requests answered in {:?}", started.elapsed());
 }
 
-/// The largest batch `/metrics` saw, and how many steps ran with more than one sequence.
+/// From `/metrics`: how many decode steps ran, how many of them with more than one sequence, and
+/// how many with more than 8.
 fn batch_sizes(s: &Server) -> (f64, f64, f64) {
     let resp = Server::agent().get(&format!("{}/metrics", s.url)).call().unwrap();
     let text = resp.into_string().unwrap();
@@ -853,7 +854,7 @@ fn fifty_streams_with_disconnects_batch_together_and_leave_the_server_healthy() 
             .map(|i| {
                 let (s, body) = (&s, body(i));
                 scope.spawn(move || {
-                    if i % 2 == 0 {
+                    if i.is_multiple_of(2) {
                         return Some(s.stream("/v1/chat/completions", &body));
                     }
                     let resp = Server::agent()

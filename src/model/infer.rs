@@ -48,7 +48,7 @@ enum Isa {
     Plain,
     /// Eight lanes ([`tile_avx2`]).
     Avx2,
-    /// Sixteen lanes ([`tile_avx512`]), then eight for the columns left over.
+    /// Sixteen lanes ([`tile_avx512`]) for whole blocks of several rows, eight otherwise.
     Avx512,
 }
 
@@ -335,8 +335,7 @@ fn linear_block(
     // With AVX-512 and several rows, a whole block of 64 columns for up to six rows at a time: 24
     // accumulators, so that each weight loaded serves six rows. A single row (one sequence
     // decoding) waits on its weights' loads either way and kept the eight-lane tile's pace
-    // (BENCHMARKS.md, "Sixteen lanes"). The eight-lane tiles below take what is left.
-    let mut wide_cols = 0;
+    // (BENCHMARKS.md, "Sixteen lanes"). Otherwise the eight-lane tiles below take the block.
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && readable == COLS_PER_TASK && rows.len() > 1 {
         let mut r0 = rows.start;
@@ -365,13 +364,13 @@ fn linear_block(
             }
             r0 += g;
         }
-        wide_cols = COLS_PER_TASK;
+        return;
     }
     let mut r0 = rows.start;
     while r0 < rows.end {
         let g = (rows.end - r0).min(4);
         let xr = |i: usize| &x[(r0 + i) * k..(r0 + i + 1) * k];
-        let mut j = wide_cols;
+        let mut j = 0;
         macro_rules! tiles {
             ($rt:literal, $cv:literal) => {
                 while j + 8 * $cv <= readable {
