@@ -107,6 +107,7 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "invents facts about strangers",
         "held-out phrasings: strict (macro)",
         "### Content accuracy per skill",
+        "### Content changes against SFT, answer by answer",
         "## What the reward model cannot do",
         "when they differ only in content",
         "Content per skill, PPO against SFT, in points: add_reversed",
@@ -128,6 +129,28 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
     let stages = eval["stages"].as_array().unwrap();
     let names: Vec<&str> = stages.iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["base", "sft", "ppo", "ppo_gold", "dpo"]);
+    // Answers turned right minus answers turned wrong is each skill's content change against SFT.
+    let mut per_skill: std::collections::BTreeMap<String, f64> = Default::default();
+    for line in std::fs::read_to_string(run.join("world/eval_seen_prompts.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        *per_skill.entry(r["skill"].as_str().unwrap().to_string()).or_default() += 1.0;
+    }
+    let sft_content = &stages[1]["behaviour"]["seen"]["per_skill_content"];
+    for s in &stages[2..] {
+        let changes = s["behaviour"]["content_vs_sft"].as_object().expect("content_vs_sft");
+        assert_eq!(changes.len(), per_skill.len(), "{changes:?}");
+        for (skill, n) in &per_skill {
+            let c = &changes[skill];
+            let net = c["gained"].as_f64().unwrap() - c["lost"].as_f64().unwrap();
+            let moved = (s["behaviour"]["seen"]["per_skill_content"][skill].as_f64().unwrap()
+                - sft_content[skill].as_f64().unwrap())
+                * n;
+            assert!((net - moved).abs() < 1e-6, "{skill}: {c} against {moved}");
+        }
+    }
     for s in &stages[2..4] {
         assert!(s["separated_from_sft"].is_u64(), "{s}");
         assert!(s["kl_to_sft"].as_f64().is_some_and(f64::is_finite), "{s}");
@@ -169,6 +192,7 @@ fn tiny_speedrun_runs_every_stage_and_reuses_them() {
         "reward model scores the reference answer above this model's wrong answer",
         "win-rate:",
         "by the verifier",
+        "content against it, answers turned right / wrong (McNemar's exact p): add_reversed",
         "reward model agrees with the verifier on",
     ] {
         assert!(text.contains(line), "eval --against lacks {line}: {text}");

@@ -213,6 +213,16 @@ impl EvalArgs {
                 report::pct(w.by_verifier),
                 report::pct(w.by_reward_model)
             );
+            if let Some(changes) = &e.content_vs_against {
+                let cells: Vec<String> = changes
+                    .iter()
+                    .map(|(skill, c)| format!("{skill} {} / {} (p {:.2})", c.gained, c.lost, c.p_value()))
+                    .collect();
+                println!(
+                    "content against it, answers turned right / wrong (McNemar's exact p): {}",
+                    cells.join(", ")
+                );
+            }
             if w.by_reward_model.is_some() {
                 println!(
                     "reward model agrees with the verifier on {} of the {} prompts where one answer is right and the other wrong",

@@ -107,6 +107,49 @@ pub fn invented(prompts: &[PromptRecord], answers: &[Answer]) -> f64 {
     share(js.iter().filter(|j| j.invented).count(), js.len())
 }
 
+/// How one model's content verdicts moved against another's on the same prompts of one skill: the
+/// answers that turned right and those that turned wrong. With 100 prompts a skill, two PPO runs that
+/// differ only in their seed already move a skill by a few points, so a change is read with its test.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContentChange {
+    pub gained: usize,
+    pub lost: usize,
+}
+
+impl ContentChange {
+    /// McNemar's exact test: the two-sided chance of a split of the changed answers at least this uneven
+    /// if each change were a fair coin (1 when nothing changed).
+    pub fn p_value(&self) -> f64 {
+        let n = self.gained + self.lost;
+        let k = self.gained.min(self.lost);
+        // Binomial(n, 1/2) terms in log space, so that no term underflows for large n.
+        let mut ln_term = -(n as f64) * std::f64::consts::LN_2;
+        let mut tail = 0.0;
+        for i in 0..=k {
+            tail += ln_term.exp();
+            ln_term += ((n - i) as f64).ln() - ((i + 1) as f64).ln();
+        }
+        (2.0 * tail).min(1.0)
+    }
+}
+
+/// Per skill, how the content verdicts of `after` moved against those of `before` (answers to the same
+/// `prompts`).
+pub fn content_changes(
+    prompts: &[PromptRecord],
+    before: &[Answer],
+    after: &[Answer],
+) -> BTreeMap<String, ContentChange> {
+    let (jb, ja) = (judgements(prompts, before), judgements(prompts, after));
+    let mut out: BTreeMap<String, ContentChange> = BTreeMap::new();
+    for ((p, b), a) in prompts.iter().zip(&jb).zip(&ja) {
+        let e = out.entry(p.skill.clone().unwrap_or_default()).or_default();
+        e.gained += usize::from(a.content && !b.content);
+        e.lost += usize::from(b.content && !a.content);
+    }
+    out
+}
+
 /// Everything measured of one model.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Behaviour {
@@ -119,6 +162,9 @@ pub struct Behaviour {
     pub invents_about_strangers: Option<f64>,
     /// Flaw rates of samples at temperature 1 on the seen prompts.
     pub sampled: Option<Flaws>,
+    /// Per skill, content verdicts on the seen prompts against the SFT model's answers (stages after SFT).
+    #[serde(default)]
+    pub content_vs_sft: Option<BTreeMap<String, ContentChange>>,
 }
 
 /// The gold labeller's win-rate of answers `a` over answers `b` to the same prompts (ties count half).
@@ -194,5 +240,24 @@ mod tests {
         assert_eq!(difference(&js[0], &jp[0]), Difference::Behaviour);
         assert_eq!(difference(&js[0], &jw[0]), Difference::Content);
         assert_eq!(difference(&jp[0], &jw[0]), Difference::Other);
+        let wrong: Vec<Answer> = vec![("nedarg".into(), true), ("52".into(), true)];
+        let c = content_changes(&prompts, &wrong, &answers);
+        assert_eq!(c["reverse"], ContentChange { gained: 1, lost: 0 });
+        assert_eq!(c["compare"], ContentChange { gained: 0, lost: 0 });
+        assert_eq!(content_changes(&prompts, &answers, &wrong)["reverse"].lost, 1);
+    }
+
+    #[test]
+    fn the_sign_test_matches_binomial_tails() {
+        let p = |gained, lost| ContentChange { gained, lost }.p_value();
+        // Five changes all one way: 2 / 2^5.
+        assert!((p(0, 5) - 0.0625).abs() < 1e-12);
+        // One against nine: 2 (1 + 10) / 2^10.
+        assert!((p(1, 9) - 22.0 / 1024.0).abs() < 1e-12);
+        assert!((p(9, 1) - p(1, 9)).abs() < 1e-15, "two-sided");
+        assert_eq!(p(6, 6), 1.0);
+        assert_eq!(p(0, 0), 1.0);
+        // Large n stays finite: 400 against 600 is far beyond chance.
+        assert!(p(400, 600) < 1e-9 && p(400, 600) > 0.0);
     }
 }

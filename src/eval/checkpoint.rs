@@ -3,6 +3,8 @@
 //! win-rate against another checkpoint, MMLU- and GSM8K-format benchmarks, and a reward model's
 //! pairwise accuracy on a preference file.
 
+use std::collections::BTreeMap;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, ensure};
@@ -57,6 +59,8 @@ pub struct CheckpointEval {
     pub mistakes: Option<MistakeVerdicts>,
     /// The other checkpoint's accuracy and the win-rate of this one against it.
     pub against: Option<(SkillReport, WinRate)>,
+    /// Per skill, this model's content verdicts against the other checkpoint's (with `behaviour`).
+    pub content_vs_against: Option<BTreeMap<String, behaviour::ContentChange>>,
     /// Questions and accuracy.
     pub mmlu: Option<(usize, f64)>,
     pub gsm8k: Option<(usize, f64)>,
@@ -131,6 +135,10 @@ pub fn evaluate_checkpoint(cfg: &CheckpointEvalConfig) -> Result<CheckpointEval>
             );
             let rb = answer(&ck_b.model()?)?;
             let w = tasks::win_rate(&prompts, &r.answers, &rb.answers, rm.as_ref())?;
+            if out.behaviour.is_some() {
+                let (this, that) = (ended_answers(&r.answers), ended_answers(&rb.answers));
+                out.content_vs_against = Some(behaviour::content_changes(&prompts, &that, &this));
+            }
             out.against = Some((rb, w));
         }
         out.skills = Some(r);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::behaviour::{Behaviour, SetScores};
+use crate::eval::behaviour::{Behaviour, ContentChange, SetScores};
 use crate::metrics::{FONT_PATHS, METRICS_FILE, Series, line_plot, read_metrics, series};
 
 /// How one model did on the held-out evaluation.
@@ -313,13 +313,61 @@ fn points(from: f64, to: f64) -> String {
     format!("{:+.1}", (to - from) * 100.0)
 }
 
-/// "skill +1.0, ..." : each skill's content accuracy change from `from` to `to`, in points.
-fn skill_changes(from: &SetScores, to: &SetScores) -> String {
+/// "skill +1.0 (3 / 2, p 1.00), ..." : each skill's content accuracy change from `from` to `to`, in points,
+/// with the answers that turned right and wrong and their sign test where `changes` has them.
+fn skill_changes(from: &SetScores, to: &SetScores, changes: Option<&BTreeMap<String, ContentChange>>) -> String {
     from.per_skill_content
         .iter()
-        .filter_map(|(k, x)| Some(format!("{k} {}", points(*x, *to.per_skill_content.get(k)?))))
+        .filter_map(|(k, x)| {
+            let moved = changes
+                .and_then(|c| c.get(k))
+                .map(|c| format!(" ({})", c.cell()))
+                .unwrap_or_default();
+            Some(format!("{k} {}{moved}", points(*x, *to.per_skill_content.get(k)?)))
+        })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+impl ContentChange {
+    /// "7 / 11, p 0.48": turned right / turned wrong and the test, or only the counts when none changed.
+    fn cell(&self) -> String {
+        if self.gained + self.lost == 0 {
+            "0 / 0".into()
+        } else {
+            format!("{} / {}, p {:.2}", self.gained, self.lost, self.p_value())
+        }
+    }
+}
+
+/// Per skill and stage, the answers whose content turned right and wrong against SFT's, with McNemar's
+/// exact test: on 100 prompts a skill, a change of a few points can be the seed alone.
+fn content_changes_table(md: &mut String, stages: &[(&StageEval, &Behaviour)], skills: &[&String]) -> Result<()> {
+    let later: Vec<&(&StageEval, &Behaviour)> = stages.iter().filter(|(_, b)| b.content_vs_sft.is_some()).collect();
+    if later.is_empty() {
+        return Ok(());
+    }
+    writeln!(md, "\n### Content changes against SFT, answer by answer\n")?;
+    writeln!(
+        md,
+        "For each skill, the held-out answers (seen phrasings) whose content turned right / turned wrong against SFT's answer to the same prompt, and McNemar's exact test: the chance of a split at least that uneven if every change were a coin flip. A change with p above 0.05 cannot be told from chance in this one run; docs/tuning-history.md repeats PPO over seeds to find the changes that recur.\n"
+    )?;
+    let names: Vec<&str> = later.iter().map(|(s, _)| s.name.as_str()).collect();
+    writeln!(md, "| skill | {} |", names.join(" | "))?;
+    writeln!(md, "| --- |{}", " --- |".repeat(names.len()))?;
+    for k in skills {
+        let mut row = format!("| {k} |");
+        for (_, b) in &later {
+            let cell = b
+                .content_vs_sft
+                .as_ref()
+                .and_then(|c| c.get(*k))
+                .map_or("–".to_string(), ContentChange::cell);
+            row.push_str(&format!(" {cell} |"));
+        }
+        writeln!(md, "{row}")?;
+    }
+    Ok(())
 }
 
 /// The run's lessons in numbers: what the reward model sees and what it cannot, what PPO driven by
@@ -359,8 +407,8 @@ fn findings(md: &mut String, eval: &EvalSummary) -> Result<()> {
     )?;
     writeln!(
         md,
-        "- Content per skill, PPO against SFT, in points: {}.",
-        skill_changes(a, b)
+        "- Content per skill, PPO against SFT, in points: {} (in brackets: answers turned right / turned wrong, and McNemar's exact p).",
+        skill_changes(a, b, ppo.content_vs_sft.as_ref())
     )?;
     if let Some((_, gold)) = stage("ppo_gold") {
         let (rm_gain, gold_gain) = (b.gold - a.gold, gold.seen.gold - a.gold);
@@ -399,7 +447,7 @@ fn findings(md: &mut String, eval: &EvalSummary) -> Result<()> {
         writeln!(
             md,
             "Content per skill against the first round, in points: {}.",
-            skill_changes(b, c)
+            skill_changes(b, c, None)
         )?;
     }
     writeln!(md)?;
@@ -507,13 +555,14 @@ fn behaviour_tables(md: &mut String, eval: &EvalSummary) -> Result<()> {
         .collect();
     writeln!(md, "\n### Content accuracy per skill\n")?;
     writeln!(md, "{header}\n{rule}")?;
-    for k in skills {
+    for k in &skills {
         let mut row = format!("| {k} |");
         for (_, b) in &stages {
-            row.push_str(&format!(" {} |", pct(b.seen.per_skill_content.get(k).copied())));
+            row.push_str(&format!(" {} |", pct(b.seen.per_skill_content.get(*k).copied())));
         }
         writeln!(md, "{row}")?;
     }
+    content_changes_table(md, &stages, &skills)?;
     writeln!(md, "\n### Seen and held-out phrasings\n")?;
     writeln!(
         md,

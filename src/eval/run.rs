@@ -14,7 +14,8 @@ use crate::data::prompts::{PromptRecord, read_prompts};
 use crate::data::synth::gold::{self, Turn};
 use crate::engine::{Completion, FinishReason, Sampling, SamplingParams, chat_answers, chat_samples};
 use crate::eval::behaviour::{
-    Answer, Behaviour, Difference, difference, flaws, gold_win_rate, invented, judgements, set_scores, turn_success,
+    Answer, Behaviour, Difference, content_changes, difference, flaws, gold_win_rate, invented, judgements, set_scores,
+    turn_success,
 };
 use crate::eval::report::{EvalSummary, StageEval};
 use crate::eval::tasks::{NO_END, SkillReport, beats, few_shot_accuracy, reward_on_mistakes, win_rate};
@@ -160,6 +161,7 @@ impl Answers {
                 .zip(self.unknown.as_ref())
                 .map(|(p, a)| invented(p, a)),
             sampled: Some(flaws(&judgements(&sets.seen, &sampled))),
+            content_vs_sft: None,
         }
     }
 }
@@ -341,6 +343,9 @@ pub fn evaluate_run(run: &Path, world: &Path, seed: u64, max_new: usize, device:
             e.win_vs_sft_rm = w.by_reward_model;
             e.win_vs_sft_verifier = w.by_verifier;
             e.win_vs_sft_gold = gold_win_rate(prompts, &ans.seen, &sft_answers.seen);
+            if let Some(b) = e.behaviour.as_mut() {
+                b.content_vs_sft = Some(content_changes(prompts, &sft_answers.seen, &ans.seen));
+            }
             e.rm_agreement = w.rm_agreement;
             e.separated_from_sft = Some(w.separated);
         }
