@@ -214,13 +214,10 @@ impl EvalArgs {
                 report::pct(w.by_reward_model)
             );
             if let Some(changes) = &e.content_vs_against {
-                let cells: Vec<String> = changes
-                    .iter()
-                    .map(|(skill, c)| format!("{skill} {} / {} (p {:.2})", c.gained, c.lost, c.p_value()))
-                    .collect();
+                let cells: Vec<String> = changes.iter().map(|(skill, c)| format!("{skill} {c}")).collect();
                 println!(
                     "content against it, answers turned right / wrong (McNemar's exact p): {}",
-                    cells.join(", ")
+                    cells.join("; ")
                 );
             }
             if w.by_reward_model.is_some() {

@@ -133,6 +133,17 @@ impl ContentChange {
     }
 }
 
+/// "7 / 11, p 0.48": turned right / turned wrong and the test, or only the counts when none changed.
+impl std::fmt::Display for ContentChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} / {}", self.gained, self.lost)?;
+        if self.gained + self.lost > 0 {
+            write!(f, ", p {:.2}", self.p_value())?;
+        }
+        Ok(())
+    }
+}
+
 /// Per skill, how the content verdicts of `after` moved against those of `before` (answers to the same
 /// `prompts`).
 pub fn content_changes(
@@ -257,6 +268,8 @@ mod tests {
         assert!((p(9, 1) - p(1, 9)).abs() < 1e-15, "two-sided");
         assert_eq!(p(6, 6), 1.0);
         assert_eq!(p(0, 0), 1.0);
+        assert_eq!(ContentChange { gained: 1, lost: 9 }.to_string(), "1 / 9, p 0.02");
+        assert_eq!(ContentChange::default().to_string(), "0 / 0");
         // Large n stays finite: 400 against 600 is far beyond chance.
         assert!(p(400, 600) < 1e-9 && p(400, 600) > 0.0);
     }

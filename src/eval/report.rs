@@ -321,23 +321,12 @@ fn skill_changes(from: &SetScores, to: &SetScores, changes: Option<&BTreeMap<Str
         .filter_map(|(k, x)| {
             let moved = changes
                 .and_then(|c| c.get(k))
-                .map(|c| format!(" ({})", c.cell()))
+                .map(|c| format!(" ({c})"))
                 .unwrap_or_default();
             Some(format!("{k} {}{moved}", points(*x, *to.per_skill_content.get(k)?)))
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-impl ContentChange {
-    /// "7 / 11, p 0.48": turned right / turned wrong and the test, or only the counts when none changed.
-    fn cell(&self) -> String {
-        if self.gained + self.lost == 0 {
-            "0 / 0".into()
-        } else {
-            format!("{} / {}, p {:.2}", self.gained, self.lost, self.p_value())
-        }
-    }
 }
 
 /// Per skill and stage, the answers whose content turned right and wrong against SFT's, with McNemar's
@@ -362,7 +351,7 @@ fn content_changes_table(md: &mut String, stages: &[(&StageEval, &Behaviour)], s
                 .content_vs_sft
                 .as_ref()
                 .and_then(|c| c.get(*k))
-                .map_or("–".to_string(), ContentChange::cell);
+                .map_or("–".to_string(), ContentChange::to_string);
             row.push_str(&format!(" {cell} |"));
         }
         writeln!(md, "{row}")?;
