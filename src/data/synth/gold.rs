@@ -31,16 +31,18 @@ pub const PAD_OPENINGS: [&str; 4] = ["Sure!", "Of course!", "Happy to help!", "G
 /// Pleasantries a padding labeller puts after an answer.
 pub const PAD_CLOSINGS: [&str; 3] = ["Hope it helps!", "Anything else?", "Glad to help!"];
 
-/// Explanations nobody asked for, put before the answer, by skill.
-pub fn explanation_leads(skill: &str) -> &'static [&'static str] {
+/// Explanations nobody asked for, put after the answer ("37, 52, 70. Smallest first."), by skill. After,
+/// not before: a lead-in written before the answer gives the small model room to work the answer out, and
+/// a flaw of form must be one that can be dropped without changing what the answer says.
+pub fn explanation_tails(skill: &str) -> &'static [&'static str] {
     match skill {
-        "reverse" => &["Backwards, it is ", "Read from the end: "],
-        "spell" => &["Letter by letter: ", "One at a time: "],
-        "capitals" => &["In capitals: ", "Upper-cased: "],
-        "fact" => &["From what I know, ", "As I recall, "],
-        "compare" => &["Digit by digit, ", "Comparing them, "],
-        "sort" => &["Smallest first: ", "In order: "],
-        "add_reversed" => &["Carrying from the ones: ", "Digit by digit: "],
+        "reverse" => &["Read from the end.", "Reversed."],
+        "spell" => &["Letter by letter.", "One at a time."],
+        "capitals" => &["In capitals.", "Upper-cased."],
+        "fact" => &["From what I know.", "As I recall."],
+        "compare" => &["Digit by digit.", "Compared them."],
+        "sort" => &["Smallest first.", "In order."],
+        "add_reversed" => &["Carried from the ones.", "Digit by digit."],
         _ => &[],
     }
 }
@@ -185,9 +187,9 @@ fn parts<'a>(text: &'a str, skill: &str, turn: Turn) -> Parts<'a> {
             break;
         }
     }
-    for lead in explanation_leads(skill) {
-        if let Some(rest) = strip(s, lead) {
-            s = rest;
+    for tail in explanation_tails(skill) {
+        if let Some(rest) = s.strip_suffix(tail) {
+            s = rest.trim_end();
             explained = true;
         }
     }
@@ -340,7 +342,7 @@ mod tests {
         assert!(padded.content && padded.padded && padded.ignored_constraint && !padded.strict);
         let framed = j("It is 52.");
         assert!(framed.content && framed.ignored_constraint && !framed.padded);
-        let explained = j(&format!("{}52.", explanation_leads("compare")[0]));
+        let explained = j(&format!("52. {}", explanation_tails("compare")[0]));
         assert!(explained.content && explained.explained);
         let wrong = j("47");
         assert!(!wrong.content);

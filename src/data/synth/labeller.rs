@@ -19,7 +19,7 @@
 use crate::chat::Role;
 
 use super::gold::{CAVES, CHALLENGES, CORRECTIONS, FIXES, FRAMES, INSISTS, KEEPS, PAD_CLOSINGS, PAD_OPENINGS};
-use super::gold::{REFUSALS, TOWN_REFUSALS, explanation_leads};
+use super::gold::{REFUSALS, TOWN_REFUSALS, explanation_tails};
 use super::phrasing::{Constraint, constraint_in, has_clause};
 use super::skills::{Ctx, Skill, Stranger, Task};
 use super::{Message, PrefPair, Ranking, Rng};
@@ -240,7 +240,7 @@ pub fn render(kind: Kind, task: &Task, ctx: &Ctx, style: Style, rng: &mut Rng) -
     match kind {
         Kind::Correct => task.answer.clone(),
         Kind::Padded => padded(&task.answer, style, rng),
-        Kind::Explained => format!("{}{}.", word(explanation_leads(skill), style, rng), task.answer),
+        Kind::Explained => format!("{}. {}", task.answer, word(explanation_tails(skill), style, rng)),
         Kind::IgnoredFormat => match constraint_in(&task.question) {
             Some(c) => ignoring_format(task, c, style, rng),
             None => padded(&task.answer, style, rng),

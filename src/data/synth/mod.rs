@@ -34,8 +34,10 @@ use skills::{Bucket, Ctx, Task};
 /// Bumped whenever the same seed would produce different files (4: the labeller pool and its habits,
 /// 25 phrasings per skill, challenges, corrections and strangers, the new evaluation sets; the corpus and
 /// `eval_prompts.jsonl` are the same as version 3's. 5: three quarters of the RL prompts' single questions
-/// state a format instead of a quarter; every other file is version 4's).
-pub const GENERATOR_VERSION: u32 = 5;
+/// state a format instead of a quarter; every other file is version 4's. 6: unasked explanations follow the
+/// answer instead of leading it, which changes the demonstrations and comparisons; the corpus and every prompt
+/// file are version 5's).
+pub const GENERATOR_VERSION: u32 = 6;
 /// The largest accepted `--scale` (about 300 MB of pretraining text).
 pub const MAX_SCALE: f64 = 100.0;
 /// The line that separates documents in `pretrain.txt`.
